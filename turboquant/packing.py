@@ -53,7 +53,7 @@ def pack_codes(codes: torch.Tensor, width: int) -> torch.Tensor:
         pad = (-n) % per_byte
         if pad:
             c = torch.nn.functional.pad(c, (0, pad))
-        c = c.view(*lead, -1, per_byte)
+        c = c.view(*lead, (n + pad) // per_byte, per_byte)
         out = c[..., 0].clone()
         for j in range(1, per_byte):
             out |= c[..., j] << (j * width)
@@ -62,13 +62,13 @@ def pack_codes(codes: torch.Tensor, width: int) -> torch.Tensor:
     c = codes.to(torch.int64)
     if pad:
         c = torch.nn.functional.pad(c, (0, pad))
-    c = c.view(*lead, -1, 8)
+    c = c.view(*lead, (n + pad) // 8, 8)
     shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * width
     # disjoint bit ranges, so the sum is a bitwise OR (wrap-around keeps the bits)
     word = (c << shifts).sum(dim=-1, keepdim=True)
     byte_shifts = torch.arange(width, device=codes.device, dtype=torch.int64) * 8
     out = ((word >> byte_shifts) & 0xFF).to(torch.uint8)
-    return out.reshape(*lead, -1)[..., :out_bytes]
+    return out.reshape(*lead, out.shape[-2] * width)[..., :out_bytes]
 
 
 def unpack_codes(packed: torch.Tensor, width: int, n: int) -> torch.Tensor:
@@ -95,7 +95,7 @@ def unpack_codes(packed: torch.Tensor, width: int, n: int) -> torch.Tensor:
     if 8 % width == 0:
         per_byte = 8 // width
         parts = [(packed >> (j * width)) & mask for j in range(per_byte)]
-        return torch.stack(parts, dim=-1).reshape(*lead, -1)[..., :n]
+        return torch.stack(parts, dim=-1).reshape(*lead, expected * per_byte)[..., :n]
     groups = (n + 7) // 8
     b = packed.to(torch.int64)
     pad = groups * width - expected
@@ -106,4 +106,4 @@ def unpack_codes(packed: torch.Tensor, width: int, n: int) -> torch.Tensor:
     word = (b << byte_shifts).sum(dim=-1, keepdim=True)
     shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * width
     codes = ((word >> shifts) & mask).to(torch.uint8)
-    return codes.reshape(*lead, -1)[..., :n]
+    return codes.reshape(*lead, groups * 8)[..., :n]
