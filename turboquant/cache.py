@@ -1,0 +1,539 @@
+"""Drop-in TurboQuant KV cache for Hugging Face transformers (5.x Cache API).
+
+Usage::
+
+    from turboquant.cache import TurboQuantCache
+    cache = TurboQuantCache(model.config, key_bits=4, value_bits=3)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+
+Layout per layer (tensors are ``[batch, kv_heads, seq, head_dim]`` as in transformers):
+
+* ``sink_tokens`` first tokens and a window of the most recent tokens stay in the
+  model's dtype (like ``residual_length`` in HF's ``QuantizedCache``);
+* everything in between is stored only as packed TurboQuant codes plus per-token
+  norms, in preallocated buffers that grow geometrically.
+
+Attention is computed straight from the codes (``turboquant.kernels``): the query
+is rotated once, scored against packed keys, values are accumulated in the
+rotated domain and rotated back once. No full-precision copy of the compressed
+history is materialised. Building the cache switches the model to the
+``"turboquant"`` attention implementation registered below; that function runs
+plain SDPA for layers that are not compressed (e.g. sliding-window layers, which
+are kept in full precision), so other caches keep working.
+
+New tokens are written to the full-precision window first and compressed on the
+*next* update once the window overflows, so the prefill itself attends in full
+precision and every later step reads the compressed history.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from .config import Backend, QuantizerConfig, TurboQuantError, Variant
+from .kernels import quantized_attention
+from .quantizer import QuantizedVectors, TurboQuantizer, bytes_per_vector
+
+try:
+    from transformers import AttentionInterface
+    from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+except ImportError as exc:  # pragma: no cover - exercised only without transformers
+    raise ImportError("turboquant.cache needs transformers>=5: pip install 'turboquant[hf]'") from exc
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_NAME = "turboquant"
+_LAYER_ATTR = "_turboquant_layer"
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """Settings of a :class:`TurboQuantCache`.
+
+    Args:
+        key_bits, value_bits: bits per coordinate (1..8, fractional allowed, e.g. 2.5).
+        key_variant: ``"mse"`` (default: measured better in attention) or ``"prod"`` (QJL residual).
+        window: recent tokens kept in full precision.
+        flush_every: compress once the window exceeds ``window + flush_every`` tokens
+            (amortises encode calls; the bound on full-precision tokens).
+        sink_tokens: first tokens kept in full precision.
+        center_keys: subtract each head's mean key (from the first update) before
+            quantizing; softmax is shift-invariant per query, so ``<q, μ>`` is added back
+            exactly. Protects models with large key biases (Qwen2-style).
+        center_values: same for values (``μ_v`` re-added with the compressed softmax mass).
+        full_precision_layers: layer indices never compressed.
+        rotation, seed: rotation of the quantizers (keys use ``seed``, values ``seed + 1``).
+        norm_dtype: storage of per-token norms.
+        backend: ``"auto"`` (Triton on CUDA when available), ``"torch"`` or ``"triton"``.
+        chunk: compressed tokens decoded at a time by the torch path.
+    """
+
+    key_bits: float = 4
+    value_bits: float = 4
+    key_variant: Variant = Variant.MSE
+    window: int = 128
+    flush_every: int = 32
+    sink_tokens: int = 0
+    center_keys: bool = True
+    center_values: bool = False
+    full_precision_layers: tuple[int, ...] = field(default_factory=tuple)
+    rotation: str = "hadamard"
+    seed: int = 0
+    norm_dtype: str = "float16"
+    backend: Backend = Backend.AUTO
+    chunk: int = 2048
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key_variant", Variant(self.key_variant))
+        object.__setattr__(self, "backend", Backend(self.backend))
+        object.__setattr__(self, "full_precision_layers", tuple(int(i) for i in self.full_precision_layers))
+        for name in ("window", "flush_every", "sink_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise TurboQuantError(f"{name} must be a non-negative int, got {value!r}")
+        if self.window + self.flush_every == 0:
+            raise TurboQuantError("window + flush_every must be positive")
+        if self.chunk < 1:
+            raise TurboQuantError(f"chunk must be >= 1, got {self.chunk}")
+
+    def quantizer_configs(self, head_dim: int) -> tuple[QuantizerConfig, QuantizerConfig]:
+        """``(key_config, value_config)`` for a head dimension (validates the bit widths)."""
+        key = QuantizerConfig(head_dim, self.key_bits, self.key_variant, self.rotation, self.seed, self.norm_dtype)  # type: ignore[arg-type]
+        value = QuantizerConfig(head_dim, self.value_bits, Variant.MSE, self.rotation, self.seed + 1, self.norm_dtype)  # type: ignore[arg-type]
+        return key, value
+
+
+class _CodeBuffer:
+    """Growable storage of :class:`QuantizedVectors` along the sequence axis ``[B, H, capacity]``."""
+
+    def __init__(self, config: QuantizerConfig) -> None:
+        self.config = config
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self.tensors.values())).shape[2] if self.tensors else 0
+
+    def append(self, codes: QuantizedVectors) -> None:
+        parts = {"codes": codes.codes, "norms": codes.norms, "qjl": codes.qjl, "residual_norms": codes.residual_norms}
+        parts = {k: v for k, v in parts.items() if v is not None}
+        n_new = codes.shape[2]
+        need = self.length + n_new
+        if need > self.capacity:
+            # geometric growth: amortised O(1) per token, never a per-token reallocation
+            new_cap = max(need, 2 * self.capacity, 256)
+            for name, t in parts.items():
+                shape = list(t.shape)
+                shape[2] = new_cap
+                grown = torch.empty(shape, dtype=t.dtype, device=t.device)
+                if name in self.tensors and self.length:
+                    grown[:, :, : self.length] = self.tensors[name][:, :, : self.length]
+                self.tensors[name] = grown
+        for name, t in parts.items():
+            self.tensors[name][:, :, self.length : need] = t
+        self.length = need
+
+    def view(self) -> QuantizedVectors:
+        t = {k: v[:, :, : self.length] for k, v in self.tensors.items()}
+        return QuantizedVectors(self.config, t["codes"], t["norms"], t.get("qjl"), t.get("residual_norms"))
+
+    def index_batch(self, index: torch.Tensor) -> None:
+        self.tensors = {k: v.index_select(0, index.to(v.device)) for k, v in self.tensors.items()}
+
+    def repeat_batch(self, repeats: int) -> None:
+        self.tensors = {k: v.repeat_interleave(repeats, dim=0) for k, v in self.tensors.items()}
+
+    def truncate(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored (valid) tokens, every per-token scalar counted."""
+        return sum(t[:, :, : self.length].numel() * t.element_size() for t in self.tensors.values())
+
+
+class TurboQuantLayer(DynamicLayer):
+    """One decoder layer's cache: full-precision sink + window, packed codes in between.
+
+    ``update`` returns the full-precision tokens (sink then window) tagged with this
+    layer; the ``"turboquant"`` attention function combines them with the codes.
+    """
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, settings: KVCacheConfig, owner: "TurboQuantCache | None" = None) -> None:
+        super().__init__()
+        self.settings = settings
+        self.owner = owner
+        self.key_codes: _CodeBuffer | None = None
+        self.value_codes: _CodeBuffer | None = None
+        self.key_offset: torch.Tensor | None = None
+        self.value_offset: torch.Tensor | None = None
+        self.sink_keys: torch.Tensor | None = None
+        self.sink_values: torch.Tensor | None = None
+        self._key_quantizer: TurboQuantizer | None = None
+        self._value_quantizer: TurboQuantizer | None = None
+
+    # ------------------------------------------------------------------ transformers API
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        if key_states.shape[-1] != value_states.shape[-1]:
+            raise TurboQuantError(f"keys and values must share head_dim, got {key_states.shape[-1]} and {value_states.shape[-1]}")
+        key_cfg, value_cfg = self.settings.quantizer_configs(key_states.shape[-1])
+        self._key_quantizer = TurboQuantizer.from_config(key_cfg)
+        self._value_quantizer = TurboQuantizer.from_config(value_cfg)
+        self.key_codes = _CodeBuffer(key_cfg)
+        self.value_codes = _CodeBuffer(value_cfg)
+        # [B, H, 0, d] (not DynamicLayer's 1-D empty tensor) so shapes are always 4-D
+        self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
+        self.sink_keys, self.sink_values = self.keys, self.values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``[B, H, L, d]`` keys/values; returns the full-precision tokens (tagged)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._flush()
+        self._fill_sink_and_window(key_states, value_states)
+        keys = torch.cat([self.sink_keys, self.keys], dim=-2) if self.sink_keys.shape[-2] else self.keys
+        values = torch.cat([self.sink_values, self.values], dim=-2) if self.sink_values.shape[-2] else self.values
+        if self.owner is not None and not self.owner.attention_enabled():
+            # Someone else's attention function will read these: give it everything (slow path).
+            return self.dequantized_history(keys, values)
+        setattr(keys, _LAYER_ATTR, self)
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.sink_keys.shape[-2] + self.compressed_length + self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def reset(self) -> None:
+        self.key_codes = self.value_codes = None
+        self.key_offset = self.value_offset = None
+        self.sink_keys = self.sink_values = None
+        super().reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self._apply_batch(lambda t: t.index_select(0, beam_idx.to(t.device)), lambda b: b.index_batch(beam_idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._apply_batch(lambda t: t.repeat_interleave(repeats, dim=0), lambda b: b.repeat_batch(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            idx = torch.as_tensor(indices, device=self.keys.device)
+            if idx.dtype == torch.bool:
+                idx = idx.nonzero().flatten()
+            self._apply_batch(lambda t: t.index_select(0, idx.to(t.device)), lambda b: b.index_batch(idx))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop expects a negative number of tokens to remove, got {tokens_to_remove}")
+        remove = -tokens_to_remove
+        if remove == 0 or not self.is_initialized:
+            return
+        from_window = min(remove, self.keys.shape[-2])
+        self.keys = self.keys[..., : self.keys.shape[-2] - from_window, :]
+        self.values = self.values[..., : self.values.shape[-2] - from_window, :]
+        remove -= from_window
+        if remove:
+            assert self.key_codes is not None and self.value_codes is not None
+            keep = max(0, self.compressed_length - remove)
+            remove -= self.compressed_length - keep
+            self.key_codes.truncate(keep)
+            self.value_codes.truncate(keep)
+        if remove:
+            keep_sink = self.sink_keys.shape[-2] - remove
+            self.sink_keys, self.sink_values = self.sink_keys[..., :keep_sink, :], self.sink_values[..., :keep_sink, :]
+
+    # ------------------------------------------------------------------ compressed storage
+    @property
+    def compressed_length(self) -> int:
+        return 0 if self.key_codes is None else self.key_codes.length
+
+    def compressed_keys(self) -> QuantizedVectors | None:
+        return None if not self.compressed_length else self.key_codes.view()  # type: ignore[union-attr]
+
+    def compressed_values(self) -> QuantizedVectors | None:
+        return None if not self.compressed_length else self.value_codes.view()  # type: ignore[union-attr]
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held: ``compressed`` (codes + every scalar + offsets) and ``full_precision``."""
+        if not self.is_initialized:
+            return {"compressed": 0, "full_precision": 0}
+        assert self.key_codes is not None and self.value_codes is not None
+        compressed = self.key_codes.nbytes + self.value_codes.nbytes
+        for offset in (self.key_offset, self.value_offset):
+            if offset is not None:
+                compressed += offset.numel() * offset.element_size()
+        full = sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.sink_keys, self.sink_values))
+        return {"compressed": compressed, "full_precision": full}
+
+    def _fill_sink_and_window(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        sink_room = self.settings.sink_tokens - self.sink_keys.shape[-2]
+        if sink_room > 0 and self.compressed_length == 0 and self.keys.numel() == 0:
+            take = min(sink_room, key_states.shape[-2])
+            self.sink_keys = torch.cat([self.sink_keys, key_states[:, :, :take]], dim=-2)
+            self.sink_values = torch.cat([self.sink_values, value_states[:, :, :take]], dim=-2)
+            key_states, value_states = key_states[:, :, take:], value_states[:, :, take:]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+
+    def _flush(self) -> None:
+        """Compress the oldest window tokens once the window overflows (before adding new ones)."""
+        if self.keys.shape[-2] <= self.settings.window + self.settings.flush_every:
+            return
+        excess = self.keys.shape[-2] - self.settings.window
+        old_k, old_v = self.keys[:, :, :excess], self.values[:, :, :excess]
+        if self.compressed_length == 0:
+            self._init_offsets(self.keys, self.values)
+        assert self._key_quantizer is not None and self._value_quantizer is not None
+        assert self.key_codes is not None and self.value_codes is not None
+        k = old_k.float() - self.key_offset.unsqueeze(-2) if self.key_offset is not None else old_k
+        v = old_v.float() - self.value_offset.unsqueeze(-2) if self.value_offset is not None else old_v
+        self.key_codes.append(self._key_quantizer.quantize(k))
+        self.value_codes.append(self._value_quantizer.quantize(v))
+        self.keys = self.keys[:, :, excess:].contiguous()
+        self.values = self.values[:, :, excess:].contiguous()
+
+    def _init_offsets(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        # Calibration-free: the per-head mean of the tokens seen so far (the prompt), fixed afterwards.
+        if self.settings.center_keys:
+            self.key_offset = keys.float().mean(dim=-2)
+        if self.settings.center_values:
+            self.value_offset = values.float().mean(dim=-2)
+
+    def _apply_batch(self, fn: Any, buffer_fn: Any) -> None:
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
+        if self.key_offset is not None:
+            self.key_offset = fn(self.key_offset)
+        if self.value_offset is not None:
+            self.value_offset = fn(self.value_offset)
+        if self.key_codes is not None and self.value_codes is not None and self.key_codes.tensors:
+            buffer_fn(self.key_codes)
+            buffer_fn(self.value_codes)
+
+    def dequantized_history(self, full_keys: torch.Tensor, full_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All tokens in chronological order with the compressed part dequantized (fallback/debug only)."""
+        ck, cv = self.compressed_keys(), self.compressed_values()
+        if ck is None or cv is None:
+            return full_keys, full_values
+        assert self._key_quantizer is not None and self._value_quantizer is not None
+        dk = self._key_quantizer.dequantize(ck)
+        dv = self._value_quantizer.dequantize(cv)
+        if self.key_offset is not None:
+            dk = dk + self.key_offset.unsqueeze(-2)
+        if self.value_offset is not None:
+            dv = dv + self.value_offset.unsqueeze(-2)
+        s = self.sink_keys.shape[-2]
+        keys = torch.cat([full_keys[:, :, :s], dk.to(full_keys.dtype), full_keys[:, :, s:]], dim=-2)
+        values = torch.cat([full_values[:, :, :s], dv.to(full_values.dtype), full_values[:, :, s:]], dim=-2)
+        return keys, values
+
+
+class TurboQuantCache(Cache):
+    """A transformers ``Cache`` whose layers store TurboQuant codes.
+
+    Args:
+        config: the model's ``PretrainedConfig`` (its text config is used for layer
+            types, sliding windows and head counts). Building the cache sets
+            ``config._attn_implementation = "turboquant"``.
+        cache_config: a :class:`KVCacheConfig`; keyword arguments override its fields.
+
+    Example:
+        >>> cache = TurboQuantCache(model.config, key_bits=4, value_bits=2)  # doctest: +SKIP
+        >>> model.generate(**inputs, past_key_values=cache, max_new_tokens=32)  # doctest: +SKIP
+        >>> cache.memory_report()  # doctest: +SKIP
+    """
+
+    def __init__(self, config: Any, cache_config: KVCacheConfig | None = None, **overrides: Any) -> None:
+        settings = cache_config or KVCacheConfig()
+        if overrides:
+            unknown = set(overrides) - set(KVCacheConfig.__dataclass_fields__)
+            if unknown:
+                raise TurboQuantError(f"unknown TurboQuantCache settings {sorted(unknown)}")
+            settings = replace(settings, **overrides)
+        text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        n_layers = getattr(text_config, "num_hidden_layers", None)
+        if not n_layers:
+            raise TurboQuantError("the model config has no num_hidden_layers; cannot build a per-layer cache")
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        settings.quantizer_configs(head_dim)  # validate bits/rotation for this head_dim now, not mid-generation
+        bad = [i for i in settings.full_precision_layers if not 0 <= i < n_layers]
+        if bad:
+            raise TurboQuantError(f"full_precision_layers {bad} out of range for {n_layers} layers")
+        layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * n_layers
+        sliding_window = getattr(text_config, "sliding_window", None)
+        layers: list[CacheLayerMixin] = []
+        for idx, kind in enumerate(layer_types):
+            if kind in ("sliding_attention", "chunked_attention") and sliding_window:
+                # Sliding-window layers hold at most `sliding_window` tokens: keep them exact.
+                layers.append(DynamicSlidingWindowLayer(sliding_window=sliding_window))
+            elif kind not in ("full_attention", "sliding_attention", "chunked_attention"):
+                raise TurboQuantError(f"layer {idx} has type {kind!r}, which TurboQuantCache does not support")
+            elif idx in settings.full_precision_layers:
+                layers.append(DynamicLayer())
+            else:
+                layers.append(TurboQuantLayer(settings, owner=self))
+        super().__init__(layers=layers)
+        self.settings = settings
+        self.model_config = config
+        self.head_dim = head_dim
+        enable_turboquant_attention(config)
+
+    def attention_enabled(self) -> bool:
+        impl = getattr(self.model_config, "_attn_implementation", None)
+        return impl == ATTENTION_NAME
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held by the cache: ``compressed``, ``full_precision`` and ``total``."""
+        totals = {"compressed": 0, "full_precision": 0}
+        for layer in self.layers:
+            if isinstance(layer, TurboQuantLayer):
+                part = layer.nbytes()
+            elif getattr(layer, "is_initialized", False) and layer.keys is not None:
+                part = {"compressed": 0, "full_precision": layer.keys.numel() * layer.keys.element_size() * 2}
+            else:
+                part = {"compressed": 0, "full_precision": 0}
+            for k in totals:
+                totals[k] += part[k]
+        totals["total"] = totals["compressed"] + totals["full_precision"]
+        return totals
+
+    def memory_report(self) -> dict[str, float]:
+        """Cache bytes next to an fp16 cache of the same tokens, and the compression ratios."""
+        total_tokens = 0
+        compressed_tokens = 0
+        heads = 0
+        for layer in self.layers:
+            if getattr(layer, "is_initialized", False) and layer.keys is not None:
+                heads = layer.keys.shape[0] * layer.keys.shape[1]
+                total_tokens += layer.get_seq_length() * heads
+                if isinstance(layer, TurboQuantLayer):
+                    compressed_tokens += layer.compressed_length * heads
+        fp16_per_token = 2 * 2 * self.head_dim  # K and V, 2 bytes per coordinate
+        nbytes = self.nbytes()
+        return {
+            "turboquant_bytes": nbytes["total"],
+            "compressed_bytes": nbytes["compressed"],
+            "fp16_bytes": total_tokens * fp16_per_token,
+            "ratio_total": total_tokens * fp16_per_token / max(nbytes["total"], 1),
+            "ratio_compressed": compressed_tokens * fp16_per_token / max(nbytes["compressed"], 1),
+        }
+
+    def bytes_per_token(self) -> float:
+        """Compressed bytes per token per layer (K and V, all kv heads), every scalar counted."""
+        key_cfg, value_cfg = self.settings.quantizer_configs(self.head_dim)
+        heads = getattr(self.model_config.get_text_config(decoder=True) if hasattr(self.model_config, "get_text_config") else self.model_config, "num_key_value_heads", 1)
+        return heads * (bytes_per_vector(key_cfg) + bytes_per_vector(value_cfg))
+
+
+# ---------------------------------------------------------------------- attention hook
+
+
+def _sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(query.dtype)
+    is_causal = mask is None and query.shape[2] > 1 and query.shape[2] == key.shape[2]
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling)
+
+
+def turboquant_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function (``attn_implementation="turboquant"``).
+
+    Args:
+        query: ``[B, Hq, L, d]``; key/value: ``[B, Hkv, T_full, d]`` as returned by the
+            cache layer's ``update`` (full-precision tokens only for TurboQuant layers).
+        attention_mask: boolean ``[B, 1, L, T_total]`` over every cached token.
+
+    Returns:
+        ``([B, L, Hq, d], None)``.
+    """
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    layer: TurboQuantLayer | None = getattr(key, _LAYER_ATTR, None)
+    if layer is None or layer.compressed_length == 0:
+        if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
+            attention_mask = attention_mask[..., -key.shape[-2] :]
+        out = _sdpa(module, query, key, value, attention_mask, scaling)
+        return out.transpose(1, 2).contiguous(), None
+    n = layer.compressed_length
+    s = layer.sink_keys.shape[-2]
+    mask = attention_mask
+    if mask is None:
+        mask = _causal_mask(query.shape[2], n + key.shape[-2], query.device)
+    if mask.shape[-1] != n + key.shape[-2]:
+        raise TurboQuantError(f"attention mask covers {mask.shape[-1]} tokens, the cache holds {n + key.shape[-2]}")
+    # reorder columns to [compressed | sink | window] as the kernel expects
+    mask = torch.cat([mask[..., s : s + n], mask[..., :s], mask[..., s + n :]], dim=-1)
+    out = quantized_attention(
+        query,
+        layer.compressed_keys(),
+        layer.compressed_values(),
+        key,
+        value,
+        scaling,
+        mask=mask,
+        key_offset=layer.key_offset,
+        value_offset=layer.value_offset,
+        chunk=layer.settings.chunk,
+        backend=layer.settings.backend,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    rows = torch.arange(q_len, device=device).unsqueeze(-1) + (kv_len - q_len)
+    return (torch.arange(kv_len, device=device).unsqueeze(0) <= rows)[None, None]
+
+
+def _turboquant_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    # Always build the explicit boolean mask: our attention needs it to address compressed columns.
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+AttentionInterface.register(ATTENTION_NAME, turboquant_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, _turboquant_mask)
+
+
+def enable_turboquant_attention(config_or_model: Any) -> None:
+    """Route a model's attention through :func:`turboquant_attention` (idempotent)."""
+    setter = getattr(config_or_model, "set_attn_implementation", None)
+    if setter is not None and hasattr(config_or_model, "config"):
+        setter(ATTENTION_NAME)
+        return
+    configs = [config_or_model]
+    if hasattr(config_or_model, "get_text_config"):
+        text = config_or_model.get_text_config(decoder=True)
+        if text is not config_or_model:
+            configs.append(text)
+    for cfg in configs:
+        if getattr(cfg, "_attn_implementation", None) != ATTENTION_NAME:
+            cfg._attn_implementation = ATTENTION_NAME
