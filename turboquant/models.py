@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,8 @@ _SMOLLM2_SUBDIR = "smollm2-135m-instruct"
 _MARKER = "turboquant_source.json"
 # Bump when the conversion itself changes, so that old directories are rebuilt.
 _FORMAT_VERSION = 1
+# Temporary directories left behind by a killed conversion are removed after this long.
+_STALE_TEMP_SECONDS = 3600.0
 
 _INSTALL_HINT = {
     "transformers": 'pip install "transformers>=5,<6" accelerate',
@@ -166,6 +169,18 @@ def _make_readable(directory: Path) -> None:
         path.chmod(0o666 & ~umask)
 
 
+def _remove_stale_temps(target: Path) -> None:
+    """Delete temporary siblings of ``target`` left by conversions that were killed."""
+    now = time.time()
+    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
+        for path in target.parent.glob(pattern):
+            try:
+                if now - path.stat().st_mtime > _STALE_TEMP_SECONDS:
+                    shutil.rmtree(path, ignore_errors=True)
+            except OSError:
+                pass
+
+
 def _ensure_converted(target: Path) -> Path:
     """Make sure ``target`` holds a converted SmolLM2; convert atomically if not."""
     gguf = find_smollm2_gguf()
@@ -173,6 +188,7 @@ def _ensure_converted(target: Path) -> Path:
     if _is_complete(target, record):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         _convert_gguf(gguf, tmp, record)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Any, Union
 
 import numpy as np
@@ -179,12 +180,30 @@ def decode_mse(codes: torch.Tensor, config: QuantizerConfig, dtype: torch.dtype 
     offset = 0
     if n_hi:
         nb = packed_size(n_hi, b_hi)
-        centroids, _ = codebook_tensors(config.dim, b_hi, codes.device)
-        parts.append(centroids.to(dtype)[unpack_codes(codes[..., :nb], b_hi, n_hi).long()])
+        parts.append(_decode_group(codes[..., :nb], config.dim, b_hi, n_hi, dtype))
         offset = nb
-    centroids, _ = codebook_tensors(config.dim, b_lo, codes.device)
-    parts.append(centroids.to(dtype)[unpack_codes(codes[..., offset:], b_lo, n_lo).long()])
+    parts.append(_decode_group(codes[..., offset:], config.dim, b_lo, n_lo, dtype))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def _decode_group(packed: torch.Tensor, dim: int, bits: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    if 8 % bits == 0:
+        # Widths 1, 2, 4, 8: one table lookup per byte yields all of its centroids at once
+        # (fuses unpacking and the centroid gather; the hot path of decode attention on CPU).
+        table = _byte_table(dim, bits, packed.device, dtype)
+        lead = packed.shape[:-1]
+        out = torch.nn.functional.embedding(packed.reshape(-1, packed.shape[-1]).int(), table)
+        return out.reshape(*lead, packed.shape[-1] * table.shape[-1])[..., :n]
+    centroids, _ = codebook_tensors(dim, bits, packed.device)
+    return centroids.to(dtype)[unpack_codes(packed, bits, n).long()]
+
+
+@lru_cache(maxsize=256)
+def _byte_table(dim: int, bits: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``(256, 8 // bits)``: the centroids of the codes packed in each possible byte."""
+    centroids, _ = codebook_tensors(dim, bits, device)
+    every_byte = torch.arange(256, device=device, dtype=torch.uint8).unsqueeze(-1)
+    return centroids.to(dtype)[unpack_codes(every_byte, bits, 8 // bits).long()]
 
 
 def encode_qjl(residual: torch.Tensor, config: QuantizerConfig) -> torch.Tensor:

@@ -1,0 +1,185 @@
+"""TurboQuantCache on the real SmolLM2-135M model (CPU, short) plus bookkeeping on synthetic tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from turboquant import TurboQuantError  # noqa: E402
+from turboquant.cache import KVCacheConfig, TurboQuantCache, TurboQuantLayer  # noqa: E402
+from turboquant.quantizer import bytes_per_vector  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from turboquant.models import find_smollm2_gguf, load_smollm2
+
+    try:
+        find_smollm2_gguf()
+    except (ImportError, FileNotFoundError) as exc:
+        pytest.skip(f"SmolLM2 package not available: {exc}")
+    torch.manual_seed(0)
+    model, tok = load_smollm2(dtype=torch.float32)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(smollm2):
+    from turboquant.models import pydoc_text
+
+    _, tok = smollm2
+    return tok(pydoc_text()[:4000], return_tensors="pt").input_ids[:, :192]
+
+
+def _teacher_forced_logits(model, ids: torch.Tensor, prefix: int, cache) -> torch.Tensor:
+    """Prefill ``prefix`` tokens, then feed the rest one token at a time; logits of the fed tokens."""
+    with torch.no_grad():
+        model(ids[:, :prefix], past_key_values=cache, use_cache=True)
+        steps = [model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(prefix, ids.shape[1])]
+    return torch.cat(steps, dim=1)
+
+
+@pytest.mark.slow
+def test_k4v4_tracks_full_precision(smollm2, prompt_ids) -> None:
+    """Criterion: with ≥ 96 compressed tokens feeding 40 decode steps, K4/V4 agrees with the
+    full-precision cache on ≥ 90% of next-token argmaxes and the mean KL is < 0.05 nats."""
+    from transformers import DynamicCache
+
+    model, _ = smollm2
+    ids = prompt_ids[:, :136]
+    ref = _teacher_forced_logits(model, ids, 96, DynamicCache(config=model.config))
+    cache = TurboQuantCache(model.config, key_bits=4, value_bits=4, window=16, flush_every=8)
+    got = _teacher_forced_logits(model, ids, 96, cache)
+    assert cache.layers[0].compressed_length >= 96
+    agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean().item()
+    assert agree >= 0.9, f"top-1 agreement {agree:.3f}"
+    assert kl < 0.05, f"KL {kl:.4f}"
+
+
+@pytest.mark.slow
+def test_greedy_generate_with_cache(smollm2, prompt_ids) -> None:
+    """Criterion: greedy K4/V4 decoding reproduces the first 6 full-precision tokens."""
+    model, _ = smollm2
+    ids = prompt_ids[:, :128]
+    ref = model.generate(ids, max_new_tokens=6, do_sample=False)
+    cache = TurboQuantCache(model.config, key_bits=4, value_bits=4, window=32, flush_every=8)
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=cache)
+    assert cache.layers[0].compressed_length > 0
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.slow
+def test_codes_path_equals_dequantized_sdpa(smollm2, prompt_ids) -> None:
+    """The attention hook (scores from codes) must equal SDPA over the dequantized history."""
+    model, _ = smollm2
+    ids = prompt_ids[:, :80]
+    outs = []
+    for use_hook in (True, False):
+        cache = TurboQuantCache(model.config, key_bits=3, value_bits=2.5, window=8, flush_every=4, key_variant="prod")
+        if not use_hook:
+            cache.attention_enabled = lambda: False  # type: ignore[method-assign]
+            model.config._attn_implementation = "sdpa"
+        outs.append(_teacher_forced_logits(model, ids, 64, cache))
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.slow
+def test_batch_left_padding_matches_single(smollm2, prompt_ids) -> None:
+    model, tok = smollm2
+    tok.padding_side = "left"
+    texts = [tok.decode(prompt_ids[0, :80]), tok.decode(prompt_ids[0, 20:140])]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    cache = TurboQuantCache(model.config, key_bits=4, value_bits=4, window=16, flush_every=8, center_keys=False)
+    out = model.generate(**batch, max_new_tokens=5, do_sample=False, past_key_values=cache)
+    assert cache.get_seq_length() == batch.input_ids.shape[1] + 4
+    for row, text in enumerate(texts):
+        single = tok(text, return_tensors="pt")
+        single_cache = TurboQuantCache(model.config, key_bits=4, value_bits=4, window=16, flush_every=8, center_keys=False)
+        ref = model.generate(**single, max_new_tokens=5, do_sample=False, past_key_values=single_cache)
+        assert out[row, -5:].tolist()[:3] == ref[0, -5:].tolist()[:3]
+
+
+@pytest.mark.slow
+def test_beam_search_runs_and_reorders(smollm2, prompt_ids) -> None:
+    model, _ = smollm2
+    ids = prompt_ids[:, :64]
+    cache = TurboQuantCache(model.config, key_bits=4, value_bits=4, window=8, flush_every=4)
+    out = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, past_key_values=cache)
+    ref = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False)
+    assert out.shape == ref.shape
+    assert out[0, 64:66].tolist() == ref[0, 64:66].tolist()
+
+
+# ---------------------------------------------------------------------- synthetic bookkeeping
+
+
+class _Cfg:
+    num_hidden_layers = 2
+    hidden_size = 128
+    num_attention_heads = 4
+    num_key_value_heads = 2
+    head_dim = 64
+    layer_types = ["full_attention", "sliding_attention"]
+    sliding_window = 16
+    _attn_implementation = "sdpa"
+
+
+def _kv(b: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 2, n, 64, generator=g), torch.randn(b, 2, n, 64, generator=g)
+
+
+def test_layers_storage_and_nbytes() -> None:
+    cache = TurboQuantCache(_Cfg(), key_bits=4, value_bits=2.5, window=8, flush_every=4)
+    assert _Cfg._attn_implementation == "sdpa"  # class attribute untouched; the instance was switched
+    layer = cache.layers[0]
+    assert isinstance(layer, TurboQuantLayer) and not isinstance(cache.layers[1], TurboQuantLayer)
+    k, v = _kv(3, 40)
+    layer.update(k, v)
+    assert layer.compressed_length == 0  # prefill stays full precision until the next update
+    k2, v2 = _kv(3, 1, seed=1)
+    keys, values = layer.update(k2, v2)
+    assert layer.compressed_length == 32 and keys.shape[-2] == 9 and layer.get_seq_length() == 41
+    key_cfg, value_cfg = cache.settings.quantizer_configs(64)
+    per_token = bytes_per_vector(key_cfg) + bytes_per_vector(value_cfg)
+    offsets = 3 * 2 * 64 * 4  # the key means, fp32
+    assert layer.nbytes()["compressed"] == 3 * 2 * 32 * per_token + offsets
+    assert per_token == (32 + 2) + (20 + 2)
+
+
+def test_reorder_and_select_keep_rows_consistent() -> None:
+    cache = TurboQuantCache(_Cfg(), key_bits=4, value_bits=4, window=4, flush_every=2)
+    layer = cache.layers[0]
+    k, v = _kv(3, 20)
+    layer.update(k, v)
+    layer.update(*_kv(3, 1, seed=2))
+    before = layer.dequantized_history(layer.keys, layer.values)[0]
+    layer.reorder_cache(torch.tensor([2, 0, 1]))
+    after = layer.dequantized_history(layer.keys, layer.values)[0]
+    torch.testing.assert_close(after, before[[2, 0, 1]])
+    layer.batch_select_indices(torch.tensor([1]))
+    torch.testing.assert_close(layer.dequantized_history(layer.keys, layer.values)[0], before[[0]])
+    layer.crop(-3)
+    assert layer.get_seq_length() == 18
+
+
+def test_bad_configurations() -> None:
+    with pytest.raises(TurboQuantError, match="bits=9"):
+        TurboQuantCache(_Cfg(), key_bits=9)
+    with pytest.raises(TurboQuantError, match="unknown TurboQuantCache settings"):
+        TurboQuantCache(_Cfg(), keybits=4)
+    with pytest.raises(TurboQuantError, match="window"):
+        KVCacheConfig(window=-1)
+    with pytest.raises(TurboQuantError, match="out of range"):
+        TurboQuantCache(_Cfg(), full_precision_layers=(5,))
+    with pytest.raises(ValueError):
+        TurboQuantCache(_Cfg(), key_variant="qjl")
+
+    class Mamba(_Cfg):
+        layer_types = ["full_attention", "mamba"]
+
+    with pytest.raises(TurboQuantError, match="mamba"):
+        TurboQuantCache(Mamba())
