@@ -183,3 +183,32 @@ def test_bad_configurations() -> None:
 
     with pytest.raises(TurboQuantError, match="mamba"):
         TurboQuantCache(Mamba())
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("key_variant", ["mse", "prod"])
+def test_hook_matches_sdpa_over_dequantized_history(head_dim: int, dtype: torch.dtype, key_variant: str) -> None:
+    """GQA (4 query heads on 2 kv heads), padding mask, every head_dim and dtype."""
+    from turboquant.cache import _sdpa, turboquant_attention
+
+    class Cfg(_Cfg):
+        layer_types = ["full_attention", "full_attention"]
+
+    Cfg.head_dim = head_dim
+    cache = TurboQuantCache(Cfg(), key_bits=3.5, value_bits=2, window=6, flush_every=2, key_variant=key_variant, sink_tokens=2, center_values=True)
+    layer = cache.layers[0]
+    g = torch.Generator().manual_seed(head_dim)
+    k, v = (torch.randn(2, 2, 30, head_dim, generator=g).to(dtype) for _ in range(2))
+    layer.update(k, v)
+    k1, v1 = (torch.randn(2, 2, 3, head_dim, generator=g).to(dtype) for _ in range(2))
+    keys, values = layer.update(k1, v1)
+    assert layer.compressed_length == 22 and layer.get_seq_length() == 33
+    q = torch.randn(2, 4, 3, head_dim, generator=g).to(dtype)
+    mask = torch.ones(2, 1, 3, 33, dtype=torch.bool).tril(diagonal=30)
+    mask[1, :, :, :5] = False  # left padding of row 1
+    got, _ = turboquant_attention(None, q, keys, values, mask, scaling=head_dim**-0.5)
+    full_k, full_v = layer.dequantized_history(keys, values)
+    ref = _sdpa(None, q.double(), full_k.double(), full_v.double(), mask, head_dim**-0.5).transpose(1, 2)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), ref, atol=tol, rtol=tol)
