@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
-from ..config import Backend, TurboQuantError
+from ..config import Backend, QuantizerConfig, TurboQuantError
+from ..quantizer import QuantizedVectors
+from .encode import torch_quantize_into
 from .reference import torch_quantized_attention
 
 
@@ -40,10 +42,36 @@ def quantized_attention(*args: Any, backend: Backend | str = Backend.AUTO, **kwa
     query: torch.Tensor = args[0] if args else kwargs["query"]
     chosen = resolve_backend(backend, query.device)
     if chosen is Backend.TRITON:
-        from .triton_attention import triton_quantized_attention
+        from .triton_attention import triton_quantized_attention  # falls back to torch for unsupported inputs
 
         return triton_quantized_attention(*args, **kwargs)
     return torch_quantized_attention(*args, **kwargs)
 
 
-__all__ = ["quantized_attention", "resolve_backend", "torch_quantized_attention", "triton_available"]
+def quantize_into(
+    x: torch.Tensor,
+    config: QuantizerConfig,
+    codes: torch.Tensor,
+    norms: torch.Tensor,
+    start: int,
+    backend: Backend | str = Backend.AUTO,
+) -> QuantizedVectors:
+    """Quantize ``x [*R, T, d]`` into preallocated ``codes [*R, S_cap, code_bytes]`` / ``norms [*R, S_cap]`` at ``start``.
+
+    Dispatches to :func:`~turboquant.kernels.encode.torch_quantize_into` or its fused Triton twin.
+    """
+    if resolve_backend(backend, x.device) is Backend.TRITON:
+        from .triton_encode import triton_quantize_into  # falls back to torch for unsupported configs
+
+        return triton_quantize_into(x, config, codes, norms, start)
+    return torch_quantize_into(x, config, codes, norms, start)
+
+
+__all__ = [
+    "quantize_into",
+    "quantized_attention",
+    "resolve_backend",
+    "torch_quantize_into",
+    "torch_quantized_attention",
+    "triton_available",
+]

@@ -1,0 +1,756 @@
+"""Triton kernels: decode attention straight from packed TurboQuant codes, and fused encode.
+
+This is the only module that imports Triton (``turboquant.kernels`` imports it
+lazily), so ``import turboquant`` works without it. Under ``TRITON_INTERPRET=1``
+the same kernels run on CPU tensors (slowly), which is how CI tests them.
+
+Attention (:func:`triton_quantized_attention`, same signature and semantics as
+:func:`~turboquant.kernels.reference.torch_quantized_attention`):
+
+1. the wrapper rotates the query once (``q @ Π_kᵀ``), folds ``scaling · log2 e``
+   into it and splits it into fp16 ``hi + lo`` parts (two tensor-core products
+   with fp32 accumulation give ~fp32 accuracy for the query side);
+2. :func:`triton_quantized_attention_kernel` runs on a grid
+   ``(B·Hkv, splits, M-blocks)``: every program streams ``BLOCK_N`` tokens at a
+   time of one KV head's packed key and value codes, unpacks them in registers
+   (shift/mask or a byte-indexed lookup table to fp16 centroids), scores all
+   ``G·L`` query rows of the group with ``tl.dot``, applies the mask, keeps an
+   online softmax in base 2 and accumulates ``p·‖v‖ @ ŷ_v`` in the rotated domain;
+   it writes one partial ``(max, sum, acc)`` per split (flash-decoding);
+3. :func:`triton_attention_combine_kernel` merges the splits (log-sum-exp),
+   rotates the compressed part back with one ``acc @ Π_v``, adds the value
+   offset, attends over the full-precision window and writes the output.
+
+Codes are read in the DESIGN.md layout (LSB-first bit streams, fractional rates
+as a high-width stream followed by a low-width stream); a stream of width ``w``
+is unpacked into columns in natural coordinate order: widths dividing 8 as
+``[bytes, codes per byte]`` and width 3 as ``[groups of 3 bytes, 8 codes]``.
+Supported here: MSE keys and values, widths 1, 2, 3, 4 and 8 per stream (so
+integer bits 1-4 and 8 and fractional splits between them), any ``dim`` ≥ 16.
+Everything else (prod keys, widths 5-7) falls back to the torch reference; see
+:func:`triton_supports`.
+
+The encode kernel is in :mod:`turboquant.kernels.triton_encode`.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+from ..codebook import codebook_tensors
+from ..config import QuantizerConfig, TurboQuantError, Variant
+from ..packing import packed_size
+from ..quantizer import QuantizedVectors
+from ..rotation import make_rotation
+from .reference import DEFAULT_CHUNK, torch_quantized_attention
+
+LOG2E = 1.4426950408889634
+_SUPPORTED_WIDTHS = (1, 2, 3, 4, 8)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+#: Tunables (module-level so the benchmark can sweep them); defaults = best of the sweep on an H200
+#: (benchmarks/results/gpu_decode_h200.json, docs/kernel_notes.md).
+TUNING = {
+    "block_n": 64,  # compressed tokens per inner step
+    "num_warps": 4,
+    "num_stages": 1,  # software pipelining by Triton; the manual prefetch below does better
+    "lut": 2,  # 0: shift/mask + centroid gather; 1: byte-indexed table (widths 1, 2, 4, 8); 2: prmt registers (4-bit) else 1
+    "precise": 0,  # 1: hi+lo fp16 split of q and p (≈ fp32); 0: one fp16 product each (errors ≤ 3e-4 measured)
+    "prefetch": 0,  # 1: load tile i+1 while decoding tile i (helped B=1, hurt B≥8 on the H200)
+    "programs_per_sm": 8,  # flash-decoding: splits so that B·Hkv·splits ≈ SMs × this
+    "max_block_m": 32,  # 64 takes the wgmma path, which Triton 3.6 failed to lower for this kernel
+    "encode_block_t": 64,
+    "encode_num_warps": 4,
+    "encode_bucket": 0,  # 0: compare-sum over boundaries (widths ≤ 4), 1: binary search
+}
+
+
+# --------------------------------------------------------------------------- layout helpers
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _stream_layout(config: QuantizerConfig) -> tuple[tuple[int, int, int, int, int], tuple[int, int, int, int, int]]:
+    """Per stream ``(width, n_codes, n_bytes, byte_offset, padded_columns)`` for (hi, lo).
+
+    A missing stream has width 0. Padded columns are a power of two ≥ 16 (tl.dot's minimum).
+    """
+    n_hi, b_hi, n_lo, b_lo = config.bit_split
+    out = []
+    offset = 0
+    for n, w in ((n_hi, b_hi), (n_lo, b_lo)):
+        if n == 0 or w == 0:
+            out.append((0, 0, 0, offset, 16))
+            continue
+        nb = packed_size(n, w)
+        if 8 % w == 0:
+            cols = _next_pow2(nb) * (8 // w)
+        else:
+            cols = _next_pow2((n + 7) // 8) * 8
+        out.append((w, n, nb, offset, max(16, cols)))
+        offset += nb
+    return out[0], out[1]  # type: ignore[return-value]
+
+
+def _config_supported(config: QuantizerConfig) -> bool:
+    if config.variant is not Variant.MSE or config.dim < 16:
+        return False
+    hi, lo = _stream_layout(config)
+    return all(s[0] in (0,) + _SUPPORTED_WIDTHS for s in (hi, lo)) and lo[0] != 0
+
+
+def triton_supports(
+    query: torch.Tensor,
+    keys: QuantizedVectors | None,
+    values: QuantizedVectors | None,
+    full_keys: torch.Tensor | None = None,
+    full_values: torch.Tensor | None = None,
+) -> bool:
+    """Whether :func:`triton_quantized_attention` runs its kernels for these inputs.
+
+    False for prod keys, code widths 5-7, ``dim < 16``, or tensors that are on CPU
+    outside ``TRITON_INTERPRET=1``; the caller (or the wrapper itself) then uses
+    the torch reference.
+    """
+    if query.dim() != 4:
+        return False
+    if query.device.type != "cuda" and not _INTERPRET:
+        return False
+    d = query.shape[-1]
+    if d < 16:
+        return False
+    for qv in (keys, values):
+        if qv is not None and qv.shape[-1] > 0:
+            if qv.config.dim != d or not _config_supported(qv.config):
+                return False
+            if qv.codes.stride(-1) != 1:
+                return False
+    return True
+
+
+@lru_cache(maxsize=256)
+def _lookup_table(dim: int, width: int, lut: int, device: torch.device) -> torch.Tensor:
+    """fp16 centroids (``lut=0``) or a byte-indexed table ``[slot, byte] → centroid`` (``lut=1``)."""
+    centroids, _ = codebook_tensors(dim, width, device)
+    if lut == 1 and 8 % width == 0:
+        slots = 8 // width
+        byte = torch.arange(256, device=device)
+        idx = torch.stack([(byte >> (s * width)) & ((1 << width) - 1) for s in range(slots)])
+        return centroids[idx].reshape(-1).to(torch.float16).contiguous()
+    return centroids.to(torch.float16).contiguous()
+
+
+def _stream_lut(stream: tuple[int, ...], codes: torch.Tensor) -> int:
+    """Decode method of one stream: 2 (register byte-permute, 4-bit, word aligned), else TUNING['lut'] or 0."""
+    w, _, nb, offset, _ = stream
+    lut = TUNING["lut"]
+    if lut == 2:
+        aligned = nb % 4 == 0 and offset % 4 == 0 and codes.stride(-2) % 4 == 0 and codes.data_ptr() % 4 == 0
+        if w == 4 and aligned and not _INTERPRET:
+            return 2
+        lut = 1
+    return lut if w and 8 % w == 0 else 0
+
+
+@lru_cache(maxsize=16)
+def _prmt4_asm(dim: int) -> str:
+    """PTX decoding one 32-bit word of eight 4-bit codes into eight fp16 centroids.
+
+    The codebook is odd-symmetric (``c[15 − i] = −c[i]``, exact in fp16), so a
+    magnitude index ``r`` (``c − 8`` or ``7 − c``) picks the low and high bytes of
+    ``|c|`` from two 8-byte tables with ``prmt``; the sign bit is OR-ed into the
+    high byte from a per-byte mask that ``prmt``'s sign-replicate mode builds from
+    bit 3 of each code. About 18 instructions per 8 codes; tests/test_kernels.py
+    interprets this PTX on the CPU and checks it bit-exactly against the fp16 table.
+    """
+    import numpy as np
+
+    from ..codebook import lloyd_max_codebook
+
+    c = np.asarray(lloyd_max_codebook(dim, 4).centroids, dtype=np.float16)
+    assert all(c[15 - i] == -c[i] for i in range(16))
+    mag = c[8:].view(np.uint16).astype(np.uint32)
+    lo = [int(v) & 0xFF for v in mag]
+    hi = [int(v) >> 8 for v in mag]
+
+    def pack(bs: list[int]) -> str:
+        return hex(sum(b << (8 * i) for i, b in enumerate(bs)))
+
+    return f"""{{
+.reg .b32 t, n7, r, rh, y, p0, p1, l0, l1, h0, h1, lo, hi, lo2, hi2, o0, o1, o2, o3;
+mov.b32 l0, {pack(lo[:4])};
+mov.b32 l1, {pack(lo[4:])};
+mov.b32 h0, {pack(hi[:4])};
+mov.b32 h1, {pack(hi[4:])};
+not.b32 t, $8;
+shr.u32 t, t, 3;
+and.b32 t, t, 0x11111111;
+mul.lo.u32 n7, t, 7;
+xor.b32 r, $8, n7;
+and.b32 r, r, 0x77777777;
+shr.u32 rh, r, 16;
+shl.b32 y, $8, 4;
+prmt.b32 p0, y, $8, 0xD9C8;
+prmt.b32 p1, y, $8, 0xFBEA;
+prmt.b32 lo, l0, l1, r;
+prmt.b32 hi, h0, h1, r;
+not.b32 p0, p0;
+and.b32 p0, p0, 0x80808080;
+or.b32 hi, hi, p0;
+prmt.b32 o0, lo, hi, 0x5140;
+prmt.b32 o1, lo, hi, 0x7362;
+prmt.b32 lo2, l0, l1, rh;
+prmt.b32 hi2, h0, h1, rh;
+not.b32 p1, p1;
+and.b32 p1, p1, 0x80808080;
+or.b32 hi2, hi2, p1;
+prmt.b32 o2, lo2, hi2, 0x5140;
+prmt.b32 o3, lo2, hi2, 0x7362;
+mov.b32 {{$0, $1}}, o0;
+mov.b32 {{$2, $3}}, o1;
+mov.b32 {{$4, $5}}, o2;
+mov.b32 {{$6, $7}}, o3;
+}}"""
+
+
+def _stream_table(config: QuantizerConfig, stream: tuple[int, ...], lut: int, device: torch.device) -> torch.Tensor:
+    w = stream[0]
+    if w == 0:
+        return torch.zeros(16, dtype=torch.float16, device=device)
+    return _lookup_table(config.dim, w, min(lut, 1), device)
+
+
+@lru_cache(maxsize=64)
+def _unrotation_blocks(config: QuantizerConfig, d_out: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``Π`` for each stream's columns, zero-padded: ``[cols_hi, d_out]``, ``[cols_lo, d_out]``."""
+    pi = make_rotation(config.rotation, config.dim, config.seed).matrix(device)
+    hi, lo = _stream_layout(config)
+    blocks = []
+    start = 0
+    for w, n, _, _, cols in (hi, lo):
+        block = torch.zeros(cols, d_out, dtype=torch.float32, device=device)
+        if w:
+            block[:n, : config.dim] = pi[start : start + n]
+            start += n
+        blocks.append(block.contiguous())
+    return blocks[0], blocks[1]
+
+
+@lru_cache(maxsize=64)
+def _query_rotation(config: QuantizerConfig, device: torch.device) -> torch.Tensor:
+    """``[d, QC]``: ``q @ this`` is the rotated query ``Π q`` in the kernel's column order (zero pad columns)."""
+    hi, lo = _unrotation_blocks(config, config.dim, device)
+    return torch.cat((hi, lo), dim=0).T.contiguous()
+
+
+@lru_cache(maxsize=16)
+def _dummy(device: torch.device) -> torch.Tensor:
+    return torch.zeros(16, dtype=torch.float32, device=device)
+
+
+def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocation of the partials and the output (tests replace it to poison the memory)."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _load_codes(
+    row_ptr,  # [BN] pointers to each token's first byte of this stream
+    row_ok,  # [BN] token mask
+    W: tl.constexpr,
+    NB: tl.constexpr,
+    COLS: tl.constexpr,
+    LUT: tl.constexpr,
+):
+    """Raw packed codes of BN tokens: int32 words (LUT 2), bytes ``[BN, NB]`` or byte groups ``[BN, G, 4]``."""
+    if LUT == 2:
+        NWP: tl.constexpr = COLS // 8
+        wi = tl.arange(0, NWP)
+        wptr = row_ptr.to(tl.pointer_type(tl.int32))
+        raw = tl.load(wptr[:, None] + wi[None, :], mask=row_ok[:, None] & (wi[None, :] < NB // 4), other=0)
+    elif 8 % W == 0:
+        NBP: tl.constexpr = COLS // (8 // W)
+        b = tl.arange(0, NBP)
+        raw = tl.load(row_ptr[:, None] + b[None, :], mask=row_ok[:, None] & (b[None, :] < NB), other=0)
+    else:
+        NGP: tl.constexpr = COLS // 8
+        g = tl.arange(0, NGP)
+        k = tl.arange(0, 4)
+        byte_idx = g[:, None] * W + k[None, :]
+        ok = (k[None, :] < W) & (byte_idx < NB)
+        raw = tl.load(row_ptr[:, None, None] + byte_idx[None, :, :], mask=row_ok[:, None, None] & ok[None, :, :], other=0)
+    return raw
+
+
+@triton.jit
+def _decode_codes(
+    raw,
+    tab_ptr,
+    W: tl.constexpr,
+    COLS: tl.constexpr,
+    LUT: tl.constexpr,
+    BN: tl.constexpr,
+    ASM: tl.constexpr,
+):
+    """Raw codes from :func:`_load_codes` → ``[BN, COLS]`` fp16 centroids in natural coordinate order."""
+    MASK: tl.constexpr = (1 << W) - 1
+    if LUT == 2:
+        # 4-bit codes: 32-bit words of 8 codes decoded in registers by byte permutes (see _prmt4_asm)
+        o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+            ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r", [raw], dtype=(tl.float16,) * 8, is_pure=True, pack=1
+        )
+        # column 8·word + k ← o_k (join appends the new axis last, so the slot bits go 4·a + 2·b + c)
+        y = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
+        y = tl.reshape(y, (BN, COLS))
+    elif 8 % W == 0:
+        SLOTS: tl.constexpr = 8 // W
+        r32 = raw.to(tl.int32)
+        slot = tl.arange(0, SLOTS)
+        if LUT == 1:
+            idx = r32[:, :, None] + (slot * 256)[None, None, :]
+        else:
+            idx = (r32[:, :, None] >> (slot * W)[None, None, :]) & MASK
+        y = tl.reshape(tl.load(tab_ptr + idx), (BN, COLS))
+    else:
+        k = tl.arange(0, 4)
+        word = tl.sum(raw.to(tl.int32) << (k * 8)[None, None, :], axis=2)
+        slot = tl.arange(0, 8)
+        idx = (word[:, :, None] >> (slot * W)[None, None, :]) & MASK
+        y = tl.reshape(tl.load(tab_ptr + idx), (BN, COLS))
+    return y
+
+
+# Integers that change from one decode step to the next must not be specialised
+# (Triton would recompile whenever their divisibility by 16 changes).
+_VARYING = ["N", "TPS", "S", "M", "L", "s_m_b", "s_m_h", "s_m_l", "s_m_t"]
+
+
+@triton.jit(do_not_specialize=_VARYING)
+def triton_quantized_attention_kernel(
+    q_ptr,  # [BH, M, QC] fp32: rotated query in stream column order
+    qoff_ptr,  # [BH, M] fp32: <q, μ_k> (read only if HAS_QOFF)
+    scale2,  # softmax scale · log2(e)
+    kc_ptr, kn_ptr, vc_ptr, vn_ptr,
+    s_kc_b, s_kc_h, s_kc_n,
+    s_kn_b, s_kn_h, s_kn_n,
+    s_vc_b, s_vc_h, s_vc_n,
+    s_vn_b, s_vn_h, s_vn_n,
+    mask_ptr, s_m_b, s_m_h, s_m_l, s_m_t,
+    tab_khi, tab_klo, tab_vhi, tab_vlo,
+    part_ptr,  # [BH, S, M, AC + 2] fp32: acc columns, then max, then sum
+    N, HKV, M, L, G, TPS, S,
+    QC: tl.constexpr, AC: tl.constexpr,
+    KHI_W: tl.constexpr, KHI_NB: tl.constexpr, KHI_C: tl.constexpr,
+    KLO_W: tl.constexpr, KLO_NB: tl.constexpr, KLO_OFF: tl.constexpr, KLO_C: tl.constexpr,
+    VHI_W: tl.constexpr, VHI_NB: tl.constexpr, VHI_C: tl.constexpr,
+    VLO_W: tl.constexpr, VLO_NB: tl.constexpr, VLO_OFF: tl.constexpr, VLO_C: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_QOFF: tl.constexpr,
+    LUT_K: tl.constexpr, LUT_KHI: tl.constexpr, LUT_V: tl.constexpr, LUT_VHI: tl.constexpr,
+    ASM_KLO: tl.constexpr, ASM_KHI: tl.constexpr, ASM_VLO: tl.constexpr, ASM_VHI: tl.constexpr,
+    PRECISE: tl.constexpr, PREFETCH: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
+):
+    """One (batch·kv-head, split, row-block): online softmax over a token range of packed codes."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    mblk = tl.program_id(2)
+    b = bh // HKV
+    h = bh % HKV
+    rows = mblk * BM + tl.arange(0, BM)
+    row_ok = rows < M
+
+    # scaled query split into fp16 hi + lo for each key stream (two fp16 products ≈ one fp32 product)
+    q_base = q_ptr + bh * M * QC + rows[:, None] * QC
+    c_lo = tl.arange(0, KLO_C)
+    q = tl.load(q_base + KHI_C + c_lo[None, :], mask=row_ok[:, None], other=0.0) * scale2
+    q_lo_h = q.to(tl.float16)
+    q_lo_l = (q - q_lo_h.to(tl.float32)).to(tl.float16)
+    if KHI_W > 0:
+        c_hi = tl.arange(0, KHI_C)
+        q = tl.load(q_base + c_hi[None, :], mask=row_ok[:, None], other=0.0) * scale2
+        q_hi_h = q.to(tl.float16)
+        q_hi_l = (q - q_hi_h.to(tl.float32)).to(tl.float16)
+    if HAS_QOFF:
+        qoff = tl.load(qoff_ptr + bh * M + rows, mask=row_ok, other=0.0) * scale2
+    if HAS_MASK:
+        mrow = mask_ptr + b * s_m_b + (h * G + rows // L) * s_m_h + (rows % L) * s_m_l
+
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc_lo = tl.zeros([BM, VLO_C], tl.float32)
+    acc_hi = tl.zeros([BM, VHI_C], tl.float32)
+
+    start = split * TPS
+    stop = tl.minimum(start + TPS, N)
+    kc_base = kc_ptr + b * s_kc_b + h * s_kc_h
+    vc_base = vc_ptr + b * s_vc_b + h * s_vc_h
+    kn_base = kn_ptr + b * s_kn_b + h * s_kn_h
+    vn_base = vn_ptr + b * s_vn_b + h * s_vn_h
+    # raw codes and norms of the first tile; inside the loop the next tile is loaded before
+    # this one is decoded (PREFETCH), so its memory latency overlaps the decode and the products
+    offs = start + tl.arange(0, BN)
+    tok_ok = offs < stop
+    raw_k = _load_codes(kc_base + offs * s_kc_n + KLO_OFF, tok_ok, KLO_W, KLO_NB, KLO_C, LUT_K)
+    raw_v = _load_codes(vc_base + offs * s_vc_n + VLO_OFF, tok_ok, VLO_W, VLO_NB, VLO_C, LUT_V)
+    knorm = tl.load(kn_base + offs * s_kn_n, mask=tok_ok, other=0.0)
+    vnorm = tl.load(vn_base + offs * s_vn_n, mask=tok_ok, other=0.0)
+    for n0 in range(start, stop, BN):
+        offs = n0 + tl.arange(0, BN)
+        tok_ok = offs < stop
+        if PREFETCH:
+            nxt = offs + BN
+            nxt_ok = nxt < stop
+            raw_k_next = _load_codes(kc_base + nxt * s_kc_n + KLO_OFF, nxt_ok, KLO_W, KLO_NB, KLO_C, LUT_K)
+            raw_v_next = _load_codes(vc_base + nxt * s_vc_n + VLO_OFF, nxt_ok, VLO_W, VLO_NB, VLO_C, LUT_V)
+            knorm_next = tl.load(kn_base + nxt * s_kn_n, mask=nxt_ok, other=0.0)
+            vnorm_next = tl.load(vn_base + nxt * s_vn_n, mask=nxt_ok, other=0.0)
+        else:
+            raw_k = _load_codes(kc_base + offs * s_kc_n + KLO_OFF, tok_ok, KLO_W, KLO_NB, KLO_C, LUT_K)
+            raw_v = _load_codes(vc_base + offs * s_vc_n + VLO_OFF, tok_ok, VLO_W, VLO_NB, VLO_C, LUT_V)
+            knorm = tl.load(kn_base + offs * s_kn_n, mask=tok_ok, other=0.0)
+            vnorm = tl.load(vn_base + offs * s_vn_n, mask=tok_ok, other=0.0)
+        # ---- scores from key codes
+        yk = _decode_codes(raw_k, tab_klo, KLO_W, KLO_C, LUT_K, BN, ASM_KLO)
+        ykt = tl.trans(yk)
+        s = tl.dot(q_lo_h, ykt)
+        if PRECISE:
+            s = tl.dot(q_lo_l, ykt, s)
+        if KHI_W > 0:
+            raw_k2 = _load_codes(kc_base + offs * s_kc_n, tok_ok, KHI_W, KHI_NB, KHI_C, LUT_KHI)
+            yk2t = tl.trans(_decode_codes(raw_k2, tab_khi, KHI_W, KHI_C, LUT_KHI, BN, ASM_KHI))
+            s = tl.dot(q_hi_h, yk2t, s)
+            if PRECISE:
+                s = tl.dot(q_hi_l, yk2t, s)
+        s = s * knorm.to(tl.float32)[None, :]
+        if HAS_QOFF:
+            s = s + qoff[:, None]
+        if HAS_MASK:
+            mv = tl.load(mrow[:, None] + offs[None, :] * s_m_t, mask=row_ok[:, None] & tok_ok[None, :], other=0)
+            if MASK_BOOL:
+                s = tl.where(mv != 0, s, float("-inf"))
+            else:
+                s = s + mv.to(tl.float32) * 1.4426950408889634
+        s = tl.where(tok_ok[None, :], s, float("-inf"))
+        # ---- online softmax (base 2)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+        # ---- values, rotated domain; ‖v‖ folded into p
+        pv = p * vnorm.to(tl.float32)[None, :]
+        pv_h = pv.to(tl.float16)
+        if PRECISE:
+            pv_l = (pv - pv_h.to(tl.float32)).to(tl.float16)
+        yv = _decode_codes(raw_v, tab_vlo, VLO_W, VLO_C, LUT_V, BN, ASM_VLO)
+        acc_lo = acc_lo * alpha[:, None]
+        acc_lo = tl.dot(pv_h, yv, acc_lo)
+        if PRECISE:
+            acc_lo = tl.dot(pv_l, yv, acc_lo)
+        if VHI_W > 0:
+            raw_v2 = _load_codes(vc_base + offs * s_vc_n, tok_ok, VHI_W, VHI_NB, VHI_C, LUT_VHI)
+            yv2 = _decode_codes(raw_v2, tab_vhi, VHI_W, VHI_C, LUT_VHI, BN, ASM_VHI)
+            acc_hi = acc_hi * alpha[:, None]
+            acc_hi = tl.dot(pv_h, yv2, acc_hi)
+            if PRECISE:
+                acc_hi = tl.dot(pv_l, yv2, acc_hi)
+        if PREFETCH:
+            raw_k = raw_k_next
+            raw_v = raw_v_next
+            knorm = knorm_next
+            vnorm = vnorm_next
+
+    part = bh * S + split
+    a_base = part_ptr + part * M * (AC + 2) + rows[:, None] * (AC + 2)
+    tl.store(a_base + AC, m_i[:, None], mask=row_ok[:, None])
+    tl.store(a_base + AC + 1, l_i[:, None], mask=row_ok[:, None])
+    tl.store(a_base + tl.arange(0, VLO_C)[None, :] + VHI_C, acc_lo, mask=row_ok[:, None])
+    if VHI_W > 0:
+        tl.store(a_base + tl.arange(0, VHI_C)[None, :], acc_hi, mask=row_ok[:, None])
+
+
+@triton.jit(do_not_specialize=_VARYING + ["W", "s_fk_b", "s_fk_h", "s_fv_b", "s_fv_h"])
+def triton_attention_combine_kernel(
+    part_ptr,
+    pv_hi, pv_lo,  # [VHI_C, DP], [VLO_C, DP] fp32 rows of Π_v (zero padded)
+    voff_ptr,  # [BH, D] fp32
+    qf_ptr,  # [BH, M, D] fp32: unrotated query
+    scale2,
+    fk_ptr, s_fk_b, s_fk_h, s_fk_w,
+    fv_ptr, s_fv_b, s_fv_h, s_fv_w,
+    mask_ptr, s_m_b, s_m_h, s_m_l, s_m_t,
+    out_ptr,  # [BH, M, D] in the output dtype
+    N, W, HKV, M, L, G, S, D,
+    AC: tl.constexpr, VHI_C: tl.constexpr, VLO_C: tl.constexpr, HAS_HI: tl.constexpr,
+    CK_LO: tl.constexpr, CK_HI: tl.constexpr,
+    HAS_VOFF: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    DP: tl.constexpr, BM: tl.constexpr, BW: tl.constexpr,
+):
+    """Merge split partials, unrotate once, add value offset and the full-precision window."""
+    bh = tl.program_id(0)
+    mblk = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    rows = mblk * BM + tl.arange(0, BM)
+    row_ok = rows < M
+    cols = tl.arange(0, DP)
+    col_ok = cols < D
+
+    m_tot = tl.full([BM], float("-inf"), tl.float32)
+    l_tot = tl.zeros([BM], tl.float32)
+    out = tl.zeros([BM, DP], tl.float32)
+    if S > 0:
+        # pass 1: overall max and softmax mass of the compressed tokens
+        for s in range(0, S):
+            a_base = part_ptr + (bh * S + s) * M * (AC + 2) + rows * (AC + 2)
+            m_s = tl.load(a_base + AC, mask=row_ok, other=float("-inf"))
+            l_s = tl.load(a_base + AC + 1, mask=row_ok, other=0.0)
+            m_new = tl.maximum(m_tot, m_s)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_tot = l_tot * tl.exp2(m_tot - m_safe) + l_s * tl.exp2(m_s - m_safe)
+            m_tot = m_new
+        m_ref = tl.where(m_tot == float("-inf"), 0.0, m_tot)
+        # pass 2: weighted sum of the partial accumulators, rotated back CK columns at a time
+        # (a [CK, DP] slice of Π_v keeps shared memory small for head_dim 256)
+        for c0 in tl.static_range(0, VLO_C, CK_LO):
+            acc = tl.zeros([BM, CK_LO], tl.float32)
+            for s in range(0, S):
+                a_base = part_ptr + (bh * S + s) * M * (AC + 2) + rows * (AC + 2)
+                w_s = tl.exp2(tl.load(a_base + AC, mask=row_ok, other=float("-inf")) - m_ref)
+                a_s = tl.load(a_base[:, None] + VHI_C + c0 + tl.arange(0, CK_LO)[None, :], mask=row_ok[:, None], other=0.0)
+                acc += w_s[:, None] * a_s
+            p_blk = tl.load(pv_lo + (c0 + tl.arange(0, CK_LO))[:, None] * DP + cols[None, :])
+            out = tl.dot(acc, p_blk, out, input_precision="ieee")
+        if HAS_HI:
+            for c0 in tl.static_range(0, VHI_C, CK_HI):
+                acc = tl.zeros([BM, CK_HI], tl.float32)
+                for s in range(0, S):
+                    a_base = part_ptr + (bh * S + s) * M * (AC + 2) + rows * (AC + 2)
+                    w_s = tl.exp2(tl.load(a_base + AC, mask=row_ok, other=float("-inf")) - m_ref)
+                    a_s = tl.load(a_base[:, None] + c0 + tl.arange(0, CK_HI)[None, :], mask=row_ok[:, None], other=0.0)
+                    acc += w_s[:, None] * a_s
+                p_blk = tl.load(pv_hi + (c0 + tl.arange(0, CK_HI))[:, None] * DP + cols[None, :])
+                out = tl.dot(acc, p_blk, out, input_precision="ieee")
+        if HAS_VOFF:
+            voff = tl.load(voff_ptr + bh * D + cols, mask=col_ok, other=0.0)
+            out = out + l_tot[:, None] * voff[None, :]
+
+    if W > 0:
+        q = tl.load(qf_ptr + bh * M * D + rows[:, None] * D + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        q = q * scale2
+        if HAS_MASK:
+            mrow = mask_ptr + b * s_m_b + (h * G + rows // L) * s_m_h + (rows % L) * s_m_l
+        fk_base = fk_ptr + b * s_fk_b + h * s_fk_h
+        fv_base = fv_ptr + b * s_fv_b + h * s_fv_h
+        for w0 in range(0, W, BW):
+            offs = w0 + tl.arange(0, BW)
+            w_ok = offs < W
+            k = tl.load(fk_base + offs[:, None] * s_fk_w + cols[None, :], mask=w_ok[:, None] & col_ok[None, :], other=0.0)
+            sc = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+            if HAS_MASK:
+                mv = tl.load(mrow[:, None] + (N + offs)[None, :] * s_m_t, mask=row_ok[:, None] & w_ok[None, :], other=0)
+                if MASK_BOOL:
+                    sc = tl.where(mv != 0, sc, float("-inf"))
+                else:
+                    sc = sc + mv.to(tl.float32) * 1.4426950408889634
+            sc = tl.where(w_ok[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m_tot, tl.max(sc, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_tot - m_safe)
+            p = tl.exp2(sc - m_safe[:, None])
+            l_tot = l_tot * alpha + tl.sum(p, axis=1)
+            v = tl.load(fv_base + offs[:, None] * s_fv_w + cols[None, :], mask=w_ok[:, None] & col_ok[None, :], other=0.0)
+            out = out * alpha[:, None]
+            out = tl.dot(p, v.to(tl.float32), out, input_precision="ieee")
+            m_tot = m_new
+
+    denom = tl.where(l_tot > 0, l_tot, 1.0)
+    out = out / denom[:, None]
+    o_ptr = out_ptr + bh * M * D + rows[:, None] * D + cols[None, :]
+    tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+# --------------------------------------------------------------------------- wrappers
+
+
+def _as_4d_mask(mask: torch.Tensor, b: int, hq: int, l: int, t: int) -> torch.Tensor:
+    """Broadcast view ``[B, Hq, L, T]`` (stride 0 where broadcast); booleans are read as uint8 bytes."""
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    try:
+        return mask.expand(b, hq, l, t)
+    except RuntimeError:
+        raise TurboQuantError(f"mask of shape {tuple(mask.shape)} does not broadcast to {(b, hq, l, t)}") from None
+
+
+def _num_splits(bh: int, m_blocks: int, n: int, block_n: int, device: torch.device) -> int:
+    target = _num_sms(device) * TUNING["programs_per_sm"]
+    splits = max(1, target // max(1, bh * m_blocks))
+    splits = min(splits, max(1, triton.cdiv(n, block_n)))
+    return splits
+
+
+def triton_quantized_attention(
+    query: torch.Tensor,
+    keys: QuantizedVectors | None,
+    values: QuantizedVectors | None,
+    full_keys: torch.Tensor | None,
+    full_values: torch.Tensor | None,
+    scaling: float,
+    mask: torch.Tensor | None = None,
+    key_offset: torch.Tensor | None = None,
+    value_offset: torch.Tensor | None = None,
+    chunk: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """Attention over compressed tokens then full-precision tokens, with fused Triton kernels.
+
+    Same arguments, shapes and result as
+    :func:`~turboquant.kernels.reference.torch_quantized_attention` (``chunk`` is
+    ignored: the kernel picks its own block size and split count). Inputs the
+    kernels do not cover (see :func:`triton_supports`) go to the torch reference.
+
+    Args:
+        query: ``[B, Hq, L, d]``.
+        keys, values: batch shape ``[B, Hkv, N]`` (strided views of cache buffers are fine).
+        full_keys, full_values: ``[B, Hkv, W, d]`` or None.
+        scaling: softmax scale.
+        mask: additive float or boolean mask broadcastable to ``[B, Hq, L, N + W]``.
+        key_offset, value_offset: ``[B, Hkv, d]`` or None.
+
+    Returns:
+        ``[B, Hq, L, d]`` in ``query.dtype``.
+
+    Example:
+        >>> # on a CUDA device: q [1, 32, 1, 128]; keys/values from TurboQuantMSE(128, 4).quantize(k [1, 8, N, 128])
+        >>> # out = triton_quantized_attention(q, keys, values, None, None, 128 ** -0.5)
+    """
+    if not triton_supports(query, keys, values, full_keys, full_values):
+        return torch_quantized_attention(
+            query, keys, values, full_keys, full_values, scaling, mask, key_offset, value_offset, chunk
+        )
+    b, hq, l, d = query.shape
+    n = 0 if keys is None else keys.shape[-1]
+    w = 0 if full_keys is None else full_keys.shape[-2]
+    if n == 0 and w == 0:
+        raise TurboQuantError("attention over an empty cache")
+    hkv = keys.shape[1] if keys is not None and n else full_keys.shape[1]  # type: ignore[union-attr]
+    if hq % hkv:
+        raise TurboQuantError(f"query heads {hq} are not a multiple of key/value heads {hkv}")
+    g = hq // hkv
+    m = g * l
+    bh = b * hkv
+    dev = query.device
+    scale2 = float(scaling) * LOG2E
+
+    mask4 = None
+    if mask is not None:
+        mask4 = _as_4d_mask(mask, b, hq, l, n + w)
+    mk = mask4 if mask4 is not None else _dummy(dev)
+    ms = mask4.stride() if mask4 is not None else (0, 0, 0, 0)
+    dummy = _dummy(dev)
+    qf = query.reshape(b, hkv, m, d).float()  # head h·G + g, row g·L + l of kv head h
+    if not qf.is_contiguous():
+        qf = qf.contiguous()
+
+    block_m = min(max(16, _next_pow2(m)), TUNING["max_block_m"])
+    m_blocks = triton.cdiv(m, block_m)
+    splits = 0
+    parts = dummy
+    vhi = vlo = (0, 0, 0, 0, 16)
+    if n:
+        assert keys is not None and values is not None
+        kcfg, vcfg = keys.config, values.config
+        khi, klo = _stream_layout(kcfg)
+        vhi, vlo = _stream_layout(vcfg)
+        q_cols = qf @ _query_rotation(kcfg, dev)  # [B, Hkv, M, QC]: one product rotates and orders columns
+        qoff = dummy
+        if key_offset is not None:
+            qoff = (qf @ key_offset.float().unsqueeze(-1)).squeeze(-1).contiguous()
+        block_n = TUNING["block_n"]
+        splits = _num_splits(bh, m_blocks, n, block_n, dev)
+        tps = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
+        splits = triton.cdiv(n, tps)
+        ac = vhi[4] + vlo[4]
+        parts = _empty(bh, splits, m, ac + 2, dtype=torch.float32, device=dev)
+        kc, kn, vc, vn = keys.codes, keys.norms, values.codes, values.norms
+        streams = ((kcfg, khi, kc), (kcfg, klo, kc), (vcfg, vhi, vc), (vcfg, vlo, vc))
+        luts = [_stream_lut(st, codes) for _, st, codes in streams]
+        tabs = [_stream_table(cfg, st, lut, dev) for (cfg, st, _), lut in zip(streams, luts)]
+        asms = [_prmt4_asm(cfg.dim) if lut == 2 else "" for (cfg, _, _), lut in zip(streams, luts)]
+        triton_quantized_attention_kernel[(bh, splits, m_blocks)](
+            q_cols, qoff, scale2, kc, kn, vc, vn,
+            kc.stride(0), kc.stride(1), kc.stride(2),
+            kn.stride(0), kn.stride(1), kn.stride(2),
+            vc.stride(0), vc.stride(1), vc.stride(2),
+            vn.stride(0), vn.stride(1), vn.stride(2),
+            mk, *ms,
+            *tabs,
+            parts,
+            n, hkv, m, l, g, tps, splits,
+            QC=q_cols.shape[-1], AC=ac,
+            KHI_W=khi[0], KHI_NB=khi[2], KHI_C=khi[4],
+            KLO_W=klo[0], KLO_NB=klo[2], KLO_OFF=klo[3], KLO_C=klo[4],
+            VHI_W=vhi[0], VHI_NB=vhi[2], VHI_C=vhi[4],
+            VLO_W=vlo[0], VLO_NB=vlo[2], VLO_OFF=vlo[3], VLO_C=vlo[4],
+            HAS_MASK=mask4 is not None, MASK_BOOL=mask is not None and mask.dtype == torch.bool,
+            HAS_QOFF=key_offset is not None,
+            LUT_K=luts[1], LUT_KHI=luts[0], LUT_V=luts[3], LUT_VHI=luts[2],
+            ASM_KLO=asms[1], ASM_KHI=asms[0], ASM_VLO=asms[3], ASM_VHI=asms[2],
+            PRECISE=bool(TUNING["precise"]), PREFETCH=bool(TUNING["prefetch"]),
+            BM=block_m, BN=block_n,
+            num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
+        )  # fmt: skip
+    dp = max(16, _next_pow2(d))
+    if n:
+        pv_hi, pv_lo = _unrotation_blocks(values.config, dp, dev)  # type: ignore[union-attr]
+    else:
+        pv_hi = pv_lo = dummy
+    voff = value_offset.float().reshape(bh, d).contiguous() if (n and value_offset is not None) else dummy
+    fk = full_keys if w else dummy.view(1, 1, 1, 16)
+    fv = full_values if w else dummy.view(1, 1, 1, 16)
+    if w and (fk.stride(-1) != 1 or fv.stride(-1) != 1):  # type: ignore[union-attr]
+        fk, fv = fk.contiguous(), fv.contiguous()  # type: ignore[union-attr]
+    out = _empty(b, hkv, m, d, dtype=query.dtype, device=dev)
+    block_w = 32 if dp <= 128 else 16
+    triton_attention_combine_kernel[(bh, m_blocks)](
+        parts, pv_hi, pv_lo, voff, qf, scale2,
+        fk, fk.stride(0), fk.stride(1), fk.stride(2),  # type: ignore[union-attr]
+        fv, fv.stride(0), fv.stride(1), fv.stride(2),  # type: ignore[union-attr]
+        mk, *ms, out,
+        n, w, hkv, m, l, g, splits, d,
+        AC=vhi[4] + vlo[4], VHI_C=vhi[4], VLO_C=vlo[4], HAS_HI=vhi[0] > 0,
+        CK_LO=min(32, vlo[4]), CK_HI=min(32, vhi[4]),
+        HAS_VOFF=value_offset is not None, HAS_MASK=mask4 is not None,
+        MASK_BOOL=mask is not None and mask.dtype == torch.bool,
+        DP=dp, BM=block_m, BW=block_w,
+        num_warps=4,
+    )  # fmt: skip
+    return out.reshape(b, hq, l, d)
+
+
+__all__ = [
+    "TUNING",
+    "triton_attention_combine_kernel",
+    "triton_quantized_attention",
+    "triton_quantized_attention_kernel",
+    "triton_supports",
+]
