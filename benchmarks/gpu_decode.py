@@ -14,6 +14,11 @@ One script for one lease of the GPU (see docs/kernel_notes.md for what each run 
 * ``--e2e``: Llama-architecture model (random weights) decoding at 32k context with
   ``TurboQuantCache`` vs ``DynamicCache``, and the longest context in a fixed memory budget.
 
+* ``--baseline DIR``: also time the previous kernels (``DIR/triton_attention_v3.py`` and
+  ``DIR/triton_encode_v3.py``, e.g. from ``git show``) on the same card in the same run.
+* ``--hf``: ``TurboQuantCache`` vs ``DynamicCache`` (SDPA) on small random-weight Llama models
+  (teacher-forced top-1 agreement and logit differences, greedy tokens).
+
 Writes ``gpu_decode.json`` (card named) and a log under ``--out``; ``--plot FILE.json`` makes the PNG.
 """
 
@@ -46,11 +51,11 @@ def save(out_dir: Path) -> None:
     (out_dir / "gpu_decode.json").write_text(json.dumps(RESULTS, indent=1, default=str))
 
 
-def bench(fn, rep_ms: int = 200) -> float:
+def bench(fn, rep_ms: int = 120) -> float:
     """Median milliseconds (Triton do_bench: CUDA events, L2 flushed before every call)."""
     from triton.testing import do_bench
 
-    return float(do_bench(fn, warmup=50, rep=rep_ms, return_mode="median"))
+    return float(do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
 
 
 def copy_bandwidth() -> float:
@@ -62,6 +67,38 @@ def copy_bandwidth() -> float:
     del src, dst
     torch.cuda.empty_cache()
     return bw
+
+
+def kernel_info(fn) -> dict:
+    """Registers / spills / shared memory of the most recently compiled variant of a Triton kernel."""
+    try:
+        kernels = []
+        for cache in getattr(fn, "device_caches", {}).values():
+            kernels += list((cache[0] if isinstance(cache, tuple) else cache).values())
+        if not kernels:
+            kernels = list(getattr(fn, "cache", {}).get(0, {}).values())
+        k = kernels[-1]
+        return {"regs": int(k.n_regs), "spills": int(k.n_spills), "smem": int(k.metadata.shared)}
+    except Exception as exc:  # informative only
+        return {"error": str(exc)[:100]}
+
+
+BASELINE: dict = {}  # "attention"/"encode" → modules of the previous kernels (--baseline)
+
+
+def load_baseline(folder: Path) -> None:
+    import importlib.util
+
+    for key, name in (("attention", "triton_attention_v3"), ("encode", "triton_encode_v3")):
+        path = folder / f"{name}.py"
+        if not path.exists():
+            continue
+        spec = importlib.util.spec_from_file_location(f"turboquant.kernels.{name}", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+        BASELINE[key] = mod
+    log(f"baseline kernels loaded: {sorted(BASELINE)}")
 
 
 # --------------------------------------------------------------------------- check
@@ -128,7 +165,7 @@ def run_check() -> None:
             err = relative_error(out, ref) if torch.isfinite(out).all() else float("inf")
             row = dict(d=d, k_bits=kb, v_bits=vb, G=g, B=b, N=n, W=w, L=l, extra=extra, rel_err=err, ok=err <= 1e-3)
             rows.append(row)
-            log(f"check[{ta.TUNING['lut']},{ta.TUNING['precise']},{ta.TUNING['prefetch']}] d={d:3d} K{kb}/V{vb} G={g} B={b:2d} N={n:6d} W={w:3d} L={l:2d} {extra:14s} rel_err={err:.2e} {'OK' if row['ok'] else 'FAIL'}")
+            log(f"check d={d:3d} K{kb}/V{vb} G={g} B={b:2d} N={n:6d} W={w:3d} L={l:2d} {extra:14s} rel_err={err:.2e} {'OK' if row['ok'] else 'FAIL'}")
             del keys, values, q, fk, fv, out, ref
             torch.cuda.empty_cache()
     finally:
@@ -161,16 +198,17 @@ def bench_graph(fn) -> float:
     return float(do_bench_cudagraph(fn, rep=100, return_mode="median"))
 
 
-def time_ours(b: int, n: int, kb: float, vb: float, graph: bool = False) -> tuple[float, int]:
-    from turboquant.kernels.triton_attention import triton_quantized_attention
+def time_ours(b: int, n: int, kb: float, vb: float, graph: bool = False, impl=None, tag: str = "ours") -> tuple[float, int]:
+    from turboquant.kernels import triton_attention as ta
 
+    impl = impl or ta
     q, keys, values, nbytes = make_decode_inputs(b, n, kb, vb)
-    fn = lambda: triton_quantized_attention(q, keys, values, None, None, 128**-0.5)  # noqa: E731
+    fn = lambda: impl.triton_quantized_attention(q, keys, values, None, None, 128**-0.5)  # noqa: E731
     fn()
     ms = bench(fn)
     if graph:
         try:
-            GRAPH[("ours", b, n, kb, vb)] = bench_graph(fn)
+            GRAPH[(tag, b, n, kb, vb)] = bench_graph(fn)
         except Exception as exc:
             log(f"graph capture failed: {str(exc)[:200]}")
     del q, keys, values
@@ -208,43 +246,65 @@ def time_sdpa(b: int, n: int, hq: int = 32, hkv: int = 8, d: int = 128, graph: b
     return res
 
 
-SWEEP = [  # around run 2's best (precise=0)
-    {"precise": 0},
-    {"precise": 0, "prefetch": 0},
-    {"precise": 0, "num_stages": 2},
-    {"precise": 0, "num_stages": 2, "prefetch": 0},
-    {"precise": 0, "block_n": 32},
-    {"precise": 0, "programs_per_sm": 4},
-    {"precise": 0, "programs_per_sm": 12},
-    {"precise": 0, "block_n": 32, "num_stages": 2, "prefetch": 0},
-    {"precise": 1},
-    {"precise": 1, "num_stages": 2, "prefetch": 0},
+SWEEP = [  # v4 candidates (docs/kernel_notes.md): dotk = keys decoded into the mma operand layout,
+    # num_stages ≥ 2 = cp.async pipelining of the code loads, maxnreg = occupancy. The first is the default.
+    {"dotk": 1, "num_stages": 2, "maxnreg": 96},
+    {"dotk": 0, "num_stages": 1, "maxnreg": 0},  # v3 structure with v4 loads
+    {"dotk": 1, "num_stages": 1, "maxnreg": 0},
+    {"dotk": 1, "num_stages": 2, "maxnreg": 0},
+    {"dotk": 1, "num_stages": 1, "maxnreg": 96},
+    {"dotk": 1, "num_stages": 3, "maxnreg": 96},
+    {"dotk": 1, "num_stages": 2, "maxnreg": 96, "programs_per_sm": 5},
+    {"dotk": 1, "num_stages": 2, "maxnreg": 96, "programs_per_sm": 10},
 ]
+SWEEP_SETS = {
+    "v4": SWEEP,
+    # run 2 of v4: CTA shape (fewer warps per program = fewer block-wide barriers per token)
+    "warps": [
+        {"dotk": 1, "num_stages": 3, "maxnreg": 96},
+        {"dotk": 1, "num_stages": 2, "maxnreg": 0, "num_warps": 2, "block_n": 32, "programs_per_sm": 16},
+        {"dotk": 1, "num_stages": 3, "maxnreg": 0, "num_warps": 2, "block_n": 32, "programs_per_sm": 16},
+        {"dotk": 1, "num_stages": 2, "maxnreg": 0, "num_warps": 2, "block_n": 32, "programs_per_sm": 8},
+        {"dotk": 1, "num_stages": 2, "maxnreg": 0, "num_warps": 8, "block_n": 128, "programs_per_sm": 4},
+        {"dotk": 1, "num_stages": 2, "maxnreg": 0, "num_warps": 1, "block_n": 16, "programs_per_sm": 32},
+    ],
+}
+SWEEP_SHAPES = ((8, 32768, 4, 4), (32, 32768, 4, 4))
+SWEEP_LOW_BITS = ((8, 32768, 2, 2), (8, 32768, 3, 3))  # timed for the first three variants only
 
 
-def run_sweep() -> None:
+def run_sweep(sweep_set: str = "v4") -> None:
     from turboquant.kernels import triton_attention as ta
+
+    SWEEP = SWEEP_SETS[sweep_set]  # noqa: N806
 
     base = dict(ta.TUNING)
     rows = []
-    totals: dict[int, float] = {}  # variant index → summed time over the K4/V4 shapes
-    for shape in ((8, 32768, 4, 4), (1, 131072, 4, 4), (32, 32768, 4, 4), (32, 16384, 2, 2)):
-        for vi, variant in enumerate(SWEEP):
-            ta.TUNING.clear()
-            ta.TUNING.update(base, **variant)
+    totals: dict[int, float] = {}  # variant index → summed time over the sweep shapes
+    for vi, variant in enumerate(SWEEP):
+        ta.TUNING.clear()
+        ta.TUNING.update(base, **variant)
+        for shape in SWEEP_SHAPES + (SWEEP_LOW_BITS if vi < 3 else ()):
             try:
                 ms, nbytes = time_ours(*shape)
             except Exception as exc:  # keep sweeping: a variant may not compile
                 log(f"sweep {shape} {variant}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
                 totals[vi] = float("inf")
                 continue
-            rows.append(dict(shape=shape, variant=variant, ms=ms, gbps=nbytes / ms / 1e6))
-            log(f"sweep B={shape[0]} N={shape[1]} K{shape[2]}/V{shape[3]} {str(variant):60s} {ms * 1e3:8.1f} us  {nbytes / ms / 1e6:7.0f} GB/s")
-            if shape[2] == 4:
+            info = kernel_info(ta.triton_quantized_attention_kernel)
+            rows.append(dict(shape=shape, variant=variant, ms=ms, gbps=nbytes / ms / 1e6, kernel=info))
+            log(f"sweep B={shape[0]} N={shape[1]} K{shape[2]}/V{shape[3]} {str(variant):60s} {ms * 1e3:8.1f} us  {nbytes / ms / 1e6:7.0f} GB/s  {info}")
+            if shape in SWEEP_SHAPES:
                 totals[vi] = totals.get(vi, 0.0) + ms
             torch.cuda.empty_cache()
-    if totals:
-        RESULTS["sweep_best"] = SWEEP[min(totals, key=totals.__getitem__)]
+    if BASELINE.get("attention") is not None:
+        for shape in SWEEP_SHAPES + SWEEP_LOW_BITS:
+            ms, nbytes = time_ours(*shape, impl=BASELINE["attention"], tag="v3")
+            rows.append(dict(shape=shape, variant="v3 (committed)", ms=ms, gbps=nbytes / ms / 1e6))
+            log(f"sweep B={shape[0]} N={shape[1]} K{shape[2]}/V{shape[3]} {'v3 (committed kernel)':60s} {ms * 1e3:8.1f} us  {nbytes / ms / 1e6:7.0f} GB/s")
+    finite = {k: v for k, v in totals.items() if math.isfinite(v)}
+    if finite:
+        RESULTS["sweep_best"] = SWEEP[min(finite, key=finite.__getitem__)]
     ta.TUNING.clear()
     ta.TUNING.update(base, **RESULTS.get("sweep_best", {}))
     RESULTS["sweep"] = rows
@@ -252,17 +312,34 @@ def run_sweep() -> None:
     log("tuning used from here:", ta.TUNING)
 
 
+BENCH_SHAPES = [(8, 32768), (8, 65536), (8, 131072), (32, 16384), (32, 32768), (32, 65536), (32, 131072), (1, 131072)]
+
+
 def run_bench(copy_bw: float, graph: bool = False) -> None:
+    from turboquant.kernels import triton_attention as ta
+
     rows = []
-    for b in (1, 8, 32):
-        for n in (4096, 16384, 65536, 131072):
+    for b, n in BENCH_SHAPES:
+        if True:
             sd = time_sdpa(b, n, graph=graph)
             for kb, vb in ((4, 4), (4, 3), (3, 3), (2, 2)):
-                ms, nbytes = time_ours(b, n, kb, vb, graph=graph)
+                try:
+                    ms, nbytes = time_ours(b, n, kb, vb, graph=graph)
+                except Exception as exc:
+                    log(f"bench B={b} N={n} K{kb}/V{vb}: FAILED {type(exc).__name__}: {str(exc)[:400]}")
+                    continue
+                info = kernel_info(ta.triton_quantized_attention_kernel)
+                v3_ms = None
+                if BASELINE.get("attention") is not None:
+                    try:
+                        v3_ms = time_ours(b, n, kb, vb, impl=BASELINE["attention"], tag="v3")[0]
+                    except Exception as exc:
+                        log(f"v3 timing failed: {str(exc)[:200]}")
                 row = dict(
                     B=b, N=n, k_bits=kb, v_bits=vb, ms=ms, sdpa_ms=sd["ms"], speedup=sd["ms"] / ms,
                     bytes=nbytes, frac_copy=nbytes / (ms * 1e-3) / copy_bw,
-                    sdpa_frac_copy=sd["bytes"] / (sd["ms"] * 1e-3) / copy_bw, sdpa=sd,
+                    sdpa_frac_copy=sd["bytes"] / (sd["ms"] * 1e-3) / copy_bw, sdpa=sd, kernel=info,
+                    v3_ms=v3_ms, speedup_vs_v3=(v3_ms / ms) if v3_ms else None,
                 )  # fmt: skip
                 if ("ours", b, n, kb, vb) in GRAPH and "graph_ms" in sd:
                     g_ours = GRAPH[("ours", b, n, kb, vb)]
@@ -272,6 +349,8 @@ def run_bench(copy_bw: float, graph: bool = False) -> None:
                 log(
                     f"bench B={b:2d} N={n:6d} K{kb}/V{vb}: ours {ms * 1e3:8.1f} us ({row['frac_copy']:.0%} of copy)  "
                     f"sdpa bf16 {sd['ms'] * 1e3:8.1f} us ({row['sdpa_frac_copy']:.0%})  speedup {row['speedup']:.2f}x"
+                    + (f"  v3 {v3_ms * 1e3:8.1f} us ({v3_ms / ms:.2f}x)" if v3_ms else "")
+                    + (f"  graph {GRAPH[('ours', b, n, kb, vb)] * 1e3:.1f} us" if ("ours", b, n, kb, vb) in GRAPH else "")
                 )
                 torch.cuda.empty_cache()
     RESULTS["bench"] = rows
@@ -289,27 +368,35 @@ def run_encode(copy_bw: float) -> None:
         cfg = QuantizerConfig(d, bits, norm_dtype="float16")
         codes = torch.empty(r, t, code_bytes(cfg), dtype=torch.uint8, device="cuda")
         norms = torch.empty(r, t, dtype=torch.float16, device="cuda")
-        # correctness at full size against the torch quantizer (first 4 rows)
-        out = triton_quantize_into(x, cfg, codes, norms, 0)
+        # correctness at full size against the torch quantizer (first 4 rows), per variant below
         ref = TurboQuantizer.from_config(cfg).quantize(x[:4])
-        same = (decode_mse(out.codes[:4], cfg) == decode_mse(ref.codes, cfg)).float().mean().item()
         nbytes = x.numel() * x.element_size() + codes.numel() + norms.numel() * 2
         best = None
-        for bt, warps, mode in ((64, 4, 0), (128, 8, 0), (64, 8, 0)):
-            ta.TUNING.update(encode_block_t=bt, encode_num_warps=warps, encode_bucket=mode)
+        for bt, warps, mode, per_sm in ((64, 4, 2, 4), (64, 4, 2, 2), (128, 8, 2, 2), (64, 4, 0, 0)):
+            ta.TUNING.update(encode_block_t=bt, encode_num_warps=warps, encode_bucket=mode, encode_programs_per_sm=per_sm)
             try:
+                out = triton_quantize_into(x, cfg, codes, norms, 0)
+                same_v = (decode_mse(out.codes[:4], cfg) == decode_mse(ref.codes, cfg)).float().mean().item()
                 ms = bench(lambda: triton_quantize_into(x, cfg, codes, norms, 0))
             except Exception as exc:
                 log(f"encode bits={bits} bt={bt} w={warps} mode={mode}: FAILED {str(exc)[:200]}")
                 continue
-            log(f"encode bits={bits} bt={bt} warps={warps} bucket={mode}: {ms * 1e3:8.1f} us  {nbytes / ms / 1e6:7.0f} GB/s ({nbytes / (ms * 1e-3) / copy_bw:.0%} of copy)")
+            info = kernel_info(sys.modules["turboquant.kernels.triton_encode"].triton_quantize_kernel)
+            log(f"encode bits={bits} bt={bt} warps={warps} bucket={mode} per_sm={per_sm}: {ms * 1e3:8.1f} us  {nbytes / ms / 1e6:7.0f} GB/s ({nbytes / (ms * 1e-3) / copy_bw:.0%} of copy) same={same_v:.6f} {info}")
             if best is None or ms < best[0]:
-                best = (ms, bt, warps, mode)
+                best = (ms, bt, warps, mode, per_sm, same_v)
+        v3_ms = None
+        if BASELINE.get("encode") is not None:
+            try:
+                v3_ms = bench(lambda: BASELINE["encode"].triton_quantize_into(x, cfg, codes, norms, 0))
+                log(f"encode bits={bits} v3 (committed kernel): {v3_ms * 1e3:8.1f} us ({nbytes / (v3_ms * 1e-3) / copy_bw:.0%} of copy)")
+            except Exception as exc:
+                log(f"encode v3 failed: {str(exc)[:200]}")
         ms_torch = bench(lambda: TurboQuantizer.from_config(cfg).quantize(x), rep_ms=100)
         assert best is not None
-        rows.append(dict(bits=bits, rows=r, tokens=t, same_codes=same, ms=best[0], block_t=best[1], warps=best[2], bucket=best[3], bytes=nbytes, frac_copy=nbytes / (best[0] * 1e-3) / copy_bw, torch_quantize_ms=ms_torch))
-        log(f"encode bits={bits}: identical codes {same:.5f}; best {best[0] * 1e3:.1f} us = {rows[-1]['frac_copy']:.0%} of copy; torch quantize {ms_torch * 1e3:.0f} us")
-    ta.TUNING.update(encode_block_t=64, encode_num_warps=4, encode_bucket=0)
+        rows.append(dict(bits=bits, rows=r, tokens=t, same_codes=best[5], ms=best[0], block_t=best[1], warps=best[2], bucket=best[3], programs_per_sm=best[4], bytes=nbytes, frac_copy=nbytes / (best[0] * 1e-3) / copy_bw, torch_quantize_ms=ms_torch, v3_ms=v3_ms, v3_frac_copy=(nbytes / (v3_ms * 1e-3) / copy_bw) if v3_ms else None))
+        log(f"encode bits={bits}: identical codes {best[5]:.5f}; best {best[0] * 1e3:.1f} us = {rows[-1]['frac_copy']:.0%} of copy; torch quantize {ms_torch * 1e3:.0f} us")
+    ta.TUNING.update(encode_block_t=128, encode_num_warps=8, encode_bucket=2, encode_programs_per_sm=2)
     RESULTS["encode"] = rows
 
 
@@ -403,6 +490,69 @@ def run_e2e(batch: int, context: int, steps: int, device: str = "cuda", tiny: bo
         torch.cuda.empty_cache()
 
 
+def run_hf_check(prompt: int = 2048, steps: int = 32, device: str = "cuda") -> None:
+    """TurboQuantCache vs DynamicCache (SDPA) on small random-weight Llama models, bf16 on CUDA.
+
+    Teacher-forced: both caches get the same prompt and then the same tokens (DynamicCache's greedy
+    choices), so per-step top-1 agreement and logit differences compare like with like; greedy
+    generation with each cache is compared too.
+    """
+    import transformers
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    from turboquant.cache import TurboQuantCache
+
+    res: dict = {"transformers": transformers.__version__, "prompt": prompt, "steps": steps, "runs": []}
+    log(f"hf: transformers {transformers.__version__}, turboquant.cache imported")
+    for head_dim, bits in ((64, 4), (128, 4), (128, 3), (128, 2)):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+            num_key_value_heads=2, head_dim=head_dim, vocab_size=4096, max_position_embeddings=8192,
+        )  # fmt: skip
+        cfg._attn_implementation = "sdpa"
+        model = LlamaForCausalLM(cfg).to(device=device, dtype=torch.bfloat16).eval()
+        ids = torch.randint(0, cfg.vocab_size, (2, prompt), device=device)
+
+        def forced(cache) -> torch.Tensor:
+            logits = []
+            with torch.no_grad():
+                out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                logits.append(out.logits[:, -1].float())
+                for i in range(steps):
+                    tok = ref_tokens[:, i : i + 1] if ref_tokens is not None else logits[-1].argmax(-1, keepdim=True)
+                    out = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    logits.append(out.logits[:, -1].float())
+            return torch.stack(logits, 1)  # [B, steps + 1, V]
+
+        ref_tokens = None
+        ref = forced(DynamicCache())
+        ref_tokens = ref.argmax(-1)[:, :steps]
+        ref = forced(DynamicCache())
+        cache = TurboQuantCache(model.config, key_bits=bits, value_bits=bits)
+        tq = forced(cache)
+        tq_torch = forced(TurboQuantCache(model.config, key_bits=bits, value_bits=bits, backend="torch"))
+        compressed = getattr(cache.layers[0], "compressed_length", None)
+        compressed = compressed() if callable(compressed) else compressed
+        agree = (tq.argmax(-1) == ref.argmax(-1)).float().mean().item()
+        diff = (tq - ref).abs()
+        scale = ref.abs().max().item()
+        with torch.no_grad():
+            g_ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False, past_key_values=DynamicCache())[:, prompt:]
+            g_tq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False, past_key_values=TurboQuantCache(model.config, key_bits=bits, value_bits=bits))[:, prompt:]
+        row = dict(head_dim=head_dim, bits=bits, top1_agreement=agree, max_logit_diff=diff.max().item(), mean_logit_diff=diff.mean().item(),
+                   max_abs_logit=scale, greedy_match=(g_ref == g_tq).float().mean().item(),
+                   greedy_prefix=int((g_ref == g_tq).all(0).long().cumprod(0).sum().item()), compressed_tokens=compressed,
+                   triton_vs_torch_max_logit_diff=(tq - tq_torch).abs().max().item(),
+                   triton_vs_torch_top1=(tq.argmax(-1) == tq_torch.argmax(-1)).float().mean().item())  # fmt: skip
+        res["runs"].append(row)
+        log(f"hf d={head_dim} K{bits}/V{bits}: {row}")
+        del model, cache
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    RESULTS["hf_check"] = res
+
+
 # --------------------------------------------------------------------------- plot
 
 
@@ -443,6 +593,9 @@ def main() -> None:
     ap.add_argument("--encode", action="store_true")
     ap.add_argument("--e2e", action="store_true")
     ap.add_argument("--graph", action="store_true", help="also time both methods as CUDA-graph replays")
+    ap.add_argument("--baseline", type=Path, help="folder with the previous kernels (triton_attention_v3.py, triton_encode_v3.py)")
+    ap.add_argument("--hf", action="store_true", help="TurboQuantCache vs DynamicCache on small random Llama models")
+    ap.add_argument("--sweep-set", default="v4", choices=sorted(SWEEP_SETS))
     ap.add_argument("--e2e-batch", type=int, default=4)
     ap.add_argument("--e2e-context", type=int, default=32768)
     ap.add_argument("--e2e-steps", type=int, default=64)
@@ -459,7 +612,12 @@ def main() -> None:
     RESULTS.update(device=props.name, sms=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__)
     log(f"device {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
     t0 = time.time()
-    sections = [("sweep", args.sweep, run_sweep), ("check", args.check, run_check)]  # check the tuning in use
+    if args.baseline:
+        try:
+            load_baseline(args.baseline)
+        except Exception:
+            log(traceback.format_exc())
+    sections = [("sweep", args.sweep, lambda: run_sweep(args.sweep_set)), ("check", args.check, run_check)]
     for name, on, fn in sections:
         if on:
             try:
@@ -476,6 +634,7 @@ def main() -> None:
         ("bench", args.bench, lambda: run_bench(RESULTS["copy_bw_gbps"] * 1e9, args.graph)),
         ("encode", args.encode, lambda: run_encode(RESULTS["copy_bw_gbps"] * 1e9)),
         ("e2e", args.e2e, lambda: run_e2e(args.e2e_batch, args.e2e_context, args.e2e_steps)),
+        ("hf", args.hf, run_hf_check),
     ):
         if on:
             try:
@@ -491,7 +650,8 @@ def main() -> None:
             g = ""
             if "graph_ms" in r:
                 g = f"| {r['graph_ms'] * 1e3:8.1f} {r['sdpa_graph_ms'] * 1e3:8.1f} {r['graph_speedup']:6.2f} {r['graph_frac_copy']:6.0%}"
-            log(f"{r['B']:2d} {r['N']:7d}  {r['k_bits']}/{r['v_bits']}  {r['ms'] * 1e3:8.1f} {r['sdpa_ms'] * 1e3:8.1f}  {r['speedup']:6.2f}  {r['frac_copy']:6.0%} {g}")
+            v3 = f" | v3 {r['v3_ms'] * 1e3:8.1f} ({r['speedup_vs_v3']:.2f}x)" if r.get("v3_ms") else ""
+            log(f"{r['B']:2d} {r['N']:7d}  {r['k_bits']}/{r['v_bits']}  {r['ms'] * 1e3:8.1f} {r['sdpa_ms'] * 1e3:8.1f}  {r['speedup']:6.2f}  {r['frac_copy']:6.0%} {g}{v3}")
     save(args.out)
 
 

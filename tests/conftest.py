@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+# Without a GPU the Triton kernels run under the interpreter. Triton reads this variable when a
+# kernel is decorated, and transformers' model modules import Triton, so it must be set here,
+# before any test module is collected (setting it inside tests/test_kernels.py is too late).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

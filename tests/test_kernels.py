@@ -158,6 +158,23 @@ def test_encode_matches_quantizer(d, bits, norm_dtype) -> None:
     assert torch.isnan(norms[:, :start].float()).all() and torch.isnan(norms[:, start + t :].float()).all()
 
 
+@pytest.mark.parametrize("variant", [{"encode_bucket": 0, "encode_programs_per_sm": 0}, {"encode_bucket": 1}, {"encode_bucket": 2, "encode_programs_per_sm": 1}])
+@pytest.mark.parametrize("bits", [4, 3, 2, 1, 2.5])
+def test_encode_variants_match_quantizer(bits, variant, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every bucketize mode and the persistent grid give the quantizer's codes (several token blocks per program)."""
+    for key, value in {"encode_block_t": 16, **variant}.items():
+        monkeypatch.setitem(ta.TUNING, key, value)  # triton_encode shares this dict
+    cfg = QuantizerConfig(64, bits, seed=9)
+    x = torch.randn(2, 70, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    x[1, 5] = 0
+    codes = torch.zeros(2, 80, code_bytes(cfg), dtype=torch.uint8, device=DEVICE)
+    norms = torch.zeros(2, 80, device=DEVICE)
+    out = triton_quantize_into(x, cfg, codes, norms, 4)
+    ref = TurboQuantizer.from_config(cfg).quantize(x)
+    assert (decode_mse(out.codes, cfg) == decode_mse(ref.codes, cfg)).float().mean().item() >= 0.999
+    torch.testing.assert_close(out.norms, ref.norms)
+
+
 def test_encode_dispatch_torch_and_triton_agree() -> None:
     cfg = QuantizerConfig(64, 4)
     x = torch.randn(2, 4, 10, 64, device=DEVICE)
@@ -168,7 +185,10 @@ def test_encode_dispatch_torch_and_triton_agree() -> None:
     assert (a.codes == b.codes).float().mean() >= 0.99
 
 
-@pytest.mark.parametrize("variant", [{"prefetch": 0}, {"lut": 0, "precise": 0}, {"block_n": 32, "programs_per_sm": 1}])
+@pytest.mark.parametrize(
+    "variant",
+    [{"prefetch": 1}, {"lut": 0, "precise": 0}, {"lut": 1}, {"dotk": 0}, {"precise": 1}, {"block_n": 32, "programs_per_sm": 1}, {"block_n": 16, "num_warps": 1}],
+)
 def test_attention_tuning_variants(variant, poisoned, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every tuning the GPU benchmark sweeps computes the same function."""
     monkeypatch.setattr(ta, "TUNING", {**ta.TUNING, **variant})
@@ -177,9 +197,9 @@ def test_attention_tuning_variants(variant, poisoned, monkeypatch: pytest.Monkey
     _check(out, float64_attention(q, keys, values, fk, fv, 0.09), str(variant))
 
 
-def _run_ptx(asm: str, word: int) -> list[int]:
-    """Tiny interpreter for the b32 PTX subset of ``_prmt4_asm`` (returns the 8 fp16 output bit patterns)."""
-    regs: dict[str, int] = {"$8": word}
+def _run_ptx(asm: str, inputs: dict[str, int], n_out: int) -> list[int]:
+    """Tiny interpreter for the b32 PTX subset of the register decoders (returns the fp16 output bit patterns)."""
+    regs: dict[str, int] = dict(inputs)
     outs: dict[str, int] = {}
     mask = 0xFFFFFFFF
 
@@ -218,9 +238,19 @@ def _run_ptx(asm: str, word: int) -> list[int]:
             "or.b32": lambda: v[0] | v[1],
             "xor.b32": lambda: v[0] ^ v[1],
             "mul.lo.u32": lambda: (v[0] * v[1]) & mask,
+            "mad.lo.u32": lambda: (v[0] * v[1] + v[2]) & mask,
+            "shf.r.wrap.b32": lambda: (((v[1] << 32) | v[0]) >> (v[2] & 31)) & mask,
             "prmt.b32": lambda: prmt(*v),
         }[op]()
-    return [outs[f"${i}"] for i in range(8)]
+    return [outs[f"${i}"] for i in range(n_out)]
+
+
+def _fp16_table(d: int, bits: int):
+    import numpy as np
+
+    from turboquant.codebook import lloyd_max_codebook
+
+    return np.asarray(lloyd_max_codebook(d, bits).centroids, dtype=np.float16).view(np.uint16)
 
 
 @pytest.mark.parametrize("d", [64, 128, 96])
@@ -228,12 +258,42 @@ def test_prmt4_decoder_is_bit_exact(d) -> None:
     """The inline-PTX 4-bit decoder (GPU only) gives exactly the fp16 centroid of each nibble."""
     import numpy as np
 
-    from turboquant.codebook import lloyd_max_codebook
-
-    table = np.asarray(lloyd_max_codebook(d, 4).centroids, dtype=np.float16).view(np.uint16)
+    table = _fp16_table(d, 4)
     asm = ta._prmt4_asm(d)
     rng = np.random.default_rng(d)
     words = [0, 0xFFFFFFFF, 0x76543210, 0xFEDCBA98] + [int(w) for w in rng.integers(0, 2**32, 300, dtype=np.uint64)]
     for w in words:
         expected = [int(table[(w >> 4 * k) & 15]) for k in range(8)]
-        assert _run_ptx(asm, w) == expected, hex(w)
+        assert _run_ptx(asm, {"$8": w}, 8) == expected, hex(w)
+
+
+@pytest.mark.parametrize("d", [64, 128, 96])
+def test_prmt2_decoder_is_bit_exact(d) -> None:
+    """The 2-bit register decoder: one word of sixteen codes → their fp16 centroids, in order."""
+    import numpy as np
+
+    table = _fp16_table(d, 2)
+    asm = ta._prmt2_asm(d)
+    rng = np.random.default_rng(d + 1)
+    words = [0, 0xFFFFFFFF, 0xE4E4E4E4, 0x1B1B1B1B] + [int(w) for w in rng.integers(0, 2**32, 300, dtype=np.uint64)]
+    for w in words:
+        expected = [int(table[(w >> 2 * k) & 3]) for k in range(16)]
+        assert _run_ptx(asm, {"$16": w}, 16) == expected, hex(w)
+
+
+@pytest.mark.parametrize("d", [64, 128, 96])
+def test_prmt3_decoder_is_bit_exact(d) -> None:
+    """The 3-bit register decoder on every group alignment of a 12-byte stream (as the kernel feeds it)."""
+    import numpy as np
+
+    table = _fp16_table(d, 3)
+    asm = ta._prmt3_asm(d)
+    rng = np.random.default_rng(d + 2)
+    streams = [0, (1 << 96) - 1, int.from_bytes(bytes(range(12)), "little")]
+    streams += [int.from_bytes(rng.integers(0, 256, 12, dtype=np.uint8).tobytes(), "little") for _ in range(150)]
+    for st in streams:
+        words = [(st >> (32 * i)) & 0xFFFFFFFF for i in range(3)] + [0]
+        for g in range(4):  # group g: bytes 3g .. 3g + 2 of the stream
+            wi, sh = 3 * g // 4, (3 * g % 4) * 8
+            expected = [int(table[(st >> (24 * g + 3 * k)) & 7]) for k in range(8)]
+            assert _run_ptx(asm, {"$8": words[wi], "$9": words[wi + 1], "$10": sh}, 8) == expected, (hex(st), g)

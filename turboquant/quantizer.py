@@ -23,10 +23,10 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-from .codebook import codebook_tensors
+from .codebook import bucketize_codes, codebook_tensors
 from .config import QuantizerConfig, Rotation, TurboQuantError, Variant
-from .packing import pack_codes, packed_size, unpack_codes
-from .rotation import RandomRotation, make_rotation, qjl_matrix
+from .packing import pack_codes, pack_rows, packed_size, unpack_codes
+from .rotation import RandomRotation, make_rotation, qjl_matrix, rotate_rows_transposed
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
@@ -152,12 +152,11 @@ def encode_mse(y: torch.Tensor, config: QuantizerConfig) -> torch.Tensor:
     """
     n_hi, b_hi, n_lo, b_lo = config.bit_split
     parts = []
+    # bucketize_codes == torch.bucketize against the boundaries, bit for bit (a table lookup on CPU)
     if n_hi:
-        _, bounds = codebook_tensors(config.dim, b_hi, y.device)
-        parts.append(pack_codes(torch.bucketize(y[..., :n_hi].contiguous(), bounds), b_hi))
+        parts.append(pack_codes(bucketize_codes(y[..., :n_hi], config.dim, b_hi), b_hi))
     if b_lo:
-        _, bounds = codebook_tensors(config.dim, b_lo, y.device)
-        parts.append(pack_codes(torch.bucketize(y[..., n_hi:].contiguous(), bounds), b_lo))
+        parts.append(pack_codes(bucketize_codes(y[..., n_hi:], config.dim, b_lo), b_lo))
     if not parts:
         return torch.empty(*y.shape[:-1], 0, dtype=torch.uint8, device=y.device)
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
@@ -236,13 +235,46 @@ def _as_tensor(x: ArrayLike, name: str) -> tuple[torch.Tensor, bool]:
 def _check_vectors(x: torch.Tensor, dim: int, name: str) -> None:
     if x.dim() == 0 or x.shape[-1] != dim:
         raise TurboQuantError(f"{name} must have last dimension {dim}, got shape {tuple(x.shape)}")
-    if x.numel() and not bool(torch.isfinite(x).all()):
+    # A NaN/Inf element makes the sum non-finite, so a finite sum (one fast reduction) proves
+    # every element finite; only a sum that overflows needs the elementwise check.
+    if x.numel() and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
         raise TurboQuantError(f"{name} contains NaN or Inf")
 
 
 def _output(t: torch.Tensor, like_dtype: torch.dtype, numpy_io: bool) -> ArrayLike:
     t = t.to(like_dtype)
     return t.cpu().numpy() if numpy_io else t
+
+
+_ENCODE_CHUNK_ELEMENTS = 1 << 18  # floats per row chunk of the CPU encode (1 MiB: stays in cache)
+
+
+def _encode_in_chunks(xf: torch.Tensor, rotation: RandomRotation) -> bool:
+    # Only where chunking cannot change a bit: every step of the Hadamard path (division by the
+    # norm, sign flips, butterflies, table lookup, packing) is computed per row, whereas a
+    # matmul (Haar, QJL) may round differently for a different number of rows.
+    return xf.device.type == "cpu" and rotation.kind is Rotation.HADAMARD and xf.numel() > 2 * _ENCODE_CHUNK_ELEMENTS
+
+
+def _encode_mse_chunked(xf: torch.Tensor, safe_norms: torch.Tensor, rotation: RandomRotation, config: QuantizerConfig) -> torch.Tensor:
+    """``encode_mse(rotation.rotate(xf / safe_norms), config)``, the same bytes, faster on CPU.
+
+    Cache-sized row chunks, and the rotated coordinates stay coordinate-major (``(dim, m)``) from
+    the Hadamard transform through the table lookup and the packing (:func:`pack_rows`); only the
+    packed bytes are transposed back.
+    """
+    n_hi, b_hi, _, b_lo = config.bit_split
+    flat, div = xf.reshape(-1, config.dim), safe_norms.reshape(-1)
+    rows = max(1, _ENCODE_CHUNK_ELEMENTS // config.dim)
+    out = torch.empty(flat.shape[0], code_bytes(config), dtype=torch.uint8)
+    split = packed_size(n_hi, b_hi) if n_hi else 0
+    for first in range(0, flat.shape[0], rows):
+        yt = rotate_rows_transposed(rotation, flat[first : first + rows], div[first : first + rows])
+        dest = out[first : first + rows]
+        if n_hi:
+            dest[:, :split] = pack_rows(bucketize_codes(yt[:n_hi], config.dim, b_hi), b_hi).T
+        dest[:, split:] = pack_rows(bucketize_codes(yt[n_hi:], config.dim, b_lo), b_lo).T
+    return out.reshape(*xf.shape[:-1], out.shape[-1])
 
 
 # --------------------------------------------------------------------------- quantizers
@@ -306,9 +338,12 @@ class TurboQuantizer:
         stored_norms = norms.to(self._norm_dtype)
         if not bool(torch.isfinite(stored_norms).all()):
             raise TurboQuantError(f"a vector norm overflows norm_dtype={self.config.norm_dtype}")
-        unit = xf / torch.where(norms > 0, norms, torch.ones_like(norms)).unsqueeze(-1)
-        y = self.rotation.rotate(unit)
-        codes = encode_mse(y, self.config)
+        safe_norms = torch.where(norms > 0, norms, torch.ones_like(norms)).unsqueeze(-1)
+        if self.config.variant is Variant.MSE and _encode_in_chunks(xf, self.rotation):
+            codes = _encode_mse_chunked(xf, safe_norms, self.rotation, self.config)
+        else:
+            y = self.rotation.rotate(xf / safe_norms)
+            codes = encode_mse(y, self.config)
         qjl = residual_norms = None
         if self.config.variant is Variant.PROD:
             residual = y - decode_mse(codes, self.config)

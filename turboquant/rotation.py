@@ -23,6 +23,7 @@ Rotations act on row vectors: ``rotate(x) = x @ Π.T`` and ``unrotate(y) = y @ �
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -92,6 +93,8 @@ class RandomRotation:
         """``x @ Π.T`` over the last dim; ``x``: ``(..., dim)`` floating tensor."""
         if self.kind is Rotation.HAAR:
             return x @ self._dense_t(x, transpose=True)
+        if _use_fast_path(x):
+            return _hadamard_transposed(self, x, inverse=False)
         y = x
         for stage, (start, size) in enumerate(hadamard_blocks(self.dim)):
             y = y * self._signs(x, stage)
@@ -105,6 +108,8 @@ class RandomRotation:
         """``y @ Π`` (the inverse, since Π is orthogonal); ``y``: ``(..., dim)``."""
         if self.kind is Rotation.HAAR:
             return y @ self._dense_t(y, transpose=False)
+        if _use_fast_path(y):
+            return _hadamard_transposed(self, y, inverse=True)
         x = y
         for stage in reversed(range(len(hadamard_blocks(self.dim)))):
             start, size = hadamard_blocks(self.dim)[stage]
@@ -125,6 +130,169 @@ class RandomRotation:
 
     def _signs(self, ref: torch.Tensor, stage: int) -> torch.Tensor:
         return _sign_tensor(self, stage, ref.device, ref.dtype)
+
+
+# --------------------------------------------------------------------------- fast CPU Hadamard path
+#
+# The reference loop above (sign flips, then ``fwht`` on each block) is the specification.
+# On the CPU its butterflies on the last dim run on tiny strided inner loops (h = 1, 2, 4)
+# and allocate a ``torch.stack`` per stage, which makes it ~10x slower than memory speed.
+# The fast path below computes *bit-identical* results: it transposes a chunk of rows to a
+# ``(dim, m)`` buffer, so that every butterfly stage is two contiguous vectorised ops
+# (``a + b`` and ``a - b``, same operands and order as ``fwht``), and it folds each stage's
+# ``1/sqrt(size)`` scale into the next stage's ±1 sign multiplier: ``(z·c)·s == z·(c·s)``
+# exactly because multiplying by ±1 is exact and IEEE rounding is sign-symmetric.
+
+_FAST_CHUNK_ELEMENTS = 1 << 18  # elements of one (dim, m) work buffer (1 MiB in float32)
+
+
+def _use_fast_path(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dim() >= 1 and x.shape[-1] >= 2
+
+
+@lru_cache(maxsize=256)
+def _stage_multipliers(
+    rot: RandomRotation, inverse: bool, dtype: torch.dtype
+) -> tuple[tuple[tuple[int, int], ...], tuple[torch.Tensor | None, ...], torch.Tensor]:
+    """Blocks in application order, the per-row multiplier applied before each block's
+    butterflies (``None`` = all ones) and the final per-row multiplier, each ``(dim,)``.
+
+    Forward stage k: ``y ← y ⊙ s_k`` then butterflies and ``·c_k`` on block k. Inverse stage k
+    (blocks reversed): butterflies and ``·c_k`` on block k, then ``y ← y ⊙ s_k``.
+    """
+    assert rot.signs is not None
+    dim = rot.dim
+    blocks = hadamard_blocks(dim)
+    order = list(reversed(range(len(blocks)))) if inverse else list(range(len(blocks)))
+
+    def sign_row(stage: int) -> np.ndarray:
+        start, size = blocks[stage]
+        row = np.ones(dim)
+        row[start : start + size] = rot.signs[stage][start : start + size]
+        return row
+
+    def scale_row(stage: int) -> torch.Tensor:
+        start, size = blocks[stage]
+        # the scalar exactly as ``fwht`` applies it: size**-0.5 rounded to the tensor's dtype
+        c = torch.tensor(size**-0.5, dtype=dtype)
+        row = torch.ones(dim, dtype=dtype)
+        row[start : start + size] = c
+        return row
+
+    pre: list[torch.Tensor | None] = []
+    carry = torch.ones(dim, dtype=dtype)  # scale of the previous block still to be applied
+    for i, stage in enumerate(order):
+        mult = carry.clone()
+        if not inverse:
+            mult = mult * torch.tensor(sign_row(stage), dtype=dtype)
+        elif i > 0:
+            mult = mult * torch.tensor(sign_row(order[i - 1]), dtype=dtype)
+        pre.append(None if bool((mult == 1).all()) else mult)
+        carry = scale_row(stage)
+    final = carry.clone()
+    if inverse:
+        final = final * torch.tensor(sign_row(order[-1]), dtype=dtype)
+    return tuple(blocks[s] for s in order), tuple(pre), final
+
+
+def _butterfly_views(a: torch.Tensor, b: torch.Tensor, start: int, size: int) -> list[tuple[torch.Tensor, ...]]:
+    """Per stage ``(src_low, src_high, dst_low, dst_high)`` views for Walsh-Hadamard butterflies over
+    rows ``[start, start+size)``, ping-ponging between the ``(dim, m)`` buffers ``a`` and ``b``."""
+    src, dst = a[start : start + size], b[start : start + size]
+    m = a.shape[1]
+    views = []
+    h = 1
+    while h < size:
+        s = src.view(size // (2 * h), 2, h, m)
+        d = dst.view(size // (2 * h), 2, h, m)
+        views.append((s[:, 0], s[:, 1], d[:, 0], d[:, 1]))
+        src, dst = dst, src
+        h *= 2
+    return views
+
+
+_PLANS = threading.local()  # per-thread work buffers: concurrent calls must not share them
+
+
+def _work_plan(dim: int, m: int, dtype: torch.dtype, blocks: tuple[tuple[int, int], ...]) -> tuple[tuple[torch.Tensor, torch.Tensor], list]:
+    """Two ``(dim, m)`` buffers and their butterfly views for ``blocks`` (both ping-pong directions),
+    cached per thread so that repeated calls (row chunks of one big batch) skip the setup."""
+    cache = getattr(_PLANS, "cache", None)
+    if cache is None:
+        cache = _PLANS.cache = {}
+    key = (dim, m, dtype, blocks)
+    plan = cache.get(key)
+    if plan is None:
+        if len(cache) >= 4:
+            cache.clear()
+        a, b = torch.empty(dim, m, dtype=dtype), torch.empty(dim, m, dtype=dtype)
+        plan = cache[key] = ((a, b), [(_butterfly_views(a, b, st, sz), _butterfly_views(b, a, st, sz)) for st, sz in blocks])
+    return plan
+
+
+def _transform_chunk(
+    rot: RandomRotation, part: torch.Tensor, inverse: bool, divisor: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rotate (or unrotate) the rows of ``part`` (``(m, dim)``), optionally divided by ``divisor``
+    (``(m,)``) first, into a ``(dim, m)`` per-thread scratch buffer (valid until the next call)."""
+    dim, m = rot.dim, part.shape[0]
+    blocks, pre, final = _stage_multipliers(rot, inverse, part.dtype)
+    (a, b), views = _work_plan(dim, m, part.dtype, blocks)
+    a.copy_(part.T)  # aten's blocked transpose copy; the scalings below run on contiguous rows
+    if divisor is not None:
+        a.div_(divisor.unsqueeze(0))  # the same IEEE division as ``part / divisor[:, None]``
+    if pre[0] is not None:
+        a.mul_(pre[0].unsqueeze(-1))
+    cur, other = a, b
+    for i, (start, size) in enumerate(blocks):
+        if i and pre[i] is not None:
+            cur.mul_(pre[i].unsqueeze(-1))
+        for lo, hi, dlo, dhi in views[i][0 if cur is a else 1]:
+            torch.add(lo, hi, out=dlo)
+            torch.sub(lo, hi, out=dhi)
+        if len(views[i][0]) % 2:
+            if size != dim:  # rows outside the block stay where they were
+                other[:start] = cur[:start]
+                other[start + size :] = cur[start + size :]
+            cur, other = other, cur
+    if bool((final == final[0]).all()):
+        cur.mul_(float(final[0]))
+    else:
+        cur.mul_(final.unsqueeze(-1))
+    return cur
+
+
+def _hadamard_transposed(rot: RandomRotation, x: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """Bit-identical fast version of :meth:`RandomRotation.rotate` / ``unrotate`` (hadamard, CPU)."""
+    dim = rot.dim
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, dim)
+    n = rows.shape[0]
+    out = torch.empty(n, dim, dtype=x.dtype)
+    chunk = max(16, _FAST_CHUNK_ELEMENTS // dim)
+    for first in range(0, n, chunk):
+        part = rows[first : first + chunk]
+        out[first : first + part.shape[0]].copy_(_transform_chunk(rot, part, inverse).T)
+    return out.reshape(*lead, dim)
+
+
+def rotate_rows_transposed(rot: RandomRotation, rows: torch.Tensor, divisor: torch.Tensor | None = None) -> torch.Tensor:
+    """``(rows / divisor[:, None]) @ Π.T``, transposed: ``(dim, m)``, bit-identical to ``rotate``.
+
+    For the CPU encode path, which bucketizes and packs the rotated coordinates row by row without
+    transposing them back. Hadamard rotations of CPU float32/float64 rows only.
+
+    Args:
+        rot: a Hadamard :class:`RandomRotation`.
+        rows: ``(m, dim)``.
+        divisor: ``(m,)`` or None.
+
+    Returns:
+        ``(dim, m)``, a per-thread scratch buffer that the next call overwrites (copy it to keep it).
+    """
+    if rot.kind is not Rotation.HADAMARD or not _use_fast_path(rows) or rows.dim() != 2:
+        raise TurboQuantError("rotate_rows_transposed needs a hadamard rotation and (m, dim) CPU float rows")
+    return _transform_chunk(rot, rows, inverse=False, divisor=divisor)
 
 
 @lru_cache(maxsize=256)

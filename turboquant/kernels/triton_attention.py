@@ -58,15 +58,20 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TUNING = {
     "block_n": 64,  # compressed tokens per inner step
     "num_warps": 4,
-    "num_stages": 1,  # software pipelining by Triton; the manual prefetch below does better
-    "lut": 2,  # 0: shift/mask + centroid gather; 1: byte-indexed table (widths 1, 2, 4, 8); 2: prmt registers (4-bit) else 1
+    "num_stages": 3,  # ≥ 2: Triton pipelines the code/norm loads with cp.async (3 was best on the H200, v4 run 1)
+    "lut": 2,  # 0: shift/mask + centroid gather; 1: byte-indexed table (widths 1, 2, 4, 8); 2: prmt registers (widths 2, 3, 4) else 1
+    "dotk": 1,  # 1: 4-bit keys decoded straight into the mma operand layout (8 K=16 products, no shared-memory trip)
+    "maxnreg": 96,  # >0: cap registers per thread (96: 5 programs of 4 warps per SM instead of 4)
+    # overrides when a 3-bit stream is present (its decode spills under the cap with two stages)
+    "width3": {"num_stages": 1, "maxnreg": 0},
     "precise": 0,  # 1: hi+lo fp16 split of q and p (≈ fp32); 0: one fp16 product each (errors ≤ 3e-4 measured)
     "prefetch": 0,  # 1: load tile i+1 while decoding tile i (helped B=1, hurt B≥8 on the H200)
     "programs_per_sm": 8,  # flash-decoding: splits so that B·Hkv·splits ≈ SMs × this
     "max_block_m": 32,  # 64 takes the wgmma path, which Triton 3.6 failed to lower for this kernel
-    "encode_block_t": 64,
-    "encode_num_warps": 4,
-    "encode_bucket": 0,  # 0: compare-sum over boundaries (widths ≤ 4), 1: binary search
+    "encode_block_t": 128,  # 128 tokens / 8 warps / 2 programs per SM: best for 2, 3 and 4 bits (H200, v4 run 1)
+    "encode_num_warps": 8,
+    "encode_bucket": 2,  # 0: compare-sum over boundaries, 1: binary search (gathers), 2: symmetric search on |y| (widths 2-4)
+    "encode_programs_per_sm": 2,  # persistent encode: programs ≈ SMs × this, each loops over token blocks (0: one block each)
 }
 
 
@@ -148,15 +153,116 @@ def _lookup_table(dim: int, width: int, lut: int, device: torch.device) -> torch
 
 
 def _stream_lut(stream: tuple[int, ...], codes: torch.Tensor) -> int:
-    """Decode method of one stream: 2 (register byte-permute, 4-bit, word aligned), else TUNING['lut'] or 0."""
+    """Decode method of one stream: 2 (register byte-permute decoder, widths 2/3/4, word aligned), else TUNING['lut'] or 0.
+
+    Under ``TRITON_INTERPRET=1`` method 2 runs an emulation (shift/mask + gather) through the same
+    word loads and column joins, so CI covers its layout logic; the PTX itself is checked bit-exactly
+    by tests/test_kernels.py.
+    """
     w, _, nb, offset, _ = stream
     lut = TUNING["lut"]
     if lut == 2:
         aligned = nb % 4 == 0 and offset % 4 == 0 and codes.stride(-2) % 4 == 0 and codes.data_ptr() % 4 == 0
-        if w == 4 and aligned and not _INTERPRET:
+        if w in _REG_WIDTHS and aligned:
             return 2
         lut = 1
     return lut if w and 8 % w == 0 else 0
+
+
+_REG_WIDTHS = (2, 3, 4)
+
+
+def _reg_asm(dim: int, width: int) -> str:
+    """PTX of the register decoder for ``width`` (``""`` under the interpreter, which emulates it)."""
+    if _INTERPRET:
+        return ""
+    return {4: _prmt4_asm, 2: _prmt2_asm, 3: _prmt3_asm}[width](dim)
+
+
+def _fp16_bytes(dim: int, width: int) -> tuple[list[int], list[int]]:
+    """Low and high bytes of the fp16 centroids of the ``(dim, width)`` codebook."""
+    import numpy as np
+
+    from ..codebook import lloyd_max_codebook
+
+    c = np.asarray(lloyd_max_codebook(dim, width).centroids, dtype=np.float16).view(np.uint16).astype(np.uint32)
+    return [int(v) & 0xFF for v in c], [int(v) >> 8 for v in c]
+
+
+def _pack_bytes(bs: list[int]) -> str:
+    return hex(sum(b << (8 * i) for i, b in enumerate(bs)))
+
+
+@lru_cache(maxsize=16)
+def _prmt2_asm(dim: int) -> str:
+    """PTX decoding one 32-bit word of sixteen 2-bit codes into sixteen fp16 centroids (23 instructions).
+
+    ``v_j = (w >> 2j) & 0x03030303`` puts codes ``j, 4+j, 8+j, 12+j`` in its four bytes; one multiply-add
+    turns each byte ``c`` into the ``prmt`` selector nibbles ``(c, c + 4)``, which pick the low byte of
+    centroid ``c`` from one table register and its high byte from the other: one ``prmt`` yields two
+    finished fp16 values.
+    """
+    lo, hi = _fp16_bytes(dim, 2)
+    lines = [".reg .b32 tl, th, t, v, s, o;", f"mov.b32 tl, {_pack_bytes(lo)};", f"mov.b32 th, {_pack_bytes(hi)};"]
+    for j in range(4):
+        if j == 0:
+            lines.append("and.b32 v, $16, 0x03030303;")
+        else:
+            lines += [f"shr.u32 t, $16, {2 * j};", "and.b32 v, t, 0x03030303;"]
+        lines += [
+            "mad.lo.u32 s, v, 0x11, 0x40404040;",
+            "prmt.b32 o, tl, th, s;",
+            f"mov.b32 {{${j}, ${4 + j}}}, o;",
+            "shr.u32 t, s, 16;",
+            "prmt.b32 o, tl, th, t;",
+            f"mov.b32 {{${8 + j}, ${12 + j}}}, o;",
+        ]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+@lru_cache(maxsize=16)
+def _prmt3_asm(dim: int) -> str:
+    """PTX decoding one 3-byte group of eight 3-bit codes into eight fp16 centroids (~20 instructions).
+
+    Inputs: the aligned word holding the group's first byte, the next word and the group's bit offset
+    in the first (0, 8, 16 or 24); a funnel shift aligns the group. Three shift/mask/or steps spread
+    the eight codes to one per nibble; the nibbles index the 8-entry low-byte and high-byte tables
+    with ``prmt`` and two more ``prmt`` per four codes interleave the bytes into fp16 pairs.
+    """
+    lo, hi = _fp16_bytes(dim, 3)
+    lines = [
+        ".reg .b32 l0, l1, h0, h1, x, y, z, u, t, a, b, o;",
+        f"mov.b32 l0, {_pack_bytes(lo[:4])};",
+        f"mov.b32 l1, {_pack_bytes(lo[4:])};",
+        f"mov.b32 h0, {_pack_bytes(hi[:4])};",
+        f"mov.b32 h1, {_pack_bytes(hi[4:])};",
+        "shf.r.wrap.b32 x, $8, $9, $10;",
+        "shl.b32 t, x, 4;",
+        "and.b32 t, t, 0x0FFF0000;",
+        "and.b32 y, x, 0x00000FFF;",
+        "or.b32 y, y, t;",
+        "shl.b32 t, y, 2;",
+        "and.b32 t, t, 0x3F003F00;",
+        "and.b32 z, y, 0x003F003F;",
+        "or.b32 z, z, t;",
+        "shl.b32 t, z, 1;",
+        "and.b32 t, t, 0x70707070;",
+        "and.b32 u, z, 0x07070707;",
+        "or.b32 u, u, t;",
+    ]
+    for half in range(2):
+        k = 4 * half
+        if half:
+            lines.append("shr.u32 u, u, 16;")
+        lines += [
+            "prmt.b32 a, l0, l1, u;",
+            "prmt.b32 b, h0, h1, u;",
+            "prmt.b32 o, a, b, 0x5140;",
+            f"mov.b32 {{${k}, ${k + 1}}}, o;",
+            "prmt.b32 o, a, b, 0x7362;",
+            f"mov.b32 {{${k + 2}, ${k + 3}}}, o;",
+        ]
+    return "{\n" + "\n".join(lines) + "\n}"
 
 
 @lru_cache(maxsize=16)
@@ -224,7 +330,7 @@ def _stream_table(config: QuantizerConfig, stream: tuple[int, ...], lut: int, de
     w = stream[0]
     if w == 0:
         return torch.zeros(16, dtype=torch.float16, device=device)
-    return _lookup_table(config.dim, w, min(lut, 1), device)
+    return _lookup_table(config.dim, w, 0 if lut == 2 else lut, device)  # lut 2 reads it only when emulated
 
 
 @lru_cache(maxsize=64)
@@ -278,12 +384,28 @@ def _load_codes(
     COLS: tl.constexpr,
     LUT: tl.constexpr,
 ):
-    """Raw packed codes of BN tokens: int32 words (LUT 2), bytes ``[BN, NB]`` or byte groups ``[BN, G, 4]``."""
+    """Raw packed codes of BN tokens.
+
+    LUT 2: int32 words ``[BN, COLS·W/32]`` (widths 2, 4) or ``[BN, COLS/8, 2]`` (width 3: for each 3-byte
+    group the word holding its first byte and the next word); otherwise bytes ``[BN, NB]`` or byte
+    groups ``[BN, G, 4]``.
+    """
     if LUT == 2:
-        NWP: tl.constexpr = COLS // 8
-        wi = tl.arange(0, NWP)
         wptr = row_ptr.to(tl.pointer_type(tl.int32))
-        raw = tl.load(wptr[:, None] + wi[None, :], mask=row_ok[:, None] & (wi[None, :] < NB // 4), other=0)
+        if W == 3:
+            # per 3-byte group g: the aligned word holding its first byte and the next one
+            NG: tl.constexpr = COLS // 8
+            widx = tl.arange(0, NG) * 3 // 4
+            wa = tl.load(wptr[:, None] + widx[None, :], mask=row_ok[:, None] & (widx < NB // 4)[None, :], other=0)
+            wb = tl.load(wptr[:, None] + widx[None, :] + 1, mask=row_ok[:, None] & (widx + 1 < NB // 4)[None, :], other=0)
+            raw = tl.join(wa, wb)  # the pair axis lives in registers, so the decoder's split is free
+        else:
+            NWP: tl.constexpr = COLS * W // 32
+            wi = tl.arange(0, NWP)
+            if NB // 4 == NWP:  # no column mask: lets the compiler vectorise the word loads
+                raw = tl.load(wptr[:, None] + wi[None, :], mask=row_ok[:, None], other=0)
+            else:
+                raw = tl.load(wptr[:, None] + wi[None, :], mask=row_ok[:, None] & (wi[None, :] < NB // 4), other=0)
     elif 8 % W == 0:
         NBP: tl.constexpr = COLS // (8 // W)
         b = tl.arange(0, NBP)
@@ -296,6 +418,29 @@ def _load_codes(
         ok = (k[None, :] < W) & (byte_idx < NB)
         raw = tl.load(row_ptr[:, None, None] + byte_idx[None, :, :], mask=row_ok[:, None, None] & ok[None, :, :], other=0)
     return raw
+
+
+# Column joins: _treeN(x_0, ..., x_{N-1}) has a new trailing axis of N (as [2, 2, ...]) whose row-major
+# flattening puts x_k at position k (tl.join appends its axis last, so the outermost join is bit 0).
+@triton.jit
+def _tree4(x0, x1, x2, x3):
+    return tl.join(tl.join(x0, x2), tl.join(x1, x3))
+
+
+@triton.jit
+def _tree8(x0, x1, x2, x3, x4, x5, x6, x7):
+    return tl.join(_tree4(x0, x2, x4, x6), _tree4(x1, x3, x5, x7))
+
+
+@triton.jit
+def _tree16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15):
+    return tl.join(_tree8(x0, x2, x4, x6, x8, x10, x12, x14), _tree8(x1, x3, x5, x7, x9, x11, x13, x15))
+
+
+@triton.jit
+def _code(w, W: tl.constexpr, K: tl.constexpr):
+    """Code ``K`` of a word of ``32/W`` codes (emulation of the register decoders)."""
+    return (w >> (K * W)) & ((1 << W) - 1)
 
 
 @triton.jit
@@ -311,13 +456,45 @@ def _decode_codes(
     """Raw codes from :func:`_load_codes` → ``[BN, COLS]`` fp16 centroids in natural coordinate order."""
     MASK: tl.constexpr = (1 << W) - 1
     if LUT == 2:
-        # 4-bit codes: 32-bit words of 8 codes decoded in registers by byte permutes (see _prmt4_asm)
-        o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
-            ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r", [raw], dtype=(tl.float16,) * 8, is_pure=True, pack=1
-        )
-        # column 8·word + k ← o_k (join appends the new axis last, so the slot bits go 4·a + 2·b + c)
-        y = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
-        y = tl.reshape(y, (BN, COLS))
+        # register decoders: column (32/W)·word + k ← output k of the word (width 3: 32·unit + k)
+        if W == 3:
+            wa, wb = tl.split(raw)
+            NG: tl.constexpr = COLS // 8
+            sh = ((tl.arange(0, NG) * 3 % 4) * 8)[None, :]  # bit offset of group g in its first word
+            if ASM == "":
+                x = (wa.to(tl.uint32, bitcast=True) >> sh) | tl.where(sh > 0, wb.to(tl.uint32, bitcast=True) << (32 - sh), 0)
+                idx = _tree8(_code(x, 3, 0), _code(x, 3, 1), _code(x, 3, 2), _code(x, 3, 3), _code(x, 3, 4), _code(x, 3, 5), _code(x, 3, 6), _code(x, 3, 7))
+                y = tl.load(tab_ptr + tl.reshape(idx, (BN, COLS)).to(tl.int32))
+            else:
+                o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                    ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [wa, wb, sh + tl.zeros_like(wa)], dtype=(tl.float16,) * 8, is_pure=True, pack=1
+                )
+                y = tl.reshape(_tree8(o0, o1, o2, o3, o4, o5, o6, o7), (BN, COLS))
+        elif W == 2:
+            if ASM == "":
+                w = raw.to(tl.uint32, bitcast=True)
+                idx = _tree16(
+                    _code(w, 2, 0), _code(w, 2, 1), _code(w, 2, 2), _code(w, 2, 3), _code(w, 2, 4), _code(w, 2, 5),
+                    _code(w, 2, 6), _code(w, 2, 7), _code(w, 2, 8), _code(w, 2, 9), _code(w, 2, 10), _code(w, 2, 11),
+                    _code(w, 2, 12), _code(w, 2, 13), _code(w, 2, 14), _code(w, 2, 15),
+                )  # fmt: skip
+                y = tl.load(tab_ptr + tl.reshape(idx, (BN, COLS)).to(tl.int32))
+            else:
+                o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15 = tl.inline_asm_elementwise(
+                    ASM, "=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,r", [raw], dtype=(tl.float16,) * 16, is_pure=True, pack=1
+                )
+                y = tl.reshape(_tree16(o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15), (BN, COLS))
+        else:
+            # 4-bit: 32-bit words of 8 codes decoded in registers by byte permutes (see _prmt4_asm)
+            if ASM == "":
+                w = raw.to(tl.uint32, bitcast=True)
+                idx = _tree8(_code(w, 4, 0), _code(w, 4, 1), _code(w, 4, 2), _code(w, 4, 3), _code(w, 4, 4), _code(w, 4, 5), _code(w, 4, 6), _code(w, 4, 7))
+                y = tl.load(tab_ptr + tl.reshape(idx, (BN, COLS)).to(tl.int32))
+            else:
+                o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                    ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r", [raw], dtype=(tl.float16,) * 8, is_pure=True, pack=1
+                )
+                y = tl.reshape(_tree8(o0, o1, o2, o3, o4, o5, o6, o7), (BN, COLS))
     elif 8 % W == 0:
         SLOTS: tl.constexpr = 8 // W
         r32 = raw.to(tl.int32)
@@ -334,6 +511,39 @@ def _decode_codes(
         idx = (word[:, :, None] >> (slot * W)[None, None, :]) & MASK
         y = tl.reshape(tl.load(tab_ptr + idx), (BN, COLS))
     return y
+
+
+@triton.jit
+def _dotk_scores(raw, tab_ptr, q0, q1, q2, q3, q4, q5, q6, q7, ASM: tl.constexpr):
+    """``Σ_k q_k @ ŷ_kᵀ`` for 4-bit key words: ``ŷ_k [BN, words]`` holds code ``k`` of every word.
+
+    Each product has K = words (16 for d = 128), so the decoded values feed the mma operand layout
+    straight from the decoder's registers (Triton moves the raw words, not a decoded tile, through
+    its layout conversion) and the decoded keys never touch shared memory.
+    """
+    if ASM == "":
+        w = raw.to(tl.uint32, bitcast=True)
+        k0 = tl.load(tab_ptr + _code(w, 4, 0).to(tl.int32))
+        k1 = tl.load(tab_ptr + _code(w, 4, 1).to(tl.int32))
+        k2 = tl.load(tab_ptr + _code(w, 4, 2).to(tl.int32))
+        k3 = tl.load(tab_ptr + _code(w, 4, 3).to(tl.int32))
+        k4 = tl.load(tab_ptr + _code(w, 4, 4).to(tl.int32))
+        k5 = tl.load(tab_ptr + _code(w, 4, 5).to(tl.int32))
+        k6 = tl.load(tab_ptr + _code(w, 4, 6).to(tl.int32))
+        k7 = tl.load(tab_ptr + _code(w, 4, 7).to(tl.int32))
+    else:
+        k0, k1, k2, k3, k4, k5, k6, k7 = tl.inline_asm_elementwise(
+            ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r", [raw], dtype=(tl.float16,) * 8, is_pure=True, pack=1
+        )
+    s = tl.dot(q0, tl.trans(k0))
+    s = tl.dot(q1, tl.trans(k1), s)
+    s = tl.dot(q2, tl.trans(k2), s)
+    s = tl.dot(q3, tl.trans(k3), s)
+    s = tl.dot(q4, tl.trans(k4), s)
+    s = tl.dot(q5, tl.trans(k5), s)
+    s = tl.dot(q6, tl.trans(k6), s)
+    s = tl.dot(q7, tl.trans(k7), s)
+    return s
 
 
 # Integers that change from one decode step to the next must not be specialised
@@ -363,7 +573,7 @@ def triton_quantized_attention_kernel(
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_QOFF: tl.constexpr,
     LUT_K: tl.constexpr, LUT_KHI: tl.constexpr, LUT_V: tl.constexpr, LUT_VHI: tl.constexpr,
     ASM_KLO: tl.constexpr, ASM_KHI: tl.constexpr, ASM_VLO: tl.constexpr, ASM_VHI: tl.constexpr,
-    PRECISE: tl.constexpr, PREFETCH: tl.constexpr,
+    PRECISE: tl.constexpr, PREFETCH: tl.constexpr, DOTK: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
     """One (batch·kv-head, split, row-block): online softmax over a token range of packed codes."""
@@ -386,6 +596,17 @@ def triton_quantized_attention_kernel(
         q = tl.load(q_base + c_hi[None, :], mask=row_ok[:, None], other=0.0) * scale2
         q_hi_h = q.to(tl.float16)
         q_hi_l = (q - q_hi_h.to(tl.float32)).to(tl.float16)
+    if DOTK:
+        # query columns k, 8 + k, 16 + k, ...: the K dimension of the k-th product (see _dotk_scores)
+        wq = q_base + KHI_C + tl.arange(0, KLO_C // 8)[None, :] * 8
+        qk0 = (tl.load(wq + 0, mask=row_ok[:, None], other=0.0) * scale2).to(tl.float16)
+        qk1 = (tl.load(wq + 1, mask=row_ok[:, None], other=0.0) * scale2).to(tl.float16)
+        qk2 = (tl.load(wq + 2, mask=row_ok[:, None], other=0.0) * scale2).to(tl.float16)
+        qk3 = (tl.load(wq + 3, mask=row_ok[:, None], other=0.0) * scale2).to(tl.float16)
+        qk4 = (tl.load(wq + 4, mask=row_ok[:, None], other=0.0) * scale2).to(tl.float16)
+        qk5 = (tl.load(wq + 5, mask=row_ok[:, None], other=0.0) * scale2).to(tl.float16)
+        qk6 = (tl.load(wq + 6, mask=row_ok[:, None], other=0.0) * scale2).to(tl.float16)
+        qk7 = (tl.load(wq + 7, mask=row_ok[:, None], other=0.0) * scale2).to(tl.float16)
     if HAS_QOFF:
         qoff = tl.load(qoff_ptr + bh * M + rows, mask=row_ok, other=0.0) * scale2
     if HAS_MASK:
@@ -426,11 +647,14 @@ def triton_quantized_attention_kernel(
             knorm = tl.load(kn_base + offs * s_kn_n, mask=tok_ok, other=0.0)
             vnorm = tl.load(vn_base + offs * s_vn_n, mask=tok_ok, other=0.0)
         # ---- scores from key codes
-        yk = _decode_codes(raw_k, tab_klo, KLO_W, KLO_C, LUT_K, BN, ASM_KLO)
-        ykt = tl.trans(yk)
-        s = tl.dot(q_lo_h, ykt)
-        if PRECISE:
-            s = tl.dot(q_lo_l, ykt, s)
+        if DOTK:
+            s = _dotk_scores(raw_k, tab_klo, qk0, qk1, qk2, qk3, qk4, qk5, qk6, qk7, ASM_KLO)
+        else:
+            yk = _decode_codes(raw_k, tab_klo, KLO_W, KLO_C, LUT_K, BN, ASM_KLO)
+            ykt = tl.trans(yk)
+            s = tl.dot(q_lo_h, ykt)
+            if PRECISE:
+                s = tl.dot(q_lo_l, ykt, s)
         if KHI_W > 0:
             raw_k2 = _load_codes(kc_base + offs * s_kc_n, tok_ok, KHI_W, KHI_NB, KHI_C, LUT_KHI)
             yk2t = tl.trans(_decode_codes(raw_k2, tab_khi, KHI_W, KHI_C, LUT_KHI, BN, ASM_KHI))
@@ -695,7 +919,14 @@ def triton_quantized_attention(
         streams = ((kcfg, khi, kc), (kcfg, klo, kc), (vcfg, vhi, vc), (vcfg, vlo, vc))
         luts = [_stream_lut(st, codes) for _, st, codes in streams]
         tabs = [_stream_table(cfg, st, lut, dev) for (cfg, st, _), lut in zip(streams, luts)]
-        asms = [_prmt4_asm(cfg.dim) if lut == 2 else "" for (cfg, _, _), lut in zip(streams, luts)]
+        asms = [_reg_asm(cfg.dim, st[0]) if lut == 2 else "" for (cfg, st, _), lut in zip(streams, luts)]
+        # 4-bit keys straight into the mma operand layout: one K = 16 product per code slot of a word
+        dotk = bool(TUNING["dotk"]) and luts[1] == 2 and klo[0] == 4 and klo[4] // 8 >= 16 and not TUNING["precise"]
+        tune = dict(TUNING)
+        if 3 in (khi[0], klo[0], vhi[0], vlo[0]):
+            tune.update(TUNING.get("width3", {}))
+        # the cap is tuned for head_dim ≤ 128 (d = 256 would spill under it)
+        extra = {"maxnreg": tune["maxnreg"]} if tune.get("maxnreg") and d <= 128 else {}
         triton_quantized_attention_kernel[(bh, splits, m_blocks)](
             q_cols, qoff, scale2, kc, kn, vc, vn,
             kc.stride(0), kc.stride(1), kc.stride(2),
@@ -715,9 +946,9 @@ def triton_quantized_attention(
             HAS_QOFF=key_offset is not None,
             LUT_K=luts[1], LUT_KHI=luts[0], LUT_V=luts[3], LUT_VHI=luts[2],
             ASM_KLO=asms[1], ASM_KHI=asms[0], ASM_VLO=asms[3], ASM_VHI=asms[2],
-            PRECISE=bool(TUNING["precise"]), PREFETCH=bool(TUNING["prefetch"]),
+            PRECISE=bool(TUNING["precise"]), PREFETCH=bool(TUNING["prefetch"]), DOTK=dotk,
             BM=block_m, BN=block_n,
-            num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
+            num_warps=tune["num_warps"], num_stages=tune["num_stages"], **extra,
         )  # fmt: skip
     dp = max(16, _next_pow2(d))
     if n:

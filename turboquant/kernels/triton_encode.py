@@ -23,7 +23,7 @@ from ..codebook import codebook_tensors
 from ..config import QuantizerConfig, TurboQuantError
 from ..quantizer import QuantizedVectors, code_bytes
 from .encode import torch_quantize_into
-from .triton_attention import _INTERPRET, TUNING, _config_supported, _next_pow2, _stream_layout, _unrotation_blocks
+from .triton_attention import _INTERPRET, TUNING, _config_supported, _next_pow2, _num_sms, _stream_layout, _unrotation_blocks
 
 
 @triton.jit
@@ -34,27 +34,58 @@ def _bucketize(y, bnd_ptr, W: tl.constexpr, MODE: tl.constexpr):
         for k in tl.static_range((1 << W) - 1):
             bk = tl.load(bnd_ptr + k)
             idx += (y > bk).to(tl.int32)
-    else:
+    elif MODE == 1:
         idx = tl.zeros(y.shape, tl.int32)
         for lvl in tl.static_range(W):
             cand = idx + (1 << (W - 1 - lvl))
             bk = tl.load(bnd_ptr + cand - 1)
             idx = tl.where(y > bk, cand, idx)
+    else:
+        # MODE 2 (widths 1-4; the codebook is odd-symmetric, boundary 2^(W-1) − 1 is 0): branchless
+        # binary search of |y| over the positive boundaries with scalar thresholds picked by selects
+        # (W − 1 compares and 2^(W−1) − 1 selects instead of 2^W − 1 compares and adds), then the sign.
+        H: tl.constexpr = 1 << (W - 1)
+        a = tl.abs(y)
+        m = tl.zeros(y.shape, tl.int32)
+        if W == 2:
+            m = (a > tl.load(bnd_ptr + H)).to(tl.int32)
+        elif W == 3:
+            t0 = a > tl.load(bnd_ptr + H + 1)
+            t1 = a > tl.where(t0, tl.load(bnd_ptr + H + 2), tl.load(bnd_ptr + H))
+            m = t0.to(tl.int32) * 2 + t1.to(tl.int32)
+        elif W == 4:
+            t0 = a > tl.load(bnd_ptr + H + 3)
+            t1 = a > tl.where(t0, tl.load(bnd_ptr + H + 5), tl.load(bnd_ptr + H + 1))
+            t2 = a > tl.where(
+                t0,
+                tl.where(t1, tl.load(bnd_ptr + H + 6), tl.load(bnd_ptr + H + 4)),
+                tl.where(t1, tl.load(bnd_ptr + H + 2), tl.load(bnd_ptr + H)),
+            )
+            m = t0.to(tl.int32) * 4 + t1.to(tl.int32) * 2 + t2.to(tl.int32)
+        # above the middle boundary (0, compared as stored so that y = ±0 lands where MODE 0 puts it):
+        # H + m; otherwise H − 1 − m (= count of boundaries below y, as torch.bucketize)
+        idx = tl.where(y > tl.load(bnd_ptr + H - 1), H + m, (H - 1) - m)
     return idx
 
 
 @triton.jit
+def _rotation_operands(pit_ptr, DP: tl.constexpr, COLS: tl.constexpr):
+    """This stream's columns of Πᵀ as fp16 hi + lo (pre-split by the wrapper): three fp16 products ≈ fp32."""
+    r = tl.arange(0, DP)
+    c = tl.arange(0, COLS)
+    p_hi = tl.load(pit_ptr + r[:, None] * COLS + c[None, :])
+    p_lo = tl.load(pit_ptr + DP * COLS + r[:, None] * COLS + c[None, :])
+    return p_hi, p_lo
+
+
+@triton.jit
 def _encode_stream(
-    u_hi, u_lo, pit_ptr, bnd_ptr, out_rows, row_ok,
+    u_hi, u_lo, p_hi, p_lo, bnd_ptr, out_rows, row_ok,
     DP: tl.constexpr, W: tl.constexpr, N: tl.constexpr, NB: tl.constexpr, COLS: tl.constexpr,
     MODE: tl.constexpr, BT: tl.constexpr,
 ):
     """Rotate (products with this stream's columns of Πᵀ), bucketize, pack and store one stream."""
-    r = tl.arange(0, DP)
     c = tl.arange(0, COLS)
-    # Πᵀ columns as fp16 hi + lo (pre-split by the wrapper): three fp16 products ≈ fp32 accuracy
-    p_hi = tl.load(pit_ptr + r[:, None] * COLS + c[None, :])
-    p_lo = tl.load(pit_ptr + DP * COLS + r[:, None] * COLS + c[None, :])
     y = tl.dot(u_hi, p_hi)
     y = tl.dot(u_hi, p_lo, y)
     y = tl.dot(u_lo, p_hi, y)
@@ -81,7 +112,7 @@ def _encode_stream(
         tl.store(out_rows[:, None, None] + byte_idx[None, :, :], bytes_.to(tl.uint8), mask=row_ok[:, None, None] & ok[None, :, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "START"])
 def triton_quantize_kernel(
     x_ptr, s_x_r, s_x_t,  # [R, T, d]
     codes_ptr, s_c_r, s_c_t,  # [R, S_cap, code_bytes]
@@ -91,26 +122,34 @@ def triton_quantize_kernel(
     DP: tl.constexpr,
     HI_W: tl.constexpr, HI_N: tl.constexpr, HI_NB: tl.constexpr, HI_C: tl.constexpr,
     LO_W: tl.constexpr, LO_N: tl.constexpr, LO_NB: tl.constexpr, LO_OFF: tl.constexpr, LO_C: tl.constexpr,
-    MODE_HI: tl.constexpr, MODE_LO: tl.constexpr, BT: tl.constexpr,
+    MODE_HI: tl.constexpr, MODE_LO: tl.constexpr, BT: tl.constexpr, NPT: tl.constexpr,
 ):
-    """One (row, block of BT tokens): norm, rotation, Lloyd-Max codes, packing, stores at START + t."""
+    """One (row, every NPT-th block of BT tokens): norm, rotation, Lloyd-Max codes, packing, stores at START + t.
+
+    Persistent over token blocks (grid ``(rows, NPT)``), so the ``Πᵀ`` operands are read once per program.
+    """
     r = tl.program_id(0)
-    tb = tl.program_id(1)
-    t = tb * BT + tl.arange(0, BT)
-    t_ok = t < T
+    tb0 = tl.program_id(1)
     cols = tl.arange(0, DP)
-    x = tl.load(x_ptr + r * s_x_r + t[:, None] * s_x_t + cols[None, :], mask=t_ok[:, None] & (cols[None, :] < D), other=0.0)
-    x = x.to(tl.float32)
-    norm = tl.sqrt(tl.sum(x * x, axis=1))
-    unit = x / tl.where(norm > 0, norm, 1.0)[:, None]
-    u_hi = unit.to(tl.float16)
-    u_lo = (unit - u_hi.to(tl.float32)).to(tl.float16)
-    pos = START + t
-    tl.store(norms_ptr + r * s_n_r + pos * s_n_t, norm.to(norms_ptr.dtype.element_ty), mask=t_ok)
-    out_rows = codes_ptr + r * s_c_r + pos * s_c_t
+    # Πᵀ operands loaded once per program (the stores in the loop keep the compiler from hoisting them)
     if HI_W > 0:
-        _encode_stream(u_hi, u_lo, pit_hi, bnd_hi, out_rows, t_ok, DP, HI_W, HI_N, HI_NB, HI_C, MODE_HI, BT)
-    _encode_stream(u_hi, u_lo, pit_lo, bnd_lo, out_rows + LO_OFF, t_ok, DP, LO_W, LO_N, LO_NB, LO_C, MODE_LO, BT)
+        ph_hi, ph_lo = _rotation_operands(pit_hi, DP, HI_C)
+    pl_hi, pl_lo = _rotation_operands(pit_lo, DP, LO_C)
+    for tb in range(tb0, tl.cdiv(T, BT), NPT):
+        t = tb * BT + tl.arange(0, BT)
+        t_ok = t < T
+        x = tl.load(x_ptr + r * s_x_r + t[:, None] * s_x_t + cols[None, :], mask=t_ok[:, None] & (cols[None, :] < D), other=0.0)
+        x = x.to(tl.float32)
+        norm = tl.sqrt(tl.sum(x * x, axis=1))
+        unit = x / tl.where(norm > 0, norm, 1.0)[:, None]
+        u_hi = unit.to(tl.float16)
+        u_lo = (unit - u_hi.to(tl.float32)).to(tl.float16)
+        pos = START + t
+        tl.store(norms_ptr + r * s_n_r + pos * s_n_t, norm.to(norms_ptr.dtype.element_ty), mask=t_ok)
+        out_rows = codes_ptr + r * s_c_r + pos * s_c_t
+        if HI_W > 0:
+            _encode_stream(u_hi, u_lo, ph_hi, ph_lo, bnd_hi, out_rows, t_ok, DP, HI_W, HI_N, HI_NB, HI_C, MODE_HI, BT)
+        _encode_stream(u_hi, u_lo, pl_hi, pl_lo, bnd_lo, out_rows + LO_OFF, t_ok, DP, LO_W, LO_N, LO_NB, LO_C, MODE_LO, BT)
 
 
 @lru_cache(maxsize=64)
@@ -178,7 +217,16 @@ def triton_quantize_into(
     pit_hi, pit_lo = _rotation_columns(config, dp, dev)
     bt = TUNING["encode_block_t"]
     mode = TUNING["encode_bucket"]
-    triton_quantize_kernel[(r, triton.cdiv(t, bt))](
+
+    def stream_mode(w: int) -> int:
+        if w > 4:
+            return 1
+        return 0 if (mode == 2 and w == 1) else mode  # mode 2 (symmetric search) covers widths 2-4
+
+    blocks = triton.cdiv(t, bt)
+    per_sm = TUNING["encode_programs_per_sm"]
+    npt = blocks if per_sm <= 0 else max(1, min(blocks, triton.cdiv(_num_sms(dev) * per_sm, r)))
+    triton_quantize_kernel[(r, npt)](
         x3, x3.stride(0), x3.stride(1),
         c3, c3.stride(0), c3.stride(1),
         n2, n2.stride(0), n2.stride(1),
@@ -187,8 +235,8 @@ def triton_quantize_into(
         DP=dp,
         HI_W=hi[0], HI_N=hi[1], HI_NB=hi[2], HI_C=hi[4],
         LO_W=lo[0], LO_N=lo[1], LO_NB=lo[2], LO_OFF=lo[3], LO_C=lo[4],
-        MODE_HI=1 if hi[0] > 4 else mode, MODE_LO=1 if lo[0] > 4 else mode,
-        BT=bt, num_warps=TUNING["encode_num_warps"],
+        MODE_HI=stream_mode(hi[0]), MODE_LO=stream_mode(lo[0]),
+        BT=bt, NPT=npt, num_warps=TUNING["encode_num_warps"],
     )  # fmt: skip
     return QuantizedVectors(config, codes[..., start : start + t, :], norms[..., start : start + t])
 

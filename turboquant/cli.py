@@ -1,0 +1,256 @@
+"""``turboquant`` command line.
+
+Subcommands are registered by functions in :data:`COMMANDS`; each receives the top-level
+subparsers object, adds its parser(s) and sets ``func`` (called with the parsed namespace,
+returning an exit code). To add a command, write ``def _register_x(sub): ...`` and append it.
+
+    turboquant index build  --input X.npy --bits 4 --out idx.tq
+    turboquant index search --index idx.tq --queries Q.npy -k 10
+    turboquant index info   --index idx.tq
+    turboquant demo [--key-bits 4 --value-bits 2 ...]     (SmolLM2 KV-cache demo)
+    turboquant bench distortion [--quick ...]            (distortion report, issue 2)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .config import TurboQuantError
+
+Register = Callable[[Any], None]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    """A tqdm bar (to stderr) when enabled and the input is large enough to be worth one."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="vec", unit_scale=True, disable=not enabled, file=sys.stderr, leave=False)
+
+
+def _load_matrix(path: Path, name: str) -> np.ndarray:
+    """A 2-D float ``.npy`` file, memory-mapped so inputs larger than RAM stream through."""
+    if not path.is_file():
+        raise TurboQuantError(f"{name} file {path} does not exist")
+    if path.suffix != ".npy":
+        raise TurboQuantError(f"{name} must be a .npy file, got {path.name}")
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        raise TurboQuantError(f"{path}: not a readable .npy file: {exc}") from None
+    if arr.ndim != 2 or arr.dtype.kind != "f":
+        raise TurboQuantError(f"{path}: expected a 2-D float array, got shape {arr.shape} dtype {arr.dtype}")
+    return arr
+
+
+def _batches(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def _read_lines(path: Path | None) -> list[str] | None:
+    return None if path is None else path.read_text(encoding="utf-8").splitlines()
+
+
+# --------------------------------------------------------------------------- index commands
+
+
+def _index_build(args: argparse.Namespace) -> int:
+    from .index import TurboQuantIndex
+
+    x = _load_matrix(args.input, "input")
+    ids = None
+    if args.ids is not None:
+        ids = np.load(args.ids, allow_pickle=False)
+        if ids.shape != (x.shape[0],):
+            raise TurboQuantError(f"--ids has shape {ids.shape}, expected ({x.shape[0]},)")
+    index = TurboQuantIndex(
+        x.shape[1], args.bits, args.metric, rotation=args.rotation, seed=args.seed, norm_dtype=args.norm_dtype,
+        engine="torch",  # no fast-scan mirror needed to build; search builds it
+    )  # fmt: skip
+    start = time.perf_counter()
+    with _progress(x.shape[0], "encoding", not args.quiet and x.shape[0] >= args.batch) as bar:
+        for part in _batches(x.shape[0], args.batch):
+            index.add(np.asarray(x[part]), None if ids is None else ids[part])
+            bar.update(part.stop - part.start)
+    elapsed = time.perf_counter() - start
+    index.save(args.out)
+    if not args.quiet:
+        size = args.out.stat().st_size
+        print(
+            f"indexed {len(index)} vectors (d={index.dim}, bits={index.bits}, metric={index.metric}) "
+            f"in {elapsed:.2f} s; "
+            f"{index.bytes_per_vector} B/vector, {args.out} is {size / 1e6:.2f} MB"
+        )
+    return 0
+
+
+def _index_search(args: argparse.Namespace) -> int:
+    from .index import TurboQuantIndex
+
+    index = TurboQuantIndex.load(args.index, mmap=args.mmap)
+    queries = _load_matrix(args.queries, "queries")
+    if args.limit is not None:
+        queries = queries[: args.limit]
+    k = min(args.k, len(index)) if args.clip_k else args.k
+    scores = np.empty((len(queries), k), np.float32)
+    ids = np.empty((len(queries), k), np.int64)
+    with _progress(len(queries), "searching", not args.quiet and len(queries) >= args.batch) as bar:
+        for part in _batches(len(queries), args.batch):
+            scores[part], ids[part] = index.search(np.asarray(queries[part]), k)
+            bar.update(part.stop - part.start)
+    if args.out is not None:
+        np.savez(args.out, scores=scores, ids=ids)
+        if not args.quiet:
+            print(f"wrote scores and ids of {len(queries)} queries to {args.out}")
+        return 0
+    labels, query_labels = _read_lines(args.labels), _read_lines(args.query_labels)
+    if args.json:
+        for qi in range(len(queries)):
+            print(
+                json.dumps({"query": qi, "ids": ids[qi].tolist(), "scores": [round(float(s), 6) for s in scores[qi]]})
+            )
+        return 0
+    for qi in range(len(queries)):
+        head = f"query {qi}" + (f": {query_labels[qi]}" if query_labels is not None and qi < len(query_labels) else "")
+        print(head)
+        for rank, (i, s) in enumerate(zip(ids[qi], scores[qi]), 1):
+            text = f"  {labels[i]}" if labels is not None and 0 <= i < len(labels) else ""
+            print(f"  {rank:>3}. id={i:<10} score={s:.4f}{text}")
+    return 0
+
+
+def _index_info(args: argparse.Namespace) -> int:
+    from .index import TurboQuantIndex
+
+    index = TurboQuantIndex.load(args.index, mmap=True)
+    info = {
+        "vectors": len(index), "config": index.config.to_dict(), "metric": index.metric,
+        "bytes_per_vector": index.bytes_per_vector, "nbytes": index.nbytes, "file_bytes": args.index.stat().st_size,
+    }  # fmt: skip
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _register_index(sub: Any) -> None:
+    parser = sub.add_parser(
+        "index", help="build and search compressed vector indexes", description="Compressed vector search index."
+    )
+    isub = parser.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+
+    build = isub.add_parser("build", help="quantize a .npy matrix into an index file")
+    build.add_argument("--input", type=Path, required=True, help="(n, d) float .npy file (memory-mapped)")
+    build.add_argument(
+        "--bits", type=float, default=4.0, help="bits per coordinate, 1..8, fractional allowed (default 4)"
+    )
+    build.add_argument("--out", type=Path, required=True, help="index file to write (atomically)")
+    build.add_argument("--metric", choices=["ip", "cosine", "l2"], default="ip")
+    build.add_argument("--rotation", choices=["haar", "hadamard"], default="haar")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--norm-dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    build.add_argument("--ids", type=Path, help="optional (n,) int64 .npy of ids (default 0..n-1)")
+    build.add_argument("--batch", type=int, default=65536, help="vectors encoded per step")
+    build.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    build.set_defaults(func=_index_build)
+
+    search = isub.add_parser("search", help="k nearest neighbours of each query")
+    search.add_argument("--index", type=Path, required=True)
+    search.add_argument("--queries", type=Path, required=True, help="(nq, d) float .npy file")
+    search.add_argument("-k", type=int, default=10)
+    search.add_argument("--clip-k", action="store_true", help="use min(k, index size) instead of failing")
+    search.add_argument("--limit", type=int, help="only the first LIMIT queries")
+    search.add_argument("--out", type=Path, help="write scores and ids to this .npz instead of printing")
+    search.add_argument("--json", action="store_true", help="print one JSON line per query")
+    search.add_argument("--labels", type=Path, help="text file, line i labels stored id i (printed with results)")
+    search.add_argument("--query-labels", type=Path, help="text file, line i labels query i")
+    search.add_argument("--mmap", action="store_true", help="memory-map the index file")
+    search.add_argument("--batch", type=int, default=4096, help="queries per search call")
+    search.add_argument("-q", "--quiet", action="store_true")
+    search.set_defaults(func=_index_search)
+
+    info = isub.add_parser("info", help="print an index file's configuration and size")
+    info.add_argument("--index", type=Path, required=True)
+    info.set_defaults(func=_index_info)
+
+
+# --------------------------------------------------------------------------- demo and benchmarks
+
+
+def _forward(target: str) -> Callable[[argparse.Namespace], int]:
+    """A handler that passes the remaining arguments to ``module:function`` (which owns its parser)."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        module_name, func_name = target.split(":")
+        return int(getattr(importlib.import_module(module_name), func_name)(list(args.rest)) or 0)
+
+    return run
+
+
+def _register_demo(sub: Any) -> None:
+    demo = sub.add_parser(
+        "demo", add_help=False, help="answer a prompt with SmolLM2-135M and the TurboQuant KV cache; print memory/quality"
+    )
+    demo.add_argument("rest", nargs=argparse.REMAINDER, help="options of the demo (see 'turboquant demo --help')")
+    demo.set_defaults(func=_forward("turboquant.demo:main"))
+
+
+BENCHMARKS = {"distortion": "turboquant.distortion:main"}
+"""Benchmarks runnable from the installed package (the others live as scripts under ``benchmarks/``)."""
+
+
+def _register_bench(sub: Any) -> None:
+    bench = sub.add_parser("bench", help="run a packaged benchmark", description="Packaged benchmarks.")
+    bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="NAME")
+    for name, target in BENCHMARKS.items():
+        parser = bsub.add_parser(name, add_help=False, help=f"{name} report (see 'turboquant bench {name} --help')")
+        parser.add_argument("rest", nargs=argparse.REMAINDER)
+        parser.set_defaults(func=_forward(target))
+
+
+COMMANDS: list[Register] = [_register_demo, _register_index, _register_bench]
+"""Subcommand registrars, in help order."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="turboquant", description="TurboQuant: calibration-free vector quantization.")
+    parser.add_argument("--version", action="version", version=f"turboquant {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in COMMANDS:
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``turboquant`` script; returns the exit code (2 on bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # ``demo`` and ``bench NAME`` own their parsers: everything after them is theirs (argparse's
+    # REMAINDER cannot take leading options such as --help inside a subparser).
+    n_owned = 1 if argv[:1] == ["demo"] else 2 if argv[:1] == ["bench"] and argv[1:2] and argv[1] in BENCHMARKS else 0
+    if n_owned:
+        args = parser.parse_args(argv[:n_owned])
+        args.rest = argv[n_owned:]
+    else:
+        args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except TurboQuantError as exc:
+        print(f"turboquant: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
