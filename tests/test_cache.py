@@ -133,7 +133,7 @@ def _kv(b: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_layers_storage_and_nbytes() -> None:
-    cache = TurboQuantCache(_Cfg(), key_bits=4, value_bits=2.5, window=8, flush_every=4)
+    cache = TurboQuantCache(_Cfg(), key_bits=4, value_bits=2.5, window=8, flush_every=4, sink_tokens=0)
     assert _Cfg._attn_implementation == "sdpa"  # class attribute untouched; the instance was switched
     layer = cache.layers[0]
     assert isinstance(layer, TurboQuantLayer) and not isinstance(cache.layers[1], TurboQuantLayer)

@@ -178,6 +178,10 @@ def encode_supported(config: QuantizerConfig, x: torch.Tensor) -> bool:
     return _config_supported(config)
 
 
+_ENCODE_BLOCK: dict[tuple[int, torch.dtype, int | None], int] = {}
+"""Token block that fits shared memory, per (dim, input dtype, device), learned on first launch."""
+
+
 def triton_quantize_into(
     x: torch.Tensor, config: QuantizerConfig, codes: torch.Tensor, norms: torch.Tensor, start: int
 ) -> QuantizedVectors:
@@ -223,21 +227,33 @@ def triton_quantize_into(
             return 1
         return 0 if (mode == 2 and w == 1) else mode  # mode 2 (symmetric search) covers widths 2-4
 
-    blocks = triton.cdiv(t, bt)
-    per_sm = TUNING["encode_programs_per_sm"]
-    npt = blocks if per_sm <= 0 else max(1, min(blocks, triton.cdiv(_num_sms(dev) * per_sm, r)))
-    triton_quantize_kernel[(r, npt)](
-        x3, x3.stride(0), x3.stride(1),
-        c3, c3.stride(0), c3.stride(1),
-        n2, n2.stride(0), n2.stride(1),
-        pit_hi, pit_lo, _boundaries(d, hi[0], dev), _boundaries(d, lo[0], dev),
-        t, start, d,
-        DP=dp,
-        HI_W=hi[0], HI_N=hi[1], HI_NB=hi[2], HI_C=hi[4],
-        LO_W=lo[0], LO_N=lo[1], LO_NB=lo[2], LO_OFF=lo[3], LO_C=lo[4],
-        MODE_HI=stream_mode(hi[0]), MODE_LO=stream_mode(lo[0]),
-        BT=bt, NPT=npt, num_warps=TUNING["encode_num_warps"],
-    )  # fmt: skip
+    # The tuned block (128 tokens) was timed on 16-bit inputs; fp32 inputs at d=128 need more shared
+    # memory than an H200 has (262 KB > 227 KB), so halve the block until the kernel fits.
+    key = (d, x.dtype, dev.index)
+    bt = _ENCODE_BLOCK.get(key, bt)
+    while True:
+        blocks = triton.cdiv(t, bt)
+        per_sm = TUNING["encode_programs_per_sm"]
+        npt = blocks if per_sm <= 0 else max(1, min(blocks, triton.cdiv(_num_sms(dev) * per_sm, r)))
+        try:
+            triton_quantize_kernel[(r, npt)](
+                x3, x3.stride(0), x3.stride(1),
+                c3, c3.stride(0), c3.stride(1),
+                n2, n2.stride(0), n2.stride(1),
+                pit_hi, pit_lo, _boundaries(d, hi[0], dev), _boundaries(d, lo[0], dev),
+                t, start, d,
+                DP=dp,
+                HI_W=hi[0], HI_N=hi[1], HI_NB=hi[2], HI_C=hi[4],
+                LO_W=lo[0], LO_N=lo[1], LO_NB=lo[2], LO_OFF=lo[3], LO_C=lo[4],
+                MODE_HI=stream_mode(hi[0]), MODE_LO=stream_mode(lo[0]),
+                BT=bt, NPT=npt, num_warps=TUNING["encode_num_warps"],
+            )  # fmt: skip
+            break
+        except triton.runtime.errors.OutOfResources:
+            if bt <= 16:
+                raise
+            bt //= 2
+    _ENCODE_BLOCK[key] = bt
     return QuantizedVectors(config, codes[..., start : start + t, :], norms[..., start : start + t])
 
 
