@@ -56,8 +56,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # Settings every TurboQuant spec starts from (explicit, so results don't move with library defaults).
 # They equal KVCacheConfig's defaults, which were chosen from these ablations: round 1 ran with
-# --base '{"sink_tokens": 0}' (the then default), round 2 (sinks x key centering) picked sink_tokens=16.
-BASE = dict(window=128, flush_every=32, sink_tokens=16, center_keys=True, center_values=False, full_precision_layers=())
+# --base '{"sink_tokens": 0, "norm_correction": ""}', round 2 (sinks x key centering) picked sink_tokens=16,
+# round 3 (--base '{"norm_correction": ""}') picked norm_correction="kv".
+BASE = dict(window=128, flush_every=32, sink_tokens=16, center_keys=True, center_values=False, full_precision_layers=(),
+            norm_correction="kv")
 BIT_PAIRS = [(4, 4), (4, 3), (4, 2), (3, 3), (3.5, 2.5), (3, 2), (2.5, 2.5), (2, 2)]
 HF_RESIDUAL = 128
 
@@ -229,6 +231,13 @@ def main_specs() -> list[Spec]:
 
 
 def ablation_specs(n_layers: int, round_: int = 1) -> list[Spec]:
+    if round_ == 3:  # norm correction: store ||x||/||y_hat|| so reconstructions keep their norm
+        specs = []
+        for kb, vb in ((4, 4), (4, 2), (3, 3), (3, 2)):
+            specs.append(tq_spec(kb, vb, label="norm_correction=''", norm_correction=""))
+            for which in ("k", "kv"):
+                specs.append(tq_spec(kb, vb, label=f"norm_correction={which}", norm_correction=which))
+        return specs
     if round_ == 2:  # interactions of the round-1 winner (full-precision sink tokens) with key centering
         specs = []
         for kb, vb in ((4, 4), (4, 2), (3, 3)):
@@ -446,6 +455,9 @@ FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. T
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 FORMATS = {
     "plain": ("", "\n\nWhat is the pass key? The pass key is"),
+    # the trailing space leaves only the digits to say: retrieval without the model's choice of
+    # answer style (a 135M model often says "a special key that ..." after "is")
+    "plain_space": ("", "\n\nWhat is the pass key? The pass key is "),
     "chat": ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n",
              "\n\nWhat is the pass key?<|im_end|>\n<|im_start|>assistant\nThe pass key is"),
 }
@@ -507,7 +519,9 @@ def answer_digits(model: Any, cache: Any, question: torch.Tensor, space_id: int,
     A 135M model often answers "a special key that is ..." instead of the digits even in full
     precision; restricting the vocabulary isolates whether the cache still lets it find the key.
     """
-    inputs = torch.cat([question, torch.full((question.shape[0], 1), space_id)], dim=1)
+    inputs = question
+    if question[0, -1].item() != space_id:
+        inputs = torch.cat([question, torch.full((question.shape[0], 1), space_id)], dim=1)
     out = []
     for _ in range(5):
         logits = model(inputs, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
@@ -569,6 +583,7 @@ def run_needle(model: Any, tok: Any, specs: list[Spec], fmt: str, lengths: list[
                     lp = key_logprob(model, cache, q, keys)
                     res["key_logprob"][spec.name].setdefault(length, []).extend(lp.tolist())
                     del cache
+                if fmt != "plain_space":  # there the prompt already leaves only the digits to say
                     cache = spec.make(model)
                     fill(cache, kv)
                     digits = answer_digits(model, cache, q, space_id, digit_ids)
@@ -586,7 +601,8 @@ def run_needle(model: Any, tok: Any, specs: list[Spec], fmt: str, lengths: list[
                 + ", ".join(f"{k}={v}/{digit_hits[k]}" for k, v in hits.items()))
         for spec in specs:
             res["rates"][spec.name][length] = hits[spec.name] / trials
-            res["digits_rates"][spec.name][length] = digit_hits[spec.name] / trials
+            if fmt != "plain_space":
+                res["digits_rates"][spec.name][length] = digit_hits[spec.name] / trials
             if logprob:
                 lps = res["key_logprob"][spec.name][length]
                 res.setdefault("mean_key_logprob", {}).setdefault(spec.name, {})[length] = sum(lps) / len(lps)
@@ -596,9 +612,10 @@ def run_needle(model: Any, tok: Any, specs: list[Spec], fmt: str, lengths: list[
 
 
 def needle_specs() -> list[Spec]:
+    # 4, 3, 2.5 and 2 bits averaged over K and V (the issue asks for parity down to 3 bits), and HF's peers.
     return [
         Spec("fp32", "fp32"),
-        tq_spec(4, 4), tq_spec(4, 2), tq_spec(3, 3), tq_spec(3, 2), tq_spec(2, 2),
+        tq_spec(4, 4), tq_spec(3, 3), tq_spec(3, 2), tq_spec(2, 2),
         Spec("HF quanto 4-bit", "hf", backend="quanto", nbits=4), Spec("HF quanto 2-bit", "hf", backend="quanto", nbits=2),
     ]
 
@@ -684,11 +701,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cont", type=int, default=256)
     p.add_argument("--needle-trials", type=int, default=20)
     p.add_argument("--needle-lengths", default="1024,2048,4096,8192")
-    p.add_argument("--needle-format", default="auto", choices=["auto", "plain", "chat"])
+    p.add_argument("--needle-format", default="plain_space", choices=["auto", "plain", "plain_space", "chat"])
     p.add_argument("--pilot-trials", type=int, default=10, help="fp trials at the shortest length per format (auto)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-logprob", action="store_true", help="needle: skip the teacher-forced pass-key log-probability pass")
     p.add_argument("--base", default="", help='JSON overriding the TurboQuant base settings, e.g. \'{"sink_tokens": 4}\'')
-    p.add_argument("--ablation-round", type=int, default=1, choices=[1, 2])
+    p.add_argument("--ablation-round", type=int, default=1, choices=[1, 2, 3])
     p.add_argument("--reuse-hf", default="", help="take the HF QuantizedCache rows of the ppl table from this earlier JSON "
                    "(they do not depend on TurboQuant settings; same windows required) instead of re-running them")
     p.add_argument("--import", dest="imports", action="append", default=[],
@@ -812,15 +830,17 @@ def main(argv: list[str] | None = None) -> None:
         specs = needle_specs()
         if args.quick:
             specs = [s for s in specs if s.name in ("fp32", "TQ K4/V2 mse")]
-        results["needle"] = run_needle(model, tok, specs, fmt, lengths, args.needle_trials, args.seed)
+        results["needle"] = run_needle(model, tok, specs, fmt, lengths, args.needle_trials, args.seed,
+                                       logprob=not args.no_logprob)
         nd = results["needle"]
         print(f"\n=== needle ({nd['format']}, {nd['trials']} trials/length) ===")
         print(f"{'config':30s} " + " ".join(f"{n:>7d}" for n in lengths) + "   wall s")
         for name, rates in nd["rates"].items():
             print(f"{name:30s} " + " ".join(f"{rates[n]:7.2f}" for n in lengths) + f"   {nd['wall_s'][name]:.0f}")
-        print("digit-restricted greedy answer exact match (retrieval without the answer-format choice):")
-        for name, rates in nd["digits_rates"].items():
-            print(f"{name:30s} " + " ".join(f"{rates[n]:7.2f}" for n in lengths))
+        if nd["format"] != "plain_space":
+            print("digit-restricted greedy answer exact match (retrieval without the answer-format choice):")
+            for name, rates in nd["digits_rates"].items():
+                print(f"{name:30s} " + " ".join(f"{rates[n]:7.2f}" for n in lengths))
         if "mean_key_logprob" in nd:
             print("mean teacher-forced log-prob of the pass key (nats; 0 = certain):")
             for name, lp in nd["mean_key_logprob"].items():

@@ -151,7 +151,7 @@ def test_layers_storage_and_nbytes() -> None:
 
 
 def test_reorder_and_select_keep_rows_consistent() -> None:
-    cache = TurboQuantCache(_Cfg(), key_bits=4, value_bits=4, window=4, flush_every=2)
+    cache = TurboQuantCache(_Cfg(), key_bits=4, value_bits=4, window=4, flush_every=2, sink_tokens=2)
     layer = cache.layers[0]
     k, v = _kv(3, 20)
     layer.update(k, v)
@@ -164,6 +164,39 @@ def test_reorder_and_select_keep_rows_consistent() -> None:
     torch.testing.assert_close(layer.dequantized_history(layer.keys, layer.values)[0], before[[0]])
     layer.crop(-3)
     assert layer.get_seq_length() == 18
+
+
+@pytest.mark.parametrize("bits", [2, 3.5])
+def test_norm_correction_restores_norms(bits: float) -> None:
+    """``norm_correction="kv"`` stores ``‖x‖/‖ŷ‖``: decoded tokens keep their norm (fp16 storage),
+    while plain Lloyd-Max reconstructions are shorter by about ``sqrt(1 - D_mse)``."""
+    k, v = _kv(2, 60)
+    got = {}
+    for correction in ("", "kv"):
+        cache = TurboQuantCache(_Cfg(), key_bits=bits, value_bits=bits, window=8, flush_every=4, sink_tokens=3,
+                                center_keys=False, norm_correction=correction)  # fmt: skip
+        layer = cache.layers[0]
+        layer.update(k, v)
+        layer.update(*_kv(2, 1, seed=3))
+        n = layer.compressed_length
+        assert n == 60 - 3 - 8
+        dk, dv = _dequantized(layer)
+        got[correction] = (dk.norm(dim=-1) / k[:, :, 3 : 3 + n].norm(dim=-1), dv.norm(dim=-1) / v[:, :, 3 : 3 + n].norm(dim=-1))
+    for ratio in got["kv"]:
+        torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=2e-3, rtol=0)
+    for ratio in got[""]:
+        assert ratio.mean() < 0.995  # Lloyd-Max shrinks: E‖ŷ‖² = 1 − D_mse
+    with pytest.raises(TurboQuantError, match="norm_correction"):
+        KVCacheConfig(norm_correction="q")
+
+
+def _dequantized(layer: TurboQuantLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compressed part of a layer, decoded (offsets re-added)."""
+    dk = layer._key_quantizer.dequantize(layer.compressed_keys())
+    dv = layer._value_quantizer.dequantize(layer.compressed_values())
+    if layer.key_offset is not None:
+        dk = dk + layer.key_offset.unsqueeze(-2)
+    return dk, dv
 
 
 def test_bad_configurations() -> None:

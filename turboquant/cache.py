@@ -36,7 +36,7 @@ import torch
 
 from .config import Backend, QuantizerConfig, TurboQuantError, Variant
 from .kernels import quantize_into, quantized_attention
-from .quantizer import QuantizedVectors, TurboQuantizer, bytes_per_vector, code_bytes
+from .quantizer import QuantizedVectors, TurboQuantizer, bytes_per_vector, code_bytes, decode_mse
 
 try:
     from transformers import AttentionInterface
@@ -68,6 +68,8 @@ class KVCacheConfig:
             exactly. Protects models with large key biases (Qwen2-style).
         center_values: same for values (``μ_v`` re-added with the compressed softmax mass).
         full_precision_layers: layer indices never compressed.
+        norm_correction: ``"k"``, ``"v"``, ``"kv"`` or ``""``: store ``‖x‖/‖ŷ‖`` for keys and/or
+            values so each reconstruction has the exact norm (MSE codes; zero extra bytes).
         rotation, seed: rotation of the quantizers (keys use ``seed``, values ``seed + 1``).
         norm_dtype: storage of per-token norms.
         backend: ``"auto"`` (Triton on CUDA when available), ``"torch"`` or ``"triton"``.
@@ -79,13 +81,15 @@ class KVCacheConfig:
     key_variant: Variant = Variant.MSE
     window: int = 128
     flush_every: int = 32
-    # Defaults measured on SmolLM2-135M (benchmarks/kv_quality.py, results/kv_quality.json):
+    # Defaults measured on SmolLM2-135M (benchmarks/kv_quality.py, results/kv_quality.json).
     # 16 full-precision sink tokens + key centering took K3/V3 from +5.96% to +1.62% perplexity
     # and K4/V4 from +1.00% to +0.29%; centering without sinks hurts (the sink's key skews the mean).
     sink_tokens: int = 16
     center_keys: bool = True
     center_values: bool = False
     full_precision_layers: tuple[int, ...] = field(default_factory=tuple)
+    # Measured (round 3): "kv" took K3/V3 from +1.62% to +0.73% and K4/V2 from +2.73% to +1.57%.
+    norm_correction: str = "kv"
     rotation: str = "hadamard"
     seed: int = 0
     norm_dtype: str = "float16"
@@ -102,6 +106,8 @@ class KVCacheConfig:
                 raise TurboQuantError(f"{name} must be a non-negative int, got {value!r}")
         if self.window + self.flush_every == 0:
             raise TurboQuantError("window + flush_every must be positive")
+        if self.norm_correction not in ("", "k", "v", "kv"):
+            raise TurboQuantError(f"norm_correction must be '', 'k', 'v' or 'kv', got {self.norm_correction!r}")
         if self.chunk < 1:
             raise TurboQuantError(f"chunk must be >= 1, got {self.chunk}")
 
@@ -145,11 +151,16 @@ class _CodeBuffer:
             self.tensors[name][:, :, self.length : need] = t
         self.length = need
 
-    def encode_append(self, x: torch.Tensor, quantizer: TurboQuantizer, backend: Backend) -> None:
+    def encode_append(self, x: torch.Tensor, quantizer: TurboQuantizer, backend: Backend, norm_correction: bool = False) -> None:
         """Quantize ``x [B, H, T, d]`` straight into the buffer (fused Triton encode on CUDA).
 
         MSE codes are written in place by :func:`~turboquant.kernels.quantize_into`; prod codes
         (QJL fields) go through the quantizer and are copied in.
+
+        ``norm_correction`` stores ``‖x‖/‖ŷ‖`` instead of ``‖x‖`` (MSE codes only): the Lloyd-Max
+        reconstruction ``ŷ`` is shorter than the unit vector it encodes (``E‖ŷ‖² = 1 − D_mse``,
+        paper Thm. 1), so every decoded token would be shrunk toward zero by a token-dependent
+        factor; rescaling makes each reconstruction's norm exact. Same storage, no calibration.
         """
         if self.config.variant is not Variant.MSE:
             self.append(quantizer.quantize(x))
@@ -162,6 +173,10 @@ class _CodeBuffer:
             "norms": ((b, h, t), norm_dtype, x.device),
         })  # fmt: skip
         quantize_into(x, self.config, self.tensors["codes"], self.tensors["norms"], self.length, backend=backend)
+        if norm_correction:
+            y_norm = decode_mse(self.tensors["codes"][:, :, self.length : need], self.config).norm(dim=-1)
+            norms = self.tensors["norms"][:, :, self.length : need]
+            norms.copy_(norms.float() / y_norm.clamp_min(1e-6))
         self.length = need
 
     def view(self) -> QuantizedVectors:
@@ -328,8 +343,9 @@ class TurboQuantLayer(DynamicLayer):
         assert self.key_codes is not None and self.value_codes is not None
         k = old_k.float() - self.key_offset.unsqueeze(-2) if self.key_offset is not None else old_k
         v = old_v.float() - self.value_offset.unsqueeze(-2) if self.value_offset is not None else old_v
-        self.key_codes.encode_append(k, self._key_quantizer, self.settings.backend)
-        self.value_codes.encode_append(v, self._value_quantizer, self.settings.backend)
+        correct = self.settings.norm_correction
+        self.key_codes.encode_append(k, self._key_quantizer, self.settings.backend, "k" in correct)
+        self.value_codes.encode_append(v, self._value_quantizer, self.settings.backend, "v" in correct)
         self.keys = self.keys[:, :, excess:].contiguous()
         self.values = self.values[:, :, excess:].contiguous()
 
