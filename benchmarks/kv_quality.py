@@ -597,8 +597,11 @@ def run_needle(model: Any, tok: Any, specs: list[Spec], fmt: str, lengths: list[
                     hits[spec.name] += ok
                     res["answers"][spec.name].setdefault(length, []).append(text)
             del kv
-            log(f"[{label}] L={length} trials {g0 + len(part)}/{trials} free/digits: "
-                + ", ".join(f"{k}={v}/{digit_hits[k]}" for k, v in hits.items()))
+            if fmt == "plain_space":
+                log(f"[{label}] L={length} trials {g0 + len(part)}/{trials}: " + ", ".join(f"{k}={v}" for k, v in hits.items()))
+            else:
+                log(f"[{label}] L={length} trials {g0 + len(part)}/{trials} free/digits: "
+                    + ", ".join(f"{k}={v}/{digit_hits[k]}" for k, v in hits.items()))
         for spec in specs:
             res["rates"][spec.name][length] = hits[spec.name] / trials
             if fmt != "plain_space":
