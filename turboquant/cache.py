@@ -83,7 +83,7 @@ class KVCacheConfig:
     flush_every: int = 32
     # Defaults measured on SmolLM2-135M (benchmarks/kv_quality.py, results/kv_quality.json).
     # 16 full-precision sink tokens + key centering took K3/V3 from +5.96% to +1.62% perplexity
-    # and K4/V4 from +1.00% to +0.29%; centering without sinks hurts (the sink's key skews the mean).
+    # and K4/V4 from +1.00% to +0.30%; centering without sinks hurts (the sink's key skews the mean).
     sink_tokens: int = 16
     center_keys: bool = True
     center_values: bool = False

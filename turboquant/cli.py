@@ -203,7 +203,6 @@ def _register_demo(sub: Any) -> None:
     demo = sub.add_parser(
         "demo", add_help=False, help="answer a prompt with SmolLM2-135M and the TurboQuant KV cache; print memory/quality"
     )
-    demo.add_argument("rest", nargs=argparse.REMAINDER, help="options of the demo (see 'turboquant demo --help')")
     demo.set_defaults(func=_forward("turboquant.demo:main"))
 
 
@@ -216,7 +215,6 @@ def _register_bench(sub: Any) -> None:
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="NAME")
     for name, target in BENCHMARKS.items():
         parser = bsub.add_parser(name, add_help=False, help=f"{name} report (see 'turboquant bench {name} --help')")
-        parser.add_argument("rest", nargs=argparse.REMAINDER)
         parser.set_defaults(func=_forward(target))
 
 
