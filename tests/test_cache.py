@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
 from turboquant import TurboQuantError  # noqa: E402
-from turboquant.cache import KVCacheConfig, TurboQuantCache, TurboQuantLayer  # noqa: E402
-from turboquant.quantizer import bytes_per_vector  # noqa: E402
+from turboquant import KVCacheConfig  # noqa: E402
+from turboquant.cache import TurboQuantCache, TurboQuantLayer  # noqa: E402
+from turboquant.codec import bytes_per_vector  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from turboquant.models import find_smollm2_gguf, load_smollm2
+    from turboquant.demo.models import find_smollm2_gguf, load_smollm2
 
     try:
         find_smollm2_gguf()
@@ -27,7 +30,7 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def prompt_ids(smollm2):
-    from turboquant.models import pydoc_text
+    from turboquant.demo.models import pydoc_text
 
     _, tok = smollm2
     return tok(pydoc_text()[:4000], return_tensors="pt").input_ids[:, :192]
@@ -202,7 +205,7 @@ def _dequantized(layer: TurboQuantLayer) -> tuple[torch.Tensor, torch.Tensor]:
 def test_bad_configurations() -> None:
     with pytest.raises(TurboQuantError, match="bits=9"):
         TurboQuantCache(_Cfg(), key_bits=9)
-    with pytest.raises(TurboQuantError, match="unknown TurboQuantCache settings"):
+    with pytest.raises(TurboQuantError, match="unknown KVCacheConfig fields"):
         TurboQuantCache(_Cfg(), keybits=4)
     with pytest.raises(TurboQuantError, match="window"):
         KVCacheConfig(window=-1)
@@ -240,7 +243,8 @@ def test_hook_matches_sdpa_over_dequantized_history(head_dim: int, dtype: torch.
     q = torch.randn(2, 4, 3, head_dim, generator=g).to(dtype)
     mask = torch.ones(2, 1, 3, 33, dtype=torch.bool).tril(diagonal=30)
     mask[1, :, :, :5] = False  # left padding of row 1
-    got, _ = turboquant_attention(None, q, keys, values, mask, scaling=head_dim**-0.5)
+    module = SimpleNamespace(layer_idx=0)  # what the model's attention module passes: its layer index
+    got, _ = turboquant_attention(module, q, keys, values, mask, scaling=head_dim**-0.5)
     full_k, full_v = layer.dequantized_history(keys, values)
     ref = _sdpa(None, q.double(), full_k.double(), full_v.double(), mask, head_dim**-0.5).transpose(1, 2)
     tol = 1e-4 if dtype == torch.float32 else 2e-2

@@ -1,4 +1,4 @@
-"""Distortion measurements (turboquant.distortion): MSE vs the exact Lloyd-Max cost, unbiasedness, report."""
+"""Distortion measurements (benchmarks/distortion.py): MSE vs the exact Lloyd-Max cost, unbiasedness, report."""
 
 from __future__ import annotations
 
@@ -8,16 +8,13 @@ import pytest
 import torch
 
 from turboquant import QuantizerConfig, TurboQuantMSE, TurboQuantProd
-from turboquant.codebook import lloyd_max_codebook
-from turboquant.distortion import (
-    Estimate,
-    exact_mse,
-    main,
-    measure,
-    measure_inner_product,
-    measure_mse,
-    random_unit,
-)
+from turboquant.codebook import exact_mse, lloyd_max_codebook
+
+from conftest import load_benchmark
+
+_bench = load_benchmark("distortion")
+Estimate, main, measure = _bench.Estimate, _bench.main, _bench.measure
+measure_inner_product, measure_mse, random_unit = _bench.measure_inner_product, _bench.measure_mse, _bench.random_unit
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,8 @@ on a GPU with ``benchmarks/gpu_decode.py --check``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 
 import pytest
@@ -23,7 +25,10 @@ from turboquant.kernels import quantize_into, quantized_attention  # noqa: E402
 from turboquant.kernels import triton_attention as ta  # noqa: E402
 from turboquant.kernels.testing import float64_attention, random_codes, relative_error  # noqa: E402
 from turboquant.kernels.triton_encode import triton_quantize_into  # noqa: E402
-from turboquant.quantizer import TurboQuantizer, code_bytes, decode_mse  # noqa: E402
+from turboquant.codec import code_bytes, decode_mse  # noqa: E402
+from turboquant.kernels import ptx  # noqa: E402
+from turboquant.kernels.tuning import DEFAULT_TUNING  # noqa: E402
+from turboquant.quantizer import TurboQuantizer  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = 1e-3
@@ -160,16 +165,15 @@ def test_encode_matches_quantizer(d, bits, norm_dtype) -> None:
 
 @pytest.mark.parametrize("variant", [{"encode_bucket": 0, "encode_programs_per_sm": 0}, {"encode_bucket": 1}, {"encode_bucket": 2, "encode_programs_per_sm": 1}])
 @pytest.mark.parametrize("bits", [4, 3, 2, 1, 2.5])
-def test_encode_variants_match_quantizer(bits, variant, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_encode_variants_match_quantizer(bits, variant) -> None:
     """Every bucketize mode and the persistent grid give the quantizer's codes (several token blocks per program)."""
-    for key, value in {"encode_block_t": 16, **variant}.items():
-        monkeypatch.setitem(ta.TUNING, key, value)  # triton_encode shares this dict
+    tuning = dataclasses.replace(DEFAULT_TUNING, encode_block_t=16, **variant)
     cfg = QuantizerConfig(64, bits, seed=9)
     x = torch.randn(2, 70, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     x[1, 5] = 0
     codes = torch.zeros(2, 80, code_bytes(cfg), dtype=torch.uint8, device=DEVICE)
     norms = torch.zeros(2, 80, device=DEVICE)
-    out = triton_quantize_into(x, cfg, codes, norms, 4)
+    out = triton_quantize_into(x, cfg, codes, norms, 4, tuning=tuning)
     ref = TurboQuantizer.from_config(cfg).quantize(x)
     assert (decode_mse(out.codes, cfg) == decode_mse(ref.codes, cfg)).float().mean().item() >= 0.999
     torch.testing.assert_close(out.norms, ref.norms)
@@ -187,13 +191,13 @@ def test_encode_dispatch_torch_and_triton_agree() -> None:
 
 @pytest.mark.parametrize(
     "variant",
-    [{"prefetch": 1}, {"lut": 0, "precise": 0}, {"lut": 1}, {"dotk": 0}, {"precise": 1}, {"block_n": 32, "programs_per_sm": 1}, {"block_n": 16, "num_warps": 1}],
+    [{"prefetch": True}, {"lut": 0, "precise": False}, {"lut": 1}, {"dotk": False}, {"precise": True}, {"block_n": 32, "programs_per_sm": 1}, {"block_n": 16, "num_warps": 1}],
 )
-def test_attention_tuning_variants(variant, poisoned, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_attention_tuning_variants(variant, poisoned) -> None:
     """Every tuning the GPU benchmark sweeps computes the same function."""
-    monkeypatch.setattr(ta, "TUNING", {**ta.TUNING, **variant})
+    tuning = dataclasses.replace(DEFAULT_TUNING, **variant)
     q, keys, values, fk, fv = _inputs(128, 4, 3, 4, 1, 200, 5, seed=11)
-    out = ta.triton_quantized_attention(q, keys, values, fk, fv, 0.09)
+    out = ta.triton_quantized_attention(q, keys, values, fk, fv, 0.09, tuning=tuning)
     _check(out, float64_attention(q, keys, values, fk, fv, 0.09), str(variant))
 
 
@@ -259,7 +263,7 @@ def test_prmt4_decoder_is_bit_exact(d) -> None:
     import numpy as np
 
     table = _fp16_table(d, 4)
-    asm = ta._prmt4_asm(d)
+    asm = ptx.prmt4_asm(d)
     rng = np.random.default_rng(d)
     words = [0, 0xFFFFFFFF, 0x76543210, 0xFEDCBA98] + [int(w) for w in rng.integers(0, 2**32, 300, dtype=np.uint64)]
     for w in words:
@@ -273,7 +277,7 @@ def test_prmt2_decoder_is_bit_exact(d) -> None:
     import numpy as np
 
     table = _fp16_table(d, 2)
-    asm = ta._prmt2_asm(d)
+    asm = ptx.prmt2_asm(d)
     rng = np.random.default_rng(d + 1)
     words = [0, 0xFFFFFFFF, 0xE4E4E4E4, 0x1B1B1B1B] + [int(w) for w in rng.integers(0, 2**32, 300, dtype=np.uint64)]
     for w in words:
@@ -287,7 +291,7 @@ def test_prmt3_decoder_is_bit_exact(d) -> None:
     import numpy as np
 
     table = _fp16_table(d, 3)
-    asm = ta._prmt3_asm(d)
+    asm = ptx.prmt3_asm(d)
     rng = np.random.default_rng(d + 2)
     streams = [0, (1 << 96) - 1, int.from_bytes(bytes(range(12)), "little")]
     streams += [int.from_bytes(rng.integers(0, 256, 12, dtype=np.uint8).tobytes(), "little") for _ in range(150)]
@@ -302,17 +306,17 @@ def test_prmt3_decoder_is_bit_exact(d) -> None:
 @pytest.mark.parametrize("bits", [4, 3, 2.5])
 def test_cache_buffer_fused_encode_matches_torch(bits: float) -> None:
     """The KV cache's flush writes codes in place through the fused encode; growth keeps old codes."""
-    from turboquant.cache import _CodeBuffer
+    from turboquant.cache import _Codes
 
     cfg = QuantizerConfig(64, bits, norm_dtype="float16")
     quantizer = TurboQuantMSE(64, bits, norm_dtype="float16")
     gen = torch.Generator().manual_seed(7)
     chunks = [torch.randn(2, 3, t, 64, generator=gen).to(DEVICE) for t in (40, 1, 250)]  # crosses the 256 growth step
-    fused, reference = _CodeBuffer(cfg), _CodeBuffer(cfg)
+    fused, reference = _Codes(cfg), _Codes(cfg)
     for x in chunks:
-        fused.encode_append(x, quantizer, "triton")
-        reference.encode_append(x, quantizer, "torch")
+        fused.encode_append(x, quantizer, "triton", norm_correction=False)
+        reference.encode_append(x, quantizer, "torch", norm_correction=False)
     a, b = fused.view(), reference.view()
-    assert a.shape == (2, 3, 291) and fused.capacity >= 291
+    assert a.shape == (2, 3, 291) and fused.buffer.capacity >= 291
     assert (a.codes != b.codes).float().mean().item() < 1e-3  # ties at bucket edges may round differently
     torch.testing.assert_close(a.norms, b.norms)

@@ -1,35 +1,43 @@
-"""turboquant: calibration-free online vector quantization (Zandieh et al., arXiv 2504.19874)."""
+"""turboquant: calibration-free online vector quantization (Zandieh et al., arXiv 2504.19874).
 
-from .config import Backend, QuantizerConfig, Rotation, TurboQuantError, Variant
-from .quantizer import QJL, QuantizedVectors, TurboQuantizer, TurboQuantMSE, TurboQuantProd
+The public surface: the quantizers, their configs, the KV cache, the vector index, file I/O and
+the one error type. Everything else lives in submodules (``turboquant.codec`` defines the bytes
+of a code; see docs/DESIGN.md for the module map).
+"""
+
+from .config import IndexConfig, KVCacheConfig, QuantizerConfig, TurboQuantError
+from .quantizer import QJL, QuantizedVectors, TurboQuantMSE, TurboQuantProd
 
 
 def __getattr__(name: str) -> object:
-    # Lazy so that ``import turboquant`` needs neither transformers (cache) nor FAISS (index).
-    if name in ("TurboQuantCache", "KVCacheConfig"):
-        from . import cache
+    # Lazy so that ``import turboquant`` needs neither transformers (cache), FAISS (index) nor safetensors.
+    if name == "TurboQuantCache":
+        from .cache import TurboQuantCache
 
-        return getattr(cache, name)
+        return TurboQuantCache
     if name == "TurboQuantIndex":
         from .index import TurboQuantIndex
 
         return TurboQuantIndex
+    if name in ("save_codes", "load_codes"):
+        from . import io
+
+        return getattr(io, name)
     raise AttributeError(f"module 'turboquant' has no attribute {name!r}")
 
 
 __all__ = [
-    "Backend",
-    "KVCacheConfig",
     "QJL",
+    "IndexConfig",
+    "KVCacheConfig",
     "QuantizedVectors",
     "QuantizerConfig",
-    "Rotation",
     "TurboQuantCache",
     "TurboQuantError",
     "TurboQuantIndex",
     "TurboQuantMSE",
     "TurboQuantProd",
-    "TurboQuantizer",
-    "Variant",
+    "load_codes",
+    "save_codes",
 ]
 __version__ = "0.1.0"

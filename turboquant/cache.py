@@ -29,14 +29,16 @@ precision and every later step reads the compressed history.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+import threading
 from typing import Any
 
 import torch
 
-from .config import Backend, QuantizerConfig, TurboQuantError, Variant
+from .buffers import GrowableBuffer
+from .codec import bytes_per_vector, code_bytes
+from .config import KVCacheConfig, QuantizerConfig, TurboQuantError, Variant, replace_fields
 from .kernels import quantize_into, quantized_attention
-from .quantizer import QuantizedVectors, TurboQuantizer, bytes_per_vector, code_bytes, decode_mse
+from .quantizer import QuantizedVectors, TurboQuantizer
 
 try:
     from transformers import AttentionInterface
@@ -48,154 +50,63 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
 logger = logging.getLogger(__name__)
 
 ATTENTION_NAME = "turboquant"
-_LAYER_ATTR = "_turboquant_layer"
+_TOKEN_AXIS = 2  # [B, H, T, ...]
 
 
-@dataclass(frozen=True)
-class KVCacheConfig:
-    """Settings of a :class:`TurboQuantCache`.
+class _PendingLayers(threading.local):
+    """The cache ↔ attention contract: ``update`` registers its layer under the layer index, the
+    attention function of the same decoder layer (``module.layer_idx``) takes it out again.
 
-    Args:
-        key_bits, value_bits: bits per coordinate (1..8, fractional allowed, e.g. 2.5).
-        key_variant: ``"mse"`` (default: measured better in attention) or ``"prod"`` (QJL residual).
-        window: recent tokens kept in full precision.
-        flush_every: compress once the window exceeds ``window + flush_every`` tokens
-            (amortises encode calls; the bound on full-precision tokens).
-        sink_tokens: first tokens kept in full precision (attention sinks: nearly every query
-            puts large weight on them, so their quantization error reaches every output).
-        center_keys: subtract each head's mean key (from the first update) before
-            quantizing; softmax is shift-invariant per query, so ``<q, μ>`` is added back
-            exactly. Protects models with large key biases (Qwen2-style).
-        center_values: same for values (``μ_v`` re-added with the compressed softmax mass).
-        full_precision_layers: layer indices never compressed.
-        norm_correction: ``"k"``, ``"v"``, ``"kv"`` or ``""``: store ``‖x‖/‖ŷ‖`` for keys and/or
-            values so each reconstruction has the exact norm (MSE codes; zero extra bytes).
-        rotation, seed: rotation of the quantizers (keys use ``seed``, values ``seed + 1``).
-        norm_dtype: storage of per-token norms.
-        backend: ``"auto"`` (Triton on CUDA when available), ``"torch"`` or ``"triton"``.
-        chunk: compressed tokens decoded at a time by the torch path.
+    Per thread, so concurrent forwards in different threads do not see each other's layers; taken
+    out on use, so a later forward with another cache never sees a stale layer.
     """
 
-    key_bits: float = 4
-    value_bits: float = 4
-    key_variant: Variant = Variant.MSE
-    window: int = 128
-    flush_every: int = 32
-    # Defaults measured on SmolLM2-135M (benchmarks/kv_quality.py, results/kv_quality.json).
-    # 16 full-precision sink tokens + key centering took K3/V3 from +5.96% to +1.62% perplexity
-    # and K4/V4 from +1.00% to +0.30%; centering without sinks hurts (the sink's key skews the mean).
-    sink_tokens: int = 16
-    center_keys: bool = True
-    center_values: bool = False
-    full_precision_layers: tuple[int, ...] = field(default_factory=tuple)
-    # Measured (round 3): "kv" took K3/V3 from +1.62% to +0.73% and K4/V2 from +2.73% to +1.57%.
-    norm_correction: str = "kv"
-    rotation: str = "hadamard"
-    seed: int = 0
-    norm_dtype: str = "float16"
-    backend: Backend = Backend.AUTO
-    chunk: int = 2048
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "key_variant", Variant(self.key_variant))
-        object.__setattr__(self, "backend", Backend(self.backend))
-        object.__setattr__(self, "full_precision_layers", tuple(int(i) for i in self.full_precision_layers))
-        for name in ("window", "flush_every", "sink_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise TurboQuantError(f"{name} must be a non-negative int, got {value!r}")
-        if self.window + self.flush_every == 0:
-            raise TurboQuantError("window + flush_every must be positive")
-        if self.norm_correction not in ("", "k", "v", "kv"):
-            raise TurboQuantError(f"norm_correction must be '', 'k', 'v' or 'kv', got {self.norm_correction!r}")
-        if self.chunk < 1:
-            raise TurboQuantError(f"chunk must be >= 1, got {self.chunk}")
-
-    def quantizer_configs(self, head_dim: int) -> tuple[QuantizerConfig, QuantizerConfig]:
-        """``(key_config, value_config)`` for a head dimension (validates the bit widths)."""
-        key = QuantizerConfig(head_dim, self.key_bits, self.key_variant, self.rotation, self.seed, self.norm_dtype)  # type: ignore[arg-type]
-        value = QuantizerConfig(head_dim, self.value_bits, Variant.MSE, self.rotation, self.seed + 1, self.norm_dtype)  # type: ignore[arg-type]
-        return key, value
+    def __init__(self) -> None:
+        self.layers: dict[int, TurboQuantLayer] = {}
 
 
-class _CodeBuffer:
-    """Growable storage of :class:`QuantizedVectors` along the sequence axis ``[B, H, capacity]``."""
+_PENDING = _PendingLayers()
+
+
+class _Codes:
+    """Packed codes of one tensor (keys or values) of a layer along the token axis."""
 
     def __init__(self, config: QuantizerConfig) -> None:
         self.config = config
-        self.tensors: dict[str, torch.Tensor] = {}
-        self.length = 0
+        self.buffer = GrowableBuffer(axis=_TOKEN_AXIS, min_capacity=256)
 
     @property
-    def capacity(self) -> int:
-        return next(iter(self.tensors.values())).shape[2] if self.tensors else 0
+    def length(self) -> int:
+        return self.buffer.length
 
-    def _reserve(self, need: int, templates: dict[str, tuple[tuple[int, ...], torch.dtype, torch.device]]) -> None:
-        """Make room for ``need`` tokens; ``templates`` gives each field's ``[B, H, *, ...]`` shape/dtype/device."""
-        if need <= self.capacity:
-            return
-        # geometric growth: amortised O(1) per token, never a per-token reallocation
-        new_cap = max(need, 2 * self.capacity, 256)
-        for name, (shape, dtype, device) in templates.items():
-            grown = torch.empty((shape[0], shape[1], new_cap, *shape[3:]), dtype=dtype, device=device)
-            if name in self.tensors and self.length:
-                grown[:, :, : self.length] = self.tensors[name][:, :, : self.length]
-            self.tensors[name] = grown
-
-    def append(self, codes: QuantizedVectors) -> None:
-        parts = {"codes": codes.codes, "norms": codes.norms, "qjl": codes.qjl, "residual_norms": codes.residual_norms}
-        parts = {k: v for k, v in parts.items() if v is not None}
-        need = self.length + codes.shape[2]
-        self._reserve(need, {k: (tuple(t.shape), t.dtype, t.device) for k, t in parts.items()})
-        for name, t in parts.items():
-            self.tensors[name][:, :, self.length : need] = t
-        self.length = need
-
-    def encode_append(self, x: torch.Tensor, quantizer: TurboQuantizer, backend: Backend, norm_correction: bool = False) -> None:
+    def encode_append(self, x: torch.Tensor, quantizer: TurboQuantizer, backend: Any, norm_correction: bool) -> None:
         """Quantize ``x [B, H, T, d]`` straight into the buffer (fused Triton encode on CUDA).
 
         MSE codes are written in place by :func:`~turboquant.kernels.quantize_into`; prod codes
         (QJL fields) go through the quantizer and are copied in.
-
-        ``norm_correction`` stores ``‖x‖/‖ŷ‖`` instead of ``‖x‖`` (MSE codes only): the Lloyd-Max
-        reconstruction ``ŷ`` is shorter than the unit vector it encodes (``E‖ŷ‖² = 1 − D_mse``,
-        paper Thm. 1), so every decoded token would be shrunk toward zero by a token-dependent
-        factor; rescaling makes each reconstruction's norm exact. Same storage, no calibration.
         """
         if self.config.variant is not Variant.MSE:
-            self.append(quantizer.quantize(x))
+            qv = quantizer.quantize(x)
+            parts = {"codes": qv.codes, "norms": qv.norms, "qjl": qv.qjl, "residual_norms": qv.residual_norms}
+            self.buffer.append({k: v for k, v in parts.items() if v is not None})
             return
         b, h, t, _ = x.shape
-        need = self.length + t
         norm_dtype = getattr(torch, self.config.norm_dtype)
-        self._reserve(need, {
+        self.buffer.reserve(self.length + t, {
             "codes": ((b, h, t, code_bytes(self.config)), torch.uint8, x.device),
             "norms": ((b, h, t), norm_dtype, x.device),
         })  # fmt: skip
-        quantize_into(x, self.config, self.tensors["codes"], self.tensors["norms"], self.length, backend=backend)
-        if norm_correction:
-            y_norm = decode_mse(self.tensors["codes"][:, :, self.length : need], self.config).norm(dim=-1)
-            norms = self.tensors["norms"][:, :, self.length : need]
-            norms.copy_(norms.float() / y_norm.clamp_min(1e-6))
-        self.length = need
+        tensors = self.buffer.tensors
+        quantize_into(x, self.config, tensors["codes"], tensors["norms"], self.length, backend=backend, norm_correction=norm_correction)
+        self.buffer.advance(t)
 
     def view(self) -> QuantizedVectors:
-        t = {k: v[:, :, : self.length] for k, v in self.tensors.items()}
+        t = self.buffer.views()
         return QuantizedVectors(self.config, t["codes"], t["norms"], t.get("qjl"), t.get("residual_norms"))
-
-    def index_batch(self, index: torch.Tensor) -> None:
-        self.tensors = {k: v.index_select(0, index.to(v.device)) for k, v in self.tensors.items()}
-
-    def repeat_batch(self, repeats: int) -> None:
-        self.tensors = {k: v.repeat_interleave(repeats, dim=0) for k, v in self.tensors.items()}
-
-    def truncate(self, length: int) -> None:
-        self.length = min(self.length, length)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the stored (valid) tokens, every per-token scalar counted."""
-        return sum(t[:, :, : self.length].numel() * t.element_size() for t in self.tensors.values())
+        return self.buffer.nbytes
 
 
 class TurboQuantLayer(DynamicLayer):
@@ -208,12 +119,13 @@ class TurboQuantLayer(DynamicLayer):
     is_sliding = False
     is_croppable = True
 
-    def __init__(self, settings: KVCacheConfig, owner: "TurboQuantCache | None" = None) -> None:
+    def __init__(self, settings: KVCacheConfig, owner: "TurboQuantCache | None" = None, layer_idx: int | None = None) -> None:
         super().__init__()
         self.settings = settings
         self.owner = owner
-        self.key_codes: _CodeBuffer | None = None
-        self.value_codes: _CodeBuffer | None = None
+        self.layer_idx = layer_idx
+        self.key_codes: _Codes | None = None
+        self.value_codes: _Codes | None = None
         self.key_offset: torch.Tensor | None = None
         self.value_offset: torch.Tensor | None = None
         self.sink_keys: torch.Tensor | None = None
@@ -229,8 +141,8 @@ class TurboQuantLayer(DynamicLayer):
         key_cfg, value_cfg = self.settings.quantizer_configs(key_states.shape[-1])
         self._key_quantizer = TurboQuantizer.from_config(key_cfg)
         self._value_quantizer = TurboQuantizer.from_config(value_cfg)
-        self.key_codes = _CodeBuffer(key_cfg)
-        self.value_codes = _CodeBuffer(value_cfg)
+        self.key_codes = _Codes(key_cfg)
+        self.value_codes = _Codes(value_cfg)
         # [B, H, 0, d] (not DynamicLayer's 1-D empty tensor) so shapes are always 4-D
         self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
         self.sink_keys, self.sink_values = self.keys, self.values
@@ -246,7 +158,8 @@ class TurboQuantLayer(DynamicLayer):
         if self.owner is not None and not self.owner.attention_enabled():
             # Someone else's attention function will read these: give it everything (slow path).
             return self.dequantized_history(keys, values)
-        setattr(keys, _LAYER_ATTR, self)
+        if self.layer_idx is not None:
+            _PENDING.layers[self.layer_idx] = self
         return keys, values
 
     def get_seq_length(self) -> int:
@@ -265,18 +178,18 @@ class TurboQuantLayer(DynamicLayer):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
-            self._apply_batch(lambda t: t.index_select(0, beam_idx.to(t.device)), lambda b: b.index_batch(beam_idx))
+            self._apply_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
-            self._apply_batch(lambda t: t.repeat_interleave(repeats, dim=0), lambda b: b.repeat_batch(repeats))
+            self._apply_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
             idx = torch.as_tensor(indices, device=self.keys.device)
             if idx.dtype == torch.bool:
                 idx = idx.nonzero().flatten()
-            self._apply_batch(lambda t: t.index_select(0, idx.to(t.device)), lambda b: b.index_batch(idx))
+            self._apply_batch(lambda t: t.index_select(0, idx.to(t.device)))
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
@@ -344,8 +257,8 @@ class TurboQuantLayer(DynamicLayer):
         k = old_k.float() - self.key_offset.unsqueeze(-2) if self.key_offset is not None else old_k
         v = old_v.float() - self.value_offset.unsqueeze(-2) if self.value_offset is not None else old_v
         correct = self.settings.norm_correction
-        self.key_codes.encode_append(k, self._key_quantizer, self.settings.backend, "k" in correct)
-        self.value_codes.encode_append(v, self._value_quantizer, self.settings.backend, "v" in correct)
+        self.key_codes.encode_append(k, self._key_quantizer, self.settings.backend, correct.keys and self.key_codes.config.variant is Variant.MSE)
+        self.value_codes.encode_append(v, self._value_quantizer, self.settings.backend, correct.values)
         self.keys = self.keys[:, :, excess:].contiguous()
         self.values = self.values[:, :, excess:].contiguous()
 
@@ -356,16 +269,16 @@ class TurboQuantLayer(DynamicLayer):
         if self.settings.center_values:
             self.value_offset = values.float().mean(dim=-2)
 
-    def _apply_batch(self, fn: Any, buffer_fn: Any) -> None:
+    def _apply_batch(self, fn: Any) -> None:
         self.keys, self.values = fn(self.keys), fn(self.values)
         self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
         if self.key_offset is not None:
             self.key_offset = fn(self.key_offset)
         if self.value_offset is not None:
             self.value_offset = fn(self.value_offset)
-        if self.key_codes is not None and self.value_codes is not None and self.key_codes.tensors:
-            buffer_fn(self.key_codes)
-            buffer_fn(self.value_codes)
+        if self.key_codes is not None and self.value_codes is not None and self.key_codes.buffer.tensors:
+            self.key_codes.buffer.apply(fn)
+            self.value_codes.buffer.apply(fn)
 
     def dequantized_history(self, full_keys: torch.Tensor, full_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All tokens in chronological order with the compressed part dequantized (fallback/debug only)."""
@@ -402,11 +315,10 @@ class TurboQuantCache(Cache):
 
     def __init__(self, config: Any, cache_config: KVCacheConfig | None = None, **overrides: Any) -> None:
         settings = cache_config or KVCacheConfig()
+        if not isinstance(settings, KVCacheConfig):
+            raise TurboQuantError(f"cache_config must be a KVCacheConfig, got {type(settings).__name__}")
         if overrides:
-            unknown = set(overrides) - set(KVCacheConfig.__dataclass_fields__)
-            if unknown:
-                raise TurboQuantError(f"unknown TurboQuantCache settings {sorted(unknown)}")
-            settings = replace(settings, **overrides)
+            settings = replace_fields(settings, overrides)
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         n_layers = getattr(text_config, "num_hidden_layers", None)
         if not n_layers:
@@ -428,7 +340,7 @@ class TurboQuantCache(Cache):
             elif idx in settings.full_precision_layers:
                 layers.append(DynamicLayer())
             else:
-                layers.append(TurboQuantLayer(settings, owner=self))
+                layers.append(TurboQuantLayer(settings, owner=self, layer_idx=idx))
         super().__init__(layers=layers)
         self.settings = settings
         self.model_config = config
@@ -518,7 +430,13 @@ def turboquant_attention(
     """
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    layer: TurboQuantLayer | None = getattr(key, _LAYER_ATTR, None)
+    layer_idx = getattr(module, "layer_idx", None)
+    layer = _PENDING.layers.pop(layer_idx, None) if layer_idx is not None else None
+    if layer is not None and key.shape[-2] != layer.sink_keys.shape[-2] + layer.keys.shape[-2]:
+        raise TurboQuantError(
+            f"layer {layer_idx}: attention got {key.shape[-2]} full-precision keys, the cache layer holds "
+            f"{layer.sink_keys.shape[-2] + layer.keys.shape[-2]}; was the cache updated without attending?"
+        )
     if layer is None or layer.compressed_length == 0:
         if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
             attention_mask = attention_mask[..., -key.shape[-2] :]

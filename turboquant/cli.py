@@ -8,7 +8,8 @@ returning an exit code). To add a command, write ``def _register_x(sub): ...`` a
     turboquant index search --index idx.tq --queries Q.npy -k 10
     turboquant index info   --index idx.tq
     turboquant demo [--key-bits 4 --value-bits 2 ...]     (SmolLM2 KV-cache demo)
-    turboquant bench distortion [--quick ...]            (distortion report, issue 2)
+
+Benchmarks are scripts under ``benchmarks/`` in a checkout, not commands of the installed package.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def _index_build(args: argparse.Namespace) -> int:
     if not args.quiet:
         size = args.out.stat().st_size
         print(
-            f"indexed {len(index)} vectors (d={index.dim}, bits={index.bits}, metric={index.metric}) "
+            f"indexed {len(index)} vectors (d={index.dim}, bits={index.bits}, metric={index.metric.value}) "
             f"in {elapsed:.2f} s; "
             f"{index.bytes_per_vector} B/vector, {args.out} is {size / 1e6:.2f} MB"
         )
@@ -136,7 +137,7 @@ def _index_info(args: argparse.Namespace) -> int:
 
     index = TurboQuantIndex.load(args.index, mmap=True)
     info = {
-        "vectors": len(index), "config": index.config.to_dict(), "metric": index.metric,
+        "vectors": len(index), "config": index.quantizer_config.to_dict(), "metric": index.metric.value,
         "bytes_per_vector": index.bytes_per_vector, "nbytes": index.nbytes, "file_bytes": args.index.stat().st_size,
     }  # fmt: skip
     print(json.dumps(info, indent=2))
@@ -184,7 +185,7 @@ def _register_index(sub: Any) -> None:
     info.set_defaults(func=_index_info)
 
 
-# --------------------------------------------------------------------------- demo and benchmarks
+# --------------------------------------------------------------------------- demo
 
 
 def _forward(target: str) -> Callable[[argparse.Namespace], int]:
@@ -203,22 +204,10 @@ def _register_demo(sub: Any) -> None:
     demo = sub.add_parser(
         "demo", add_help=False, help="answer a prompt with SmolLM2-135M and the TurboQuant KV cache; print memory/quality"
     )
-    demo.set_defaults(func=_forward("turboquant.demo:main"))
+    demo.set_defaults(func=_forward("turboquant.demo.run:main"))
 
 
-BENCHMARKS = {"distortion": "turboquant.distortion:main"}
-"""Benchmarks runnable from the installed package (the others live as scripts under ``benchmarks/``)."""
-
-
-def _register_bench(sub: Any) -> None:
-    bench = sub.add_parser("bench", help="run a packaged benchmark", description="Packaged benchmarks.")
-    bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="NAME")
-    for name, target in BENCHMARKS.items():
-        parser = bsub.add_parser(name, add_help=False, help=f"{name} report (see 'turboquant bench {name} --help')")
-        parser.set_defaults(func=_forward(target))
-
-
-COMMANDS: list[Register] = [_register_demo, _register_index, _register_bench]
+COMMANDS: list[Register] = [_register_demo, _register_index]
 """Subcommand registrars, in help order."""
 
 
@@ -235,9 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``turboquant`` script; returns the exit code (2 on bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    # ``demo`` and ``bench NAME`` own their parsers: everything after them is theirs (argparse's
-    # REMAINDER cannot take leading options such as --help inside a subparser).
-    n_owned = 1 if argv[:1] == ["demo"] else 2 if argv[:1] == ["bench"] and argv[1:2] and argv[1] in BENCHMARKS else 0
+    # ``demo`` owns its parser: everything after it is its own (argparse's REMAINDER cannot take
+    # leading options such as --help inside a subparser).
+    n_owned = 1 if argv[:1] == ["demo"] else 0
     if n_owned:
         args = parser.parse_args(argv[:n_owned])
         args.rest = argv[n_owned:]

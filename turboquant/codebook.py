@@ -20,14 +20,13 @@ a closed form. Lloyd iterations run until no centroid moves by more than
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
 
-from .config import MAX_BITS, MIN_BITS, TurboQuantError
+from .config import MAX_BITS, MIN_BITS, QuantizerConfig, TurboQuantError, Variant
 
 TOLERANCE = 1e-9
 """Convergence threshold: max centroid change between Lloyd iterations, in units of σ = 1/√d."""
@@ -204,80 +203,6 @@ def codebook_tensors(dim: int, bits: int, device: torch.device | str = "cpu") ->
     )
 
 
-_KEY_BITS = 20  # table key: sign, exponent and 11 mantissa bits of a float32 (1 MiB uint8 table)
-_AMBIGUOUS = 0x100  # table flag (above every code): the key's float range straddles a boundary
-_BUCKETIZE_CHUNK = 1 << 18
-_FLAG_WORD_MASKS = {torch.uint8: -0x7F7F7F7F7F7F7F80, torch.int16: 0x0100010001000100}  # 0x8080808080808080
-
-
-@lru_cache(maxsize=64)
-def _float_key_table(dim: int, bits: int) -> torch.Tensor:
-    """``(2**_KEY_BITS,)``: the bucket of every float32 whose top bits are the key.
-
-    Key ``i`` covers the float32 bit patterns ``(i − 2**(K−1)) << (32 − K)`` plus any low bits,
-    an interval of floats; if every float of it has the same bucket the entry is that bucket,
-    otherwise (a boundary inside, or NaN/inf) the entry is flagged ``>= 2**bits``: uint8 ``0x80``
-    for ``bits < 8``, int16 :data:`_AMBIGUOUS` for 8 bits.
-    """
-    _, bounds = codebook_tensors(dim, bits)
-    b = bounds.numpy().astype(np.float32)
-    shift = 32 - _KEY_BITS
-    signed = np.arange(1 << _KEY_BITS, dtype=np.int64) - (1 << (_KEY_BITS - 1))
-    first = (signed << shift).astype(np.int32)
-    last = (first.astype(np.int64) | ((1 << shift) - 1)).astype(np.int32)
-    a, z = first.view(np.float32), last.view(np.float32)
-    lo, hi = np.minimum(a, z), np.maximum(a, z)  # negative floats order in reverse of their bits
-    with np.errstate(invalid="ignore"):
-        c_lo, c_hi = np.searchsorted(b, lo, side="left"), np.searchsorted(b, hi, side="left")
-    exact = np.isfinite(lo) & np.isfinite(hi) & (c_lo == c_hi)
-    if bits < 8:
-        return torch.from_numpy(np.where(exact, c_lo, 0x80).astype(np.uint8))
-    return torch.from_numpy(np.where(exact, c_lo, _AMBIGUOUS).astype(np.int16))
-
-
-def bucketize_codes(y: torch.Tensor, dim: int, bits: int) -> torch.Tensor:
-    """Bucket indices of ``y`` in the ``(dim, bits)`` codebook, as uint8.
-
-    Bit-identical to ``torch.bucketize(y, codebook_tensors(dim, bits)[1])`` (the number of
-    boundaries strictly below each value), but on CPU float32 it is one lookup in a table keyed
-    by the float's top 20 bits; the few values whose key straddles a boundary are resolved by
-    ``torch.bucketize`` (< 0.1% of them up to 4 bits, about 1% at 8 bits).
-
-    Args:
-        y: ``(..., n)`` rotated coordinates.
-        dim, bits: the codebook.
-
-    Returns:
-        ``(..., n)`` uint8 in ``[0, 2**bits)``.
-    """
-    _, bounds = codebook_tensors(dim, bits, y.device)
-    if y.device.type != "cpu" or y.dtype != torch.float32 or sys.byteorder != "little":
-        return torch.bucketize(y, bounds).to(torch.uint8)
-    flat = y.contiguous().view(-1)
-    table = _float_key_table(dim, bits)
-    codes = torch.empty(flat.numel(), dtype=table.dtype)
-    key = torch.empty(min(flat.numel(), _BUCKETIZE_CHUNK), dtype=torch.int32)
-    per_word = 8 // table.element_size()
-    flag_mask = _FLAG_WORD_MASKS[table.dtype]
-    for first in range(0, flat.numel(), _BUCKETIZE_CHUNK):  # chunks keep the temporaries in cache
-        part = flat[first : first + _BUCKETIZE_CHUNK]
-        k = key[: part.numel()]
-        torch.bitwise_right_shift(part.view(torch.int32), 32 - _KEY_BITS, out=k)
-        k += 1 << (_KEY_BITS - 1)
-        out = codes[first : first + part.numel()]
-        torch.index_select(table, 0, k, out=out)
-        # flagged entries have the top bit of their byte (uint8) or bit 8 (int16) set: find them
-        # a word (8 bytes) at a time, then re-run the exact search on those words' values
-        whole = out.numel() - out.numel() % per_word
-        words = ((out[:whole].view(torch.int64) & flag_mask) != 0).nonzero().squeeze(1)
-        idx = (words.unsqueeze(1) * per_word + torch.arange(per_word)).view(-1)
-        tail = torch.arange(whole, out.numel())
-        idx = torch.cat((idx, tail[out[tail] >= (1 << bits)])) if tail.numel() else idx
-        if idx.numel():
-            out[idx] = torch.bucketize(part[idx], bounds).to(out.dtype)
-    return codes.to(torch.uint8).view(y.shape)
-
-
 def mse_upper_bound(bits: float) -> float:
     """Paper Theorem 1 upper bound on unit-vector MSE: ``(√3 π / 2) · 4^−b``."""
     return math.sqrt(3.0) * math.pi / 2.0 * 4.0 ** (-bits)
@@ -286,3 +211,39 @@ def mse_upper_bound(bits: float) -> float:
 def mse_lower_bound(bits: float) -> float:
     """Paper Theorem 3 information-theoretic lower bound: ``4^−b``."""
     return 4.0 ** (-bits)
+
+
+PROD_UPPER = math.sqrt(3.0) * math.pi**2  # paper Theorem 2: d·D_prod/‖y‖² ≤ √3 π² · 4^−b
+
+
+def exact_mse(config: QuantizerConfig) -> float:
+    """Exact expected ``‖u − û‖²`` of a unit vector under ``config``.
+
+    ``mse``: ``Σ_streams n_s · mse_per_coordinate(d, b_s)``; ``prod`` (``b`` bits): the residual of
+    the ``b − 1``-bit stage has ``E‖r‖² = D_mse(b − 1)`` (1 for pure QJL) and the QJL reconstruction
+    multiplies it by ``π/2 − 1/d`` (expectation over Gaussian ``S``).
+
+    Example:
+        >>> round(exact_mse(QuantizerConfig(dim=1536, bits=2)), 4)
+        0.1174
+    """
+    n_hi, b_hi, n_lo, b_lo = config.bit_split
+    d = config.dim
+    stage = 0.0
+    if n_hi:
+        stage += n_hi * lloyd_max_codebook(d, b_hi).mse_per_coordinate
+    stage += n_lo * (lloyd_max_codebook(d, b_lo).mse_per_coordinate if b_lo else 1.0 / d)
+    if config.variant is Variant.PROD:
+        stage *= math.pi / 2 - 1.0 / d
+    return stage
+
+
+def bounds(config: QuantizerConfig) -> tuple[float, float]:
+    """Paper bounds ``(lower, upper)`` on the normalised distortion of ``config``.
+
+    ``mse``: Theorem 3 / Theorem 1 on ``D_mse``; ``prod``: Theorem 3 / Theorem 2 on
+    ``d · D_prod / ‖y‖²`` (which also upper-bounds nothing about prod's reconstruction MSE).
+    """
+    if config.variant is Variant.PROD:
+        return mse_lower_bound(config.bits), PROD_UPPER * 4.0 ** (-config.bits)
+    return mse_lower_bound(config.bits), mse_upper_bound(config.bits)

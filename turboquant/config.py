@@ -8,7 +8,7 @@ gets written into saved files.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any
 
@@ -40,6 +40,49 @@ class Variant(str, Enum):
     """TurboQuant_mse (paper Algorithm 1): all bits spent on Lloyd-Max codes; minimal MSE, biased inner products."""
     PROD = "prod"
     """TurboQuant_prod (paper Algorithm 2): (b-1)-bit MSE codes + 1-bit QJL on the residual; unbiased inner products."""
+
+
+class NormCorrection(str, Enum):
+    """Which KV-cache tensors store ``‖x‖/‖ŷ‖`` instead of ``‖x‖`` (see :func:`turboquant.codec.reconstruction_norms`)."""
+
+    NONE = ""
+    """Store ``‖x‖``: each reconstruction is shorter than the vector by its own factor ``‖ŷ‖``."""
+    KEYS = "k"
+    """Keys only."""
+    VALUES = "v"
+    """Values only."""
+    BOTH = "kv"
+    """Keys and values (default: every decoded token keeps its norm; free)."""
+
+    @property
+    def keys(self) -> bool:
+        return "k" in self.value
+
+    @property
+    def values(self) -> bool:
+        return "v" in self.value
+
+
+class Metric(str, Enum):
+    """Similarity of a :class:`~turboquant.index.TurboQuantIndex`."""
+
+    IP = "ip"
+    """Inner product; scores descending."""
+    COSINE = "cosine"
+    """Cosine: vectors and queries are normalised; scores descending."""
+    L2 = "l2"
+    """Squared Euclidean distance; scores ascending (as FAISS ``IndexFlatL2``)."""
+
+
+class Engine(str, Enum):
+    """Search engine of a :class:`~turboquant.index.TurboQuantIndex`."""
+
+    AUTO = "auto"
+    """Fast-scan where it applies (CPU, FAISS importable, near-equal stored norms), else torch."""
+    FASTSCAN = "fastscan"
+    """FAISS fast-scan shortlist over the top code bits + exact re-rank from the codes (raises if impossible)."""
+    TORCH = "torch"
+    """Exact block decode + matmul over every stored vector (any device, any width)."""
 
 
 class Backend(str, Enum):
@@ -161,3 +204,154 @@ class QuantizerConfig:
             return cls(**data)
         except TypeError as exc:
             raise TurboQuantError(f"invalid config {data!r}: {exc}") from None
+
+
+def _check_int(value: Any, name: str, minimum: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise TurboQuantError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_bits(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TurboQuantError(f"{name} must be a finite number, got {value!r}")
+    if not (MIN_BITS <= value <= MAX_BITS):
+        raise TurboQuantError(f"{name}={value} is not supported; it must be in [{MIN_BITS}, {MAX_BITS}]")
+
+
+def _check_norm_dtype(value: Any, name: str = "norm_dtype") -> None:
+    if value not in _NORM_DTYPES:
+        raise TurboQuantError(f"{name}={value!r} is not supported; choose one of {_NORM_DTYPES}")
+
+
+def replace_fields(config: Any, overrides: dict[str, Any]) -> Any:
+    """``dataclasses.replace`` that names unknown fields in a :class:`TurboQuantError`."""
+    from dataclasses import replace
+
+    known = {f.name for f in fields(config)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TurboQuantError(f"unknown {type(config).__name__} fields {unknown}; known: {sorted(known)}")
+    return replace(config, **overrides)
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """Settings of a :class:`~turboquant.cache.TurboQuantCache` (defaults measured, see README).
+
+    Args:
+        key_bits, value_bits: bits per coordinate (1..8, fractional allowed, e.g. 2.5).
+        key_variant: ``"mse"`` (default: measured better in attention) or ``"prod"`` (QJL residual).
+        window: recent tokens kept in full precision.
+        flush_every: compress once the window exceeds ``window + flush_every`` tokens
+            (amortises encode calls; the bound on full-precision tokens).
+        sink_tokens: first tokens kept in full precision (attention sinks: nearly every query
+            puts large weight on them, so their quantization error reaches every output).
+        center_keys: subtract each head's mean key (of the tokens seen before the first
+            compression) before quantizing; softmax is shift-invariant per query, so ``<q, μ>``
+            is added back exactly. Protects models with large key biases (Qwen2-style).
+        center_values: same for values (``μ_v`` re-added with the compressed softmax mass).
+        full_precision_layers: layer indices never compressed.
+        norm_correction: which tensors store ``‖x‖/‖ŷ‖`` (:class:`NormCorrection`).
+        rotation, seed: rotation of the quantizers (keys use ``seed``, values ``seed + 1``).
+        norm_dtype: storage of per-token norms.
+        backend: ``"auto"`` (GPU kernels on CUDA when available), ``"torch"``, ``"triton"``.
+        chunk: compressed tokens decoded at a time by the torch path.
+    """
+
+    key_bits: float = 4
+    value_bits: float = 4
+    key_variant: Variant = Variant.MSE
+    window: int = 128
+    flush_every: int = 32
+    sink_tokens: int = 16
+    center_keys: bool = True
+    center_values: bool = False
+    full_precision_layers: tuple[int, ...] = field(default_factory=tuple)
+    norm_correction: NormCorrection = NormCorrection.BOTH
+    rotation: Rotation = Rotation.HADAMARD
+    seed: int = 0
+    norm_dtype: str = "float16"
+    backend: Backend = Backend.AUTO
+    chunk: int = 2048
+
+    def __post_init__(self) -> None:
+        _check_bits(self.key_bits, "key_bits")
+        _check_bits(self.value_bits, "value_bits")
+        object.__setattr__(self, "key_variant", _enum_value(Variant, self.key_variant, "key_variant"))
+        object.__setattr__(self, "norm_correction", _enum_value(NormCorrection, self.norm_correction, "norm_correction"))
+        object.__setattr__(self, "rotation", _enum_value(Rotation, self.rotation, "rotation"))
+        object.__setattr__(self, "backend", _enum_value(Backend, self.backend, "backend"))
+        for name in ("window", "flush_every", "sink_tokens", "seed"):
+            _check_int(getattr(self, name), name)
+        _check_int(self.chunk, "chunk", 1)
+        if self.window + self.flush_every == 0:
+            raise TurboQuantError("window + flush_every must be positive")
+        for name in ("center_keys", "center_values"):
+            if not isinstance(getattr(self, name), bool):
+                raise TurboQuantError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        _check_norm_dtype(self.norm_dtype)
+        try:
+            layers = tuple(sorted({int(i) for i in self.full_precision_layers}))
+        except (TypeError, ValueError):
+            raise TurboQuantError(f"full_precision_layers must be layer indices, got {self.full_precision_layers!r}") from None
+        object.__setattr__(self, "full_precision_layers", layers)
+
+    def quantizer_configs(self, head_dim: int) -> tuple[QuantizerConfig, QuantizerConfig]:
+        """``(key_config, value_config)`` for a head dimension (validates the bit widths)."""
+        key = QuantizerConfig(head_dim, self.key_bits, self.key_variant, self.rotation, self.seed, self.norm_dtype)
+        value = QuantizerConfig(head_dim, self.value_bits, Variant.MSE, self.rotation, self.seed + 1, self.norm_dtype)
+        return key, value
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Settings of a :class:`~turboquant.index.TurboQuantIndex` (everything but the device).
+
+    Args:
+        dim: vector dimension.
+        bits: bits per coordinate, 1..8 (fractional rates such as 2.5 allowed). At ``dim=384,
+            bits=4`` a vector takes 192 code bytes + a 4-byte norm.
+        metric: :class:`Metric`.
+        rotation: ``"haar"`` (default here, unlike the quantizers and the KV cache). Embedding
+            collections are encoded in large batches, where a dense ``d × d`` product is BLAS-fast,
+            and embeddings are not always dense: on sparse or one-hot-like inputs at
+            non-power-of-two dimensions the randomized Hadamard rotation's MSE is up to +62%
+            higher than Haar's (``benchmarks/distortion.py``), while on dense data the two are
+            equal. KV states are dense and encoded a few tokens at a time, so the cache keeps the
+            O(d log d) Hadamard rotation.
+        seed: rotation seed.
+        norm_dtype: storage dtype of the norms (``"float16"`` saves 2 bytes per vector).
+        engine: :class:`Engine`.
+        correction: score with ``‖x‖·<Πq, ŷ>/‖ŷ‖`` (default) instead of ``‖x‖·<Πq, ŷ>``.
+        search_threads: fast-scan shards searched concurrently by single queries (FAISS
+            parallelises over queries only); ``None`` = 1.
+        scan_bits: bits per coordinate the fast-scan stage reads (1, 2 or 4).
+    """
+
+    dim: int
+    bits: float
+    metric: Metric = Metric.IP
+    rotation: Rotation = Rotation.HAAR
+    seed: int = 0
+    norm_dtype: str = "float32"
+    engine: Engine = Engine.AUTO
+    correction: bool = True
+    search_threads: int | None = None
+    scan_bits: int = 2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "metric", _enum_value(Metric, self.metric, "metric"))
+        object.__setattr__(self, "rotation", _enum_value(Rotation, self.rotation, "rotation"))
+        object.__setattr__(self, "engine", _enum_value(Engine, self.engine, "engine"))
+        if not isinstance(self.correction, bool):
+            raise TurboQuantError(f"correction must be a bool, got {self.correction!r}")
+        if self.search_threads is not None:
+            _check_int(self.search_threads, "search_threads", 1)
+        if self.scan_bits not in (1, 2, 4) or isinstance(self.scan_bits, bool):
+            raise TurboQuantError(f"scan_bits={self.scan_bits!r} is not supported; choose 1, 2 or 4")
+        self.quantizer  # validates dim, bits, seed, norm_dtype with the quantizer's messages
+
+    @property
+    def quantizer(self) -> QuantizerConfig:
+        """The MSE quantizer the index stores codes with."""
+        return QuantizerConfig(self.dim, self.bits, Variant.MSE, self.rotation, self.seed, self.norm_dtype)

@@ -1,5 +1,5 @@
-"""CPU fast paths of :class:`~turboquant.index.TurboQuantIndex`: a bit-exact table encoder and the
-FAISS fast-scan mirror driven with fixed TurboQuant codebooks (no training).
+"""The FAISS fast-scan mirror of :class:`~turboquant.index.TurboQuantIndex`, driven with fixed
+TurboQuant codebooks (no training).
 
 The mirror is a FAISS ``IndexPQFastScan`` whose sub-quantizer ``m`` reads one 4-bit nibble of a
 re-packed code stream: the top ``scan_bits`` bits of each coordinate's Lloyd-Max code. Its 16
@@ -9,7 +9,6 @@ time with SIMD shuffles of 8-bit lookup tables. The index re-ranks the shortlist
 
 from __future__ import annotations
 
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -18,66 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .codebook import codebook_tensors, lloyd_max_codebook
+from .codebook import lloyd_max_codebook
+from .codec import layout
 from .config import QuantizerConfig
-from .packing import pack_codes, packed_size, unpack_codes
-from .quantizer import encode_mse
-
-# --------------------------------------------------------------------------- CPU encoder
-
-
-@lru_cache(maxsize=64)
-def _float_lut(dim: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Code of every float32 whose top 16 bits (sign, exponent, 7 mantissa bits) are the index.
-
-    Cells that straddle a codebook boundary are flagged with bit 7 and resolved exactly by
-    ``searchsorted``, so the result equals ``torch.bucketize`` (i.e. :func:`encode_mse`) bit for bit.
-    """
-    _, bounds = codebook_tensors(dim, bits)
-    b = bounds.numpy()
-    keys = np.arange(1 << 16, dtype=np.uint32) << 16
-    lo, hi = keys.view(np.float32), (keys | 0xFFFF).view(np.float32)
-    with np.errstate(invalid="ignore"):
-        c_lo, c_hi = np.searchsorted(b, lo), np.searchsorted(b, hi)
-    finite = np.isfinite(lo) & np.isfinite(hi)
-    lut = np.where(finite, c_lo, 0).astype(np.uint8) | np.where(finite & (c_lo != c_hi), 0x80, 0).astype(np.uint8)
-    return lut, b
-
-
-def _codes_cpu(y: np.ndarray, dim: int, bits: int) -> np.ndarray:
-    # 4x faster than bucketize on CPU: one table lookup on the float's high half-word
-    lut, bounds = _float_lut(dim, bits)
-    high = y.view(np.uint16)[..., 1::2]  # little-endian: the upper 16 bits of each float32
-    codes = lut[high]
-    ambiguous = codes >= 0x80
-    if ambiguous.any():
-        codes[ambiguous] = np.searchsorted(bounds, y[ambiguous])
-    return codes
-
-
-def _pack_cpu(codes: np.ndarray, width: int) -> np.ndarray:
-    if 8 % width:
-        return pack_codes(torch.from_numpy(codes), width).numpy()
-    per = 8 // width
-    if codes.shape[1] % per:
-        codes = np.concatenate([codes, np.zeros((codes.shape[0], per - codes.shape[1] % per), np.uint8)], 1)
-    out = codes[:, 0::per].copy()
-    for j in range(1, per):
-        out |= codes[:, j::per] << (j * width)
-    return out
-
-
-def encode_cpu(y: np.ndarray, config: QuantizerConfig) -> np.ndarray:
-    """Same bytes as :func:`encode_mse` for float32 ``y`` on CPU, faster."""
-    n_hi, b_hi, _, b_lo = config.bit_split
-    if sys.byteorder != "little":  # pragma: no cover
-        return encode_mse(torch.from_numpy(y), config).numpy()
-    parts = []
-    if n_hi:
-        parts.append(_pack_cpu(_codes_cpu(np.ascontiguousarray(y[:, :n_hi]), config.dim, b_hi), b_hi))
-    parts.append(_pack_cpu(_codes_cpu(np.ascontiguousarray(y[:, n_hi:]), config.dim, b_lo), b_lo))
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-
+from .packing import packed_size, unpack_codes
 
 # --------------------------------------------------------------------------- FAISS fast-scan mirror
 
@@ -117,8 +60,7 @@ def _coarse_centroids(dim: int, bits: int, drop: int) -> np.ndarray:
 
 @lru_cache(maxsize=32)
 def nibble_plan(config: QuantizerConfig, width: int) -> _NibblePlan | None:
-    n_hi, b_hi, n_lo, b_lo = config.bit_split
-    groups = ([(0, n_hi, b_hi)] if n_hi else []) + [(n_hi, n_lo, b_lo)]
+    groups = [(s.first, s.count, s.width) for s in layout(config).streams]
     if width >= 4 and any(w > 4 for _, _, w in groups):
         return None
     slots: list[list[tuple[int, int, int]]] = []  # per nibble: (coord, coarse width, shift)
@@ -197,20 +139,15 @@ class FastScan:
     def _nibble_bytes(self, codes: np.ndarray) -> np.ndarray:
         if self.plan.identity:
             return codes
-        n_hi, _, _, b_lo = self.config.bit_split
-        if n_hi == 0 and b_lo == 4 and self.plan.drop[0] == 2:  # common case: one table lookup per byte
+        streams = layout(self.config).streams
+        if len(streams) == 1 and streams[0].width == 4 and self.plan.drop[0] == 2:  # common case: one table lookup per byte
             nib = np.take(_msb_byte_table(), codes)
             if nib.shape[1] % 2:
                 nib = np.concatenate([nib, np.zeros((nib.shape[0], 1), np.uint8)], axis=1)
             return nib[:, 0::2] | (nib[:, 1::2] << 4)
-        # unpack every group to one code per coordinate, then rebuild nibbles in plan order
-        n_hi, b_hi, n_lo, b_lo = self.config.bit_split
+        # unpack every stream to one code per coordinate, then rebuild nibbles in plan order
         t = torch.from_numpy(codes)
-        parts, off = [], 0
-        if n_hi:
-            off = packed_size(n_hi, b_hi)
-            parts.append(unpack_codes(t[:, :off].contiguous(), b_hi, n_hi))
-        parts.append(unpack_codes(t[:, off:].contiguous(), b_lo, n_lo))
+        parts = [unpack_codes(t[:, s.offset : s.offset + s.nbytes].contiguous(), s.width, s.count) for s in layout(self.config).streams]
         per_coord = torch.cat(parts, dim=1).numpy() >> self.plan.drop.astype(np.uint8)
         nib = np.zeros((len(codes), len(self.plan.coords)), np.uint8)
         for slot in range(self.plan.coords.shape[1]):  # dsub passes of one gather each

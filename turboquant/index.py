@@ -43,30 +43,25 @@ import math
 import os
 import threading
 import warnings
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-from .codebook import codebook_tensors
-from .config import QuantizerConfig, Rotation, TurboQuantError, Variant
-from .fastscan import FastScan, encode_cpu, faiss_available, nibble_plan, thread_pool
-from .packing import packed_size
-from .quantizer import bytes_per_vector, code_bytes, decode_mse, encode_mse
+from .buffers import GrowableBuffer
+from .codec import bytes_per_vector, code_bytes, decode_mse, decode_mse_numpy, encode, reconstruction_norms
+from .config import Engine, IndexConfig, Metric, QuantizerConfig, TurboQuantError, Variant, replace_fields
+from .fastscan import FastScan, faiss_available, nibble_plan, thread_pool
 from .rotation import make_rotation
 
 ArrayLike = torch.Tensor | np.ndarray
-Metric = Literal["ip", "cosine", "l2"]
-Engine = Literal["auto", "fastscan", "torch"]
 
 INDEX_KIND = "index"
 INDEX_VERSION = 1
-_METRICS = ("ip", "cosine", "l2")
 _MIN_SHARD = 8192  # fast-scan shard size floor: smaller shards cost more per-call overhead than they save
 _CHUNK = 16384  # vectors encoded / decoded at a time: bounds temporary memory
-_NORM_SPREAD = {"ip": 1.02, "cosine": 1.02, "l2": 1.002}  # max/min stored norm for the fast-scan shortlist
+_NORM_SPREAD = {Metric.IP: 1.02, Metric.COSINE: 1.02, Metric.L2: 1.002}  # max/min stored norm for the fast-scan shortlist
 
 
 def _default_rerank(k: int, exact_scan: bool) -> int:
@@ -74,49 +69,6 @@ def _default_rerank(k: int, exact_scan: bool) -> int:
     # the corrected exact top-10 is reached with 14 (4 bits) to 18 (2 bits) candidates. Coarse
     # 2-bit scan of 3/4-bit codes: 64 candidates hold 99.9% of the exact top-10, 424 of the top-100.
     return k + max(8, k // 2) if exact_scan else 4 * k + 24
-
-
-# --------------------------------------------------------------------------- fast decoding
-
-
-@lru_cache(maxsize=64)
-def _byte_table(dim: int, bits: int, device: torch.device) -> torch.Tensor:
-    """``(256, 8/bits)`` centroids of every code byte, for widths dividing 8: one gather per byte."""
-    centroids, _ = codebook_tensors(dim, bits, device)
-    per = 8 // bits
-    values = torch.arange(256, device=device)
-    idx = torch.stack([(values >> (j * bits)) & ((1 << bits) - 1) for j in range(per)], dim=1)
-    return centroids[idx].contiguous()
-
-
-@lru_cache(maxsize=64)
-def _byte_tables_np(dim: int, bits: int) -> np.ndarray:
-    """numpy ``(256, 8/bits)`` centroid table per code byte."""
-    return _byte_table(dim, bits, torch.device("cpu")).numpy()
-
-
-def _decode_np(codes: np.ndarray, config: QuantizerConfig) -> np.ndarray:
-    """numpy ``ŷ`` for packed codes of any width (few rows: no torch per-op overhead)."""
-    n_hi, b_hi, n_lo, b_lo = config.bit_split
-    parts, offset = [], 0
-    for n, w in ((n_hi, b_hi), (n_lo, b_lo)):
-        if not n:
-            continue
-        nb = packed_size(n, w)
-        bits = np.unpackbits(codes[:, offset : offset + nb], axis=1, bitorder="little")[:, : n * w]
-        idx = bits.reshape(len(codes), n, w) @ (1 << np.arange(w, dtype=np.uint16))  # LSB-first stream
-        parts.append(np.take(codebook_tensors(config.dim, w)[0].numpy(), idx))
-        offset += nb
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-
-
-def _decode(codes: torch.Tensor, config: QuantizerConfig) -> torch.Tensor:
-    """``ŷ`` for packed codes ``(n, code_bytes)`` (float32); fast path for single-width 1/2/4/8-bit codes."""
-    n_hi, _, _, b_lo = config.bit_split
-    if n_hi == 0 and b_lo in (1, 2, 4, 8):
-        table = _byte_table(config.dim, b_lo, codes.device)
-        return torch.nn.functional.embedding(codes.long(), table).reshape(codes.shape[0], -1)[:, : config.dim]
-    return decode_mse(codes, config)
 
 
 # --------------------------------------------------------------------------- input helpers
@@ -171,53 +123,6 @@ def _as_ids(ids: Any, n: int, name: str = "ids") -> np.ndarray:
     return arr
 
 
-class _Buffer:
-    """Append-only tensor with amortised doubling growth; ``view`` is the filled part."""
-
-    def __init__(self, tail_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
-        self.data = torch.empty((0, *tail_shape), dtype=dtype, device=device)
-        self.n = 0
-        self.mapped = False  # a read-only memory map (see TurboQuantIndex.load)
-        self._np: np.ndarray | None = None
-
-    @classmethod
-    def wrap(cls, t: torch.Tensor) -> _Buffer:
-        buf = cls.__new__(cls)
-        buf.data, buf.n, buf.mapped, buf._np = t, t.shape[0], False, None
-        return buf
-
-    @property
-    def view(self) -> torch.Tensor:
-        return self.data[: self.n]
-
-    @property
-    def np(self) -> np.ndarray:
-        """numpy view of the filled part (CPU), cached: converting per search costs ~20 µs."""
-        if self._np is None:
-            self._np = self.view.numpy()
-        return self._np
-
-    def append(self, t: torch.Tensor) -> None:
-        need = self.n + t.shape[0]
-        if need > self.data.shape[0] or not self.data.is_contiguous():
-            cap = need if self.n == 0 else max(need, 2 * self.data.shape[0])
-            grown = torch.empty((cap, *self.data.shape[1:]), dtype=self.data.dtype, device=self.data.device)
-            grown[: self.n] = self.data[: self.n]
-            self.data = grown
-        self.data[self.n : need] = t
-        self.n = need
-        self._np = None
-
-    def keep(self, mask: torch.Tensor) -> None:
-        self.data = self.view[mask].clone()
-        self.n = self.data.shape[0]
-        self._np = None
-
-    @property
-    def allocated(self) -> int:
-        return self.data.numel() * self.data.element_size()
-
-
 # --------------------------------------------------------------------------- the index
 
 
@@ -225,70 +130,51 @@ class TurboQuantIndex:
     """A compressed, training-free vector index with FAISS-style ``search`` output.
 
     Args:
-        dim: vector dimension.
-        bits: bits per coordinate, 1..8 (fractional rates such as 2.5 allowed, see
-            :class:`~turboquant.config.QuantizerConfig`). At ``dim=384, bits=4`` a vector takes
-            192 code bytes + a 4-byte norm.
-        metric: ``"ip"`` (scores = estimated inner products, descending), ``"cosine"`` (vectors
-            and queries are normalised; scores = estimated cosines) or ``"l2"`` (scores =
-            estimated squared distances, ascending, as FAISS ``IndexFlatL2`` returns).
-        rotation: ``"haar"`` (default: best recall measured on real embeddings, and one matmul)
-            or ``"hadamard"``.
-        seed: rotation seed.
-        norm_dtype: storage dtype of the norms (``"float16"`` saves 2 bytes per vector).
-        engine: ``"auto"``, ``"fastscan"`` (FAISS fast-scan shortlist + exact re-rank; raises if
-            impossible) or ``"torch"`` (exact block decode + matmul; CUDA-capable).
+        dim: vector dimension, or a complete :class:`~turboquant.config.IndexConfig` (then
+            ``options`` override its fields).
+        bits: bits per coordinate, 1..8 (fractional rates such as 2.5 allowed).
+        metric: ``"ip"``, ``"cosine"`` or ``"l2"`` (:class:`~turboquant.config.Metric`).
         device: where codes live; ``None`` = the device of the first ``add`` (CPU for numpy).
-        correction: score with ``‖x‖·<Πq, ŷ>/‖ŷ‖`` (default) instead of ``‖x‖·<Πq, ŷ>``.
-        search_threads: fast-scan shards searched concurrently by single queries (FAISS parallelises
-            over queries only). Default 1: on a busy machine the thread hand-offs cost more than
-            they gain (measured in benchmarks/ann.py); try ``os.cpu_count()`` on idle cores.
-        scan_bits: bits per coordinate the fast-scan stage reads: the top ``scan_bits`` bits of each
-            code (2, default: half the scan of 4-bit codes, then a larger exact re-rank) or up to 4
-            (the full codes of ≤4-bit indexes, 3-bit codes widened to a nibble).
+        options: the other :class:`~turboquant.config.IndexConfig` fields (``rotation``, ``seed``,
+            ``norm_dtype``, ``engine``, ``correction``, ``search_threads``, ``scan_bits``), documented there.
 
     Example:
-        >>> index = TurboQuantIndex(dim=384, bits=4, metric="cosine")  # doctest: +SKIP
+        >>> index = TurboQuantIndex(384, bits=4, metric="cosine")  # doctest: +SKIP
         >>> index.add(embeddings)  # doctest: +SKIP
         >>> scores, ids = index.search(queries, k=10)  # doctest: +SKIP
     """
 
     def __init__(
         self,
-        dim: int,
-        bits: float,
-        metric: Metric = "ip",
+        dim: int | IndexConfig,
+        bits: float | None = None,
+        metric: Metric | str = Metric.IP,
         *,
-        rotation: Rotation | str = Rotation.HAAR,
-        seed: int = 0,
-        norm_dtype: str = "float32",
-        engine: Engine = "auto",
         device: torch.device | str | None = None,
-        correction: bool = True,
-        search_threads: int | None = None,
-        scan_bits: int = 2,
+        **options: Any,
     ) -> None:
-        if metric not in _METRICS:
-            raise TurboQuantError(f"metric={metric!r} is not supported; choose one of {_METRICS}")
-        if engine not in ("auto", "fastscan", "torch"):
-            raise TurboQuantError(f"engine={engine!r} is not supported; choose 'auto', 'fastscan' or 'torch'")
-        self.config = QuantizerConfig(dim, bits, Variant.MSE, rotation, seed, norm_dtype)  # type: ignore[arg-type]
-        self.metric: Metric = metric
-        self.engine: Engine = engine
-        self.correction = bool(correction)
-        self.search_threads = search_threads
-        if scan_bits not in (1, 2, 4):
-            raise TurboQuantError(f"scan_bits={scan_bits} is not supported; choose 1, 2 or 4")
-        self.scan_bits = scan_bits
-        self.rotation = make_rotation(self.config.rotation, dim, seed)
+        if isinstance(dim, IndexConfig):
+            if bits is not None or metric is not Metric.IP:
+                raise TurboQuantError("pass either an IndexConfig or dim/bits/metric, not both")
+            config = replace_fields(dim, options) if options else dim
+        else:
+            if bits is None:
+                raise TurboQuantError("bits is required (or pass an IndexConfig)")
+            known = set(IndexConfig.__dataclass_fields__) - {"dim", "bits", "metric"}
+            unknown = sorted(set(options) - known)
+            if unknown:
+                raise TurboQuantError(f"unknown TurboQuantIndex options {unknown}; known: {sorted(known)} and device")
+            config = IndexConfig(dim, bits, metric, **options)  # type: ignore[arg-type]
+        self.config: IndexConfig = config
+        self._qcfg: QuantizerConfig = config.quantizer
+        self.rotation = make_rotation(config.rotation, config.dim, config.seed)
         self._device = None if device is None else torch.device(device)
-        self._norm_dtype = getattr(torch, norm_dtype)
+        self._norm_dtype = getattr(torch, config.norm_dtype)
         self._lock = threading.RLock()
         self._fastscan: FastScan | None = None
         self._rot_t: np.ndarray | None = None  # Π.T as numpy, for the fast-scan path
-        self._byte_table: np.ndarray | None = None  # (256, 8/bits) centroids per code byte, if one width
         self._reset_storage(self._device or torch.device("cpu"))
-        if engine == "fastscan":
+        if config.engine is Engine.FASTSCAN:
             self._check_fastscan_possible()
 
     # ----------------------------------------------------------------- properties
@@ -302,11 +188,17 @@ class TurboQuantIndex:
         return self.config.bits
 
     @property
+    def metric(self) -> Metric:
+        return self.config.metric
+
+    @property
+    def quantizer_config(self) -> QuantizerConfig:
+        """The MSE quantizer config of the stored codes."""
+        return self._qcfg
+
+    @property
     def device(self) -> torch.device:
         return self._device or torch.device("cpu")
-
-    def __len__(self) -> int:
-        return self._codes.n
 
     @property
     def ntotal(self) -> int:
@@ -316,7 +208,7 @@ class TurboQuantIndex:
     @property
     def bytes_per_vector(self) -> int:
         """Stored bytes per vector: codes + norm (ids excluded; see :attr:`nbytes`)."""
-        return bytes_per_vector(self.config)
+        return bytes_per_vector(self._qcfg)
 
     @property
     def nbytes(self) -> int:
@@ -331,7 +223,7 @@ class TurboQuantIndex:
     @property
     def memory_bytes(self) -> int:
         """RAM actually held: allocated buffers (growth slack included) + the fast-scan mirror."""
-        parts = [self._codes.allocated, self._norms.allocated, self._ids.allocated if self._ids is not None else 0]
+        parts = [self._store.allocated, self._ids.allocated if self._ids is not None else 0]
         return sum(parts) + (self._fastscan.nbytes if self._fastscan is not None else 0)
 
     @property
@@ -343,35 +235,43 @@ class TurboQuantIndex:
     def __repr__(self) -> str:
         c = self.config
         return (
-            f"TurboQuantIndex(dim={c.dim}, bits={c.bits}, metric={self.metric!r}, rotation={c.rotation.value!r}, "
+            f"TurboQuantIndex(dim={c.dim}, bits={c.bits}, metric={c.metric.value!r}, rotation={c.rotation.value!r}, "
             f"n={len(self)}, {self.bytes_per_vector} B/vector)"
         )
 
     # ----------------------------------------------------------------- storage
 
     def _reset_storage(self, device: torch.device) -> None:
-        self._codes = _Buffer((code_bytes(self.config),), torch.uint8, device)
-        self._norms = _Buffer((), self._norm_dtype, device)
-        self._ids: _Buffer | None = None  # None: ids are 0..n-1 + offset, i.e. _implicit_ids
+        self._store = GrowableBuffer(axis=0)  # "codes" (n, code_bytes) uint8, "norms" (n,)
+        self._store.reserve(0, {
+            "codes": ((0, code_bytes(self._qcfg)), torch.uint8, device),
+            "norms": ((0,), self._norm_dtype, device),
+        })  # fmt: skip
+        self._ids: GrowableBuffer | None = None  # None: ids are 0..n-1, not stored
         self._next_id = 0
         self._fastscan = None
         self._norm_range: tuple[float, float] | None = None
 
+    def __len__(self) -> int:
+        return self._store.length
+
+    @property
+    def _codes(self) -> torch.Tensor:
+        return self._store.view("codes")
+
+    @property
+    def _norms(self) -> torch.Tensor:
+        return self._store.view("norms")
+
     def _id_array(self) -> np.ndarray:
         if self._ids is None:
             return np.arange(len(self), dtype=np.int64)
-        return self._ids.view.cpu().numpy()
+        return self._ids.numpy("ids")
 
     def _materialize_ids(self) -> None:
         if self._ids is None:
-            self._ids = _Buffer((), torch.int64, torch.device("cpu"))
-            self._ids.append(torch.arange(len(self), dtype=torch.int64))
-
-    def _writable(self) -> None:
-        # memory-mapped (read-only) buffers are copied into RAM before the first change
-        for buf in (self._codes, self._norms, self._ids):
-            if buf is not None and buf.mapped:
-                buf.data, buf.mapped, buf._np = buf.view.clone(), False, None
+            self._ids = GrowableBuffer(axis=0)
+            self._ids.append({"ids": torch.arange(len(self), dtype=torch.int64)})
 
     # ----------------------------------------------------------------- add / remove
 
@@ -391,19 +291,14 @@ class TurboQuantIndex:
             if self._device is None and len(self) == 0:
                 self._device = t.device
                 self._reset_storage(t.device)
-            self._writable()
             device = self.device
             chunks = [t[start : start + _CHUNK].to(device) for start in range(0, n, _CHUNK)]
-            if device.type == "cpu" and len(chunks) > 1:  # numpy/torch release the GIL: encode chunks on all cores
+            if device.type == "cpu" and len(chunks) > 1:  # torch releases the GIL: encode chunks on all cores
                 encoded = list(thread_pool(max(1, torch.get_num_threads())).map(self._encode, chunks))
             else:
                 encoded = [self._encode(c) for c in chunks]
-            codes_parts = [c for c, _ in encoded]
-            norm_parts = [nm for _, nm in encoded]
-            codes = (
-                torch.cat(codes_parts) if codes_parts else torch.empty(0, code_bytes(self.config), dtype=torch.uint8)
-            )
-            norms = torch.cat(norm_parts) if norm_parts else torch.empty(0, dtype=self._norm_dtype)
+            codes = torch.cat([c for c, _ in encoded]) if encoded else torch.empty(0, code_bytes(self._qcfg), dtype=torch.uint8)
+            norms = torch.cat([nm for _, nm in encoded]) if encoded else torch.empty(0, dtype=self._norm_dtype)
             if new_ids is None:
                 new_ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
                 if self._ids is None and self._next_id != len(self):
@@ -411,9 +306,8 @@ class TurboQuantIndex:
             elif self._ids is None and not np.array_equal(new_ids, np.arange(len(self), len(self) + n)):
                 self._materialize_ids()
             if self._ids is not None:
-                self._ids.append(torch.from_numpy(new_ids))
-            self._codes.append(codes.to(device))
-            self._norms.append(norms.to(device))
+                self._ids.append({"ids": torch.from_numpy(new_ids)})
+            self._store.append({"codes": codes.to(device), "norms": norms.to(device)})
             self._norm_range = None
             if n:
                 self._next_id = max(self._next_id, int(new_ids.max()) + 1)
@@ -422,28 +316,26 @@ class TurboQuantIndex:
                 if len(self._fastscan.shards) > 4 * self._fastscan.threads:  # grown by streaming: re-split
                     self._fastscan = None
                     self._use_fastscan()
-            elif n and self.engine != "torch":
+            elif n and self.config.engine is not Engine.TORCH:
                 self._use_fastscan()  # build the fast-scan mirror now, as part of the build time
             return new_ids
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         xf = x.float()
-        norms = torch.linalg.vector_norm(xf, dim=1)
-        # one reduction instead of an elementwise scan: NaN/Inf entries make the norm non-finite
-        if not bool(torch.isfinite(norms).all()):
+        # one reduction instead of an elementwise scan: NaN/Inf entries make a norm non-finite
+        enc = encode(xf, self._qcfg)
+        if not bool(torch.isfinite(enc.norms).all()):
             raise TurboQuantError("x contains NaN or Inf (or values whose norm overflows float32)")
-        if self.metric == "cosine":
-            if bool((norms == 0).any()):
+        if self.metric is Metric.COSINE:
+            if bool((enc.norms == 0).any()):
                 raise TurboQuantError("x contains a zero vector, which has no direction for metric='cosine'")
-            stored = torch.ones_like(norms)
+            stored = torch.ones_like(enc.norms)
         else:
-            stored = norms
-        if not bool(torch.isfinite(stored.to(self._norm_dtype)).all()):
+            stored = enc.norms
+        stored = stored.to(self._norm_dtype)
+        if not bool(torch.isfinite(stored).all()):
             raise TurboQuantError(f"a vector norm overflows norm_dtype={self.config.norm_dtype}")
-        y = self.rotation.rotate(xf).div_(torch.where(norms > 0, norms, torch.ones_like(norms)).unsqueeze(1))
-        if y.device.type == "cpu":
-            return torch.from_numpy(encode_cpu(y.numpy(), self.config)), stored.to(self._norm_dtype)
-        return encode_mse(y, self.config), stored.to(self._norm_dtype)
+        return enc.codes, stored
 
     def remove(self, ids: ArrayLike) -> int:
         """Remove the vectors with these ids; returns how many were removed.
@@ -461,13 +353,11 @@ class TurboQuantIndex:
                 raise TurboQuantError(f"{missing.size} id(s) not in the index: {shown}")
             if not hit.any():
                 return 0
-            self._writable()
             self._materialize_ids()
             keep = torch.from_numpy(~hit)
-            self._codes.keep(keep.to(self._codes.data.device))
-            self._norms.keep(keep.to(self._norms.data.device))
+            self._store.apply(lambda t: t[keep.to(t.device)].clone())
             assert self._ids is not None
-            self._ids.keep(keep)
+            self._ids.apply(lambda t: t[keep].clone())
             self._fastscan = None  # rebuilt lazily from the stored codes
             self._norm_range = None
             return int(hit.sum())
@@ -490,8 +380,8 @@ class TurboQuantIndex:
             ):
                 raise TurboQuantError("some ids are not in the index")
             rows = torch.from_numpy(order[pos]).to(self.device)
-            y = _decode(self._codes.view.index_select(0, rows), self.config)
-            x = self.rotation.unrotate(y) * self._norms.view.index_select(0, rows).float().unsqueeze(1)
+            y = decode_mse(self._codes.index_select(0, rows), self._qcfg)
+            x = self.rotation.unrotate(y) * self._norms.index_select(0, rows).float().unsqueeze(1)
             return x.cpu().numpy()
 
     # ----------------------------------------------------------------- search
@@ -530,7 +420,7 @@ class TurboQuantIndex:
             else:
                 scores, pos_t = self._search_torch(self._prepare_queries(_to_torch(t).float().to(self.device)), k)
                 pos = pos_t.cpu().numpy()
-            ids_np = pos if self._ids is None else np.take(self._ids.np, pos)
+            ids_np = pos if self._ids is None else np.take(self._ids.numpy("ids"), pos)
         if numpy_io:
             return (scores.cpu().numpy() if isinstance(scores, torch.Tensor) else scores), ids_np
         out_device = t.device  # type: ignore[union-attr]
@@ -545,42 +435,42 @@ class TurboQuantIndex:
     def _check_fastscan_possible(self) -> None:
         if not faiss_available():
             raise TurboQuantError("engine='fastscan' needs FAISS: pip install faiss-cpu")
-        if nibble_plan(self.config, self.scan_bits) is None:
+        if nibble_plan(self._qcfg, self.config.scan_bits) is None:
             raise TurboQuantError(f"scan_bits=4 needs code widths up to 4 bits, not bits={self.bits}; use scan_bits=2")
         if self.device.type != "cpu":
             raise TurboQuantError("engine='fastscan' runs on CPU; this index lives on " + str(self.device))
 
     def _use_fastscan(self) -> bool:
-        if self.engine == "torch":
+        if self.config.engine is Engine.TORCH:
             return False
-        if self.engine == "fastscan":
+        if self.config.engine is Engine.FASTSCAN:
             self._check_fastscan_possible()
-        elif self.device.type != "cpu" or nibble_plan(self.config, self.scan_bits) is None or not faiss_available():
+        elif self.device.type != "cpu" or nibble_plan(self._qcfg, self.config.scan_bits) is None or not faiss_available():
             return False
         elif self.metric != "cosine":
             if self._norm_range is None:  # cached; reset by add/remove
-                norms = self._norms.view.float()
+                norms = self._norms.float()
                 self._norm_range = (float(norms.min()), float(norms.max()))
             lo, hi = self._norm_range
             if lo <= 0 or hi / lo > _NORM_SPREAD[self.metric]:
                 return False
         if self._fastscan is None:
-            plan = nibble_plan(self.config, self.scan_bits)
+            plan = nibble_plan(self._qcfg, self.config.scan_bits)
             assert plan is not None
-            threads = max(1, self.search_threads or 1)
+            threads = max(1, self.config.search_threads or 1)
             fs = FastScan(
-                self.config, plan, max(_MIN_SHARD, -(-len(self) // threads)) if threads > 1 else 1 << 62, threads
+                self._qcfg, plan, max(_MIN_SHARD, -(-len(self) // threads)) if threads > 1 else 1 << 62, threads
             )
             for start in range(0, len(self), 1 << 18):
-                fs.append(self._codes.view[start : start + (1 << 18)].numpy())
+                fs.append(self._codes[start : start + (1 << 18)].numpy())
             self._fastscan = fs
         return True
 
     def _scale(self, norms: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
         """Per-vector multiplier of ``<Πq, ŷ>``: ``‖x‖/‖ŷ‖`` (corrected) or ``‖x‖``."""
-        if not self.correction:
+        if not self.config.correction:
             return norms
-        return norms / torch.linalg.vector_norm(y_hat, dim=-1).clamp_min(1e-12)
+        return norms / reconstruction_norms(y_hat)
 
     def _finish(self, dots: torch.Tensor, norms: torch.Tensor, q_sq: torch.Tensor) -> torch.Tensor:
         """Turn estimated inner products into 'larger is better' ranking keys."""
@@ -601,8 +491,8 @@ class TurboQuantIndex:
         best_keys = torch.full((nq, 0), -math.inf, device=q.device)
         best_pos = torch.zeros((nq, 0), dtype=torch.int64, device=q.device)
         for start in range(0, n, chunk):
-            y_hat = _decode(self._codes.view[start : start + chunk], self.config)
-            norms = self._norms.view[start : start + chunk].float()
+            y_hat = decode_mse(self._codes[start : start + chunk], self._qcfg)
+            norms = self._norms[start : start + chunk].float()
             scale = self._scale(norms, y_hat)
             keys = self._finish((q_rot @ y_hat.T) * scale, norms, q_sq)
             pos = torch.arange(start, start + y_hat.shape[0], device=q.device).expand(nq, -1)
@@ -621,21 +511,18 @@ class TurboQuantIndex:
 
     def _rescore(self, cand: np.ndarray, q_rot: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exact ``<Πq, ŷ>`` and the per-vector scale of shortlisted positions, from the stored codes."""
-        cfg, flat = self.config, cand.reshape(-1)
-        codes = np.take(self._codes.np, flat, axis=0)  # np.take: ~5x faster than fancy indexing
-        if self._byte_table is not None:
-            y_hat = np.take(self._byte_table, codes, axis=0).reshape(len(flat), -1)[:, : cfg.dim]
-        else:
-            y_hat = _decode_np(codes, cfg)
+        cfg, flat = self._qcfg, cand.reshape(-1)
+        codes = np.take(self._store.numpy("codes"), flat, axis=0)  # np.take: ~5x faster than fancy indexing
+        y_hat = decode_mse_numpy(codes, cfg)
         dots = np.matmul(y_hat.reshape(*cand.shape, cfg.dim), q_rot[:, :, None])[..., 0]
-        scale = np.take(self._norms.np, flat).astype(np.float32)
-        if self.correction:
-            scale /= np.sqrt(np.maximum(np.square(y_hat).sum(1), 1e-24))
+        scale = np.take(self._store.numpy("norms"), flat).astype(np.float32)
+        if self.config.correction:
+            scale /= reconstruction_norms(y_hat)
         return dots, scale.reshape(cand.shape)
 
     def _search_fastscan(self, q: np.ndarray, k: int, rerank: int | None) -> tuple[np.ndarray, np.ndarray]:
         assert self._fastscan is not None
-        cfg = self.config
+        cfg = self._qcfg
         q = q.astype(np.float32, copy=False)
         q_sq = np.square(q).sum(1)
         if not np.isfinite(q_sq).all():
@@ -645,8 +532,6 @@ class TurboQuantIndex:
         if self._rot_t is None:
             self._rot_t = self.rotation.matrix().T.contiguous().numpy()
             self._rot = np.ascontiguousarray(self._rot_t.T)
-            n_hi, _, _, b_lo = cfg.bit_split
-            self._byte_table = _byte_tables_np(cfg.dim, b_lo) if n_hi == 0 and b_lo in (1, 2, 4, 8) else None
         q_rot = self._rotate_np(q)
         shortlist = min(
             len(self), max(k, rerank if rerank is not None else _default_rerank(k, self._fastscan.plan.exact))
@@ -662,7 +547,7 @@ class TurboQuantIndex:
                 dots[sl], scale[sl] = self._rescore(cand[sl], q_rot[sl])
         keys = dots * scale
         if self.metric == "l2":  # -(‖q‖² + ‖x‖² − 2<q, x>), largest first
-            norms = np.take(self._norms.np, cand).astype(np.float32)
+            norms = np.take(self._store.numpy("norms"), cand).astype(np.float32)
             keys = 2 * keys - np.square(norms) - q_sq[:, None]
         order = np.argsort(-keys, axis=1, kind="stable")[:, :k]
         rows = np.arange(len(q))[:, None]
@@ -674,9 +559,9 @@ class TurboQuantIndex:
     def _header(self) -> dict[str, Any]:
         return {
             "index_version": INDEX_VERSION,
-            "config": self.config.to_dict(),
-            "metric": self.metric,
-            "correction": self.correction,
+            "config": self._qcfg.to_dict(),
+            "metric": self.metric.value,
+            "correction": self.config.correction,
             "count": len(self),
             "next_id": self._next_id,
             "explicit_ids": self._ids is not None,
@@ -696,9 +581,9 @@ class TurboQuantIndex:
         from .io import save_tensors, tensors_checksum
 
         with self._lock:
-            tensors = {"codes": self._codes.view.cpu(), "norms": self._norms.view.cpu()}
+            tensors = {"codes": self._codes.cpu(), "norms": self._norms.cpu()}
             if self._ids is not None:
-                tensors["ids"] = self._ids.view.cpu()
+                tensors["ids"] = self._ids.view("ids").cpu()
             header = self._header()
             extra = {"index": header, "index_digest": self._digest(header, tensors_checksum(tensors))}
             save_tensors(path, tensors, INDEX_KIND, extra)
@@ -709,9 +594,8 @@ class TurboQuantIndex:
         path: str | os.PathLike[str],
         *,
         mmap: bool = False,
-        engine: Engine = "auto",
         device: torch.device | str | None = None,
-        **search_options: Any,
+        **options: Any,
     ) -> TurboQuantIndex:
         """Load an index written by :meth:`save`, verifying format, version, shapes and checksums.
 
@@ -720,16 +604,18 @@ class TurboQuantIndex:
                 (torch-engine scans then page them in from the OS cache; the fast-scan engine still
                 builds its RAM mirror on first search; the first ``add``/``remove`` copies them into
                 RAM). The checksum is verified either way, which reads the file once.
-            engine, device, search_options: as in the constructor (``device=None``: CPU;
-                ``search_threads``, ``scan_bits``).
+            device: where the codes go (``None``: CPU).
+            options: search settings of :class:`~turboquant.config.IndexConfig` (``engine``,
+                ``search_threads``, ``scan_bits``); the stored ones (dim, bits, metric, rotation,
+                seed, norm dtype, correction) come from the file.
         """
         from .io import load_tensors, tensors_checksum
 
+        fixed = {"dim", "bits", "metric", "rotation", "seed", "norm_dtype", "correction"} & set(options)
+        if fixed:
+            raise TurboQuantError(f"{sorted(fixed)} are stored in the index file and cannot be overridden when loading")
         path = Path(path)
-        if mmap:
-            tensors, header = _load_mapped(path)
-        else:
-            tensors, header = load_tensors(path, INDEX_KIND)
+        tensors, header = load_tensors(path, INDEX_KIND, mmap=mmap)
         meta = header.get("index")
         if not isinstance(meta, dict):
             raise TurboQuantError(f"{path}: missing index header; not a turboquant index file")
@@ -740,16 +626,18 @@ class TurboQuantIndex:
         if header.get("index_digest") != cls._digest(meta, tensors_checksum(tensors)):
             raise TurboQuantError(f"{path}: index header checksum mismatch; the file is corrupt")
         try:
-            config = QuantizerConfig.from_dict(meta["config"])
-            metric, count, next_id = meta["metric"], int(meta["count"]), int(meta["next_id"])
+            qcfg = QuantizerConfig.from_dict(meta["config"])
+            metric, count, next_id = Metric(meta["metric"]), int(meta["count"]), int(meta["next_id"])
             explicit, correction = bool(meta["explicit_ids"]), bool(meta["correction"])
         except (KeyError, TypeError, ValueError) as exc:
             raise TurboQuantError(f"{path}: invalid index header: {exc}") from None
-        if config.variant is not Variant.MSE:
-            raise TurboQuantError(f"{path}: index codes must be variant 'mse', got {config.variant.value!r}")
+        if qcfg.variant is not Variant.MSE:
+            raise TurboQuantError(f"{path}: index codes must be variant 'mse', got {qcfg.variant.value!r}")
+        if count < 0 or next_id < 0:
+            raise TurboQuantError(f"{path}: invalid index header: count={count}, next_id={next_id}")
         expect = {
-            "codes": ((count, code_bytes(config)), torch.uint8),
-            "norms": ((count,), getattr(torch, config.norm_dtype)),
+            "codes": ((count, code_bytes(qcfg)), torch.uint8),
+            "norms": ((count,), getattr(torch, qcfg.norm_dtype)),
         }
         if explicit:
             expect["ids"] = ((count,), torch.int64)
@@ -763,64 +651,14 @@ class TurboQuantIndex:
                     f"{path}: tensor {name!r} is {tensors[name].dtype}{tuple(tensors[name].shape)}, "
                     f"expected {dtype}{shape}"
                 )
-        index = cls(
-            config.dim, config.bits, metric, rotation=config.rotation, seed=config.seed,
-            norm_dtype=config.norm_dtype, engine=engine, device=device, correction=correction, **search_options,
+        config = IndexConfig(
+            qcfg.dim, qcfg.bits, metric, rotation=qcfg.rotation, seed=qcfg.seed, norm_dtype=qcfg.norm_dtype,
+            correction=correction, **options,
         )  # fmt: skip
+        index = cls(config, device=device)
         dev = index.device
-        index._codes = _Buffer.wrap(tensors["codes"].to(dev))
-        index._norms = _Buffer.wrap(tensors["norms"].to(dev))
-        index._ids = _Buffer.wrap(tensors["ids"]) if explicit else None
-        for buf in (index._codes, index._norms, index._ids):
-            if buf is not None:
-                buf.mapped = mmap and dev.type == "cpu"
+        mapped = mmap and dev.type == "cpu"
+        index._store = GrowableBuffer.wrap(0, {"codes": tensors["codes"].to(dev), "norms": tensors["norms"].to(dev)}, mapped)
+        index._ids = GrowableBuffer.wrap(0, {"ids": tensors["ids"]}, mapped) if explicit else None
         index._next_id = next_id
         return index
-
-
-_ST_DTYPES = {"U8": (np.uint8, torch.uint8), "F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),
-              "BF16": (np.uint16, torch.bfloat16), "I64": (np.int64, torch.int64)}  # fmt: skip
-
-
-def _load_mapped(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Memory-map the tensors of a safetensors file (8-byte header length, JSON header, data)."""
-    from .config import FORMAT_VERSION
-    from .io import _HEADER_KEY, FORMAT_NAME, tensors_checksum
-
-    if not path.is_file():
-        raise TurboQuantError(f"{path}: no such file")
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as fh:
-            hlen = int.from_bytes(fh.read(8), "little")
-            if hlen > size - 8:
-                raise ValueError("header length beyond end of file")
-            table = json.loads(fh.read(int(hlen)))
-        header = json.loads(table.pop("__metadata__")[_HEADER_KEY])
-        tensors: dict[str, torch.Tensor] = {}
-        for name, info in table.items():
-            np_dtype, t_dtype = _ST_DTYPES[info["dtype"]]
-            begin, end = info["data_offsets"]
-            shape = tuple(int(s) for s in info["shape"])
-            count = int(np.prod(shape))
-            if 8 + hlen + end > size or end - begin != count * np.dtype(np_dtype).itemsize:
-                raise ValueError(f"tensor {name!r} is truncated")
-            if count == 0:
-                tensors[name] = torch.empty(shape, dtype=t_dtype)
-                continue
-            arr = np.memmap(path, dtype=np_dtype, mode="r", offset=int(8 + hlen + begin), shape=shape)
-            with warnings.catch_warnings():  # read-only mapping; the index copies before writing
-                warnings.simplefilter("ignore", UserWarning)
-                t = torch.from_numpy(arr)
-            tensors[name] = t.view(t_dtype) if t_dtype is torch.bfloat16 else t
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise TurboQuantError(f"{path}: not a readable turboquant file (truncated or corrupt): {exc}") from None
-    if (
-        header.get("format") != FORMAT_NAME
-        or header.get("version") != FORMAT_VERSION
-        or header.get("kind") != INDEX_KIND
-    ):
-        raise TurboQuantError(f"{path}: not a turboquant index file of version {FORMAT_VERSION}")
-    if tensors_checksum(tensors) != header.get("checksum"):
-        raise TurboQuantError(f"{path}: checksum mismatch; the file is corrupt")
-    return tensors, header

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from .codec import code_bytes
 from .config import FORMAT_VERSION, QuantizerConfig, TurboQuantError, Variant
 from .quantizer import QuantizedVectors
 
@@ -56,20 +60,28 @@ def save_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
         raise
 
 
-def load_tensors(path: str | os.PathLike[str], kind: str, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read and verify a file written by :func:`save_tensors`; returns ``(tensors, header)``."""
-    from safetensors import SafetensorError
+def load_tensors(
+    path: str | os.PathLike[str], kind: str, device: str | torch.device = "cpu", *, mmap: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read and verify a file written by :func:`save_tensors`; returns ``(tensors, header)``.
+
+    With ``mmap=True`` the tensors are read-only memory maps of the file (CPU; nothing is copied
+    until the caller writes); the checksum is verified either way, which reads the file once.
+    """
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
-    from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise TurboQuantError(f"{path}: no such file")
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = fh.metadata() or {}
-        tensors = load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        if mmap:
+            tensors, metadata = _map_tensors(path)
+        else:
+            with safe_open(str(path), framework="pt") as fh:
+                metadata = fh.metadata() or {}
+            tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError, TypeError, json.JSONDecodeError) as exc:
         raise TurboQuantError(f"{path}: not a readable turboquant file (truncated or corrupt): {exc}") from None
     if _HEADER_KEY not in metadata:
         raise TurboQuantError(f"{path}: missing turboquant header; not a turboquant file")
@@ -86,6 +98,42 @@ def load_tensors(path: str | os.PathLike[str], kind: str, device: str | torch.de
     if tensors_checksum(tensors) != header.get("checksum"):
         raise TurboQuantError(f"{path}: checksum mismatch; the file is corrupt")
     return tensors, header
+
+
+_ST_DTYPES = {"U8": (np.uint8, torch.uint8), "F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),
+              "BF16": (np.uint16, torch.bfloat16), "I64": (np.int64, torch.int64)}  # fmt: skip
+
+
+def _map_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Memory-map the tensors of a safetensors file (8-byte header length, JSON table, data)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        hlen = int.from_bytes(fh.read(8), "little")
+        if hlen > size - 8:
+            raise ValueError("header length beyond end of file")
+        table = json.loads(fh.read(int(hlen)))
+    metadata = table.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise ValueError("metadata is not a JSON object")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, info in table.items():
+        np_dtype, t_dtype = _ST_DTYPES[info["dtype"]]
+        begin, end = (int(v) for v in info["data_offsets"])
+        shape = tuple(int(v) for v in info["shape"])
+        if any(v < 0 for v in shape) or begin < 0:
+            raise ValueError(f"tensor {name!r} has a negative shape or offset")
+        count = math.prod(shape)
+        if 8 + hlen + end > size or end - begin != count * np.dtype(np_dtype).itemsize:
+            raise ValueError(f"tensor {name!r} is truncated")
+        if count == 0:
+            tensors[name] = torch.empty(shape, dtype=t_dtype)
+            continue
+        arr = np.memmap(path, dtype=np_dtype, mode="r", offset=int(8 + hlen + begin), shape=shape)
+        with warnings.catch_warnings():  # read-only mapping; callers copy before writing
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(arr)
+        tensors[name] = t.view(t_dtype) if t_dtype is torch.bfloat16 else t
+    return tensors, metadata
 
 
 def save_codes(path: str | os.PathLike[str], codes: QuantizedVectors) -> None:
@@ -106,7 +154,6 @@ def load_codes(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     """Load codes saved by :func:`save_codes`, checking shapes against the stored config."""
     tensors, header = load_tensors(path, "codes", device)
     config = QuantizerConfig.from_dict(header.get("config", {}))
-    from .quantizer import code_bytes
 
     norms = tensors.get("norms")
     codes = tensors.get("codes")

@@ -1,37 +1,25 @@
 """TurboQuant quantizers: ``TurboQuantMSE``, ``TurboQuantProd`` and ``QJL``.
 
-The math lives in module-level functions that work in the *rotated unit domain*
-(``y = Π x/‖x‖``); the KV cache, the Triton kernels and the index call the same
-functions, so nothing is written twice:
-
-* :func:`encode_mse` / :func:`decode_mse` — Lloyd-Max codes ↔ rotated coordinates
-  (paper Algorithm 1, lines 5 and 9).
-* :func:`encode_qjl` — sign bits of the Gaussian projection of the residual
-  (paper Algorithm 2, line 7 / Definition 1).
-
-The classes only hold a config, a rotation and codebooks, and handle input
-checking, numpy/torch conversion and batching.
+Thin classes over :mod:`turboquant.codec`, which owns the math and the bytes of a code: a
+quantizer holds a config, checks and converts its inputs (torch or numpy, any leading shape)
+and returns :class:`QuantizedVectors`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from typing import Any, Union
 
 import numpy as np
 import torch
 
-from .codebook import bucketize_codes, codebook_tensors
+from .codec import decode_mse, encode, qjl_residual, qjl_scores
 from .config import QuantizerConfig, Rotation, TurboQuantError, Variant
-from .packing import pack_codes, pack_rows, packed_size, unpack_codes
-from .rotation import RandomRotation, make_rotation, qjl_matrix, rotate_rows_transposed
+from .rotation import RandomRotation, make_rotation, qjl_matrix
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_QJL_SCALE = math.sqrt(math.pi / 2.0)  # E|<s, r>| = sqrt(2/π)‖r‖ for s ~ N(0, I): paper Lemma 4
 _SCORE_CHUNK = 8192  # stored vectors decoded at a time when scoring: bounds the temporary memory
 
 
@@ -122,114 +110,19 @@ class QuantizedVectors:
         return QuantizedVectors(first.config, cat("codes"), cat("norms"), cat("qjl"), cat("residual_norms"), first.numpy_io)  # type: ignore[arg-type]
 
 
-# --------------------------------------------------------------------------- pure functions
-
-
-def code_bytes(config: QuantizerConfig) -> int:
-    """Bytes of Lloyd-Max codes per vector (both groups of a fractional rate)."""
-    n_hi, b_hi, n_lo, b_lo = config.bit_split
-    return (packed_size(n_hi, b_hi) if n_hi else 0) + (packed_size(n_lo, b_lo) if b_lo else 0)
-
-
-def bytes_per_vector(config: QuantizerConfig) -> int:
-    """Exact stored bytes per vector: codes + QJL bits + per-vector scalars."""
-    scalar = torch.empty(0, dtype=getattr(torch, config.norm_dtype)).element_size()
-    total = code_bytes(config) + scalar
-    if config.variant is Variant.PROD:
-        total += packed_size(config.dim, 1) + scalar
-    return total
-
-
-def encode_mse(y: torch.Tensor, config: QuantizerConfig) -> torch.Tensor:
-    """Lloyd-Max codes of rotated unit-domain coordinates (paper Alg. 1 line 5).
-
-    Args:
-        y: ``(..., dim)`` float32, ``Π x/‖x‖``.
-        config: gives the bit split; the first ``n_hi`` coordinates use the wider codebook.
-
-    Returns:
-        ``(..., code_bytes(config))`` uint8 packed codes.
-    """
-    n_hi, b_hi, n_lo, b_lo = config.bit_split
-    parts = []
-    # bucketize_codes == torch.bucketize against the boundaries, bit for bit (a table lookup on CPU)
-    if n_hi:
-        parts.append(pack_codes(bucketize_codes(y[..., :n_hi], config.dim, b_hi), b_hi))
-    if b_lo:
-        parts.append(pack_codes(bucketize_codes(y[..., n_hi:], config.dim, b_lo), b_lo))
-    if not parts:
-        return torch.empty(*y.shape[:-1], 0, dtype=torch.uint8, device=y.device)
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-
-
-def decode_mse(codes: torch.Tensor, config: QuantizerConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Rotated unit-domain reconstruction ``ŷ`` from packed codes (paper Alg. 1 line 9).
-
-    Args:
-        codes: ``(..., code_bytes(config))`` uint8.
-
-    Returns:
-        ``(..., dim)`` centroids in ``dtype`` (zeros for pure QJL).
-    """
-    n_hi, b_hi, n_lo, b_lo = config.bit_split
-    lead = codes.shape[:-1]
-    if not b_lo and not n_hi:
-        return torch.zeros(*lead, config.dim, dtype=dtype, device=codes.device)
-    parts = []
-    offset = 0
-    if n_hi:
-        nb = packed_size(n_hi, b_hi)
-        parts.append(_decode_group(codes[..., :nb], config.dim, b_hi, n_hi, dtype))
-        offset = nb
-    parts.append(_decode_group(codes[..., offset:], config.dim, b_lo, n_lo, dtype))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-
-
-def _decode_group(packed: torch.Tensor, dim: int, bits: int, n: int, dtype: torch.dtype) -> torch.Tensor:
-    if 8 % bits == 0:
-        # Widths 1, 2, 4, 8: one table lookup per byte yields all of its centroids at once
-        # (fuses unpacking and the centroid gather; the hot path of decode attention on CPU).
-        table = _byte_table(dim, bits, packed.device, dtype)
-        lead = packed.shape[:-1]
-        out = torch.nn.functional.embedding(packed.reshape(-1, packed.shape[-1]).int(), table)
-        return out.reshape(*lead, packed.shape[-1] * table.shape[-1])[..., :n]
-    centroids, _ = codebook_tensors(dim, bits, packed.device)
-    return centroids.to(dtype)[unpack_codes(packed, bits, n).long()]
-
-
-@lru_cache(maxsize=256)
-def _byte_table(dim: int, bits: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``(256, 8 // bits)``: the centroids of the codes packed in each possible byte."""
-    centroids, _ = codebook_tensors(dim, bits, device)
-    every_byte = torch.arange(256, device=device, dtype=torch.uint8).unsqueeze(-1)
-    return centroids.to(dtype)[unpack_codes(every_byte, bits, 8 // bits).long()]
-
-
-def encode_qjl(residual: torch.Tensor, config: QuantizerConfig) -> torch.Tensor:
-    """1-bit QJL of a rotated-domain residual: ``pack(sign(S r) ≥ 0)``; ``residual``: ``(..., dim)``."""
-    s = qjl_matrix(config.dim, config.seed, residual.device)
-    return pack_codes(residual @ s.T >= 0, 1)
-
-
-def decode_qjl_signs(qjl: torch.Tensor, config: QuantizerConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``(..., dim)`` ±1 signs from packed QJL bits."""
-    bits = unpack_codes(qjl, 1, config.dim)
-    return bits.to(dtype) * 2 - 1
-
-
 # --------------------------------------------------------------------------- input handling
 
 
 def _as_tensor(x: ArrayLike, name: str) -> tuple[torch.Tensor, bool]:
     if isinstance(x, np.ndarray):
         if x.dtype not in (np.float16, np.float32, np.float64):
-            raise TypeError(f"{name} has unsupported numpy dtype {x.dtype}; use float16, float32 or float64")
+            raise TurboQuantError(f"{name} has unsupported numpy dtype {x.dtype}; use float16, float32 or float64")
         return torch.from_numpy(np.ascontiguousarray(x)), True
     if isinstance(x, torch.Tensor):
         if x.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has unsupported dtype {x.dtype}; use float16, bfloat16, float32 or float64")
+            raise TurboQuantError(f"{name} has unsupported dtype {x.dtype}; use float16, bfloat16, float32 or float64")
         return x, False
-    raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+    raise TurboQuantError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
 
 
 def _check_vectors(x: torch.Tensor, dim: int, name: str) -> None:
@@ -244,37 +137,6 @@ def _check_vectors(x: torch.Tensor, dim: int, name: str) -> None:
 def _output(t: torch.Tensor, like_dtype: torch.dtype, numpy_io: bool) -> ArrayLike:
     t = t.to(like_dtype)
     return t.cpu().numpy() if numpy_io else t
-
-
-_ENCODE_CHUNK_ELEMENTS = 1 << 18  # floats per row chunk of the CPU encode (1 MiB: stays in cache)
-
-
-def _encode_in_chunks(xf: torch.Tensor, rotation: RandomRotation) -> bool:
-    # Only where chunking cannot change a bit: every step of the Hadamard path (division by the
-    # norm, sign flips, butterflies, table lookup, packing) is computed per row, whereas a
-    # matmul (Haar, QJL) may round differently for a different number of rows.
-    return xf.device.type == "cpu" and rotation.kind is Rotation.HADAMARD and xf.numel() > 2 * _ENCODE_CHUNK_ELEMENTS
-
-
-def _encode_mse_chunked(xf: torch.Tensor, safe_norms: torch.Tensor, rotation: RandomRotation, config: QuantizerConfig) -> torch.Tensor:
-    """``encode_mse(rotation.rotate(xf / safe_norms), config)``, the same bytes, faster on CPU.
-
-    Cache-sized row chunks, and the rotated coordinates stay coordinate-major (``(dim, m)``) from
-    the Hadamard transform through the table lookup and the packing (:func:`pack_rows`); only the
-    packed bytes are transposed back.
-    """
-    n_hi, b_hi, _, b_lo = config.bit_split
-    flat, div = xf.reshape(-1, config.dim), safe_norms.reshape(-1)
-    rows = max(1, _ENCODE_CHUNK_ELEMENTS // config.dim)
-    out = torch.empty(flat.shape[0], code_bytes(config), dtype=torch.uint8)
-    split = packed_size(n_hi, b_hi) if n_hi else 0
-    for first in range(0, flat.shape[0], rows):
-        yt = rotate_rows_transposed(rotation, flat[first : first + rows], div[first : first + rows])
-        dest = out[first : first + rows]
-        if n_hi:
-            dest[:, :split] = pack_rows(bucketize_codes(yt[:n_hi], config.dim, b_hi), b_hi).T
-        dest[:, split:] = pack_rows(bucketize_codes(yt[n_hi:], config.dim, b_lo), b_lo).T
-    return out.reshape(*xf.shape[:-1], out.shape[-1])
 
 
 # --------------------------------------------------------------------------- quantizers
@@ -333,29 +195,18 @@ class TurboQuantizer:
         """
         t, numpy_io = _as_tensor(x, "x")
         _check_vectors(t, self.dim, "x")
-        xf = t.float()
-        norms = torch.linalg.vector_norm(xf, dim=-1)
-        stored_norms = norms.to(self._norm_dtype)
+        enc = encode(t.float(), self.config)
+        stored_norms = enc.norms.to(self._norm_dtype)
         if not bool(torch.isfinite(stored_norms).all()):
             raise TurboQuantError(f"a vector norm overflows norm_dtype={self.config.norm_dtype}")
-        safe_norms = torch.where(norms > 0, norms, torch.ones_like(norms)).unsqueeze(-1)
-        if self.config.variant is Variant.MSE and _encode_in_chunks(xf, self.rotation):
-            codes = _encode_mse_chunked(xf, safe_norms, self.rotation, self.config)
-        else:
-            y = self.rotation.rotate(xf / safe_norms)
-            codes = encode_mse(y, self.config)
-        qjl = residual_norms = None
-        if self.config.variant is Variant.PROD:
-            residual = y - decode_mse(codes, self.config)
-            qjl = encode_qjl(residual, self.config)
-            residual_norms = (norms * torch.linalg.vector_norm(residual, dim=-1)).to(self._norm_dtype)
-        return QuantizedVectors(self.config, codes, stored_norms, qjl, residual_norms, numpy_io)
+        residual_norms = None if enc.residual_norms is None else enc.residual_norms.to(self._norm_dtype)
+        return QuantizedVectors(self.config, enc.codes, stored_norms, enc.qjl, residual_norms, numpy_io)
 
     def _check_codes(self, codes: QuantizedVectors) -> None:
         if not isinstance(codes, QuantizedVectors):
-            raise TypeError(f"expected QuantizedVectors, got {type(codes).__name__}")
+            raise TurboQuantError(f"expected QuantizedVectors, got {type(codes).__name__}")
         if codes.config != self.config:
-            raise TurboQuantError(f"codes were made by {codes.config}, not by this quantizer's {self.config}")
+            raise TurboQuantError(f"codes were made by {_describe(codes.config)}, not by this quantizer ({_describe(self.config)})")
 
     def dequantize_rotated(self, codes: QuantizedVectors) -> torch.Tensor:
         """Reconstruction in the rotated domain, ``Π x̂`` (float32, ``(*B, dim)``)."""
@@ -363,10 +214,7 @@ class TurboQuantizer:
         y = decode_mse(codes.codes, self.config) * codes.norms.float().unsqueeze(-1)
         if self.config.variant is Variant.PROD:
             assert codes.qjl is not None and codes.residual_norms is not None
-            s = qjl_matrix(self.dim, self.config.seed, codes.device)
-            signs = decode_qjl_signs(codes.qjl, self.config)
-            scale = codes.residual_norms.float() * (_QJL_SCALE / self.dim)
-            y = y + (signs @ s) * scale.unsqueeze(-1)
+            y = y + qjl_residual(codes.qjl, codes.residual_norms, self.config)
         return y
 
     def dequantize(self, codes: QuantizedVectors, dtype: torch.dtype = torch.float32) -> ArrayLike:
@@ -402,11 +250,15 @@ class TurboQuantizer:
             scores = (q_rot @ decode_mse(part.codes, self.config).T) * part.norms.float()
             if q_proj is not None:
                 assert part.qjl is not None and part.residual_norms is not None
-                signs = decode_qjl_signs(part.qjl, self.config)
-                scores += (q_proj @ signs.T) * (part.residual_norms.float() * (_QJL_SCALE / self.dim))
+                scores += qjl_scores(q_proj, part.qjl, part.residual_norms, self.config)
             out[:, start : start + part.norms.shape[0]] = scores
         out = out.reshape(*t.shape[:-1], *codes.shape)
         return out.cpu().numpy() if numpy_io else out
+
+
+def _describe(config: QuantizerConfig) -> str:
+    c = config
+    return f"dim={c.dim}, bits={c.bits:g}, variant={c.variant.value}, rotation={c.rotation.value}, seed={c.seed}, norm_dtype={c.norm_dtype}"
 
 
 class TurboQuantMSE(TurboQuantizer):

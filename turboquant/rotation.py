@@ -234,13 +234,11 @@ def _transform_chunk(
     rot: RandomRotation, part: torch.Tensor, inverse: bool, divisor: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Rotate (or unrotate) the rows of ``part`` (``(m, dim)``), optionally divided by ``divisor``
-    (``(m,)``) first, into a ``(dim, m)`` per-thread scratch buffer (valid until the next call)."""
+    (``(m,)``) afterwards, into a ``(dim, m)`` per-thread scratch buffer (valid until the next call)."""
     dim, m = rot.dim, part.shape[0]
     blocks, pre, final = _stage_multipliers(rot, inverse, part.dtype)
     (a, b), views = _work_plan(dim, m, part.dtype, blocks)
     a.copy_(part.T)  # aten's blocked transpose copy; the scalings below run on contiguous rows
-    if divisor is not None:
-        a.div_(divisor.unsqueeze(0))  # the same IEEE division as ``part / divisor[:, None]``
     if pre[0] is not None:
         a.mul_(pre[0].unsqueeze(-1))
     cur, other = a, b
@@ -259,6 +257,8 @@ def _transform_chunk(
         cur.mul_(float(final[0]))
     else:
         cur.mul_(final.unsqueeze(-1))
+    if divisor is not None:
+        cur.div_(divisor.unsqueeze(0))  # the same IEEE division as ``rotate(part) / divisor[:, None]``
     return cur
 
 
@@ -277,7 +277,7 @@ def _hadamard_transposed(rot: RandomRotation, x: torch.Tensor, inverse: bool) ->
 
 
 def rotate_rows_transposed(rot: RandomRotation, rows: torch.Tensor, divisor: torch.Tensor | None = None) -> torch.Tensor:
-    """``(rows / divisor[:, None]) @ Π.T``, transposed: ``(dim, m)``, bit-identical to ``rotate``.
+    """``(rows @ Π.T) / divisor[:, None]``, transposed: ``(dim, m)``, bit-identical to ``rotate(rows) / divisor``.
 
     For the CPU encode path, which bucketizes and packs the rotated coordinates row by row without
     transposing them back. Hadamard rotations of CPU float32/float64 rows only.

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..codec import decode_mse, reconstruction_norms
 from ..config import Backend, QuantizerConfig, TurboQuantError
 from ..quantizer import QuantizedVectors
 from .encode import torch_quantize_into
@@ -55,16 +56,27 @@ def quantize_into(
     norms: torch.Tensor,
     start: int,
     backend: Backend | str = Backend.AUTO,
+    *,
+    norm_correction: bool = False,
 ) -> QuantizedVectors:
     """Quantize ``x [*R, T, d]`` into preallocated ``codes [*R, S_cap, code_bytes]`` / ``norms [*R, S_cap]`` at ``start``.
 
     Dispatches to :func:`~turboquant.kernels.encode.torch_quantize_into` or its fused Triton twin.
+    ``norm_correction`` then rescales the written norms to ``‖x‖/‖ŷ‖``
+    (:func:`turboquant.codec.reconstruction_norms`), decoding only the written slice.
+
+    Returns:
+        :class:`QuantizedVectors` views of the written slice, batch shape ``[*R, T]``.
     """
     if resolve_backend(backend, x.device) is Backend.TRITON:
         from .triton_encode import triton_quantize_into  # falls back to torch for unsupported configs
 
-        return triton_quantize_into(x, config, codes, norms, start)
-    return torch_quantize_into(x, config, codes, norms, start)
+        written = triton_quantize_into(x, config, codes, norms, start)
+    else:
+        written = torch_quantize_into(x, config, codes, norms, start)
+    if norm_correction:
+        written.norms.copy_(written.norms.float() / reconstruction_norms(decode_mse(written.codes, config)))
+    return written
 
 
 __all__ = [

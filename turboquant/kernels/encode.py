@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..codec import code_bytes
 from ..config import QuantizerConfig, TurboQuantError
-from ..quantizer import QuantizedVectors, TurboQuantizer, code_bytes
+from ..quantizer import QuantizedVectors, TurboQuantizer
 
 
 def torch_quantize_into(

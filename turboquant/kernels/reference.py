@@ -19,16 +19,14 @@ Output:
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from ..codec import decode_mse, qjl_scores
 from ..config import TurboQuantError, Variant
-from ..quantizer import QuantizedVectors, decode_mse, decode_qjl_signs
+from ..quantizer import QuantizedVectors
 from ..rotation import make_rotation, qjl_matrix
 
 DEFAULT_CHUNK = 2048
-_QJL_SCALE = math.sqrt(math.pi / 2.0)
 
 
 def _group_heads(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -60,9 +58,7 @@ def key_scores(q_rot: torch.Tensor, keys: QuantizedVectors, q_proj: torch.Tensor
     scores = (q_rot @ y.transpose(-1, -2)) * keys.norms.float().unsqueeze(-2)
     if keys.config.variant is Variant.PROD:
         assert q_proj is not None and keys.qjl is not None and keys.residual_norms is not None
-        signs = decode_qjl_signs(keys.qjl, keys.config)
-        gamma = keys.residual_norms.float() * (_QJL_SCALE / keys.config.dim)
-        scores = scores + (q_proj @ signs.transpose(-1, -2)) * gamma.unsqueeze(-2)
+        scores = scores + qjl_scores(q_proj, keys.qjl, keys.residual_norms, keys.config)
     return scores
 
 

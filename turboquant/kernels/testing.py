@@ -12,26 +12,21 @@ from __future__ import annotations
 import torch
 
 from ..codebook import lloyd_max_codebook
+from ..codec import code_bytes, layout
 from ..config import QuantizerConfig
-from ..packing import packed_size, unpack_codes
-from ..quantizer import QuantizedVectors, code_bytes
+from ..packing import unpack_codes
+from ..quantizer import QuantizedVectors
 from ..rotation import make_rotation
 
 
 def dequantize_float64(qv: QuantizedVectors) -> torch.Tensor:
     """``[*B, d]`` float64 reconstruction ``norm · (ŷ @ Π)`` of MSE codes."""
     cfg = qv.config
-    n_hi, b_hi, n_lo, b_lo = cfg.bit_split
     dev = qv.codes.device
     parts = []
-    offset = 0
-    if n_hi:
-        nb = packed_size(n_hi, b_hi)
-        cent = torch.tensor(lloyd_max_codebook(cfg.dim, b_hi).centroids, dtype=torch.float64, device=dev)
-        parts.append(cent[unpack_codes(qv.codes[..., :nb].contiguous(), b_hi, n_hi).long()])
-        offset = nb
-    cent = torch.tensor(lloyd_max_codebook(cfg.dim, b_lo).centroids, dtype=torch.float64, device=dev)
-    parts.append(cent[unpack_codes(qv.codes[..., offset:].contiguous(), b_lo, n_lo).long()])
+    for s in layout(cfg).streams:  # same bit streams, float64 centroids
+        cent = torch.tensor(lloyd_max_codebook(cfg.dim, s.width).centroids, dtype=torch.float64, device=dev)
+        parts.append(cent[unpack_codes(qv.codes[..., s.offset : s.offset + s.nbytes].contiguous(), s.width, s.count).long()])
     y = torch.cat(parts, dim=-1) * qv.norms.double().unsqueeze(-1)
     pi = make_rotation(cfg.rotation, cfg.dim, cfg.seed).matrix(dev, torch.float64)
     return y @ pi

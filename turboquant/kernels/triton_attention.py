@@ -30,8 +30,11 @@ integer bits 1-4 and 8 and fractional splits between them), any ``dim`` ≥ 16.
 Everything else (prod keys, widths 5-7) falls back to the torch reference; see
 :func:`triton_supports`.
 
-The encode kernel is in :mod:`turboquant.kernels.triton_encode`.
+Layout helpers are in :mod:`turboquant.kernels.layout`, the code decoders in
+:mod:`turboquant.kernels.triton_decoders` (PTX in :mod:`turboquant.kernels.ptx`), launch parameters
+in :mod:`turboquant.kernels.tuning`; the encode kernel is in :mod:`turboquant.kernels.triton_encode`.
 """
+
 
 from __future__ import annotations
 
@@ -42,73 +45,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ..codebook import codebook_tensors
-from ..config import QuantizerConfig, TurboQuantError, Variant
-from ..packing import packed_size
+from ..config import TurboQuantError
 from ..quantizer import QuantizedVectors
-from ..rotation import make_rotation
+from .layout import KernelStream, config_supported, next_pow2, num_sms, query_rotation, stream_layout, stream_table, unrotation_blocks
+from .ptx import REG_WIDTHS, reg_asm
 from .reference import DEFAULT_CHUNK, torch_quantized_attention
+from .triton_decoders import _decode_codes, _dotk_scores, _load_codes
+from .tuning import DEFAULT_TUNING, TritonTuning
 
 LOG2E = 1.4426950408889634
-_SUPPORTED_WIDTHS = (1, 2, 3, 4, 8)
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-#: Tunables (module-level so the benchmark can sweep them); defaults = best of the sweep on an H200
-#: (benchmarks/results/gpu_decode_h200.json, docs/kernel_notes.md).
-TUNING = {
-    "block_n": 64,  # compressed tokens per inner step
-    "num_warps": 4,
-    "num_stages": 3,  # ≥ 2: Triton pipelines the code/norm loads with cp.async (3 was best on the H200, v4 run 1)
-    "lut": 2,  # 0: shift/mask + centroid gather; 1: byte-indexed table (widths 1, 2, 4, 8); 2: prmt registers (widths 2, 3, 4) else 1
-    "dotk": 1,  # 1: 4-bit keys decoded straight into the mma operand layout (8 K=16 products, no shared-memory trip)
-    "maxnreg": 96,  # >0: cap registers per thread (96: 5 programs of 4 warps per SM instead of 4)
-    # overrides when a 3-bit stream is present (its decode spills under the cap with two stages)
-    "width3": {"num_stages": 1, "maxnreg": 0},
-    "precise": 0,  # 1: hi+lo fp16 split of q and p (≈ fp32); 0: one fp16 product each (errors ≤ 3e-4 measured)
-    "prefetch": 0,  # 1: load tile i+1 while decoding tile i (helped B=1, hurt B≥8 on the H200)
-    "programs_per_sm": 8,  # flash-decoding: splits so that B·Hkv·splits ≈ SMs × this
-    "max_block_m": 32,  # 64 takes the wgmma path, which Triton 3.6 failed to lower for this kernel
-    "encode_block_t": 128,  # 128 tokens / 8 warps / 2 programs per SM: best for 2, 3 and 4 bits (H200, v4 run 1)
-    "encode_num_warps": 8,
-    "encode_bucket": 2,  # 0: compare-sum over boundaries, 1: binary search (gathers), 2: symmetric search on |y| (widths 2-4)
-    "encode_programs_per_sm": 2,  # persistent encode: programs ≈ SMs × this, each loops over token blocks (0: one block each)
-}
 
 
-# --------------------------------------------------------------------------- layout helpers
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
-def _stream_layout(config: QuantizerConfig) -> tuple[tuple[int, int, int, int, int], tuple[int, int, int, int, int]]:
-    """Per stream ``(width, n_codes, n_bytes, byte_offset, padded_columns)`` for (hi, lo).
-
-    A missing stream has width 0. Padded columns are a power of two ≥ 16 (tl.dot's minimum).
-    """
-    n_hi, b_hi, n_lo, b_lo = config.bit_split
-    out = []
-    offset = 0
-    for n, w in ((n_hi, b_hi), (n_lo, b_lo)):
-        if n == 0 or w == 0:
-            out.append((0, 0, 0, offset, 16))
-            continue
-        nb = packed_size(n, w)
-        if 8 % w == 0:
-            cols = _next_pow2(nb) * (8 // w)
-        else:
-            cols = _next_pow2((n + 7) // 8) * 8
-        out.append((w, n, nb, offset, max(16, cols)))
-        offset += nb
-    return out[0], out[1]  # type: ignore[return-value]
-
-
-def _config_supported(config: QuantizerConfig) -> bool:
-    if config.variant is not Variant.MSE or config.dim < 16:
-        return False
-    hi, lo = _stream_layout(config)
-    return all(s[0] in (0,) + _SUPPORTED_WIDTHS for s in (hi, lo)) and lo[0] != 0
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def triton_supports(
@@ -121,239 +70,40 @@ def triton_supports(
     """Whether :func:`triton_quantized_attention` runs its kernels for these inputs.
 
     False for prod keys, code widths 5-7, ``dim < 16``, or tensors that are on CPU
-    outside ``TRITON_INTERPRET=1``; the caller (or the wrapper itself) then uses
+    outside ``TRITON_interpret()=1``; the caller (or the wrapper itself) then uses
     the torch reference.
     """
     if query.dim() != 4:
         return False
-    if query.device.type != "cuda" and not _INTERPRET:
+    if query.device.type != "cuda" and not _interpret():
         return False
     d = query.shape[-1]
     if d < 16:
         return False
     for qv in (keys, values):
         if qv is not None and qv.shape[-1] > 0:
-            if qv.config.dim != d or not _config_supported(qv.config):
+            if qv.config.dim != d or not config_supported(qv.config):
                 return False
             if qv.codes.stride(-1) != 1:
                 return False
     return True
 
 
-@lru_cache(maxsize=256)
-def _lookup_table(dim: int, width: int, lut: int, device: torch.device) -> torch.Tensor:
-    """fp16 centroids (``lut=0``) or a byte-indexed table ``[slot, byte] → centroid`` (``lut=1``)."""
-    centroids, _ = codebook_tensors(dim, width, device)
-    if lut == 1 and 8 % width == 0:
-        slots = 8 // width
-        byte = torch.arange(256, device=device)
-        idx = torch.stack([(byte >> (s * width)) & ((1 << width) - 1) for s in range(slots)])
-        return centroids[idx].reshape(-1).to(torch.float16).contiguous()
-    return centroids.to(torch.float16).contiguous()
+def _stream_lut(stream: KernelStream, codes: torch.Tensor, tuning: TritonTuning) -> int:
+    """Decode method of one stream: 2 (register byte-permute decoder, widths 2/3/4, word aligned), else tuning.lut or 0.
 
-
-def _stream_lut(stream: tuple[int, ...], codes: torch.Tensor) -> int:
-    """Decode method of one stream: 2 (register byte-permute decoder, widths 2/3/4, word aligned), else TUNING['lut'] or 0.
-
-    Under ``TRITON_INTERPRET=1`` method 2 runs an emulation (shift/mask + gather) through the same
+    Under ``TRITON_interpret()=1`` method 2 runs an emulation (shift/mask + gather) through the same
     word loads and column joins, so CI covers its layout logic; the PTX itself is checked bit-exactly
     by tests/test_kernels.py.
     """
     w, _, nb, offset, _ = stream
-    lut = TUNING["lut"]
+    lut = tuning.lut
     if lut == 2:
         aligned = nb % 4 == 0 and offset % 4 == 0 and codes.stride(-2) % 4 == 0 and codes.data_ptr() % 4 == 0
-        if w in _REG_WIDTHS and aligned:
+        if w in REG_WIDTHS and aligned:
             return 2
         lut = 1
     return lut if w and 8 % w == 0 else 0
-
-
-_REG_WIDTHS = (2, 3, 4)
-
-
-def _reg_asm(dim: int, width: int) -> str:
-    """PTX of the register decoder for ``width`` (``""`` under the interpreter, which emulates it)."""
-    if _INTERPRET:
-        return ""
-    return {4: _prmt4_asm, 2: _prmt2_asm, 3: _prmt3_asm}[width](dim)
-
-
-def _fp16_bytes(dim: int, width: int) -> tuple[list[int], list[int]]:
-    """Low and high bytes of the fp16 centroids of the ``(dim, width)`` codebook."""
-    import numpy as np
-
-    from ..codebook import lloyd_max_codebook
-
-    c = np.asarray(lloyd_max_codebook(dim, width).centroids, dtype=np.float16).view(np.uint16).astype(np.uint32)
-    return [int(v) & 0xFF for v in c], [int(v) >> 8 for v in c]
-
-
-def _pack_bytes(bs: list[int]) -> str:
-    return hex(sum(b << (8 * i) for i, b in enumerate(bs)))
-
-
-@lru_cache(maxsize=16)
-def _prmt2_asm(dim: int) -> str:
-    """PTX decoding one 32-bit word of sixteen 2-bit codes into sixteen fp16 centroids (23 instructions).
-
-    ``v_j = (w >> 2j) & 0x03030303`` puts codes ``j, 4+j, 8+j, 12+j`` in its four bytes; one multiply-add
-    turns each byte ``c`` into the ``prmt`` selector nibbles ``(c, c + 4)``, which pick the low byte of
-    centroid ``c`` from one table register and its high byte from the other: one ``prmt`` yields two
-    finished fp16 values.
-    """
-    lo, hi = _fp16_bytes(dim, 2)
-    lines = [".reg .b32 tl, th, t, v, s, o;", f"mov.b32 tl, {_pack_bytes(lo)};", f"mov.b32 th, {_pack_bytes(hi)};"]
-    for j in range(4):
-        if j == 0:
-            lines.append("and.b32 v, $16, 0x03030303;")
-        else:
-            lines += [f"shr.u32 t, $16, {2 * j};", "and.b32 v, t, 0x03030303;"]
-        lines += [
-            "mad.lo.u32 s, v, 0x11, 0x40404040;",
-            "prmt.b32 o, tl, th, s;",
-            f"mov.b32 {{${j}, ${4 + j}}}, o;",
-            "shr.u32 t, s, 16;",
-            "prmt.b32 o, tl, th, t;",
-            f"mov.b32 {{${8 + j}, ${12 + j}}}, o;",
-        ]
-    return "{\n" + "\n".join(lines) + "\n}"
-
-
-@lru_cache(maxsize=16)
-def _prmt3_asm(dim: int) -> str:
-    """PTX decoding one 3-byte group of eight 3-bit codes into eight fp16 centroids (~20 instructions).
-
-    Inputs: the aligned word holding the group's first byte, the next word and the group's bit offset
-    in the first (0, 8, 16 or 24); a funnel shift aligns the group. Three shift/mask/or steps spread
-    the eight codes to one per nibble; the nibbles index the 8-entry low-byte and high-byte tables
-    with ``prmt`` and two more ``prmt`` per four codes interleave the bytes into fp16 pairs.
-    """
-    lo, hi = _fp16_bytes(dim, 3)
-    lines = [
-        ".reg .b32 l0, l1, h0, h1, x, y, z, u, t, a, b, o;",
-        f"mov.b32 l0, {_pack_bytes(lo[:4])};",
-        f"mov.b32 l1, {_pack_bytes(lo[4:])};",
-        f"mov.b32 h0, {_pack_bytes(hi[:4])};",
-        f"mov.b32 h1, {_pack_bytes(hi[4:])};",
-        "shf.r.wrap.b32 x, $8, $9, $10;",
-        "shl.b32 t, x, 4;",
-        "and.b32 t, t, 0x0FFF0000;",
-        "and.b32 y, x, 0x00000FFF;",
-        "or.b32 y, y, t;",
-        "shl.b32 t, y, 2;",
-        "and.b32 t, t, 0x3F003F00;",
-        "and.b32 z, y, 0x003F003F;",
-        "or.b32 z, z, t;",
-        "shl.b32 t, z, 1;",
-        "and.b32 t, t, 0x70707070;",
-        "and.b32 u, z, 0x07070707;",
-        "or.b32 u, u, t;",
-    ]
-    for half in range(2):
-        k = 4 * half
-        if half:
-            lines.append("shr.u32 u, u, 16;")
-        lines += [
-            "prmt.b32 a, l0, l1, u;",
-            "prmt.b32 b, h0, h1, u;",
-            "prmt.b32 o, a, b, 0x5140;",
-            f"mov.b32 {{${k}, ${k + 1}}}, o;",
-            "prmt.b32 o, a, b, 0x7362;",
-            f"mov.b32 {{${k + 2}, ${k + 3}}}, o;",
-        ]
-    return "{\n" + "\n".join(lines) + "\n}"
-
-
-@lru_cache(maxsize=16)
-def _prmt4_asm(dim: int) -> str:
-    """PTX decoding one 32-bit word of eight 4-bit codes into eight fp16 centroids.
-
-    The codebook is odd-symmetric (``c[15 − i] = −c[i]``, exact in fp16), so a
-    magnitude index ``r`` (``c − 8`` or ``7 − c``) picks the low and high bytes of
-    ``|c|`` from two 8-byte tables with ``prmt``; the sign bit is OR-ed into the
-    high byte from a per-byte mask that ``prmt``'s sign-replicate mode builds from
-    bit 3 of each code. About 18 instructions per 8 codes; tests/test_kernels.py
-    interprets this PTX on the CPU and checks it bit-exactly against the fp16 table.
-    """
-    import numpy as np
-
-    from ..codebook import lloyd_max_codebook
-
-    c = np.asarray(lloyd_max_codebook(dim, 4).centroids, dtype=np.float16)
-    assert all(c[15 - i] == -c[i] for i in range(16))
-    mag = c[8:].view(np.uint16).astype(np.uint32)
-    lo = [int(v) & 0xFF for v in mag]
-    hi = [int(v) >> 8 for v in mag]
-
-    def pack(bs: list[int]) -> str:
-        return hex(sum(b << (8 * i) for i, b in enumerate(bs)))
-
-    return f"""{{
-.reg .b32 t, n7, r, rh, y, p0, p1, l0, l1, h0, h1, lo, hi, lo2, hi2, o0, o1, o2, o3;
-mov.b32 l0, {pack(lo[:4])};
-mov.b32 l1, {pack(lo[4:])};
-mov.b32 h0, {pack(hi[:4])};
-mov.b32 h1, {pack(hi[4:])};
-not.b32 t, $8;
-shr.u32 t, t, 3;
-and.b32 t, t, 0x11111111;
-mul.lo.u32 n7, t, 7;
-xor.b32 r, $8, n7;
-and.b32 r, r, 0x77777777;
-shr.u32 rh, r, 16;
-shl.b32 y, $8, 4;
-prmt.b32 p0, y, $8, 0xD9C8;
-prmt.b32 p1, y, $8, 0xFBEA;
-prmt.b32 lo, l0, l1, r;
-prmt.b32 hi, h0, h1, r;
-not.b32 p0, p0;
-and.b32 p0, p0, 0x80808080;
-or.b32 hi, hi, p0;
-prmt.b32 o0, lo, hi, 0x5140;
-prmt.b32 o1, lo, hi, 0x7362;
-prmt.b32 lo2, l0, l1, rh;
-prmt.b32 hi2, h0, h1, rh;
-not.b32 p1, p1;
-and.b32 p1, p1, 0x80808080;
-or.b32 hi2, hi2, p1;
-prmt.b32 o2, lo2, hi2, 0x5140;
-prmt.b32 o3, lo2, hi2, 0x7362;
-mov.b32 {{$0, $1}}, o0;
-mov.b32 {{$2, $3}}, o1;
-mov.b32 {{$4, $5}}, o2;
-mov.b32 {{$6, $7}}, o3;
-}}"""
-
-
-def _stream_table(config: QuantizerConfig, stream: tuple[int, ...], lut: int, device: torch.device) -> torch.Tensor:
-    w = stream[0]
-    if w == 0:
-        return torch.zeros(16, dtype=torch.float16, device=device)
-    return _lookup_table(config.dim, w, 0 if lut == 2 else lut, device)  # lut 2 reads it only when emulated
-
-
-@lru_cache(maxsize=64)
-def _unrotation_blocks(config: QuantizerConfig, d_out: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of ``Π`` for each stream's columns, zero-padded: ``[cols_hi, d_out]``, ``[cols_lo, d_out]``."""
-    pi = make_rotation(config.rotation, config.dim, config.seed).matrix(device)
-    hi, lo = _stream_layout(config)
-    blocks = []
-    start = 0
-    for w, n, _, _, cols in (hi, lo):
-        block = torch.zeros(cols, d_out, dtype=torch.float32, device=device)
-        if w:
-            block[:n, : config.dim] = pi[start : start + n]
-            start += n
-        blocks.append(block.contiguous())
-    return blocks[0], blocks[1]
-
-
-@lru_cache(maxsize=64)
-def _query_rotation(config: QuantizerConfig, device: torch.device) -> torch.Tensor:
-    """``[d, QC]``: ``q @ this`` is the rotated query ``Π q`` in the kernel's column order (zero pad columns)."""
-    hi, lo = _unrotation_blocks(config, config.dim, device)
-    return torch.cat((hi, lo), dim=0).T.contiguous()
 
 
 @lru_cache(maxsize=16)
@@ -366,184 +116,7 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return torch.empty(*shape, dtype=dtype, device=device)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 # --------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _load_codes(
-    row_ptr,  # [BN] pointers to each token's first byte of this stream
-    row_ok,  # [BN] token mask
-    W: tl.constexpr,
-    NB: tl.constexpr,
-    COLS: tl.constexpr,
-    LUT: tl.constexpr,
-):
-    """Raw packed codes of BN tokens.
-
-    LUT 2: int32 words ``[BN, COLS·W/32]`` (widths 2, 4) or ``[BN, COLS/8, 2]`` (width 3: for each 3-byte
-    group the word holding its first byte and the next word); otherwise bytes ``[BN, NB]`` or byte
-    groups ``[BN, G, 4]``.
-    """
-    if LUT == 2:
-        wptr = row_ptr.to(tl.pointer_type(tl.int32))
-        if W == 3:
-            # per 3-byte group g: the aligned word holding its first byte and the next one
-            NG: tl.constexpr = COLS // 8
-            widx = tl.arange(0, NG) * 3 // 4
-            wa = tl.load(wptr[:, None] + widx[None, :], mask=row_ok[:, None] & (widx < NB // 4)[None, :], other=0)
-            wb = tl.load(wptr[:, None] + widx[None, :] + 1, mask=row_ok[:, None] & (widx + 1 < NB // 4)[None, :], other=0)
-            raw = tl.join(wa, wb)  # the pair axis lives in registers, so the decoder's split is free
-        else:
-            NWP: tl.constexpr = COLS * W // 32
-            wi = tl.arange(0, NWP)
-            if NB // 4 == NWP:  # no column mask: lets the compiler vectorise the word loads
-                raw = tl.load(wptr[:, None] + wi[None, :], mask=row_ok[:, None], other=0)
-            else:
-                raw = tl.load(wptr[:, None] + wi[None, :], mask=row_ok[:, None] & (wi[None, :] < NB // 4), other=0)
-    elif 8 % W == 0:
-        NBP: tl.constexpr = COLS // (8 // W)
-        b = tl.arange(0, NBP)
-        raw = tl.load(row_ptr[:, None] + b[None, :], mask=row_ok[:, None] & (b[None, :] < NB), other=0)
-    else:
-        NGP: tl.constexpr = COLS // 8
-        g = tl.arange(0, NGP)
-        k = tl.arange(0, 4)
-        byte_idx = g[:, None] * W + k[None, :]
-        ok = (k[None, :] < W) & (byte_idx < NB)
-        raw = tl.load(row_ptr[:, None, None] + byte_idx[None, :, :], mask=row_ok[:, None, None] & ok[None, :, :], other=0)
-    return raw
-
-
-# Column joins: _treeN(x_0, ..., x_{N-1}) has a new trailing axis of N (as [2, 2, ...]) whose row-major
-# flattening puts x_k at position k (tl.join appends its axis last, so the outermost join is bit 0).
-@triton.jit
-def _tree4(x0, x1, x2, x3):
-    return tl.join(tl.join(x0, x2), tl.join(x1, x3))
-
-
-@triton.jit
-def _tree8(x0, x1, x2, x3, x4, x5, x6, x7):
-    return tl.join(_tree4(x0, x2, x4, x6), _tree4(x1, x3, x5, x7))
-
-
-@triton.jit
-def _tree16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15):
-    return tl.join(_tree8(x0, x2, x4, x6, x8, x10, x12, x14), _tree8(x1, x3, x5, x7, x9, x11, x13, x15))
-
-
-@triton.jit
-def _code(w, W: tl.constexpr, K: tl.constexpr):
-    """Code ``K`` of a word of ``32/W`` codes (emulation of the register decoders)."""
-    return (w >> (K * W)) & ((1 << W) - 1)
-
-
-@triton.jit
-def _decode_codes(
-    raw,
-    tab_ptr,
-    W: tl.constexpr,
-    COLS: tl.constexpr,
-    LUT: tl.constexpr,
-    BN: tl.constexpr,
-    ASM: tl.constexpr,
-):
-    """Raw codes from :func:`_load_codes` → ``[BN, COLS]`` fp16 centroids in natural coordinate order."""
-    MASK: tl.constexpr = (1 << W) - 1
-    if LUT == 2:
-        # register decoders: column (32/W)·word + k ← output k of the word (width 3: 32·unit + k)
-        if W == 3:
-            wa, wb = tl.split(raw)
-            NG: tl.constexpr = COLS // 8
-            sh = ((tl.arange(0, NG) * 3 % 4) * 8)[None, :]  # bit offset of group g in its first word
-            if ASM == "":
-                x = (wa.to(tl.uint32, bitcast=True) >> sh) | tl.where(sh > 0, wb.to(tl.uint32, bitcast=True) << (32 - sh), 0)
-                idx = _tree8(_code(x, 3, 0), _code(x, 3, 1), _code(x, 3, 2), _code(x, 3, 3), _code(x, 3, 4), _code(x, 3, 5), _code(x, 3, 6), _code(x, 3, 7))
-                y = tl.load(tab_ptr + tl.reshape(idx, (BN, COLS)).to(tl.int32))
-            else:
-                o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
-                    ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [wa, wb, sh + tl.zeros_like(wa)], dtype=(tl.float16,) * 8, is_pure=True, pack=1
-                )
-                y = tl.reshape(_tree8(o0, o1, o2, o3, o4, o5, o6, o7), (BN, COLS))
-        elif W == 2:
-            if ASM == "":
-                w = raw.to(tl.uint32, bitcast=True)
-                idx = _tree16(
-                    _code(w, 2, 0), _code(w, 2, 1), _code(w, 2, 2), _code(w, 2, 3), _code(w, 2, 4), _code(w, 2, 5),
-                    _code(w, 2, 6), _code(w, 2, 7), _code(w, 2, 8), _code(w, 2, 9), _code(w, 2, 10), _code(w, 2, 11),
-                    _code(w, 2, 12), _code(w, 2, 13), _code(w, 2, 14), _code(w, 2, 15),
-                )  # fmt: skip
-                y = tl.load(tab_ptr + tl.reshape(idx, (BN, COLS)).to(tl.int32))
-            else:
-                o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15 = tl.inline_asm_elementwise(
-                    ASM, "=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,r", [raw], dtype=(tl.float16,) * 16, is_pure=True, pack=1
-                )
-                y = tl.reshape(_tree16(o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15), (BN, COLS))
-        else:
-            # 4-bit: 32-bit words of 8 codes decoded in registers by byte permutes (see _prmt4_asm)
-            if ASM == "":
-                w = raw.to(tl.uint32, bitcast=True)
-                idx = _tree8(_code(w, 4, 0), _code(w, 4, 1), _code(w, 4, 2), _code(w, 4, 3), _code(w, 4, 4), _code(w, 4, 5), _code(w, 4, 6), _code(w, 4, 7))
-                y = tl.load(tab_ptr + tl.reshape(idx, (BN, COLS)).to(tl.int32))
-            else:
-                o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
-                    ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r", [raw], dtype=(tl.float16,) * 8, is_pure=True, pack=1
-                )
-                y = tl.reshape(_tree8(o0, o1, o2, o3, o4, o5, o6, o7), (BN, COLS))
-    elif 8 % W == 0:
-        SLOTS: tl.constexpr = 8 // W
-        r32 = raw.to(tl.int32)
-        slot = tl.arange(0, SLOTS)
-        if LUT == 1:
-            idx = r32[:, :, None] + (slot * 256)[None, None, :]
-        else:
-            idx = (r32[:, :, None] >> (slot * W)[None, None, :]) & MASK
-        y = tl.reshape(tl.load(tab_ptr + idx), (BN, COLS))
-    else:
-        k = tl.arange(0, 4)
-        word = tl.sum(raw.to(tl.int32) << (k * 8)[None, None, :], axis=2)
-        slot = tl.arange(0, 8)
-        idx = (word[:, :, None] >> (slot * W)[None, None, :]) & MASK
-        y = tl.reshape(tl.load(tab_ptr + idx), (BN, COLS))
-    return y
-
-
-@triton.jit
-def _dotk_scores(raw, tab_ptr, q0, q1, q2, q3, q4, q5, q6, q7, ASM: tl.constexpr):
-    """``Σ_k q_k @ ŷ_kᵀ`` for 4-bit key words: ``ŷ_k [BN, words]`` holds code ``k`` of every word.
-
-    Each product has K = words (16 for d = 128), so the decoded values feed the mma operand layout
-    straight from the decoder's registers (Triton moves the raw words, not a decoded tile, through
-    its layout conversion) and the decoded keys never touch shared memory.
-    """
-    if ASM == "":
-        w = raw.to(tl.uint32, bitcast=True)
-        k0 = tl.load(tab_ptr + _code(w, 4, 0).to(tl.int32))
-        k1 = tl.load(tab_ptr + _code(w, 4, 1).to(tl.int32))
-        k2 = tl.load(tab_ptr + _code(w, 4, 2).to(tl.int32))
-        k3 = tl.load(tab_ptr + _code(w, 4, 3).to(tl.int32))
-        k4 = tl.load(tab_ptr + _code(w, 4, 4).to(tl.int32))
-        k5 = tl.load(tab_ptr + _code(w, 4, 5).to(tl.int32))
-        k6 = tl.load(tab_ptr + _code(w, 4, 6).to(tl.int32))
-        k7 = tl.load(tab_ptr + _code(w, 4, 7).to(tl.int32))
-    else:
-        k0, k1, k2, k3, k4, k5, k6, k7 = tl.inline_asm_elementwise(
-            ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r", [raw], dtype=(tl.float16,) * 8, is_pure=True, pack=1
-        )
-    s = tl.dot(q0, tl.trans(k0))
-    s = tl.dot(q1, tl.trans(k1), s)
-    s = tl.dot(q2, tl.trans(k2), s)
-    s = tl.dot(q3, tl.trans(k3), s)
-    s = tl.dot(q4, tl.trans(k4), s)
-    s = tl.dot(q5, tl.trans(k5), s)
-    s = tl.dot(q6, tl.trans(k6), s)
-    s = tl.dot(q7, tl.trans(k7), s)
-    return s
 
 
 # Integers that change from one decode step to the next must not be specialised
@@ -826,8 +399,8 @@ def _as_4d_mask(mask: torch.Tensor, b: int, hq: int, l: int, t: int) -> torch.Te
         raise TurboQuantError(f"mask of shape {tuple(mask.shape)} does not broadcast to {(b, hq, l, t)}") from None
 
 
-def _num_splits(bh: int, m_blocks: int, n: int, block_n: int, device: torch.device) -> int:
-    target = _num_sms(device) * TUNING["programs_per_sm"]
+def _num_splits(bh: int, m_blocks: int, n: int, block_n: int, device: torch.device, tuning: TritonTuning) -> int:
+    target = num_sms(device) * tuning.programs_per_sm
     splits = max(1, target // max(1, bh * m_blocks))
     splits = min(splits, max(1, triton.cdiv(n, block_n)))
     return splits
@@ -844,6 +417,8 @@ def triton_quantized_attention(
     key_offset: torch.Tensor | None = None,
     value_offset: torch.Tensor | None = None,
     chunk: int = DEFAULT_CHUNK,
+    *,
+    tuning: TritonTuning = DEFAULT_TUNING,
 ) -> torch.Tensor:
     """Attention over compressed tokens then full-precision tokens, with fused Triton kernels.
 
@@ -859,6 +434,7 @@ def triton_quantized_attention(
         scaling: softmax scale.
         mask: additive float or boolean mask broadcastable to ``[B, Hq, L, N + W]``.
         key_offset, value_offset: ``[B, Hkv, d]`` or None.
+        tuning: launch parameters (:class:`~turboquant.kernels.tuning.TritonTuning`).
 
     Returns:
         ``[B, Hq, L, d]`` in ``query.dtype``.
@@ -895,7 +471,7 @@ def triton_quantized_attention(
     if not qf.is_contiguous():
         qf = qf.contiguous()
 
-    block_m = min(max(16, _next_pow2(m)), TUNING["max_block_m"])
+    block_m = min(max(16, next_pow2(m)), tuning.max_block_m)
     m_blocks = triton.cdiv(m, block_m)
     splits = 0
     parts = dummy
@@ -903,30 +479,28 @@ def triton_quantized_attention(
     if n:
         assert keys is not None and values is not None
         kcfg, vcfg = keys.config, values.config
-        khi, klo = _stream_layout(kcfg)
-        vhi, vlo = _stream_layout(vcfg)
-        q_cols = qf @ _query_rotation(kcfg, dev)  # [B, Hkv, M, QC]: one product rotates and orders columns
+        khi, klo = stream_layout(kcfg)
+        vhi, vlo = stream_layout(vcfg)
+        q_cols = qf @ query_rotation(kcfg, dev)  # [B, Hkv, M, QC]: one product rotates and orders columns
         qoff = dummy
         if key_offset is not None:
             qoff = (qf @ key_offset.float().unsqueeze(-1)).squeeze(-1).contiguous()
-        block_n = TUNING["block_n"]
-        splits = _num_splits(bh, m_blocks, n, block_n, dev)
+        block_n = tuning.block_n
+        splits = _num_splits(bh, m_blocks, n, block_n, dev, tuning)
         tps = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
         splits = triton.cdiv(n, tps)
         ac = vhi[4] + vlo[4]
         parts = _empty(bh, splits, m, ac + 2, dtype=torch.float32, device=dev)
         kc, kn, vc, vn = keys.codes, keys.norms, values.codes, values.norms
         streams = ((kcfg, khi, kc), (kcfg, klo, kc), (vcfg, vhi, vc), (vcfg, vlo, vc))
-        luts = [_stream_lut(st, codes) for _, st, codes in streams]
-        tabs = [_stream_table(cfg, st, lut, dev) for (cfg, st, _), lut in zip(streams, luts)]
-        asms = [_reg_asm(cfg.dim, st[0]) if lut == 2 else "" for (cfg, st, _), lut in zip(streams, luts)]
+        luts = [_stream_lut(st, codes, tuning) for _, st, codes in streams]
+        tabs = [stream_table(cfg, st, lut, dev) for (cfg, st, _), lut in zip(streams, luts)]
+        asms = [reg_asm(cfg.dim, st[0]) if lut == 2 else "" for (cfg, st, _), lut in zip(streams, luts)]
         # 4-bit keys straight into the mma operand layout: one K = 16 product per code slot of a word
-        dotk = bool(TUNING["dotk"]) and luts[1] == 2 and klo[0] == 4 and klo[4] // 8 >= 16 and not TUNING["precise"]
-        tune = dict(TUNING)
-        if 3 in (khi[0], klo[0], vhi[0], vlo[0]):
-            tune.update(TUNING.get("width3", {}))
+        dotk = tuning.dotk and luts[1] == 2 and klo[0] == 4 and klo[4] // 8 >= 16 and not tuning.precise
+        tune = tuning.for_width3() if 3 in (khi[0], klo[0], vhi[0], vlo[0]) else tuning
         # the cap is tuned for head_dim ≤ 128 (d = 256 would spill under it)
-        extra = {"maxnreg": tune["maxnreg"]} if tune.get("maxnreg") and d <= 128 else {}
+        extra = {"maxnreg": tune.maxnreg} if tune.maxnreg and d <= 128 else {}
         triton_quantized_attention_kernel[(bh, splits, m_blocks)](
             q_cols, qoff, scale2, kc, kn, vc, vn,
             kc.stride(0), kc.stride(1), kc.stride(2),
@@ -946,13 +520,13 @@ def triton_quantized_attention(
             HAS_QOFF=key_offset is not None,
             LUT_K=luts[1], LUT_KHI=luts[0], LUT_V=luts[3], LUT_VHI=luts[2],
             ASM_KLO=asms[1], ASM_KHI=asms[0], ASM_VLO=asms[3], ASM_VHI=asms[2],
-            PRECISE=bool(TUNING["precise"]), PREFETCH=bool(TUNING["prefetch"]), DOTK=dotk,
+            PRECISE=tuning.precise, PREFETCH=tuning.prefetch, DOTK=dotk,
             BM=block_m, BN=block_n,
-            num_warps=tune["num_warps"], num_stages=tune["num_stages"], **extra,
+            num_warps=tune.num_warps, num_stages=tune.num_stages, **extra,
         )  # fmt: skip
-    dp = max(16, _next_pow2(d))
+    dp = max(16, next_pow2(d))
     if n:
-        pv_hi, pv_lo = _unrotation_blocks(values.config, dp, dev)  # type: ignore[union-attr]
+        pv_hi, pv_lo = unrotation_blocks(values.config, dp, dev)  # type: ignore[union-attr]
     else:
         pv_hi = pv_lo = dummy
     voff = value_offset.float().reshape(bh, d).contiguous() if (n and value_offset is not None) else dummy
@@ -979,7 +553,6 @@ def triton_quantized_attention(
 
 
 __all__ = [
-    "TUNING",
     "triton_attention_combine_kernel",
     "triton_quantized_attention",
     "triton_quantized_attention_kernel",

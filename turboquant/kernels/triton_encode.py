@@ -13,6 +13,7 @@ The torch reference is :func:`turboquant.kernels.encode.torch_quantize_into`.
 from __future__ import annotations
 
 import math
+import os
 from functools import lru_cache
 
 import torch
@@ -20,10 +21,12 @@ import triton
 import triton.language as tl
 
 from ..codebook import codebook_tensors
+from ..codec import code_bytes
 from ..config import QuantizerConfig, TurboQuantError
-from ..quantizer import QuantizedVectors, code_bytes
+from ..quantizer import QuantizedVectors
 from .encode import torch_quantize_into
-from .triton_attention import _INTERPRET, TUNING, _config_supported, _next_pow2, _num_sms, _stream_layout, _unrotation_blocks
+from .layout import config_supported, next_pow2, num_sms, stream_layout, unrotation_blocks
+from .tuning import DEFAULT_TUNING, TritonTuning
 
 
 @triton.jit
@@ -160,7 +163,7 @@ def _rotation_columns(config: QuantizerConfig, dp: int, device: torch.device) ->
         m_hi = m.to(torch.float16)
         return torch.stack((m_hi, (m - m_hi.float()).to(torch.float16))).contiguous()
 
-    hi, lo = _unrotation_blocks(config, dp, device)
+    hi, lo = unrotation_blocks(config, dp, device)
     return split(hi.T), split(lo.T)
 
 
@@ -173,17 +176,23 @@ def _boundaries(dim: int, width: int, device: torch.device) -> torch.Tensor:
 
 def encode_supported(config: QuantizerConfig, x: torch.Tensor) -> bool:
     """Whether :func:`triton_quantize_into` runs its kernel for this config and input."""
-    if x.device.type != "cuda" and not _INTERPRET:
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
-    return _config_supported(config)
+    return config_supported(config)
 
 
-_ENCODE_BLOCK: dict[tuple[int, torch.dtype, int | None], int] = {}
-"""Token block that fits shared memory, per (dim, input dtype, device), learned on first launch."""
+_ENCODE_BLOCK: dict[tuple[int, torch.dtype, int | None, int], int] = {}
+"""Token block that fits shared memory, per (dim, input dtype, device, tuned block), learned on first launch."""
 
 
 def triton_quantize_into(
-    x: torch.Tensor, config: QuantizerConfig, codes: torch.Tensor, norms: torch.Tensor, start: int
+    x: torch.Tensor,
+    config: QuantizerConfig,
+    codes: torch.Tensor,
+    norms: torch.Tensor,
+    start: int,
+    *,
+    tuning: TritonTuning = DEFAULT_TUNING,
 ) -> QuantizedVectors:
     """Quantize ``x`` and write the codes and norms into preallocated buffers at ``start``.
 
@@ -196,6 +205,7 @@ def triton_quantize_into(
         codes: ``[*R, S_cap, code_bytes(config)]`` uint8 buffer (last dim contiguous).
         norms: ``[*R, S_cap]`` buffer in ``config.norm_dtype``.
         start: first position to write; ``start + T <= S_cap``.
+        tuning: launch parameters (``encode_*`` fields).
 
     Returns:
         :class:`QuantizedVectors` views of the written slice, batch shape ``[*R, T]``.
@@ -216,11 +226,11 @@ def triton_quantize_into(
     c3 = codes.view(r, codes.shape[-2], codes.shape[-1])
     n2 = norms.view(r, norms.shape[-1])
     dev = x.device
-    dp = max(16, _next_pow2(d))
-    hi, lo = _stream_layout(config)
+    dp = max(16, next_pow2(d))
+    hi, lo = stream_layout(config)
     pit_hi, pit_lo = _rotation_columns(config, dp, dev)
-    bt = TUNING["encode_block_t"]
-    mode = TUNING["encode_bucket"]
+    bt = tuning.encode_block_t
+    mode = tuning.encode_bucket
 
     def stream_mode(w: int) -> int:
         if w > 4:
@@ -229,12 +239,12 @@ def triton_quantize_into(
 
     # The tuned block (128 tokens) was timed on 16-bit inputs; fp32 inputs at d=128 need more shared
     # memory than an H200 has (262 KB > 227 KB), so halve the block until the kernel fits.
-    key = (d, x.dtype, dev.index)
+    key = (d, x.dtype, dev.index, tuning.encode_block_t)
     bt = _ENCODE_BLOCK.get(key, bt)
     while True:
         blocks = triton.cdiv(t, bt)
-        per_sm = TUNING["encode_programs_per_sm"]
-        npt = blocks if per_sm <= 0 else max(1, min(blocks, triton.cdiv(_num_sms(dev) * per_sm, r)))
+        per_sm = tuning.encode_programs_per_sm
+        npt = blocks if per_sm <= 0 else max(1, min(blocks, triton.cdiv(num_sms(dev) * per_sm, r)))
         try:
             triton_quantize_kernel[(r, npt)](
                 x3, x3.stride(0), x3.stride(1),
@@ -246,7 +256,7 @@ def triton_quantize_into(
                 HI_W=hi[0], HI_N=hi[1], HI_NB=hi[2], HI_C=hi[4],
                 LO_W=lo[0], LO_N=lo[1], LO_NB=lo[2], LO_OFF=lo[3], LO_C=lo[4],
                 MODE_HI=stream_mode(hi[0]), MODE_LO=stream_mode(lo[0]),
-                BT=bt, NPT=npt, num_warps=TUNING["encode_num_warps"],
+                BT=bt, NPT=npt, num_warps=tuning.encode_num_warps,
             )  # fmt: skip
             break
         except triton.runtime.errors.OutOfResources:

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import KVCacheConfig, TurboQuantCache
+from ..cache import TurboQuantCache
+from ..config import KVCacheConfig
 
 DEFAULT_PROMPT = "Explain in three sentences why compressing the key-value cache helps large language models."
 
