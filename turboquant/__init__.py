@@ -5,7 +5,7 @@ the one error type. Everything else lives in submodules (``turboquant.codec`` de
 of a code; see docs/DESIGN.md for the module map).
 """
 
-from .config import IndexConfig, KVCacheConfig, QuantizerConfig, TurboQuantError
+from .config import IndexConfig, KVCacheConfig, QuantizerConfig, TurboQuantError, __version__
 from .quantizer import QJL, QuantizedVectors, TurboQuantMSE, TurboQuantProd
 
 
@@ -40,4 +40,3 @@ __all__ = [
     "load_codes",
     "save_codes",
 ]
-__version__ = "0.1.0"

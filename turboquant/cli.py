@@ -24,8 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .config import TurboQuantError
+from .config import TurboQuantError, __version__
 
 Register = Callable[[Any], None]
 

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any
 
+__version__ = "0.1.0"
+"""The package version (``turboquant.__version__``)."""
 FORMAT_VERSION = 1
 MIN_BITS = 1
 MAX_BITS = 8

@@ -5,31 +5,17 @@ A vector ``x`` is stored exactly as :class:`~turboquant.quantizer.TurboQuantMSE`
 (``Π q``) and scored straight from the codes; stored vectors are never decoded in bulk into a
 float cache.
 
-Ranking estimator. TurboQuant_mse estimates ``<q, x> ≈ ‖x‖·<Πq, ŷ>``, which is biased low by
-a *per-vector* factor (``‖ŷ‖`` varies from vector to vector; paper Theorem 1 bounds only its
-mean). Ranking vectors against each other is sensitive to that spread, so by default the index
-scores ``‖x‖·<Πq, ŷ>/‖ŷ‖`` — the reconstruction rescaled to the stored norm, in the spirit of
-RaBitQ's correction factors. ``‖ŷ‖`` is a function of the codes, so the correction costs no
-stored bytes and no calibration. On all-MiniLM-L6-v2 embeddings (d=384, 4 bits) it raises
-recall 10@10 from 0.933 to 0.947 (benchmarks/ann.py; ``correction=False`` gives the plain
-estimator).
+Ranking estimator: ``‖x‖·<Πq, ŷ>/‖ŷ‖`` (default; ``correction=False`` drops ``/‖ŷ‖``), the
+reconstruction rescaled to its stored norm (:func:`turboquant.codec.reconstruction_norms`): no
+stored byte, no calibration; on all-MiniLM-L6-v2 (d=384, 4 bits) recall 10@10 0.933 → 0.947.
 
-Two search engines, picked per call:
-
-* ``fastscan`` (CPU, FAISS importable; see :mod:`turboquant.fastscan`): a FAISS
-  ``IndexPQFastScan`` whose 4-bit sub-quantizers are *fixed* nested TurboQuant codebooks
-  (nothing is trained) scans the top ``scan_bits`` bits of every code SIMD-fast, then a
-  shortlist of ``rerank`` candidates is re-scored exactly from the stored codes with the
-  corrected estimator. With ``scan_bits=2`` (default) a 4-bit index scans half the nibbles
-  FAISS ``IndexPQFastScan`` scans at equal bytes. The mirror (``scan_bits`` bits per
-  coordinate) lives in RAM only (:attr:`TurboQuantIndex.memory_bytes`), never on disk.
-* ``torch`` (any device, any width, and the fallback): stored codes are decoded block by block
-  (``_CHUNK`` vectors) and multiplied with the whole query batch (BLAS / CUDA), keeping a running
-  top-k.
-
-The fast-scan stage ranks by ``<Πq, ŷ>`` alone (a lookup table cannot apply a per-vector
-multiplier), so ``auto`` uses it only while stored norms are nearly equal (normalised
-embeddings, or ``metric="cosine"``); otherwise the exact torch scan runs.
+Engines, picked per call: ``fastscan`` (CPU with FAISS, :mod:`turboquant.fastscan`) scans the
+top ``scan_bits`` bits of every code with a FAISS ``IndexPQFastScan`` whose sub-quantizers are
+fixed nested TurboQuant codebooks (nothing trained; the mirror lives in RAM only), then re-scores
+a shortlist exactly from the stored codes; ``torch`` (any device, any width) decodes blocks of
+codes and multiplies them with the query batch. A lookup table cannot apply a per-vector
+multiplier, so ``auto`` uses fast-scan only while stored norms are nearly equal (normalised
+embeddings, ``metric="cosine"``).
 
 Thread safety: every public method takes the index's re-entrant lock, so a search running
 while another thread adds or removes vectors sees the index either before or after the change.
@@ -42,7 +28,6 @@ import json
 import math
 import os
 import threading
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +37,10 @@ import torch
 from .buffers import GrowableBuffer
 from .codec import bytes_per_vector, code_bytes, decode_mse, decode_mse_numpy, encode, reconstruction_norms
 from .config import Engine, IndexConfig, Metric, QuantizerConfig, TurboQuantError, Variant, replace_fields
+from .inputs import ArrayLike, as_ids, as_matrix, to_numpy32, to_torch
 from .fastscan import FastScan, faiss_available, nibble_plan, thread_pool
 from .rotation import make_rotation
 
-ArrayLike = torch.Tensor | np.ndarray
 
 INDEX_KIND = "index"
 INDEX_VERSION = 1
@@ -69,58 +54,6 @@ def _default_rerank(k: int, exact_scan: bool) -> int:
     # the corrected exact top-10 is reached with 14 (4 bits) to 18 (2 bits) candidates. Coarse
     # 2-bit scan of 3/4-bit codes: 64 candidates hold 99.9% of the exact top-10, 424 of the top-100.
     return k + max(8, k // 2) if exact_scan else 4 * k + 24
-
-
-# --------------------------------------------------------------------------- input helpers
-
-
-def _as_float(x: ArrayLike, dim: int, name: str) -> tuple[np.ndarray | torch.Tensor, bool]:
-    """``(array (n, dim), numpy_io)``: validates type and shape; numpy stays numpy (cheap per call)."""
-    if isinstance(x, np.ndarray):
-        if x.dtype not in (np.float16, np.float32, np.float64):
-            raise TurboQuantError(f"{name} has unsupported dtype {x.dtype}; use float16, float32 or float64")
-        t: np.ndarray | torch.Tensor = x
-        numpy_io = True
-    elif isinstance(x, torch.Tensor):
-        if not x.is_floating_point():
-            raise TurboQuantError(f"{name} has unsupported dtype {x.dtype}; use a floating dtype")
-        t, numpy_io = x.detach(), False
-    else:
-        raise TurboQuantError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
-    if t.ndim == 1:
-        t = t[None]
-    if t.ndim != 2 or t.shape[1] != dim:
-        raise TurboQuantError(f"{name} must have shape (n, {dim}), got {tuple(x.shape)}")
-    return t, numpy_io
-
-
-def _to_torch(t: np.ndarray | torch.Tensor) -> torch.Tensor:
-    if isinstance(t, torch.Tensor):
-        return t
-    if not t.flags.writeable:  # read-only inputs (np.load mmap) are never written to
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.from_numpy(np.ascontiguousarray(t))
-    return torch.from_numpy(np.ascontiguousarray(t))
-
-
-def _to_numpy32(t: np.ndarray | torch.Tensor) -> np.ndarray:
-    if isinstance(t, torch.Tensor):
-        return t.cpu().float().numpy()
-    return np.ascontiguousarray(t, dtype=np.float32)
-
-
-def _as_ids(ids: Any, n: int, name: str = "ids") -> np.ndarray:
-    arr = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
-    arr = arr.reshape(-1) if arr.ndim == 0 else arr
-    if arr.ndim != 1 or arr.shape[0] != n:
-        raise TurboQuantError(f"{name} must be a 1-D sequence of {n} integers, got shape {arr.shape}")
-    if arr.size and arr.dtype.kind not in "iu":
-        raise TurboQuantError(f"{name} must be integers, got dtype {arr.dtype}")
-    arr = arr.astype(np.int64)
-    if arr.size and arr.min() < 0:
-        raise TurboQuantError(f"{name} must be non-negative (-1 marks 'no result'), got {arr.min()}")
-    return arr
 
 
 # --------------------------------------------------------------------------- the index
@@ -284,9 +217,9 @@ class TurboQuantIndex:
             ids: optional non-negative 64-bit ids (default: sequential, continuing after the
                 largest id seen). Uniqueness is the caller's responsibility.
         """
-        t = _to_torch(_as_float(x, self.dim, "x")[0])
+        t = to_torch(as_matrix(x, self.dim, "x")[0])
         n = t.shape[0]
-        new_ids = None if ids is None else _as_ids(ids, n)
+        new_ids = None if ids is None else as_ids(ids, n)
         with self._lock:
             if self._device is None and len(self) == 0:
                 self._device = t.device
@@ -343,7 +276,7 @@ class TurboQuantIndex:
         Raises :class:`TurboQuantError` (and removes nothing) if any id is not in the index.
         """
         flat = (ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)).reshape(-1)
-        wanted = np.unique(_as_ids(flat, flat.size))
+        wanted = np.unique(as_ids(flat, flat.size))
         with self._lock:
             stored = self._id_array()
             hit = np.isin(stored, wanted)
@@ -370,7 +303,7 @@ class TurboQuantIndex:
     def reconstruct(self, ids: ArrayLike) -> np.ndarray:
         """Decoded vectors ``x̂`` (float32 numpy, ``(len(ids), dim)``) for stored ids."""
         flat = (ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)).reshape(-1)
-        wanted = _as_ids(flat, flat.size)
+        wanted = as_ids(flat, flat.size)
         with self._lock:
             stored = self._id_array()
             order = np.argsort(stored, kind="stable")
@@ -404,7 +337,7 @@ class TurboQuantIndex:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise TurboQuantError(f"k must be a positive int, got {k!r}")
         k = int(k)
-        t, numpy_io = _as_float(queries, self.dim, "queries")
+        t, numpy_io = as_matrix(queries, self.dim, "queries")
         with self._lock:
             n = len(self)
             if n == 0:
@@ -416,9 +349,9 @@ class TurboQuantIndex:
                 pos = np.empty((0, k), np.int64)
             elif self._use_fastscan():
                 # numpy end to end: a single query must not pay tens of µs per torch op
-                scores, pos = self._search_fastscan(_to_numpy32(t), k, rerank)
+                scores, pos = self._search_fastscan(to_numpy32(t), k, rerank)
             else:
-                scores, pos_t = self._search_torch(self._prepare_queries(_to_torch(t).float().to(self.device)), k)
+                scores, pos_t = self._search_torch(self._prepare_queries(to_torch(t).float().to(self.device)), k)
                 pos = pos_t.cpu().numpy()
             ids_np = pos if self._ids is None else np.take(self._ids.numpy("ids"), pos)
         if numpy_io:

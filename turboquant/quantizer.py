@@ -8,18 +8,17 @@ and returns :class:`QuantizedVectors`.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Union
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from .codec import decode_mse, encode, qjl_residual, qjl_scores
 from .config import QuantizerConfig, Rotation, TurboQuantError, Variant
+from .inputs import ArrayLike, as_tensor, check_vectors, output
 from .rotation import RandomRotation, make_rotation, qjl_matrix
 
-ArrayLike = Union[torch.Tensor, np.ndarray]
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _SCORE_CHUNK = 8192  # stored vectors decoded at a time when scoring: bounds the temporary memory
 
 
@@ -110,33 +109,7 @@ class QuantizedVectors:
         return QuantizedVectors(first.config, cat("codes"), cat("norms"), cat("qjl"), cat("residual_norms"), first.numpy_io)  # type: ignore[arg-type]
 
 
-# --------------------------------------------------------------------------- input handling
 
-
-def _as_tensor(x: ArrayLike, name: str) -> tuple[torch.Tensor, bool]:
-    if isinstance(x, np.ndarray):
-        if x.dtype not in (np.float16, np.float32, np.float64):
-            raise TurboQuantError(f"{name} has unsupported numpy dtype {x.dtype}; use float16, float32 or float64")
-        return torch.from_numpy(np.ascontiguousarray(x)), True
-    if isinstance(x, torch.Tensor):
-        if x.dtype not in _SUPPORTED_DTYPES:
-            raise TurboQuantError(f"{name} has unsupported dtype {x.dtype}; use float16, bfloat16, float32 or float64")
-        return x, False
-    raise TurboQuantError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
-
-
-def _check_vectors(x: torch.Tensor, dim: int, name: str) -> None:
-    if x.dim() == 0 or x.shape[-1] != dim:
-        raise TurboQuantError(f"{name} must have last dimension {dim}, got shape {tuple(x.shape)}")
-    # A NaN/Inf element makes the sum non-finite, so a finite sum (one fast reduction) proves
-    # every element finite; only a sum that overflows needs the elementwise check.
-    if x.numel() and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
-        raise TurboQuantError(f"{name} contains NaN or Inf")
-
-
-def _output(t: torch.Tensor, like_dtype: torch.dtype, numpy_io: bool) -> ArrayLike:
-    t = t.to(like_dtype)
-    return t.cpu().numpy() if numpy_io else t
 
 
 # --------------------------------------------------------------------------- quantizers
@@ -145,11 +118,31 @@ def _output(t: torch.Tensor, like_dtype: torch.dtype, numpy_io: bool) -> ArrayLi
 class TurboQuantizer:
     """Base class: holds a :class:`QuantizerConfig`, its rotation and codebooks.
 
-    Use :class:`TurboQuantMSE`, :class:`TurboQuantProd` or :class:`QJL`, or
-    :meth:`from_config`.
+    Use :class:`TurboQuantMSE`, :class:`TurboQuantProd` or :class:`QJL`, or :meth:`from_config`.
+
+    Args:
+        dim: vector dimension ``d`` (≥ 2).
+        bits: bits per coordinate, 1..8 (fractional rates such as 2.5 split the rotated coordinates).
+        rotation: ``"hadamard"`` (default) or ``"haar"``.
+        seed: seed of the rotation (and of the QJL projection).
+        norm_dtype: storage dtype of the per-vector norms.
     """
 
-    def __init__(self, config: QuantizerConfig) -> None:
+    VARIANT: ClassVar[Variant]
+
+    def __init__(
+        self,
+        dim: int,
+        bits: float,
+        rotation: Rotation | str = Rotation.HADAMARD,
+        seed: int = 0,
+        norm_dtype: str = "float32",
+    ) -> None:
+        if not hasattr(type(self), "VARIANT"):
+            raise TurboQuantError("use TurboQuantMSE, TurboQuantProd, QJL or TurboQuantizer.from_config")
+        self._setup(QuantizerConfig(dim, bits, self.VARIANT, rotation, seed, norm_dtype))  # type: ignore[arg-type]
+
+    def _setup(self, config: QuantizerConfig) -> None:
         self.config = config
         self.rotation: RandomRotation = make_rotation(config.rotation, config.dim, config.seed)
         self._norm_dtype = getattr(torch, config.norm_dtype)
@@ -157,13 +150,10 @@ class TurboQuantizer:
     @staticmethod
     def from_config(config: QuantizerConfig) -> "TurboQuantizer":
         """Build the quantizer class matching ``config.variant``."""
-        if config.variant is Variant.PROD:
-            return TurboQuantProd.__new__(TurboQuantProd)._init_from(config)
-        return TurboQuantMSE.__new__(TurboQuantMSE)._init_from(config)
-
-    def _init_from(self, config: QuantizerConfig) -> "TurboQuantizer":
-        TurboQuantizer.__init__(self, config)
-        return self
+        cls = TurboQuantProd if config.variant is Variant.PROD else TurboQuantMSE
+        quantizer = cls.__new__(cls)
+        quantizer._setup(config)
+        return quantizer
 
     @property
     def dim(self) -> int:
@@ -179,8 +169,8 @@ class TurboQuantizer:
 
     def rotate(self, x: ArrayLike) -> torch.Tensor:
         """Queries in the rotated domain, ``Π q`` (float32), for repeated scoring."""
-        t, _ = _as_tensor(x, "query")
-        _check_vectors(t, self.dim, "query")
+        t, _ = as_tensor(x, "query")
+        check_vectors(t, self.dim, "query")
         return self.rotation.rotate(t.float())
 
     def quantize(self, x: ArrayLike) -> QuantizedVectors:
@@ -193,8 +183,8 @@ class TurboQuantizer:
         Returns:
             :class:`QuantizedVectors` with batch shape ``B``.
         """
-        t, numpy_io = _as_tensor(x, "x")
-        _check_vectors(t, self.dim, "x")
+        t, numpy_io = as_tensor(x, "x")
+        check_vectors(t, self.dim, "x")
         enc = encode(t.float(), self.config)
         stored_norms = enc.norms.to(self._norm_dtype)
         if not bool(torch.isfinite(stored_norms).all()):
@@ -219,7 +209,7 @@ class TurboQuantizer:
 
     def dequantize(self, codes: QuantizedVectors, dtype: torch.dtype = torch.float32) -> ArrayLike:
         """Reconstruct ``x̂`` (``(*B, dim)``; numpy if the codes came from numpy)."""
-        return _output(self.rotation.unrotate(self.dequantize_rotated(codes)), dtype, codes.numpy_io)
+        return output(self.rotation.unrotate(self.dequantize_rotated(codes)), dtype, codes.numpy_io)
 
     def inner_product(self, query: ArrayLike, codes: QuantizedVectors) -> ArrayLike:
         """Asymmetric estimate of ``<q, x>`` for every (query, stored vector) pair.
@@ -236,8 +226,8 @@ class TurboQuantizer:
             ``(*Q, *B)`` float32 scores.
         """
         self._check_codes(codes)
-        t, numpy_io = _as_tensor(query, "query")
-        _check_vectors(t, self.dim, "query")
+        t, numpy_io = as_tensor(query, "query")
+        check_vectors(t, self.dim, "query")
         q_rot = self.rotation.rotate(t.float().to(codes.device)).reshape(-1, self.dim)
         flat = codes.flatten()
         n = flat.norms.shape[0]
@@ -273,32 +263,16 @@ class TurboQuantMSE(TurboQuantizer):
         >>> x_hat = q.dequantize(codes)
     """
 
-    def __init__(
-        self,
-        dim: int,
-        bits: float,
-        rotation: Rotation | str = Rotation.HADAMARD,
-        seed: int = 0,
-        norm_dtype: str = "float32",
-    ) -> None:
-        super().__init__(QuantizerConfig(dim, bits, Variant.MSE, rotation, seed, norm_dtype))  # type: ignore[arg-type]
+    VARIANT = Variant.MSE
 
 
 class TurboQuantProd(TurboQuantizer):
     """TurboQuant_prod (paper Algorithm 2): ``bits−1`` MSE bits + 1-bit QJL on the residual.
 
-    ``inner_product`` is an unbiased estimator of ``<q, x>``. ``bits=1`` is pure QJL.
+    ``inner_product`` is an unbiased estimator of ``<q, x>`` (paper Theorem 2). ``bits=1`` is pure QJL.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        bits: float,
-        rotation: Rotation | str = Rotation.HADAMARD,
-        seed: int = 0,
-        norm_dtype: str = "float32",
-    ) -> None:
-        super().__init__(QuantizerConfig(dim, bits, Variant.PROD, rotation, seed, norm_dtype))  # type: ignore[arg-type]
+    VARIANT = Variant.PROD
 
 
 class QJL(TurboQuantProd):

@@ -62,6 +62,7 @@ def key_scores(q_rot: torch.Tensor, keys: QuantizedVectors, q_proj: torch.Tensor
     return scores
 
 
+# The specification: kernels.testing.float64_attention and every kernel wrapper take this same signature.
 def torch_quantized_attention(
     query: torch.Tensor,
     keys: QuantizedVectors | None,

@@ -32,6 +32,7 @@ def dequantize_float64(qv: QuantizedVectors) -> torch.Tensor:
     return y @ pi
 
 
+# Same signature as kernels.reference.torch_quantized_attention (deliberately: a drop-in oracle).
 def float64_attention(
     query: torch.Tensor,
     keys: QuantizedVectors | None,

@@ -53,7 +53,7 @@ from .reference import DEFAULT_CHUNK, torch_quantized_attention
 from .triton_decoders import _decode_codes, _dotk_scores, _load_codes
 from .tuning import DEFAULT_TUNING, TritonTuning
 
-LOG2E = 1.4426950408889634
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 
 def _interpret() -> bool:
@@ -119,6 +119,28 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
 # --------------------------------------------------------------------------- kernels
 
 
+@triton.jit
+def _masked(s, mrow, cols, s_m_t, row_ok, col_ok, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr):
+    """Scores (base 2) with mask columns ``cols`` applied: bool masks to −inf, additive masks × log2 e; invalid columns −inf."""
+    if HAS_MASK:
+        mv = tl.load(mrow[:, None] + cols[None, :] * s_m_t, mask=row_ok[:, None] & col_ok[None, :], other=0)
+        if MASK_BOOL:
+            s = tl.where(mv != 0, s, float("-inf"))
+        else:
+            s = s + mv.to(tl.float32) * LOG2E
+    return tl.where(col_ok[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _online_softmax(m_i, l_i, s):
+    """One online-softmax step in base 2: ``(new max, rescale of the old state, p, new sum)``."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, axis=1)
+
+
 # Integers that change from one decode step to the next must not be specialised
 # (Triton would recompile whenever their divisibility by 16 changes).
 _VARYING = ["N", "TPS", "S", "M", "L", "s_m_b", "s_m_h", "s_m_l", "s_m_t"]
@@ -182,8 +204,7 @@ def triton_quantized_attention_kernel(
         qk7 = (tl.load(wq + 7, mask=row_ok[:, None], other=0.0) * scale2).to(tl.float16)
     if HAS_QOFF:
         qoff = tl.load(qoff_ptr + bh * M + rows, mask=row_ok, other=0.0) * scale2
-    if HAS_MASK:
-        mrow = mask_ptr + b * s_m_b + (h * G + rows // L) * s_m_h + (rows % L) * s_m_l
+    mrow = mask_ptr + b * s_m_b + (h * G + rows // L) * s_m_h + (rows % L) * s_m_l  # read only if HAS_MASK
 
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -237,20 +258,8 @@ def triton_quantized_attention_kernel(
         s = s * knorm.to(tl.float32)[None, :]
         if HAS_QOFF:
             s = s + qoff[:, None]
-        if HAS_MASK:
-            mv = tl.load(mrow[:, None] + offs[None, :] * s_m_t, mask=row_ok[:, None] & tok_ok[None, :], other=0)
-            if MASK_BOOL:
-                s = tl.where(mv != 0, s, float("-inf"))
-            else:
-                s = s + mv.to(tl.float32) * 1.4426950408889634
-        s = tl.where(tok_ok[None, :], s, float("-inf"))
-        # ---- online softmax (base 2)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
+        s = _masked(s, mrow, offs, s_m_t, row_ok, tok_ok, HAS_MASK, MASK_BOOL)
+        m_i, alpha, p, l_i = _online_softmax(m_i, l_i, s)
         # ---- values, rotated domain; ‖v‖ folded into p
         pv = p * vnorm.to(tl.float32)[None, :]
         pv_h = pv.to(tl.float16)
@@ -352,8 +361,7 @@ def triton_attention_combine_kernel(
     if W > 0:
         q = tl.load(qf_ptr + bh * M * D + rows[:, None] * D + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         q = q * scale2
-        if HAS_MASK:
-            mrow = mask_ptr + b * s_m_b + (h * G + rows // L) * s_m_h + (rows % L) * s_m_l
+        mrow = mask_ptr + b * s_m_b + (h * G + rows // L) * s_m_h + (rows % L) * s_m_l  # read only if HAS_MASK
         fk_base = fk_ptr + b * s_fk_b + h * s_fk_h
         fv_base = fv_ptr + b * s_fv_b + h * s_fv_h
         for w0 in range(0, W, BW):
@@ -361,18 +369,8 @@ def triton_attention_combine_kernel(
             w_ok = offs < W
             k = tl.load(fk_base + offs[:, None] * s_fk_w + cols[None, :], mask=w_ok[:, None] & col_ok[None, :], other=0.0)
             sc = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-            if HAS_MASK:
-                mv = tl.load(mrow[:, None] + (N + offs)[None, :] * s_m_t, mask=row_ok[:, None] & w_ok[None, :], other=0)
-                if MASK_BOOL:
-                    sc = tl.where(mv != 0, sc, float("-inf"))
-                else:
-                    sc = sc + mv.to(tl.float32) * 1.4426950408889634
-            sc = tl.where(w_ok[None, :], sc, float("-inf"))
-            m_new = tl.maximum(m_tot, tl.max(sc, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_tot - m_safe)
-            p = tl.exp2(sc - m_safe[:, None])
-            l_tot = l_tot * alpha + tl.sum(p, axis=1)
+            sc = _masked(sc, mrow, N + offs, s_m_t, row_ok, w_ok, HAS_MASK, MASK_BOOL)
+            m_new, alpha, p, l_tot = _online_softmax(m_tot, l_tot, sc)
             v = tl.load(fv_base + offs[:, None] * s_fv_w + cols[None, :], mask=w_ok[:, None] & col_ok[None, :], other=0.0)
             out = out * alpha[:, None]
             out = tl.dot(p, v.to(tl.float32), out, input_precision="ieee")
@@ -406,6 +404,7 @@ def _num_splits(bh: int, m_blocks: int, n: int, block_n: int, device: torch.devi
     return splits
 
 
+# Same signature as kernels.reference.torch_quantized_attention (the specification), plus ``tuning``.
 def triton_quantized_attention(
     query: torch.Tensor,
     keys: QuantizedVectors | None,
