@@ -466,9 +466,8 @@ def build(
     try:
         reports = ray.get(refs)
     except ray.exceptions.RayTaskError as exc:
-        cause = exc.as_instanceof_cause()
-        if isinstance(cause, TurboQuantError):
-            raise TurboQuantError(f"building a shard failed: {cause}") from None
+        if isinstance(exc.cause, TurboQuantError):
+            raise TurboQuantError(f"building a shard failed: {exc.cause}") from None
         raise
     shards = tuple(ShardInfo(r["file"], id_starts[j], r["count"], r["id_max"]) for j, r in enumerate(reports))
     next_id = max(s.id_max for s in shards) + 1
@@ -643,9 +642,8 @@ class ShardedIndex:
                 f"{what}: a shard actor died and could not be restarted (max_restarts exhausted?): {exc}"
             ) from None
         except ray.exceptions.RayTaskError as exc:
-            cause = exc.as_instanceof_cause()
-            if isinstance(cause, TurboQuantError):
-                raise TurboQuantError(str(cause).split("\n")[-1] or f"{what} failed") from None
+            if isinstance(exc.cause, TurboQuantError):  # bad input found by a shard: same message as one index
+                raise TurboQuantError(str(exc.cause)) from None
             raise
 
     def _reconcile(self) -> None:
@@ -856,17 +854,11 @@ def _queries(x: Any, dim: int, name: str = "queries") -> np.ndarray:
 
 
 def cli_build(args: Any) -> int:
-    """``turboquant index build --ray``: ``args.input`` (list), ``args.out`` (directory), ``args.shards``, ...
-
-    """
-    if args.ray_address:
-        _ensure_ray(args.ray_address)
-    elif args.workers:
-        _ensure_ray(num_cpus=args.workers)
+    """``turboquant index build --ray``: ``args.input`` (files), ``args.out`` (directory), ``args.shards``, ``args.ids`` (one .npy for all rows)."""
+    _ensure_ray(args.ray_address)
     report = build(
         args.input, args.out, bits=args.bits, metric=args.metric, rotation=args.rotation, seed=args.seed,
-        norm_dtype=args.norm_dtype, num_shards=args.shards, ids=args.ids, column=args.column,
-        chunk_rows=args.batch, overwrite=args.overwrite,
+        norm_dtype=args.norm_dtype, num_shards=args.shards, ids=args.ids, column=args.column, chunk_rows=args.batch,
     )  # fmt: skip
     if not args.quiet:
         print(
