@@ -138,7 +138,7 @@ def test_metrics_and_uneven_norms_identical(ray_cluster, tmp_path, metric) -> No
     q = _synthetic(50, 48, seed=2)
     files = _split_files(x, tmp_path, [1000])
     sharded.build(files, tmp_path / "ix", bits=3, metric=metric, seed=7, num_shards=3, norm_dtype="float16")
-    with sharded.ShardedIndex(tmp_path / "ix", num_actors=2) as index:
+    with sharded.ShardedIndex(tmp_path / "ix", num_actors=1) as index:  # one process: 3 shards in one actor
         got_d, got_i = index.search(q, 25)
     ref_d, ref_i = _single(x, metric, bits=3, seed=7, norm_dtype="float16").search(q, 25)
     np.testing.assert_array_equal(got_i, ref_i)
@@ -160,7 +160,7 @@ def test_parquet_input(ray_cluster, tmp_path) -> None:
     fixed = pa.FixedSizeListArray.from_arrays(pa.array(x[700:].ravel()), 32)
     pq.write_table(pa.table({"text": [str(i) for i in range(500)], "emb": fixed}), tmp_path / "b.parquet")
     sharded.build([tmp_path / "a.parquet", tmp_path / "b.parquet"], tmp_path / "ix", bits=4, column="emb", num_shards=3)
-    with sharded.ShardedIndex(tmp_path / "ix", num_actors=2) as index:
+    with sharded.ShardedIndex(tmp_path / "ix", num_actors=1) as index:
         got_d, got_i = index.search(q, 10)
     ref_d, ref_i = _single(x).search(q, 10)
     np.testing.assert_array_equal(got_i, ref_i)
@@ -222,7 +222,7 @@ def test_explicit_ids(ray_cluster, tmp_path) -> None:
     files = _split_files(x, tmp_path, [400])
     np.save(tmp_path / "ids.npy", ids)
     sharded.build(files, tmp_path / "ix", bits=4, num_shards=3, ids=tmp_path / "ids.npy")
-    with sharded.ShardedIndex(tmp_path / "ix", num_actors=2) as index:
+    with sharded.ShardedIndex(tmp_path / "ix", num_actors=1) as index:
         got_d, got_i = index.search(q, 8)
         assert [s.id_start for s in index.manifest.shards] == [0, 3007, 6007]
     ref_d, ref_i = _single(x).search(q, 8)
@@ -310,7 +310,7 @@ def test_cli_build_and_search(ray_cluster, tmp_path) -> None:
     assert main(argv) == 0
     out = tmp_path / "res.npz"
     assert main(["index", "search", "--ray", "--index", str(tmp_path / "ix"), "--queries", str(tmp_path / "q.npy"),
-                 "-k", "4", "--out", str(out), "-q"]) == 0  # fmt: skip
+                 "-k", "4", "--actors", "1", "--out", str(out), "-q"]) == 0  # fmt: skip
     res = np.load(out)
     ref_d, ref_i = _single(x).search(x[:5], 4)
     np.testing.assert_array_equal(res["ids"], ref_i)
