@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     timings["local_build_s"] = time.perf_counter() - t0
     local.save(args.work / "local.tq")
     del local
-    print(f"local build (1 process, {torch.get_num_threads()} torch threads): {timings['local_build_s']:.1f} s", flush=True)
+    threads = torch.get_num_threads()
+    print(f"local build (1 process, {threads} torch threads): {timings['local_build_s']:.1f} s", flush=True)
 
     exact_q = q if args.exact_batch is None else q[: args.exact_batch]
     rows: dict[str, dict[str, Any]] = {}
@@ -300,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         "n": n, "dim": args.dim, "bits": args.bits, "files": args.files, "shards": args.shards, "k": args.k,
         "machine": {
             "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "driver_torch_threads": torch.get_num_threads(), "ray": ray.__version__, "python": platform.python_version(),
+            "driver_torch_threads": torch.get_num_threads(), "ray": ray.__version__,
+            "python": platform.python_version(),
             "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
             "ray_worker_threads": "1 (Ray sets OMP_NUM_THREADS=1 in num_cpus=1 workers)",
         },
@@ -320,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
           f"ray torch == local torch (ids and scores): {same}")  # fmt: skip
     print(f"build: 1 worker {b1['seconds']:.1f} s, 2 workers {b2['seconds']:.1f} s (speed-up {speedup:.2f}x), "
           f"local 1 process {timings['local_build_s']:.1f} s; total worker peak RSS 1w "
-          f"{b1['total_worker_peak_rss_bytes'] / 2**20:.0f} MiB, 2w {b2['total_worker_peak_rss_bytes'] / 2**20:.0f} MiB")  # fmt: skip
+          f"{b1['total_worker_peak_rss_bytes'] / 2**20:.0f} MiB, "
+          f"2w {b2['total_worker_peak_rss_bytes'] / 2**20:.0f} MiB")  # fmt: skip
     print(f"{'search':<26}{'batch q':>8}{'batch QPS':>11}{'single QPS':>11}{'single ms':>10}{'recall10@10':>12}")
     for name, r in rows.items():
         print(f"{name:<26}{r['batch_queries']:>8}{r['batch_qps']:>11.1f}{r['single_qps']:>11.2f}"

@@ -306,7 +306,8 @@ def test_cli_build_and_search(ray_cluster, tmp_path) -> None:
     x = _synthetic(600, 16, seed=12)
     files = _split_files(x, tmp_path, [250])
     np.save(tmp_path / "q.npy", x[:5])
-    argv = ["index", "build", "--ray", "--input", *map(str, files), "--out", str(tmp_path / "ix"), "--shards", "3", "-q"]
+    argv = ["index", "build", "--ray", "--input", *map(str, files), "--out", str(tmp_path / "ix"), "--shards", "3"]
+    argv.append("-q")
     assert main(argv) == 0
     out = tmp_path / "res.npz"
     assert main(["index", "search", "--ray", "--index", str(tmp_path / "ix"), "--queries", str(tmp_path / "q.npy"),

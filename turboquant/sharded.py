@@ -224,7 +224,9 @@ def _pyarrow_parquet() -> Any:
 
 
 def _parquet_rows(path: str, column: str, r0: int, r1: int) -> np.ndarray:
-    """Rows ``[r0, r1)`` of a list-of-float Parquet column as ``(r1 - r0, dim)`` float32, reading only the row groups needed."""
+    """Rows ``[r0, r1)`` of a list-of-float Parquet column as ``(r1 - r0, dim)`` float32.
+
+    Reads only the row groups that overlap the range."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -460,7 +462,9 @@ def build(
         ids_arg = _IdSource(array=ray.put(np.asarray(id_source.array, dtype=np.int64)))
     names = [f"shard-{j:05d}.tq" for j in range(n_shards)]
     refs = [
-        _build_shard.remote(str(out / names[j]), index_kwargs, sources, starts, plans[j], ids_arg, id_starts[j], chunk_rows)
+        _build_shard.remote(
+            str(out / names[j]), index_kwargs, sources, starts, plans[j], ids_arg, id_starts[j], chunk_rows
+        )
         for j in range(n_shards)
     ]
     try:
@@ -609,7 +613,9 @@ class ShardedIndex:
         n_shards = len(self._manifest.shards)
         n_actors = n_shards if num_actors is None else num_actors
         if isinstance(n_actors, bool) or not isinstance(n_actors, int) or not 1 <= n_actors <= n_shards:
-            raise TurboQuantError(f"num_actors must be an int in [1, {n_shards}] (number of shards), got {num_actors!r}")
+            raise TurboQuantError(
+                f"num_actors must be an int in [1, {n_shards}] (number of shards), got {num_actors!r}"
+            )
         if not timeout > 0:
             raise TurboQuantError(f"timeout must be positive seconds, got {timeout!r}")
         self.engine, self.timeout, self.write_through = engine, float(timeout), bool(write_through)
@@ -667,7 +673,7 @@ class ShardedIndex:
 
     @property
     def config(self) -> dict[str, Any]:
-        """TurboQuantIndex arguments shared by every shard (dim, bits, metric, rotation, seed, norm_dtype, correction)."""
+        """TurboQuantIndex arguments of every shard: dim, bits, metric, rotation, seed, norm_dtype, correction."""
         return dict(self._manifest.index)
 
     @property
@@ -745,7 +751,9 @@ class ShardedIndex:
             else:
                 raw = ids.cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
                 if raw.ndim != 1 or raw.shape[0] != len(v) or (raw.size and raw.dtype.kind not in "iu"):
-                    raise TurboQuantError(f"ids must be a 1-D integer sequence of {len(v)} ids, got {raw.dtype}{raw.shape}")
+                    raise TurboQuantError(
+                        f"ids must be a 1-D integer sequence of {len(v)} ids, got {raw.dtype}{raw.shape}"
+                    )
                 new = raw.astype(np.int64)
                 if new.size and new.min() < 0:
                     raise TurboQuantError(f"ids must be non-negative, got {new.min()}")
@@ -854,7 +862,8 @@ def _queries(x: Any, dim: int, name: str = "queries") -> np.ndarray:
 
 
 def cli_build(args: Any) -> int:
-    """``turboquant index build --ray``: ``args.input`` (files), ``args.out`` (directory), ``args.shards``, ``args.ids`` (one .npy for all rows)."""
+    """``turboquant index build --ray``: ``args.input`` (files), ``args.out`` (directory), ``args.shards``,
+    ``args.ids`` (one .npy of ids for all rows), ``args.column`` (Parquet), ``args.ray_address``."""
     _ensure_ray(args.ray_address)
     report = build(
         args.input, args.out, bits=args.bits, metric=args.metric, rotation=args.rotation, seed=args.seed,
