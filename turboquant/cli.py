@@ -69,7 +69,13 @@ def _read_lines(path: Path | None) -> list[str] | None:
 def _index_build(args: argparse.Namespace) -> int:
     from .index import TurboQuantIndex
 
-    x = _load_matrix(args.input, "input")
+    if args.ray:
+        from .sharded import cli_build
+
+        return cli_build(args)
+    if len(args.input) != 1:
+        raise TurboQuantError(f"{len(args.input)} --input files need --ray (a sharded index); give one file")
+    x = _load_matrix(args.input[0], "input")
     ids = None
     if args.ids is not None:
         ids = np.load(args.ids, allow_pickle=False)
@@ -99,7 +105,12 @@ def _index_build(args: argparse.Namespace) -> int:
 def _index_search(args: argparse.Namespace) -> int:
     from .index import TurboQuantIndex
 
-    index = TurboQuantIndex.load(args.index, mmap=args.mmap)
+    if args.ray:
+        from .sharded import cli_open
+
+        index: Any = cli_open(args)
+    else:
+        index = TurboQuantIndex.load(args.index, mmap=args.mmap)
     queries = _load_matrix(args.queries, "queries")
     if args.limit is not None:
         queries = queries[: args.limit]
@@ -150,7 +161,7 @@ def _register_index(sub: Any) -> None:
     isub = parser.add_subparsers(dest="index_command", required=True, metavar="ACTION")
 
     build = isub.add_parser("build", help="quantize a .npy matrix into an index file")
-    build.add_argument("--input", type=Path, required=True, help="(n, d) float .npy file (memory-mapped)")
+    build.add_argument("--input", type=Path, required=True, nargs="+", help="(n, d) float .npy file (memory-mapped)")
     build.add_argument(
         "--bits", type=float, default=4.0, help="bits per coordinate, 1..8, fractional allowed (default 4)"
     )
@@ -162,6 +173,11 @@ def _register_index(sub: Any) -> None:
     build.add_argument("--ids", type=Path, help="optional (n,) int64 .npy of ids (default 0..n-1)")
     build.add_argument("--batch", type=int, default=65536, help="vectors encoded per step")
     build.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    ray_opts = build.add_argument_group("sharded (Ray; pip install 'turboquant[ray]')")
+    ray_opts.add_argument("--ray", action="store_true", help="build a sharded index directory with Ray tasks")
+    ray_opts.add_argument("--shards", type=int, help="number of shard files (default: one per --input)")
+    ray_opts.add_argument("--column", help="embedding column of Parquet inputs")
+    ray_opts.add_argument("--ray-address", help="Ray cluster address (default: a local cluster)")
     build.set_defaults(func=_index_build)
 
     search = isub.add_parser("search", help="k nearest neighbours of each query")
@@ -177,6 +193,11 @@ def _register_index(sub: Any) -> None:
     search.add_argument("--mmap", action="store_true", help="memory-map the index file")
     search.add_argument("--batch", type=int, default=4096, help="queries per search call")
     search.add_argument("-q", "--quiet", action="store_true")
+    ray_opts = search.add_argument_group("sharded (Ray)")
+    ray_opts.add_argument("--ray", action="store_true", help="--index is a sharded index directory")
+    ray_opts.add_argument("--actors", type=int, help="shard actors (default: one per shard)")
+    ray_opts.add_argument("--engine", choices=["torch", "fastscan", "auto"], default="torch", help="per-shard engine")
+    ray_opts.add_argument("--ray-address", help="Ray cluster address (default: a local cluster)")
     search.set_defaults(func=_index_search)
 
     info = isub.add_parser("info", help="print an index file's configuration and size")
