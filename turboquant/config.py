@@ -91,11 +91,15 @@ class Backend(str, Enum):
     """Compute backend for kernels."""
 
     AUTO = "auto"
-    """Triton on CUDA tensors when Triton is importable, torch otherwise."""
+    """On CUDA tensors: the CUDA C++ decode kernel when it builds (else Triton) for attention and
+    Triton for encode, when Triton is importable; torch otherwise."""
     TORCH = "torch"
     """Plain PyTorch reference implementation (CPU or CUDA)."""
     TRITON = "triton"
     """Fused Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    CUDA = "cuda"
+    """Warp-level CUDA C++ decode attention compiled at first use (kernels/cuda_attention.py);
+    inputs it does not cover, and encode, run the Triton kernels."""
 
 
 _NORM_DTYPES = ("float32", "float16", "bfloat16")

@@ -3,7 +3,9 @@
 ``torch_*`` functions (``reference.py``) are the specification and the CPU path;
 ``triton_*`` functions (``triton_attention.py``, imported lazily so that
 ``import turboquant`` never needs Triton) are fused GPU kernels with the same
-signatures. :func:`quantized_attention` picks one by :class:`~turboquant.config.Backend`.
+signatures; ``cuda_quantized_attention`` (``cuda_attention.py``) is the warp-level
+CUDA C++ decode kernel, built at first use. :func:`quantized_attention` picks one by
+:class:`~turboquant.config.Backend`.
 """
 
 from __future__ import annotations
@@ -32,16 +34,22 @@ def resolve_backend(backend: Backend | str, device: torch.device) -> Backend:
     if backend is Backend.AUTO:
         on_gpu = device.type == "cuda"
         interpret = os.environ.get("TRITON_INTERPRET") == "1"
-        return Backend.TRITON if (on_gpu and triton_available() and not interpret) else Backend.TORCH
-    if backend is Backend.TRITON and not triton_available():
-        raise TurboQuantError("backend='triton' needs the 'triton' package (pip install triton)")
+        if on_gpu and triton_available() and not interpret:
+            return Backend.CUDA if os.environ.get("TURBOQUANT_DISABLE_CUDA") != "1" else Backend.TRITON
+        return Backend.TORCH
+    if backend in (Backend.TRITON, Backend.CUDA) and not triton_available():
+        raise TurboQuantError(f"backend={backend.value!r} needs the 'triton' package (pip install triton)")
     return backend
 
 
 def quantized_attention(*args: Any, backend: Backend | str = Backend.AUTO, **kwargs: Any) -> torch.Tensor:
-    """Dispatch to :func:`torch_quantized_attention` or its Triton twin (same arguments)."""
+    """Dispatch to :func:`torch_quantized_attention`, its Triton twin or the CUDA kernel (same arguments)."""
     query: torch.Tensor = args[0] if args else kwargs["query"]
     chosen = resolve_backend(backend, query.device)
+    if chosen is Backend.CUDA:
+        from .cuda_attention import cuda_quantized_attention  # falls back to Triton (one warning if it cannot build)
+
+        return cuda_quantized_attention(*args, **kwargs)
     if chosen is Backend.TRITON:
         from .triton_attention import triton_quantized_attention  # falls back to torch for unsupported inputs
 
@@ -68,7 +76,7 @@ def quantize_into(
     Returns:
         :class:`QuantizedVectors` views of the written slice, batch shape ``[*R, T]``.
     """
-    if resolve_backend(backend, x.device) is Backend.TRITON:
+    if resolve_backend(backend, x.device) in (Backend.TRITON, Backend.CUDA):
         from .triton_encode import triton_quantize_into  # falls back to torch for unsupported configs
 
         written = triton_quantize_into(x, config, codes, norms, start)

@@ -1,0 +1,31 @@
+// Parameters of the warp-level decode kernel (cuda_attention.cu); shared with the torch binding.
+#pragma once
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace tq {
+
+struct Params {
+  const float* q;      // [BH, M, D] fp32 rotated query (natural coordinate order), scale not applied
+  const float* qoff;   // [BH, M] fp32 <q, mu_k> or nullptr
+  float scale2;        // softmax scale * log2(e)
+  const uint8_t* kc;   // key codes
+  long long kc_sb, kc_sh, kc_sn;  // byte strides
+  const __half* kn;    // key norms
+  long long kn_sb, kn_sh, kn_sn;  // element strides
+  const uint8_t* vc;
+  long long vc_sb, vc_sh, vc_sn;
+  const __half* vn;
+  long long vn_sb, vn_sh, vn_sn;
+  const void* mask;    // [B, Hq, L, N + W] view (element strides), or nullptr
+  long long sm_b, sm_h, sm_l, sm_t;
+  int mask_kind;       // 0 none, 1 bool/uint8 (nonzero = attend), 2 fp32, 3 fp16, 4 bf16 (additive)
+  float* part;         // [BH, S, M, AC + 2]: acc columns (VHI_C offset), then max (base 2), then sum
+  int ac;              // AC = 16 + D (16 unused columns of the absent high-width stream)
+  int n, hkv, m, l, g, tps, splits;
+  uint32_t ktab[4];    // key decoder tables for the register (prmt) decoders (fp16 low/high bytes)
+  uint32_t vtab[4];
+  unsigned short kcent[16], vcent[16];  // fp16 centroids (shared-memory table decoder)
+};
+
+}  // namespace tq

@@ -1,0 +1,476 @@
+"""CUDA C++ decode attention straight from packed TurboQuant codes (warp-level kernel, issue 9).
+
+:func:`cuda_quantized_attention` has exactly the signature and semantics of
+:func:`~turboquant.kernels.reference.torch_quantized_attention`. The kernel
+(``cuda_attention.cu``, parameters in ``cuda_attention.cuh``) is compiled at first
+use with ``torch.utils.cpp_extension.load_inline`` (nvcc + the host compiler torch
+uses) and cached under ``$TURBOQUANT_CACHE_DIR`` or ``~/.cache/turboquant``; torch
+rebuilds only when the sources change. Why ``load_inline`` rather than NVRTC:
+torch passes tensors, the current stream and CUDA-graph capture through without
+another dependency (NVRTC would need CuPy or cuda-python), and the same ``.cu``
+compiles offline with plain ``nvcc -cubin`` for reading SASS between GPU runs.
+
+What runs (the design is in the ``.cu`` header comment and docs/kernel_notes.md):
+
+1. the wrapper rotates the query once (``q @ Π_kᵀ``, natural coordinate order);
+2. the warp-level kernel streams each (batch, kv head)'s codes split across CTAs
+   (flash-decoding) and warps; every warp keeps its own online softmax; the CTA
+   writes one partial ``(acc, max, sum)`` in the format of the Triton combine kernel;
+3. :func:`~turboquant.kernels.triton_attention.triton_attention_combine_kernel`
+   merges the partials, rotates the value accumulator back (``acc @ Π_v``), adds the
+   value offset and attends over the full-precision window.
+
+Covered: MSE keys and values with equal integer widths 2, 3 or 4, head_dim 64 or
+128, fp16 norms, codes whose rows are contiguous (``stride(-2) == code_bytes``, as
+the cache and :func:`~turboquant.kernels.testing.random_codes` store them), any
+GQA group, query length, mask and offsets. Anything else, a GPU older than sm_80
+(the kernel uses ``mma.sync`` m16n8k16 and ``movmatrix``), or a failed build goes
+to the Triton kernel (one warning for a failed build), which itself falls back to
+the torch reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import warnings
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import QuantizerConfig, TurboQuantError, Variant
+from ..quantizer import QuantizedVectors, code_bytes
+from .reference import DEFAULT_CHUNK, torch_quantized_attention
+
+LOG2E = 1.4426950408889634
+_HERE = Path(__file__).resolve().parent
+_SOURCE = _HERE / "cuda_attention.cu"
+_HEADER = _HERE / "cuda_attention.cuh"
+_WIDTHS = ((4, 4), (3, 3), (2, 2))
+_DIMS = (64, 128)
+
+#: Launch tunables (module level so the benchmark can sweep them). ``variant = None`` picks the
+#: compiled default of the widths: 8 warps x 2 tiles with the shared-memory table for 3/4 bits,
+#: 4 warps x 4 tiles with the register decoder for 2 bits. Other variants need ``tune=True`` builds.
+TUNING: dict[str, Any] = {
+    "variant": None,  # (warps, tiles, prefetch, decoder) or None
+    "waves": 1,  # CTAs launched ≈ waves × (CTAs resident per SM × SMs)
+}
+
+_BINDING = r"""
+#include <torch/extension.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include "cuda_attention.cuh"
+
+cudaError_t tq_decode_dispatch(const tq::Params& p, int kbits, int vbits, int d, int bh, int rblocks, int nw,
+                               int tiles, bool mask, bool prefetch, int dec, cudaStream_t s, int* info);
+
+static tq::Params make_params(const std::vector<int64_t>& c) {
+  tq::Params p{};
+  p.kc_sb = c[0]; p.kc_sh = c[1]; p.kc_sn = c[2];
+  p.kn_sb = c[3]; p.kn_sh = c[4]; p.kn_sn = c[5];
+  p.vc_sb = c[6]; p.vc_sh = c[7]; p.vc_sn = c[8];
+  p.vn_sb = c[9]; p.vn_sh = c[10]; p.vn_sn = c[11];
+  p.sm_b = c[12]; p.sm_h = c[13]; p.sm_l = c[14]; p.sm_t = c[15];
+  p.mask_kind = (int)c[16]; p.ac = (int)c[17];
+  p.n = (int)c[18]; p.hkv = (int)c[19]; p.m = (int)c[20]; p.l = (int)c[21]; p.g = (int)c[22];
+  p.tps = (int)c[23]; p.splits = (int)c[24];
+  for (int i = 0; i < 4; ++i) { p.ktab[i] = (uint32_t)c[25 + i]; p.vtab[i] = (uint32_t)c[29 + i]; }
+  for (int i = 0; i < 16; ++i) { p.kcent[i] = (unsigned short)c[33 + i]; p.vcent[i] = (unsigned short)c[49 + i]; }
+  return p;
+}
+
+// v = {kbits, vbits, d, bh, rblocks, warps, tiles, prefetch, decoder}
+void decode(torch::Tensor q, c10::optional<torch::Tensor> qoff, torch::Tensor kc, torch::Tensor kn,
+            torch::Tensor vc, torch::Tensor vn, c10::optional<torch::Tensor> mask, torch::Tensor part,
+            double scale2, std::vector<int64_t> c, std::vector<int64_t> v) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  tq::Params p = make_params(c);
+  p.q = q.data_ptr<float>();
+  p.qoff = qoff.has_value() ? qoff->data_ptr<float>() : nullptr;
+  p.scale2 = (float)scale2;
+  p.kc = kc.data_ptr<uint8_t>();
+  p.vc = vc.data_ptr<uint8_t>();
+  p.kn = reinterpret_cast<const __half*>(kn.data_ptr<at::Half>());
+  p.vn = reinterpret_cast<const __half*>(vn.data_ptr<at::Half>());
+  p.mask = mask.has_value() ? mask->data_ptr() : nullptr;
+  p.part = part.data_ptr<float>();
+  cudaError_t err = tq_decode_dispatch(p, (int)v[0], (int)v[1], (int)v[2], (int)v[3], (int)v[4], (int)v[5],
+                                       (int)v[6], p.mask != nullptr, v[7] != 0, (int)v[8],
+                                       c10::cuda::getCurrentCUDAStream().stream(), nullptr);
+  TORCH_CHECK(err == cudaSuccess, "turboquant CUDA decode: ", cudaGetErrorString(err));
+}
+
+// {registers, spill bytes, CTAs per SM, shared-memory bytes} of one variant
+std::vector<int64_t> variant_info(std::vector<int64_t> v, bool mask) {
+  tq::Params p{};
+  int info[4] = {0, 0, 0, 0};
+  cudaError_t err = tq_decode_dispatch(p, (int)v[0], (int)v[1], (int)v[2], 1, 1, (int)v[5], (int)v[6], mask,
+                                       v[7] != 0, (int)v[8], nullptr, info);
+  TORCH_CHECK(err == cudaSuccess, "turboquant CUDA variant: ", cudaGetErrorString(err));
+  return {info[0], info[1], info[2], info[3]};
+}
+"""
+
+_LOCK = threading.Lock()
+_MODULES: dict[bool, Any] = {}
+_FAILED: dict[bool, str] = {}
+_WARNED = False
+
+
+def cache_dir() -> Path:
+    """Build cache: ``$TURBOQUANT_CACHE_DIR`` or ``~/.cache/turboquant``."""
+    root = os.environ.get("TURBOQUANT_CACHE_DIR") or str(Path.home() / ".cache" / "turboquant")
+    return Path(root)
+
+
+def _arch_flags(device: torch.device) -> tuple[str, list[str]]:
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) == (9, 0):  # sm_90a: Hopper's own code (the plain sm_90 pass is not needed)
+        return "sm90a", ["-gencode=arch=compute_90a,code=sm_90a"]
+    cc = f"{major}{minor}"
+    return f"sm{cc}", [f"-gencode=arch=compute_{cc},code=sm_{cc}"]
+
+
+def load_extension(device: torch.device | None = None, tune: bool = False) -> Any:
+    """Compile (first use) and load the extension; raise on failure.
+
+    ``tune=True`` builds the extra launch variants the benchmark sweeps (``-DTQ_TUNE``).
+    """
+    with _LOCK:
+        if tune in _MODULES:
+            return _MODULES[tune]
+        if tune in _FAILED:
+            raise RuntimeError(_FAILED[tune])
+        from torch.utils.cpp_extension import load_inline
+
+        dev = device or torch.device("cuda", torch.cuda.current_device())
+        arch, flags = _arch_flags(dev)
+        text = _SOURCE.read_text()
+        digest = hashlib.sha256((text + _HEADER.read_text() + _BINDING).encode()).hexdigest()[:12]
+        name = f"turboquant_cuda_attention_{arch}_{'tune_' if tune else ''}{digest}"
+        build = cache_dir() / name
+        build.mkdir(parents=True, exist_ok=True)
+        cflags = ["-O3", "-std=c++17", *flags] + (["-DTQ_TUNE"] if tune else [])
+        try:
+            mod = load_inline(
+                name=name,
+                cpp_sources=[_BINDING],
+                cuda_sources=[text],
+                functions=["decode", "variant_info"],
+                extra_cuda_cflags=cflags,
+                extra_cflags=["-O2"],
+                extra_include_paths=[str(_HERE)],
+                build_directory=str(build),
+                verbose=False,
+            )
+        except Exception as exc:  # compiler missing or failing: remembered, the caller falls back
+            _FAILED[tune] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
+            raise
+        _MODULES[tune] = mod
+        return mod
+
+
+def _module(device: torch.device) -> Any | None:
+    """The loaded extension, or None (one warning) when it cannot be built."""
+    global _WARNED
+    tune = TUNING["variant"] is not None
+    try:
+        return load_extension(device, tune=tune)
+    except Exception as exc:
+        if not _WARNED:
+            _WARNED = True
+            warnings.warn(
+                f"turboquant: the CUDA decode-attention kernel could not be built ({str(exc)[:300]}); "
+                "using the Triton kernel instead",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return None
+
+
+def cuda_extension_available(device: torch.device | None = None) -> bool:
+    """Whether the extension is built (building it on first call) for ``device``."""
+    if not torch.cuda.is_available():
+        return False
+    dev = device or torch.device("cuda", torch.cuda.current_device())
+    if torch.cuda.get_device_capability(dev) < (8, 0):
+        return False
+    return _module(dev) is not None
+
+
+def _widths(config: QuantizerConfig) -> int | None:
+    n_hi, _, _, b_lo = config.bit_split
+    if config.variant is not Variant.MSE or n_hi != 0:
+        return None
+    return b_lo
+
+
+_ALIGN = {  # widest load of a row slice, in bytes: (bits, d) -> alignment the codes need
+    (4, 128): 16, (4, 64): 8, (3, 128): 4, (3, 64): 4, (2, 128): 8, (2, 64): 4,
+}  # fmt: skip
+
+
+def cuda_supports(
+    query: torch.Tensor,
+    keys: QuantizedVectors | None,
+    values: QuantizedVectors | None,
+    full_keys: torch.Tensor | None = None,
+    full_values: torch.Tensor | None = None,
+) -> bool:
+    """Whether :func:`cuda_quantized_attention` runs its own kernel for these inputs (else Triton/torch)."""
+    if query.dim() != 4 or not query.is_cuda or query.shape[-1] not in _DIMS:
+        return False
+    if keys is None or values is None or keys.shape[-1] == 0:
+        return False
+    if torch.cuda.get_device_capability(query.device) < (8, 0):
+        return False
+    d = query.shape[-1]
+    kb, vb = _widths(keys.config), _widths(values.config)
+    if (kb, vb) not in _WIDTHS:
+        return False
+    for qv, bits in ((keys, kb), (values, vb)):
+        cfg = qv.config
+        if cfg.dim != d or qv.norms.dtype != torch.float16 or qv.codes.dtype != torch.uint8:
+            return False
+        c = qv.codes
+        if c.dim() != 4 or qv.norms.dim() != 3 or not c.is_cuda:
+            return False
+        if c.stride(-1) != 1 or c.stride(-2) != code_bytes(cfg) or qv.norms.stride(-1) != 1:
+            return False
+        a = _ALIGN[(bits, d)]
+        if c.data_ptr() % a or c.stride(0) % a or c.stride(1) % a:
+            return False
+    return True
+
+
+@lru_cache(maxsize=64)
+def _rotation_t(config: QuantizerConfig, device: torch.device) -> torch.Tensor:
+    """``Π_kᵀ`` (float32 ``[d, d]``): ``q @ this`` is the rotated query in natural coordinate order."""
+    from ..rotation import make_rotation
+
+    return make_rotation(config.rotation, config.dim, config.seed).matrix(device).T.contiguous()
+
+
+@lru_cache(maxsize=32)
+def _tables(dim: int, bits: int) -> tuple[list[int], list[int]]:
+    """Register-decoder tables (4 words) and the fp16 centroid bits (16 entries) of a codebook."""
+    import numpy as np
+
+    from ..codebook import lloyd_max_codebook
+
+    c = np.asarray(lloyd_max_codebook(dim, bits).centroids, dtype=np.float16)
+    raw = [int(v) for v in c.view(np.uint16)]
+    if bits == 4:
+        assert all(c[15 - i] == -c[i] for i in range(16)), "4-bit codebook is not odd-symmetric in fp16"
+        src = raw[8:]  # magnitudes |c[8 + r]|
+    else:
+        src = raw
+    lo = [v & 0xFF for v in src] + [0] * 8
+    hi = [v >> 8 for v in src] + [0] * 8
+
+    def word(bs: list[int]) -> int:
+        return sum(b << (8 * i) for i, b in enumerate(bs))
+
+    if bits == 2:
+        tab = [word(lo[:4]), word(hi[:4]), 0, 0]
+    else:
+        tab = [word(lo[:4]), word(lo[4:8]), word(hi[:4]), word(hi[4:8])]
+    return tab, (raw + [0] * 16)[:16]
+
+
+_INFO: dict[tuple, tuple[int, int, int, int]] = {}
+
+
+def _resolve_variant(kb: int, vb: int) -> tuple[int, int, int, int]:
+    v = TUNING["variant"]
+    if v is not None:
+        return tuple(int(x) for x in v)  # type: ignore[return-value]
+    if kb == 2 or vb == 2:
+        return (4, 4, 0, 0)
+    return (8, 2, 0, 1)
+
+
+def variant_info(kb: int, vb: int, d: int, variant: tuple[int, int, int, int], mask: bool, device: torch.device) -> tuple[int, int, int, int]:
+    """``(registers, spill bytes, CTAs per SM, shared bytes)`` of the kernel that this variant launches."""
+    key = (kb, vb, d, variant, mask, device.index, TUNING["variant"] is not None)
+    if key not in _INFO:
+        mod = _module(device)
+        assert mod is not None
+        nw, tiles, pf, dec = variant
+        _INFO[key] = tuple(mod.variant_info([kb, vb, d, 1, 1, nw, tiles, pf, dec], mask))  # type: ignore[assignment]
+    return _INFO[key]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocation of the partials (tests replace it to poison the memory)."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+_MASK_KIND = {torch.bool: 1, torch.float32: 2, torch.float16: 3, torch.bfloat16: 4}  # other dtypes: as float32
+
+
+def _fallback(*args: Any) -> torch.Tensor:
+    from . import triton_available
+
+    if triton_available():
+        from .triton_attention import triton_quantized_attention
+
+        return triton_quantized_attention(*args)
+    return torch_quantized_attention(*args)
+
+
+def cuda_quantized_attention(
+    query: torch.Tensor,
+    keys: QuantizedVectors | None,
+    values: QuantizedVectors | None,
+    full_keys: torch.Tensor | None,
+    full_values: torch.Tensor | None,
+    scaling: float,
+    mask: torch.Tensor | None = None,
+    key_offset: torch.Tensor | None = None,
+    value_offset: torch.Tensor | None = None,
+    chunk: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """Attention over compressed tokens then full-precision tokens, with the warp-level CUDA kernel.
+
+    Same arguments, shapes and result as
+    :func:`~turboquant.kernels.reference.torch_quantized_attention` (``chunk`` is ignored).
+    Inputs the kernel does not cover (see :func:`cuda_supports`) go to the Triton kernel.
+
+    Args:
+        query: ``[B, Hq, L, d]``.
+        keys, values: batch shape ``[B, Hkv, N]`` (views of preallocated cache buffers are fine).
+        full_keys, full_values: ``[B, Hkv, W, d]`` or None.
+        scaling: softmax scale.
+        mask: additive float or boolean mask broadcastable to ``[B, Hq, L, N + W]``.
+        key_offset, value_offset: ``[B, Hkv, d]`` or None.
+
+    Returns:
+        ``[B, Hq, L, d]`` in ``query.dtype``.
+    """
+    args = (query, keys, values, full_keys, full_values, scaling, mask, key_offset, value_offset, chunk)
+    if not cuda_supports(query, keys, values, full_keys, full_values):
+        return _fallback(*args)
+    mod = _module(query.device)
+    if mod is None:
+        return _fallback(*args)
+    from . import triton_attention as ta
+
+    assert keys is not None and values is not None
+    b, hq, l, d = query.shape
+    n = keys.shape[-1]
+    w = 0 if full_keys is None else full_keys.shape[-2]
+    hkv = keys.shape[1]
+    if hq % hkv:
+        raise TurboQuantError(f"query heads {hq} are not a multiple of key/value heads {hkv}")
+    if values.shape[-1] != n:
+        raise TurboQuantError(f"{n} compressed keys but {values.shape[-1]} compressed values")
+    g = hq // hkv
+    m = g * l
+    bh = b * hkv
+    dev = query.device
+    scale2 = float(scaling) * LOG2E
+    kcfg, vcfg = keys.config, values.config
+    kb, vb = _widths(kcfg), _widths(vcfg)
+    assert kb is not None and vb is not None
+
+    qf = query.reshape(b, hkv, m, d).float()
+    if not qf.is_contiguous():
+        qf = qf.contiguous()
+    q_rot = (qf @ _rotation_t(kcfg, dev)).contiguous()
+    qoff = None
+    if key_offset is not None:
+        qoff = (qf @ key_offset.float().unsqueeze(-1)).squeeze(-1).contiguous()
+
+    mask4 = None
+    ms = (0, 0, 0, 0)
+    kind = 0
+    if mask is not None:
+        mk = mask
+        if mk.dtype not in _MASK_KIND:
+            mk = mk.float()
+        kind = _MASK_KIND[mk.dtype]
+        if mk.dtype == torch.bool:
+            mk = mk.view(torch.uint8)
+        while mk.dim() < 4:
+            mk = mk.unsqueeze(0)
+        try:
+            mask4 = mk.expand(b, hq, l, n + w)
+        except RuntimeError:
+            raise TurboQuantError(f"mask of shape {tuple(mask.shape)} does not broadcast to {(b, hq, l, n + w)}") from None
+        ms = mask4.stride()
+
+    variant = _resolve_variant(kb, vb)
+    nw, tiles, pf, dec = variant
+    _, _, ctas_per_sm, _ = variant_info(kb, vb, d, variant, mask4 is not None, dev)
+    rblocks = -(-m // 8)
+    slots = max(1, ctas_per_sm) * ta._num_sms(dev) * max(1, int(TUNING["waves"]))
+    per_cta = nw * 16 * tiles  # tokens of one iteration of every warp
+    splits = max(1, min(slots // max(1, bh * rblocks), _cdiv(n, per_cta)))
+    tps = _cdiv(_cdiv(n, splits), per_cta) * per_cta  # whole iterations for every warp
+    splits = _cdiv(n, tps)
+    ac = 16 + d
+    parts = _empty(bh, splits, m, ac + 2, dtype=torch.float32, device=dev)
+
+    ktab, kcent = _tables(d, kb)
+    vtab, vcent = _tables(d, vb)
+    kc, kn, vc, vn = keys.codes, keys.norms, values.codes, values.norms
+    c = [
+        kc.stride(0), kc.stride(1), kc.stride(2),
+        kn.stride(0), kn.stride(1), kn.stride(2),
+        vc.stride(0), vc.stride(1), vc.stride(2),
+        vn.stride(0), vn.stride(1), vn.stride(2),
+        *ms, kind, ac, n, hkv, m, l, g, tps, splits,
+        *ktab, *vtab, *kcent, *vcent,
+    ]  # fmt: skip
+    mod.decode(q_rot, qoff, kc, kn, vc, vn, mask4, parts, scale2, c, [kb, vb, d, bh, rblocks, nw, tiles, pf, dec])
+
+    # combine: the Triton kernel of triton_attention.py (same partial format)
+    dp = max(16, ta._next_pow2(d))
+    pv_hi, pv_lo = ta._unrotation_blocks(vcfg, dp, dev)
+    dummy = ta._dummy(dev)
+    voff = value_offset.float().reshape(bh, d).contiguous() if value_offset is not None else dummy
+    fk = full_keys if w else dummy.view(1, 1, 1, 16)
+    fv = full_values if w else dummy.view(1, 1, 1, 16)
+    if w and (fk.stride(-1) != 1 or fv.stride(-1) != 1):  # type: ignore[union-attr]
+        fk, fv = fk.contiguous(), fv.contiguous()  # type: ignore[union-attr]
+    mk_t = dummy
+    if mask4 is not None:
+        mk_t = mask4
+    out = _empty(b, hkv, m, d, dtype=query.dtype, device=dev)
+    block_m = min(max(16, ta._next_pow2(m)), ta.TUNING["max_block_m"])
+    m_blocks = -(-m // block_m)
+    ta.triton_attention_combine_kernel[(bh, m_blocks)](
+        parts, pv_hi, pv_lo, voff, qf, scale2,
+        fk, fk.stride(0), fk.stride(1), fk.stride(2),  # type: ignore[union-attr]
+        fv, fv.stride(0), fv.stride(1), fv.stride(2),  # type: ignore[union-attr]
+        mk_t, *ms, out,
+        n, w, hkv, m, l, g, splits, d,
+        AC=ac, VHI_C=16, VLO_C=d, HAS_HI=False,
+        CK_LO=min(32, d), CK_HI=16,
+        HAS_VOFF=value_offset is not None, HAS_MASK=mask4 is not None,
+        MASK_BOOL=mask is not None and mask.dtype == torch.bool,
+        DP=dp, BM=block_m, BW=32 if dp <= 128 else 16,
+        num_warps=4,
+    )  # fmt: skip
+    return out.reshape(b, hq, l, d)
+
+
+__all__ = [
+    "TUNING",
+    "cache_dir",
+    "cuda_extension_available",
+    "cuda_quantized_attention",
+    "cuda_supports",
+    "load_extension",
+    "variant_info",
+]
