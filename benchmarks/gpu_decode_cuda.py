@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 from turboquant import QuantizerConfig  # noqa: E402
 from turboquant.kernels import cuda_attention as ca  # noqa: E402
 from turboquant.kernels.testing import float64_attention, random_codes, relative_error  # noqa: E402
-from turboquant.quantizer import bytes_per_vector  # noqa: E402
+from turboquant.codec import bytes_per_vector  # noqa: E402
+from turboquant.kernels.tuning import CudaTuning  # noqa: E402
 
 RESULTS: dict = {"rows": [], "sweep": [], "check": []}
 HQ, HKV, D = 32, 8, 128
@@ -97,18 +98,18 @@ def sdpa(b: int, n: int) -> dict:
 
 
 def ours(b: int, n: int, bits: int, variant=None, parts: bool = False) -> dict:
-    ca.TUNING["variant"] = variant
+    tuning = CudaTuning(variant=variant)
     q, keys, values, nbytes = inputs(b, n, bits)
-    fn = lambda: ca.cuda_quantized_attention(q, keys, values, None, None, D**-0.5)  # noqa: E731
+    fn = lambda: ca.cuda_quantized_attention(q, keys, values, None, None, D**-0.5, tuning=tuning)  # noqa: E731
     fn()
-    v = ca._resolve_variant(bits, bits)
-    regs, spill, ctas, smem = ca.variant_info(bits, bits, D, v, False, q.device)
+    v = ca._resolve_variant(bits, bits, tuning)
+    regs, spill, ctas, smem = ca.variant_info(bits, bits, D, v, False, q.device, variant is not None)
     res = {"bytes": nbytes, "variant": list(v), "regs": regs, "spill_bytes": spill, "ctas_per_sm": ctas, "smem": smem,
            "graph_ms": graph_ms(fn)}  # fmt: skip
     if parts:  # time of the decode kernel alone (same launch as inside the wrapper), the rest = rotation + combine
         res["eager_ms"] = eager_ms(fn)
         captured = {}
-        orig = ca._module(q.device)
+        orig = ca._module(q.device, variant is not None)
 
         class Spy:
             def __getattr__(self, name):
@@ -130,7 +131,6 @@ def ours(b: int, n: int, bits: int, variant=None, parts: bool = False) -> dict:
 
     if parts:
         res["triton_v4_graph_ms"] = graph_ms(lambda: ta.triton_quantized_attention(q, keys, values, None, None, D**-0.5))
-    ca.TUNING["variant"] = None
     del q, keys, values
     torch.cuda.empty_cache()
     return res
@@ -146,18 +146,17 @@ def run_check() -> None:
     """Every timed variant against float64 (fresh random inputs, B=2, N=5000, window of 4)."""
     for bits in (4, 3, 2):
         for v in VARIANTS2 if bits == 2 else VARIANTS:
-            ca.TUNING["variant"] = v
+            tuning = CudaTuning(variant=v)
             torch.manual_seed(hash((bits, v)) % 1000)
             kc = QuantizerConfig(D, bits, seed=3, norm_dtype="float16")
             vc = QuantizerConfig(D, bits, seed=4, norm_dtype="float16")
             keys, values = random_codes(kc, (2, HKV, 5003), "cuda"), random_codes(vc, (2, HKV, 5003), "cuda")
             q = torch.randn(2, HQ, 1, D, device="cuda") * 3
             fk, fv = torch.randn(2, HKV, 4, D, device="cuda"), torch.randn(2, HKV, 4, D, device="cuda")
-            out = ca.cuda_quantized_attention(q, keys, values, fk, fv, D**-0.5)
+            out = ca.cuda_quantized_attention(q, keys, values, fk, fv, D**-0.5, tuning=tuning)
             err = relative_error(out, float64_attention(q, keys, values, fk, fv, D**-0.5))
             RESULTS["check"].append({"bits": bits, "variant": list(v), "rel_err": err})
             log(f"check K{bits}V{bits} variant {v}: rel err {err:.2e} {'OK' if err < 3e-3 else 'FAIL'}")
-    ca.TUNING["variant"] = None
 
 
 def run_sweep(copy_bw: float) -> None:

@@ -5,7 +5,7 @@ the one error type. Everything else lives in submodules (``turboquant.codec`` de
 of a code; see docs/DESIGN.md for the module map).
 """
 
-from .config import IndexConfig, KVCacheConfig, QuantizerConfig, TurboQuantError, __version__
+from .config import IndexConfig, KVCacheConfig, QuantizerConfig, TurboQuantError, __version__  # noqa: F401
 from .quantizer import QJL, QuantizedVectors, TurboQuantMSE, TurboQuantProd
 
 

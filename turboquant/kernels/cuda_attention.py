@@ -39,11 +39,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from ..codebook import lloyd_max_codebook
+from ..codec import code_bytes, layout
 from ..config import QuantizerConfig, TurboQuantError, Variant
-from ..quantizer import QuantizedVectors, code_bytes
+from ..quantizer import QuantizedVectors
+from ..rotation import make_rotation
+from .layout import num_sms
 from .reference import DEFAULT_CHUNK, torch_quantized_attention
+from .tuning import DEFAULT_CUDA_TUNING, DEFAULT_TUNING, CudaTuning
 
 LOG2E = 1.4426950408889634
 _HERE = Path(__file__).resolve().parent
@@ -52,13 +58,6 @@ _HEADER = _HERE / "cuda_attention.cuh"
 _WIDTHS = ((4, 4), (3, 3), (2, 2))
 _DIMS = (64, 128)
 
-#: Launch tunables (module level so the benchmark can sweep them). ``variant = None`` picks the
-#: compiled default of the widths: 8 warps x 2 tiles with the shared-memory table for 3/4 bits,
-#: 4 warps x 4 tiles with the register decoder for 2 bits. Other variants need ``tune=True`` builds.
-TUNING: dict[str, Any] = {
-    "variant": None,  # (warps, tiles, prefetch, decoder) or None
-    "waves": 1,  # CTAs launched ≈ waves × (CTAs resident per SM × SMs)
-}
 
 _BINDING = r"""
 #include <torch/extension.h>
@@ -175,10 +174,9 @@ def load_extension(device: torch.device | None = None, tune: bool = False) -> An
         return mod
 
 
-def _module(device: torch.device) -> Any | None:
-    """The loaded extension, or None (one warning) when it cannot be built."""
+def _module(device: torch.device, tune: bool = False) -> Any | None:
+    """The loaded extension (``tune``: with the sweep variants), or None (one warning) when it cannot be built."""
     global _WARNED
-    tune = TUNING["variant"] is not None
     try:
         return load_extension(device, tune=tune)
     except Exception as exc:
@@ -204,10 +202,10 @@ def cuda_extension_available(device: torch.device | None = None) -> bool:
 
 
 def _widths(config: QuantizerConfig) -> int | None:
-    n_hi, _, _, b_lo = config.bit_split
-    if config.variant is not Variant.MSE or n_hi != 0:
+    streams = layout(config).streams
+    if config.variant is not Variant.MSE or len(streams) != 1:
         return None
-    return b_lo
+    return streams[0].width
 
 
 _ALIGN = {  # widest load of a row slice, in bytes: (bits, d) -> alignment the codes need
@@ -251,18 +249,12 @@ def cuda_supports(
 @lru_cache(maxsize=64)
 def _rotation_t(config: QuantizerConfig, device: torch.device) -> torch.Tensor:
     """``Π_kᵀ`` (float32 ``[d, d]``): ``q @ this`` is the rotated query in natural coordinate order."""
-    from ..rotation import make_rotation
-
     return make_rotation(config.rotation, config.dim, config.seed).matrix(device).T.contiguous()
 
 
 @lru_cache(maxsize=32)
 def _tables(dim: int, bits: int) -> tuple[list[int], list[int]]:
     """Register-decoder tables (4 words) and the fp16 centroid bits (16 entries) of a codebook."""
-    import numpy as np
-
-    from ..codebook import lloyd_max_codebook
-
     c = np.asarray(lloyd_max_codebook(dim, bits).centroids, dtype=np.float16)
     raw = [int(v) for v in c.view(np.uint16)]
     if bits == 4:
@@ -286,20 +278,21 @@ def _tables(dim: int, bits: int) -> tuple[list[int], list[int]]:
 _INFO: dict[tuple, tuple[int, int, int, int]] = {}
 
 
-def _resolve_variant(kb: int, vb: int) -> tuple[int, int, int, int]:
-    v = TUNING["variant"]
-    if v is not None:
-        return tuple(int(x) for x in v)  # type: ignore[return-value]
+def _resolve_variant(kb: int, vb: int, tuning: CudaTuning) -> tuple[int, int, int, int]:
+    if tuning.variant is not None:
+        return tuning.variant
     if kb == 2 or vb == 2:
         return (4, 4, 0, 0)
     return (8, 2, 0, 1)
 
 
-def variant_info(kb: int, vb: int, d: int, variant: tuple[int, int, int, int], mask: bool, device: torch.device) -> tuple[int, int, int, int]:
+def variant_info(
+    kb: int, vb: int, d: int, variant: tuple[int, int, int, int], mask: bool, device: torch.device, tune: bool = False
+) -> tuple[int, int, int, int]:
     """``(registers, spill bytes, CTAs per SM, shared bytes)`` of the kernel that this variant launches."""
-    key = (kb, vb, d, variant, mask, device.index, TUNING["variant"] is not None)
+    key = (kb, vb, d, variant, mask, device.index, tune)
     if key not in _INFO:
-        mod = _module(device)
+        mod = _module(device, tune)
         assert mod is not None
         nw, tiles, pf, dec = variant
         _INFO[key] = tuple(mod.variant_info([kb, vb, d, 1, 1, nw, tiles, pf, dec], mask))  # type: ignore[assignment]
@@ -339,6 +332,8 @@ def cuda_quantized_attention(
     key_offset: torch.Tensor | None = None,
     value_offset: torch.Tensor | None = None,
     chunk: int = DEFAULT_CHUNK,
+    *,
+    tuning: CudaTuning = DEFAULT_CUDA_TUNING,
 ) -> torch.Tensor:
     """Attention over compressed tokens then full-precision tokens, with the warp-level CUDA kernel.
 
@@ -353,6 +348,7 @@ def cuda_quantized_attention(
         scaling: softmax scale.
         mask: additive float or boolean mask broadcastable to ``[B, Hq, L, N + W]``.
         key_offset, value_offset: ``[B, Hkv, d]`` or None.
+        tuning: launch parameters (:class:`~turboquant.kernels.tuning.CudaTuning`).
 
     Returns:
         ``[B, Hq, L, d]`` in ``query.dtype``.
@@ -360,10 +356,11 @@ def cuda_quantized_attention(
     args = (query, keys, values, full_keys, full_values, scaling, mask, key_offset, value_offset, chunk)
     if not cuda_supports(query, keys, values, full_keys, full_values):
         return _fallback(*args)
-    mod = _module(query.device)
+    tune = tuning.variant is not None
+    mod = _module(query.device, tune)
     if mod is None:
         return _fallback(*args)
-    from . import triton_attention as ta
+    from .triton_attention import combine_partials
 
     assert keys is not None and values is not None
     b, hq, l, d = query.shape
@@ -409,11 +406,11 @@ def cuda_quantized_attention(
             raise TurboQuantError(f"mask of shape {tuple(mask.shape)} does not broadcast to {(b, hq, l, n + w)}") from None
         ms = mask4.stride()
 
-    variant = _resolve_variant(kb, vb)
+    variant = _resolve_variant(kb, vb, tuning)
     nw, tiles, pf, dec = variant
-    _, _, ctas_per_sm, _ = variant_info(kb, vb, d, variant, mask4 is not None, dev)
+    _, _, ctas_per_sm, _ = variant_info(kb, vb, d, variant, mask4 is not None, dev, tune)
     rblocks = -(-m // 8)
-    slots = max(1, ctas_per_sm) * ta._num_sms(dev) * max(1, int(TUNING["waves"]))
+    slots = max(1, ctas_per_sm) * num_sms(dev) * tuning.waves
     per_cta = nw * 16 * tiles  # tokens of one iteration of every warp
     splits = max(1, min(slots // max(1, bh * rblocks), _cdiv(n, per_cta)))
     tps = _cdiv(_cdiv(n, splits), per_cta) * per_cta  # whole iterations for every warp
@@ -434,39 +431,16 @@ def cuda_quantized_attention(
     ]  # fmt: skip
     mod.decode(q_rot, qoff, kc, kn, vc, vn, mask4, parts, scale2, c, [kb, vb, d, bh, rblocks, nw, tiles, pf, dec])
 
-    # combine: the Triton kernel of triton_attention.py (same partial format)
-    dp = max(16, ta._next_pow2(d))
-    pv_hi, pv_lo = ta._unrotation_blocks(vcfg, dp, dev)
-    dummy = ta._dummy(dev)
-    voff = value_offset.float().reshape(bh, d).contiguous() if value_offset is not None else dummy
-    fk = full_keys if w else dummy.view(1, 1, 1, 16)
-    fv = full_values if w else dummy.view(1, 1, 1, 16)
-    if w and (fk.stride(-1) != 1 or fv.stride(-1) != 1):  # type: ignore[union-attr]
-        fk, fv = fk.contiguous(), fv.contiguous()  # type: ignore[union-attr]
-    mk_t = dummy
-    if mask4 is not None:
-        mk_t = mask4
-    out = _empty(b, hkv, m, d, dtype=query.dtype, device=dev)
-    block_m = min(max(16, ta._next_pow2(m)), ta.TUNING["max_block_m"])
-    m_blocks = -(-m // block_m)
-    ta.triton_attention_combine_kernel[(bh, m_blocks)](
-        parts, pv_hi, pv_lo, voff, qf, scale2,
-        fk, fk.stride(0), fk.stride(1), fk.stride(2),  # type: ignore[union-attr]
-        fv, fv.stride(0), fv.stride(1), fv.stride(2),  # type: ignore[union-attr]
-        mk_t, *ms, out,
-        n, w, hkv, m, l, g, splits, d,
-        AC=ac, VHI_C=16, VLO_C=d, HAS_HI=False,
-        CK_LO=min(32, d), CK_HI=16,
-        HAS_VOFF=value_offset is not None, HAS_MASK=mask4 is not None,
-        MASK_BOOL=mask is not None and mask.dtype == torch.bool,
-        DP=dp, BM=block_m, BW=32 if dp <= 128 else 16,
-        num_warps=4,
+    # combine: the Triton kernel of triton_attention.py (same partial format; an empty 16-column high stream)
+    block_m = min(max(16, 1 << max(0, (m - 1).bit_length())), DEFAULT_TUNING.max_block_m)
+    out = combine_partials(
+        parts, 16, d, False, vcfg, n, qf, l, scale2, full_keys, full_values,
+        mask4, mask is not None and mask.dtype == torch.bool, value_offset, query.dtype, block_m,
     )  # fmt: skip
     return out.reshape(b, hq, l, d)
 
 
 __all__ = [
-    "TUNING",
     "cache_dir",
     "cuda_extension_available",
     "cuda_quantized_attention",

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..config import TurboQuantError
+from ..config import QuantizerConfig, TurboQuantError
 from ..quantizer import QuantizedVectors
 from .layout import KernelStream, config_supported, next_pow2, num_sms, query_rotation, stream_layout, stream_table, unrotation_blocks
 from .ptx import REG_WIDTHS, reg_asm
@@ -404,6 +404,71 @@ def _num_splits(bh: int, m_blocks: int, n: int, block_n: int, device: torch.devi
     return splits
 
 
+def combine_partials(
+    parts: torch.Tensor,
+    vhi_cols: int,
+    vlo_cols: int,
+    has_hi: bool,
+    values_config: QuantizerConfig | None,
+    n: int,
+    qf: torch.Tensor,
+    q_len: int,
+    scale2: float,
+    full_keys: torch.Tensor | None,
+    full_values: torch.Tensor | None,
+    mask4: torch.Tensor | None,
+    mask_bool: bool,
+    value_offset: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    block_m: int,
+) -> torch.Tensor:
+    """Launch :func:`triton_attention_combine_kernel` over the split partials of a decode kernel.
+
+    Args:
+        parts: ``[B·Hkv, splits, M, vhi_cols + vlo_cols + 2]`` partial ``(acc_hi, acc_lo, max, sum)``
+            in base 2 (written by :func:`triton_quantized_attention_kernel` or the CUDA kernel).
+        vhi_cols, vlo_cols, has_hi: the value streams' accumulator columns (an absent high stream
+            still has 16 columns, never read).
+        values_config: the values' quantizer (None when nothing is compressed, ``n = 0``).
+        n: compressed tokens.
+        qf: ``[B, Hkv, M, d]`` float32 queries (unrotated, ``M = G·L``) for the full-precision window.
+        q_len: query length ``L``.
+        mask4: the mask expanded to ``[B, Hq, L, N + W]`` or None.
+
+    Returns:
+        ``[B, Hkv, M, d]`` in ``out_dtype``.
+    """
+    b, hkv, m, d = qf.shape
+    bh, splits = b * hkv, parts.shape[1] if n else 0
+    dev = qf.device
+    dummy = _dummy(dev)
+    w = 0 if full_keys is None else full_keys.shape[-2]
+    dp = max(16, next_pow2(d))
+    pv_hi, pv_lo = unrotation_blocks(values_config, dp, dev) if values_config is not None else (dummy, dummy)
+    has_voff = values_config is not None and value_offset is not None
+    voff = value_offset.float().reshape(bh, d).contiguous() if has_voff else dummy  # type: ignore[union-attr]
+    fk = full_keys if w else dummy.view(1, 1, 1, 16)
+    fv = full_values if w else dummy.view(1, 1, 1, 16)
+    if w and (fk.stride(-1) != 1 or fv.stride(-1) != 1):  # type: ignore[union-attr]
+        fk, fv = fk.contiguous(), fv.contiguous()  # type: ignore[union-attr]
+    mk = mask4 if mask4 is not None else dummy
+    ms = mask4.stride() if mask4 is not None else (0, 0, 0, 0)
+    out = _empty(b, hkv, m, d, dtype=out_dtype, device=dev)
+    triton_attention_combine_kernel[(bh, triton.cdiv(m, block_m))](
+        parts, pv_hi, pv_lo, voff, qf, scale2,
+        fk, fk.stride(0), fk.stride(1), fk.stride(2),  # type: ignore[union-attr]
+        fv, fv.stride(0), fv.stride(1), fv.stride(2),  # type: ignore[union-attr]
+        mk, *ms, out,
+        n, w, hkv, m, q_len, m // q_len, splits, d,
+        AC=vhi_cols + vlo_cols, VHI_C=vhi_cols, VLO_C=vlo_cols, HAS_HI=has_hi,
+        CK_LO=min(32, vlo_cols), CK_HI=min(32, vhi_cols),
+        HAS_VOFF=has_voff, HAS_MASK=mask4 is not None, MASK_BOOL=mask_bool,
+        DP=dp, BM=block_m, BW=32 if dp <= 128 else 16,
+        num_warps=4,
+    )  # fmt: skip
+    return out
+
+
 # Same signature as kernels.reference.torch_quantized_attention (the specification), plus ``tuning``.
 def triton_quantized_attention(
     query: torch.Tensor,
@@ -474,7 +539,7 @@ def triton_quantized_attention(
     m_blocks = triton.cdiv(m, block_m)
     splits = 0
     parts = dummy
-    vhi = vlo = (0, 0, 0, 0, 16)
+    vhi = vlo = KernelStream(0, 0, 0, 0, 16)
     if n:
         assert keys is not None and values is not None
         kcfg, vcfg = keys.config, values.config
@@ -523,30 +588,9 @@ def triton_quantized_attention(
             BM=block_m, BN=block_n,
             num_warps=tune.num_warps, num_stages=tune.num_stages, **extra,
         )  # fmt: skip
-    dp = max(16, next_pow2(d))
-    if n:
-        pv_hi, pv_lo = unrotation_blocks(values.config, dp, dev)  # type: ignore[union-attr]
-    else:
-        pv_hi = pv_lo = dummy
-    voff = value_offset.float().reshape(bh, d).contiguous() if (n and value_offset is not None) else dummy
-    fk = full_keys if w else dummy.view(1, 1, 1, 16)
-    fv = full_values if w else dummy.view(1, 1, 1, 16)
-    if w and (fk.stride(-1) != 1 or fv.stride(-1) != 1):  # type: ignore[union-attr]
-        fk, fv = fk.contiguous(), fv.contiguous()  # type: ignore[union-attr]
-    out = _empty(b, hkv, m, d, dtype=query.dtype, device=dev)
-    block_w = 32 if dp <= 128 else 16
-    triton_attention_combine_kernel[(bh, m_blocks)](
-        parts, pv_hi, pv_lo, voff, qf, scale2,
-        fk, fk.stride(0), fk.stride(1), fk.stride(2),  # type: ignore[union-attr]
-        fv, fv.stride(0), fv.stride(1), fv.stride(2),  # type: ignore[union-attr]
-        mk, *ms, out,
-        n, w, hkv, m, l, g, splits, d,
-        AC=vhi[4] + vlo[4], VHI_C=vhi[4], VLO_C=vlo[4], HAS_HI=vhi[0] > 0,
-        CK_LO=min(32, vlo[4]), CK_HI=min(32, vhi[4]),
-        HAS_VOFF=value_offset is not None, HAS_MASK=mask4 is not None,
-        MASK_BOOL=mask is not None and mask.dtype == torch.bool,
-        DP=dp, BM=block_m, BW=block_w,
-        num_warps=4,
+    out = combine_partials(
+        parts, vhi.cols, vlo.cols, vhi.width > 0, values.config if n else None, n, qf, l, scale2, full_keys, full_values,  # type: ignore[union-attr]
+        mask4, mask is not None and mask.dtype == torch.bool, value_offset, query.dtype, block_m,
     )  # fmt: skip
     return out.reshape(b, hq, l, d)
 

@@ -75,4 +75,32 @@ class TritonTuning:
 
 DEFAULT_TUNING = TritonTuning()
 
-__all__ = ["DEFAULT_TUNING", "TritonTuning"]
+
+@dataclass(frozen=True)
+class CudaTuning:
+    """Launch parameters of the warp-level CUDA decode kernel (kernels/cuda_attention.py).
+
+    Args:
+        variant: ``(warps, tiles, prefetch, decoder)`` or None for the compiled default of the widths
+            (8 warps × 2 tiles with the shared-memory table for 3/4 bits, 4 × 4 with the register
+            decoder for 2 bits). Other variants exist only in ``-DTQ_TUNE`` builds, which a non-None
+            variant triggers.
+        waves: CTAs launched ≈ waves × (CTAs resident per SM × SMs).
+    """
+
+    variant: tuple[int, int, int, int] | None = None
+    waves: int = 1
+
+    def __post_init__(self) -> None:
+        if self.variant is not None:
+            v = tuple(self.variant)
+            if len(v) != 4 or not all(isinstance(x, int) and x >= 0 for x in v):
+                raise TurboQuantError(f"CudaTuning.variant must be (warps, tiles, prefetch, decoder) ints, got {self.variant!r}")
+            object.__setattr__(self, "variant", v)
+        if isinstance(self.waves, bool) or not isinstance(self.waves, int) or self.waves < 1:
+            raise TurboQuantError(f"CudaTuning.waves must be a positive int, got {self.waves!r}")
+
+
+DEFAULT_CUDA_TUNING = CudaTuning()
+
+__all__ = ["DEFAULT_CUDA_TUNING", "DEFAULT_TUNING", "CudaTuning", "TritonTuning"]
