@@ -16,6 +16,7 @@ import torch
 
 from ..config import Backend, QuantizerConfig, TurboQuantError
 from ..quantizer import QuantizedVectors
+from .cpu_attention import cpu_quantized_attention
 from .encode import torch_quantize_into
 from .reference import torch_quantized_attention
 
@@ -38,13 +39,17 @@ def resolve_backend(backend: Backend | str, device: torch.device) -> Backend:
 
 
 def quantized_attention(*args: Any, backend: Backend | str = Backend.AUTO, **kwargs: Any) -> torch.Tensor:
-    """Dispatch to :func:`torch_quantized_attention` or its Triton twin (same arguments)."""
+    """Dispatch to :func:`torch_quantized_attention` (on CPU tensors its compiled twin
+    :func:`~turboquant.kernels.cpu_attention.cpu_quantized_attention`) or the Triton kernel (same arguments)."""
     query: torch.Tensor = args[0] if args else kwargs["query"]
     chosen = resolve_backend(backend, query.device)
     if chosen is Backend.TRITON:
         from .triton_attention import triton_quantized_attention  # falls back to torch for unsupported inputs
 
         return triton_quantized_attention(*args, **kwargs)
+    if query.device.type == "cpu":
+        # compiled decode kernel; falls back to the reference for inputs it does not cover
+        return cpu_quantized_attention(*args, **kwargs)
     return torch_quantized_attention(*args, **kwargs)
 
 
@@ -68,6 +73,7 @@ def quantize_into(
 
 
 __all__ = [
+    "cpu_quantized_attention",
     "quantize_into",
     "quantized_attention",
     "resolve_backend",
