@@ -183,6 +183,13 @@ def _spec(config: QuantizerConfig) -> tuple[list[int], tuple[torch.Tensor, ...]]
 
 
 @lru_cache(maxsize=64)
+def _spec_pair(key_config: QuantizerConfig, value_config: QuantizerConfig) -> tuple[array.array, tuple]:
+    """Both specs as one int64 array, and the tensors it points to (kept alive with it)."""
+    (k, k_keep), (v, v_keep) = _spec(key_config), _spec(value_config)
+    return array.array("q", k + v), (k_keep, v_keep)
+
+
+@lru_cache(maxsize=64)
 def _rotation_matrix(kind: str, dim: int, seed: int) -> torch.Tensor:
     """``Π`` as a contiguous float32 ``(dim, dim)`` tensor (``rotate(x) = Π x``)."""
     return make_rotation(kind, dim, seed).matrix("cpu", torch.float32).contiguous()
@@ -203,15 +210,18 @@ def _supported(query: torch.Tensor, keys: QuantizedVectors | None, values: Quant
     return load_library() is not None
 
 
-def _codes_args(qv: QuantizedVectors, b: int, h: int, n: int) -> tuple[list[int], list[int], torch.Tensor, torch.Tensor]:
-    """Pointer/strides of a code field ``[B, H, N, bytes]`` and a norm field ``[B, H, N]``."""
-    codes = qv.codes.expand(b, h, n, qv.codes.shape[-1])
+def _codes_args(qv: QuantizedVectors, b: int, h: int, n: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Pointer/strides of a code field ``[B, H, N, bytes]`` and its norms ``[B, H, N]`` (9 ints)."""
+    codes, norms = qv.codes, qv.norms
+    if codes.shape[:3] != (b, h, n):
+        codes = codes.expand(b, h, n, codes.shape[-1])
     if codes.stride(-1) != 1:
         codes = codes.contiguous()
-    norms = qv.norms.expand(b, h, n)
-    c = [codes.data_ptr(), codes.stride(0), codes.stride(1), codes.stride(2)]
-    m = [norms.data_ptr(), norms.stride(0), norms.stride(1), norms.stride(2), _NORM_TYPES[norms.dtype]]
-    return c, m, codes, norms
+    if norms.shape != (b, h, n):
+        norms = norms.expand(b, h, n)
+    cs, ns = codes.stride(), norms.stride()
+    ints = [codes.data_ptr(), cs[0], cs[1], cs[2], norms.data_ptr(), ns[0], ns[1], ns[2], _NORM_TYPES[norms.dtype]]
+    return ints, codes, norms
 
 
 def cpu_quantized_attention(
@@ -270,16 +280,14 @@ def cpu_quantized_attention(
     keep += [q, out]
     if n:
         assert keys is not None and values is not None
-        kc, kn, *t = _codes_args(keys, b, hkv, n)
+        kints, *t = _codes_args(keys, b, hkv, n)
         keep += t
-        vc, vn, *t = _codes_args(values, b, hkv, n)
+        vints, *t = _codes_args(values, b, hkv, n)
         keep += t
-        p[P_KC : P_KC + 4] = array.array("q", kc)
-        p[P_KN : P_KN + 5] = array.array("q", kn)
-        p[P_VC : P_VC + 4] = array.array("q", vc)
-        p[P_VN : P_VN + 5] = array.array("q", vn)
-        p[P_KSPEC : P_KSPEC + 9] = array.array("q", _spec(keys.config)[0])
-        p[P_VSPEC : P_VSPEC + 9] = array.array("q", _spec(values.config)[0])
+        # P_KC..P_KN+4 and P_VC..P_VN+4 are contiguous runs of 9; then the two 9-int specs
+        p[P_KC : P_KC + 9] = array.array("q", kints)
+        p[P_VC : P_VC + 9] = array.array("q", vints)
+        p[P_KSPEC : P_KSPEC + 18] = _spec_pair(keys.config, values.config)[0]
         kcfg, vcfg = keys.config, values.config
         pk = _rotation_matrix(kcfg.rotation.value, d, kcfg.seed)
         pv = _rotation_matrix(vcfg.rotation.value, d, vcfg.seed)
@@ -294,8 +302,11 @@ def cpu_quantized_attention(
             p[P_VOFF] = voff.data_ptr()
     if w:
         assert full_keys is not None and full_values is not None
-        fk = full_keys.float().expand(b, hkv, w, d).contiguous()
-        fv = full_values.float().expand(b, hkv, w, d).contiguous()
+        fk = full_keys.float()
+        fv = full_values.float()
+        if fk.shape != (b, hkv, w, d) or fv.shape != (b, hkv, w, d):
+            fk, fv = fk.expand(b, hkv, w, d), fv.expand(b, hkv, w, d)
+        fk, fv = fk.contiguous(), fv.contiguous()
         keep += [fk, fv]
         p[P_FK], p[P_FV] = fk.data_ptr(), fv.data_ptr()
     if mask is not None:
