@@ -91,12 +91,16 @@ class Backend(str, Enum):
     """Compute backend for kernels."""
 
     AUTO = "auto"
-    """On CUDA tensors: the CUDA C++ decode kernel when it builds (else Triton) for attention and
-    Triton for encode, when Triton is importable; torch otherwise."""
+    """CPU tensors: the C kernel (``CPU``) for attention, torch for encode. CUDA tensors: the CUDA C++
+    decode kernel when it builds (else Triton) for attention and Triton for encode, when Triton is
+    importable; torch otherwise."""
     TORCH = "torch"
     """Plain PyTorch reference implementation (CPU or CUDA)."""
     TRITON = "triton"
     """Fused Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    CPU = "cpu"
+    """C decode-attention kernel on CPU tensors (kernels/cpu_attention.py), built with the system C
+    compiler at first use; inputs it does not cover (and a missing compiler) use the torch reference."""
     CUDA = "cuda"
     """Warp-level CUDA C++ decode attention compiled at first use (kernels/cuda_attention.py);
     inputs it does not cover, and encode, run the Triton kernels."""

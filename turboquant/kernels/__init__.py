@@ -19,6 +19,7 @@ import torch
 from ..codec import decode_mse, reconstruction_norms
 from ..config import Backend, QuantizerConfig, TurboQuantError
 from ..quantizer import QuantizedVectors
+from .cpu_attention import cpu_quantized_attention
 from .encode import torch_quantize_into
 from .reference import torch_quantized_attention
 
@@ -36,14 +37,18 @@ def resolve_backend(backend: Backend | str, device: torch.device) -> Backend:
         interpret = os.environ.get("TRITON_INTERPRET") == "1"
         if on_gpu and triton_available() and not interpret:
             return Backend.CUDA if os.environ.get("TURBOQUANT_DISABLE_CUDA") != "1" else Backend.TRITON
-        return Backend.TORCH
+        return Backend.CPU if device.type == "cpu" else Backend.TORCH
     if backend in (Backend.TRITON, Backend.CUDA) and not triton_available():
         raise TurboQuantError(f"backend={backend.value!r} needs the 'triton' package (pip install triton)")
     return backend
 
 
 def quantized_attention(*args: Any, backend: Backend | str = Backend.AUTO, **kwargs: Any) -> torch.Tensor:
-    """Dispatch to :func:`torch_quantized_attention`, its Triton twin or the CUDA kernel (same arguments)."""
+    """Dispatch to :func:`torch_quantized_attention` or one of its compiled twins (same arguments).
+
+    ``AUTO``: the CUDA decode kernel on CUDA tensors (then Triton, then torch for inputs it does
+    not cover), the C kernel on CPU tensors (then torch).
+    """
     query: torch.Tensor = args[0] if args else kwargs["query"]
     chosen = resolve_backend(backend, query.device)
     if chosen is Backend.CUDA:
@@ -54,6 +59,8 @@ def quantized_attention(*args: Any, backend: Backend | str = Backend.AUTO, **kwa
         from .triton_attention import triton_quantized_attention  # falls back to torch for unsupported inputs
 
         return triton_quantized_attention(*args, **kwargs)
+    if chosen is Backend.CPU:
+        return cpu_quantized_attention(*args, **kwargs)  # falls back to the reference for inputs it does not cover
     return torch_quantized_attention(*args, **kwargs)
 
 
@@ -88,6 +95,7 @@ def quantize_into(
 
 
 __all__ = [
+    "cpu_quantized_attention",
     "quantize_into",
     "quantized_attention",
     "resolve_backend",
