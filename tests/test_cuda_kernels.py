@@ -37,6 +37,9 @@ def poisoned(ca, monkeypatch):
 
     monkeypatch.setattr(ca, "_empty", nan_empty)
     monkeypatch.setattr(ta, "_empty", nan_empty)
+    from turboquant.kernels import triton_combine
+
+    monkeypatch.setattr(triton_combine, "_empty", nan_empty)
 
 
 def _inputs(bits, d, b, hq, hkv, l, n, w, capacity=None, seed=0):

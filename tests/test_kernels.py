@@ -26,7 +26,7 @@ from turboquant.kernels import triton_attention as ta  # noqa: E402
 from turboquant.kernels.testing import float64_attention, random_codes, relative_error  # noqa: E402
 from turboquant.kernels.triton_encode import triton_quantize_into  # noqa: E402
 from turboquant.codec import code_bytes, decode_mse  # noqa: E402
-from turboquant.kernels import ptx  # noqa: E402
+from turboquant.kernels import ptx, triton_combine  # noqa: E402
 from turboquant.kernels.tuning import DEFAULT_TUNING  # noqa: E402
 from turboquant.quantizer import TurboQuantizer  # noqa: E402
 
@@ -58,6 +58,7 @@ def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(ta, "_empty", empty)
+    monkeypatch.setattr(triton_combine, "_empty", empty)  # the output buffer
 
 
 def _inputs(d, kb, vb, g, b, n, w, *, hkv=2, l=1, seed=0, norm_dtype="float32", capacity=None):

@@ -8,8 +8,10 @@ gets written into saved files.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 __version__ = "0.1.0"
@@ -107,6 +109,15 @@ class Backend(str, Enum):
 
 
 _NORM_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def cache_dir() -> Path:
+    """Where turboquant keeps what it builds once: compiled kernels, the converted demo model.
+
+    ``$TURBOQUANT_CACHE_DIR`` if set, else ``~/.cache/turboquant``.
+    """
+    env = os.environ.get("TURBOQUANT_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "turboquant"
 
 
 def _enum_value(enum_type: type[Enum], value: Any, field_name: str) -> Any:

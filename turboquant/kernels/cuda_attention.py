@@ -32,7 +32,6 @@ the torch reference.
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import warnings
 from functools import lru_cache
@@ -44,7 +43,7 @@ import torch
 
 from ..codebook import lloyd_max_codebook
 from ..codec import code_bytes, layout
-from ..config import QuantizerConfig, TurboQuantError, Variant
+from ..config import QuantizerConfig, TurboQuantError, Variant, cache_dir
 from ..quantizer import QuantizedVectors
 from ..rotation import make_rotation
 from .layout import num_sms
@@ -119,12 +118,6 @@ _LOCK = threading.Lock()
 _MODULES: dict[bool, Any] = {}
 _FAILED: dict[bool, str] = {}
 _WARNED = False
-
-
-def cache_dir() -> Path:
-    """Build cache: ``$TURBOQUANT_CACHE_DIR`` or ``~/.cache/turboquant``."""
-    root = os.environ.get("TURBOQUANT_CACHE_DIR") or str(Path.home() / ".cache" / "turboquant")
-    return Path(root)
 
 
 def _arch_flags(device: torch.device) -> tuple[str, list[str]]:
@@ -441,7 +434,6 @@ def cuda_quantized_attention(
 
 
 __all__ = [
-    "cache_dir",
     "cuda_extension_available",
     "cuda_quantized_attention",
     "cuda_supports",

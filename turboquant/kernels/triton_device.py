@@ -1,4 +1,4 @@
-"""Triton device functions that load and decode packed code streams (shared by the attention kernel).
+"""Triton device functions shared by the kernels: loading and decoding code streams, masks, online softmax.
 
 Layouts follow :mod:`turboquant.kernels.layout`; the register decoders' PTX comes from
 :mod:`turboquant.kernels.ptx` (``ASM == ""`` runs the shift/mask emulation, as under the interpreter).
@@ -179,3 +179,29 @@ def _dotk_scores(raw, tab_ptr, q0, q1, q2, q3, q4, q5, q6, q7, ASM: tl.constexpr
     s = tl.dot(q6, tl.trans(k6), s)
     s = tl.dot(q7, tl.trans(k7), s)
     return s
+
+
+@triton.jit
+def _masked(s, mrow, cols, s_m_t, row_ok, col_ok, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr):
+    """Scores (base 2) with mask columns ``cols`` applied: bool masks to −inf, additive masks × log2 e; invalid columns −inf."""
+    if HAS_MASK:
+        mv = tl.load(mrow[:, None] + cols[None, :] * s_m_t, mask=row_ok[:, None] & col_ok[None, :], other=0)
+        if MASK_BOOL:
+            s = tl.where(mv != 0, s, float("-inf"))
+        else:
+            s = s + mv.to(tl.float32) * 1.4426950408889634  # log2(e)
+    return tl.where(col_ok[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _online_softmax(m_i, l_i, s):
+    """One online-softmax step in base 2: ``(new max, rescale of the old state, p, new sum)``."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, axis=1)
+
+
+# Integers that change from one decode step to the next must not be specialised
+# (Triton would recompile whenever their divisibility by 16 changes).
