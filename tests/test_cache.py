@@ -13,6 +13,7 @@ from turboquant import TurboQuantError  # noqa: E402
 from turboquant import KVCacheConfig  # noqa: E402
 from turboquant.cache import TurboQuantCache, TurboQuantLayer  # noqa: E402
 from turboquant.codec import bytes_per_vector  # noqa: E402
+from turboquant.quantizer import TurboQuantizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +196,9 @@ def test_norm_correction_restores_norms(bits: float) -> None:
 
 def _dequantized(layer: TurboQuantLayer) -> tuple[torch.Tensor, torch.Tensor]:
     """The compressed part of a layer, decoded (offsets re-added)."""
-    dk = layer._key_quantizer.dequantize(layer.compressed_keys())
-    dv = layer._value_quantizer.dequantize(layer.compressed_values())
+    ck, cv = layer.compressed_keys(), layer.compressed_values()
+    dk = TurboQuantizer.from_config(ck.config).dequantize(ck)
+    dv = TurboQuantizer.from_config(cv.config).dequantize(cv)
     if layer.key_offset is not None:
         dk = dk + layer.key_offset.unsqueeze(-2)
     return dk, dv
@@ -249,3 +251,52 @@ def test_hook_matches_sdpa_over_dequantized_history(head_dim: int, dtype: torch.
     ref = _sdpa(None, q.double(), full_k.double(), full_v.double(), mask, head_dim**-0.5).transpose(1, 2)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.double(), ref, atol=tol, rtol=tol)
+
+
+def _attend(layer: TurboQuantLayer, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    from turboquant.cache import turboquant_attention
+
+    out, _ = turboquant_attention(SimpleNamespace(layer_idx=layer.layer_idx), q, keys, values, None, scaling=q.shape[-1] ** -0.5)
+    return out
+
+
+@pytest.mark.parametrize("scale", [1e5, 1e-30])
+def test_extreme_key_norms_neither_fail_nor_poison(scale: float) -> None:
+    """Keys scaled by 1e5 (norms far above float16's 65,504) or 1e-30 (below its subnormals):
+    no error in the middle of a forward, no NaN, and attention still matches the dequantized history."""
+    from turboquant.cache import _sdpa
+
+    cache = TurboQuantCache(_Cfg(), window=4, flush_every=2, sink_tokens=2)
+    layer = cache.layers[0]
+    g = torch.Generator().manual_seed(1)
+    k, v = torch.randn(2, 2, 40, 64, generator=g) * scale, torch.randn(2, 2, 40, 64, generator=g)
+    layer.update(k[:, :, :30], v[:, :, :30])
+    keys, values = layer.update(k[:, :, 30:], v[:, :, 30:])
+    assert layer.compressed_length > 0
+    q = torch.randn(2, 4, 10, 64, generator=g) / max(scale, 1.0)  # keep the scores O(1) for scale 1e5
+    out = _attend(layer, q, keys, values)
+    assert torch.isfinite(out).all()
+    if scale > 1:
+        assert layer.key_codes.config.norm_dtype == "float32"  # promoted instead of overflowing float16
+    full_k, full_v = layer.dequantized_history(keys, values)
+    mask = torch.ones(1, 1, 10, 40, dtype=torch.bool).tril(diagonal=30)
+    ref = _sdpa(None, q.double(), full_k.double(), full_v.double(), mask, 64**-0.5).transpose(1, 2)
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_nan_in_one_sequence_stays_in_that_sequence() -> None:
+    """Non-finite K/V propagate like the full-precision cache: only the sequence that had them is affected."""
+    clean, dirty = (TurboQuantCache(_Cfg(), window=4, flush_every=2, sink_tokens=2) for _ in range(2))
+    g = torch.Generator().manual_seed(2)
+    k, v = torch.randn(3, 2, 24, 64, generator=g), torch.randn(3, 2, 24, 64, generator=g)
+    k_bad = k.clone()
+    k_bad[1, 0, 9, 5] = float("nan")  # a token that ends up compressed
+    outs = []
+    for cache, keys_in in ((clean, k), (dirty, k_bad)):
+        layer = cache.layers[0]
+        layer.update(keys_in[:, :, :20], v[:, :, :20])
+        keys, values = layer.update(keys_in[:, :, 20:21], v[:, :, 20:21])
+        assert layer.compressed_length > 0
+        outs.append(_attend(layer, torch.randn(3, 4, 1, 64, generator=torch.Generator().manual_seed(3)), keys, values))
+    assert torch.equal(outs[0][[0, 2]], outs[1][[0, 2]])
+    assert torch.isnan(outs[1][1]).any()

@@ -310,13 +310,12 @@ def test_cache_buffer_fused_encode_matches_torch(bits: float) -> None:
     from turboquant.cache import _Codes
 
     cfg = QuantizerConfig(64, bits, norm_dtype="float16")
-    quantizer = TurboQuantMSE(64, bits, norm_dtype="float16")
     gen = torch.Generator().manual_seed(7)
     chunks = [torch.randn(2, 3, t, 64, generator=gen).to(DEVICE) for t in (40, 1, 250)]  # crosses the 256 growth step
     fused, reference = _Codes(cfg), _Codes(cfg)
     for x in chunks:
-        fused.encode_append(x, quantizer, "triton", norm_correction=False)
-        reference.encode_append(x, quantizer, "torch", norm_correction=False)
+        fused.encode_append(x, "triton", norm_correction=False)
+        reference.encode_append(x, "torch", norm_correction=False)
     a, b = fused.view(), reference.view()
     assert a.shape == (2, 3, 291) and fused.buffer.capacity >= 291
     assert (a.codes != b.codes).float().mean().item() < 1e-3  # ties at bucket edges may round differently

@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from .buffers import GrowableBuffer
-from .codec import bytes_per_vector, code_bytes
+from .codec import bytes_per_vector, code_bytes, encode
 from .config import KVCacheConfig, QuantizerConfig, TurboQuantError, Variant, replace_fields
 from .kernels import quantize_into, quantized_attention
 from .quantizer import QuantizedVectors, TurboQuantizer
@@ -69,29 +70,38 @@ _PENDING = _PendingLayers()
 
 
 class _Codes:
-    """Packed codes of one tensor (keys or values) of a layer along the token axis."""
+    """Packed codes of one tensor (keys or values) of a layer along the token axis.
+
+    Non-finite keys or values are stored as they come (their norms are NaN or Inf): like the
+    full-precision cache, they make that sequence's attention output non-finite and leave the
+    other sequences of the batch untouched. Norms that would overflow float16 storage promote this
+    tensor's norms to float32 (one warning), instead of failing in the middle of a forward.
+    """
 
     def __init__(self, config: QuantizerConfig) -> None:
         self.config = config
         self.buffer = GrowableBuffer(axis=_TOKEN_AXIS, min_capacity=256)
+        self._view: QuantizedVectors | None = None
 
     @property
     def length(self) -> int:
         return self.buffer.length
 
-    def encode_append(self, x: torch.Tensor, quantizer: TurboQuantizer, backend: Any, norm_correction: bool) -> None:
+    def encode_append(self, x: torch.Tensor, backend: Any, norm_correction: bool) -> None:
         """Quantize ``x [B, H, T, d]`` straight into the buffer (fused Triton encode on CUDA).
 
         MSE codes are written in place by :func:`~turboquant.kernels.quantize_into`; prod codes
-        (QJL fields) go through the quantizer and are copied in.
+        (QJL fields) are encoded by :func:`turboquant.codec.encode` and copied in.
         """
+        self._view = None
+        self._fit_norms(x)
+        norm_dtype = getattr(torch, self.config.norm_dtype)
         if self.config.variant is not Variant.MSE:
-            qv = quantizer.quantize(x)
-            parts = {"codes": qv.codes, "norms": qv.norms, "qjl": qv.qjl, "residual_norms": qv.residual_norms}
-            self.buffer.append({k: v for k, v in parts.items() if v is not None})
+            enc = encode(x.float(), self.config)
+            parts = {"codes": enc.codes, "norms": enc.norms.to(norm_dtype), "qjl": enc.qjl, "residual_norms": enc.residual_norms}
+            self.buffer.append({k: v.to(norm_dtype) if k == "residual_norms" else v for k, v in parts.items() if v is not None})
             return
         b, h, t, _ = x.shape
-        norm_dtype = getattr(torch, self.config.norm_dtype)
         self.buffer.reserve(self.length + t, {
             "codes": ((b, h, t, code_bytes(self.config)), torch.uint8, x.device),
             "norms": ((b, h, t), norm_dtype, x.device),
@@ -100,20 +110,108 @@ class _Codes:
         quantize_into(x, self.config, tensors["codes"], tensors["norms"], self.length, backend=backend, norm_correction=norm_correction)
         self.buffer.advance(t)
 
+    def _fit_norms(self, x: torch.Tensor) -> None:
+        if self.config.norm_dtype != "float16":
+            return
+        # ‖x‖/‖ŷ‖ (norm correction) can exceed ‖x‖ by the reconstruction's shrinkage: keep 4x headroom
+        norms = torch.linalg.vector_norm(x.float(), dim=-1)
+        limit = torch.finfo(torch.float16).max / 4
+        if not bool((norms[torch.isfinite(norms)] > limit).any()):
+            return
+        logger.warning("turboquant: KV norms above %.0f do not fit float16; storing this layer's norms in float32", limit)
+        self.config = replace(self.config, norm_dtype="float32")
+        self.buffer.apply(lambda t: t.float() if t.is_floating_point() else t)
+
     def view(self) -> QuantizedVectors:
-        t = self.buffer.views()
-        return QuantizedVectors(self.config, t["codes"], t["norms"], t.get("qjl"), t.get("residual_norms"))
+        if self._view is None:  # rebuilt only when the codes change (decode steps reuse it)
+            t = self.buffer.views()
+            self._view = QuantizedVectors(self.config, t["codes"], t["norms"], t.get("qjl"), t.get("residual_norms"))
+        return self._view
+
+    def apply(self, fn: Any) -> None:
+        self._view = None
+        self.buffer.apply(fn)
+
+    def truncate(self, length: int) -> None:
+        self._view = None
+        self.buffer.truncate(length)
 
     @property
     def nbytes(self) -> int:
         return self.buffer.nbytes
 
 
+class _FullPrecision:
+    """The full-precision tokens of one tensor (keys or values): ``[sink | window]`` in one buffer.
+
+    New tokens are copied into a preallocated ``[B, H, capacity, d]`` buffer (grown geometrically
+    for long prompts); ``tokens`` is a view of the filled part, in chronological order.
+    """
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.data = like[:, :, :0]
+        self.sink = 0
+        self.window = 0
+
+    @property
+    def length(self) -> int:
+        return self.sink + self.window
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self.data[:, :, : self.length]
+
+    @property
+    def sink_tokens(self) -> torch.Tensor:
+        return self.data[:, :, : self.sink]
+
+    @property
+    def window_tokens(self) -> torch.Tensor:
+        return self.data[:, :, self.sink : self.length]
+
+    def append(self, x: torch.Tensor, to_sink: int, spare: int) -> None:
+        """Append ``x [B, H, L, d]``, its first ``to_sink`` tokens to the sink; keep ``spare`` free slots."""
+        need = self.length + x.shape[2]
+        if need > self.data.shape[2]:
+            grown = x.new_empty((*x.shape[:2], max(need + spare, 2 * self.data.shape[2]), x.shape[3]))
+            grown[:, :, : self.length] = self.tokens
+            self.data = grown
+        self.data[:, :, self.length : need] = x
+        self.sink += to_sink
+        self.window += x.shape[2] - to_sink
+
+    def drop_oldest_window(self, count: int) -> None:
+        """Forget the ``count`` oldest window tokens (after they were compressed)."""
+        keep = self.window - count
+        start = self.sink
+        # source and destination overlap: copy through a temporary
+        self.data[:, :, start : start + keep] = self.data[:, :, start + count : start + self.window].clone()
+        self.window = keep
+
+    def crop(self, remove: int) -> int:
+        """Remove up to ``remove`` newest tokens from the window; returns how many were removed."""
+        removed = min(remove, self.window)
+        self.window -= removed
+        return removed
+
+    def crop_sink(self, remove: int) -> None:
+        self.sink -= min(remove, self.sink)
+
+    def apply(self, fn: Any) -> None:
+        self.data = fn(self.tokens)
+
+    @property
+    def nbytes(self) -> int:
+        return self.tokens.numel() * self.data.element_size()
+
+
 class TurboQuantLayer(DynamicLayer):
     """One decoder layer's cache: full-precision sink + window, packed codes in between.
 
-    ``update`` returns the full-precision tokens (sink then window) tagged with this
-    layer; the ``"turboquant"`` attention function combines them with the codes.
+    ``update`` returns the full-precision tokens (sink then window, a view of one preallocated
+    buffer) and registers the layer for the ``"turboquant"`` attention function, which combines
+    them with the codes. ``keys``/``values`` are the window tokens, ``sink_keys``/``sink_values``
+    the sink tokens (views).
     """
 
     is_sliding = False
@@ -128,33 +226,64 @@ class TurboQuantLayer(DynamicLayer):
         self.value_codes: _Codes | None = None
         self.key_offset: torch.Tensor | None = None
         self.value_offset: torch.Tensor | None = None
-        self.sink_keys: torch.Tensor | None = None
-        self.sink_values: torch.Tensor | None = None
-        self._key_quantizer: TurboQuantizer | None = None
-        self._value_quantizer: TurboQuantizer | None = None
+        self._fk: _FullPrecision | None = None
+        self._fv: _FullPrecision | None = None
+
+    # views kept as attributes of the transformers layer API
+    @property  # type: ignore[override]
+    def keys(self) -> torch.Tensor | None:
+        return None if self._fk is None else self._fk.window_tokens
+
+    @keys.setter
+    def keys(self, value: Any) -> None:  # DynamicLayer.__init__/reset assign None
+        if value is not None:
+            raise TurboQuantError("TurboQuantLayer.keys is a view of the layer's buffers; use update()")
+
+    @property  # type: ignore[override]
+    def values(self) -> torch.Tensor | None:
+        return None if self._fv is None else self._fv.window_tokens
+
+    @values.setter
+    def values(self, value: Any) -> None:
+        if value is not None:
+            raise TurboQuantError("TurboQuantLayer.values is a view of the layer's buffers; use update()")
+
+    @property
+    def sink_keys(self) -> torch.Tensor | None:
+        return None if self._fk is None else self._fk.sink_tokens
+
+    @property
+    def sink_values(self) -> torch.Tensor | None:
+        return None if self._fv is None else self._fv.sink_tokens
+
+    @property
+    def full_length(self) -> int:
+        """Tokens held in full precision (sink + window)."""
+        return 0 if self._fk is None else self._fk.length
 
     # ------------------------------------------------------------------ transformers API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
         if key_states.shape[-1] != value_states.shape[-1]:
             raise TurboQuantError(f"keys and values must share head_dim, got {key_states.shape[-1]} and {value_states.shape[-1]}")
+        self.dtype, self.device = key_states.dtype, key_states.device
         key_cfg, value_cfg = self.settings.quantizer_configs(key_states.shape[-1])
-        self._key_quantizer = TurboQuantizer.from_config(key_cfg)
-        self._value_quantizer = TurboQuantizer.from_config(value_cfg)
         self.key_codes = _Codes(key_cfg)
         self.value_codes = _Codes(value_cfg)
-        # [B, H, 0, d] (not DynamicLayer's 1-D empty tensor) so shapes are always 4-D
-        self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
-        self.sink_keys, self.sink_values = self.keys, self.values
+        self._fk, self._fv = _FullPrecision(key_states), _FullPrecision(value_states)
+        self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``[B, H, L, d]`` keys/values; returns the full-precision tokens (tagged)."""
+        """Append ``[B, H, L, d]`` keys/values; returns every full-precision token (sink, then window)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        assert self._fk is not None and self._fv is not None
         self._flush()
-        self._fill_sink_and_window(key_states, value_states)
-        keys = torch.cat([self.sink_keys, self.keys], dim=-2) if self.sink_keys.shape[-2] else self.keys
-        values = torch.cat([self.sink_values, self.values], dim=-2) if self.sink_values.shape[-2] else self.values
+        sink_room = self.settings.sink_tokens - self._fk.sink
+        to_sink = min(sink_room, key_states.shape[-2]) if sink_room > 0 and self.compressed_length == 0 and self._fk.window == 0 else 0
+        spare = self.settings.window + self.settings.flush_every + 1
+        self._fk.append(key_states, to_sink, spare)
+        self._fv.append(value_states, to_sink, spare)
+        keys, values = self._fk.tokens, self._fv.tokens
         if self.owner is not None and not self.owner.attention_enabled():
             # Someone else's attention function will read these: give it everything (slow path).
             return self.dequantized_history(keys, values)
@@ -163,9 +292,7 @@ class TurboQuantLayer(DynamicLayer):
         return keys, values
 
     def get_seq_length(self) -> int:
-        if not self.is_initialized:
-            return 0
-        return self.sink_keys.shape[-2] + self.compressed_length + self.keys.shape[-2]
+        return self.full_length + self.compressed_length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -173,8 +300,8 @@ class TurboQuantLayer(DynamicLayer):
     def reset(self) -> None:
         self.key_codes = self.value_codes = None
         self.key_offset = self.value_offset = None
-        self.sink_keys = self.sink_values = None
-        super().reset()
+        self._fk = self._fv = None
+        self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -186,7 +313,7 @@ class TurboQuantLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
-            idx = torch.as_tensor(indices, device=self.keys.device)
+            idx = torch.as_tensor(indices, device=self.device)
             if idx.dtype == torch.bool:
                 idx = idx.nonzero().flatten()
             self._apply_batch(lambda t: t.index_select(0, idx.to(t.device)))
@@ -197,10 +324,10 @@ class TurboQuantLayer(DynamicLayer):
         remove = -tokens_to_remove
         if remove == 0 or not self.is_initialized:
             return
-        from_window = min(remove, self.keys.shape[-2])
-        self.keys = self.keys[..., : self.keys.shape[-2] - from_window, :]
-        self.values = self.values[..., : self.values.shape[-2] - from_window, :]
-        remove -= from_window
+        assert self._fk is not None and self._fv is not None
+        removed = self._fk.crop(remove)
+        self._fv.crop(remove)
+        remove -= removed
         if remove:
             assert self.key_codes is not None and self.value_codes is not None
             keep = max(0, self.compressed_length - remove)
@@ -208,8 +335,8 @@ class TurboQuantLayer(DynamicLayer):
             self.key_codes.truncate(keep)
             self.value_codes.truncate(keep)
         if remove:
-            keep_sink = self.sink_keys.shape[-2] - remove
-            self.sink_keys, self.sink_values = self.sink_keys[..., :keep_sink, :], self.sink_values[..., :keep_sink, :]
+            self._fk.crop_sink(remove)
+            self._fv.crop_sink(remove)
 
     # ------------------------------------------------------------------ compressed storage
     @property
@@ -226,41 +353,31 @@ class TurboQuantLayer(DynamicLayer):
         """Bytes held: ``compressed`` (codes + every scalar + offsets) and ``full_precision``."""
         if not self.is_initialized:
             return {"compressed": 0, "full_precision": 0}
-        assert self.key_codes is not None and self.value_codes is not None
+        assert self.key_codes is not None and self.value_codes is not None and self._fk is not None and self._fv is not None
         compressed = self.key_codes.nbytes + self.value_codes.nbytes
         for offset in (self.key_offset, self.value_offset):
             if offset is not None:
                 compressed += offset.numel() * offset.element_size()
-        full = sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.sink_keys, self.sink_values))
-        return {"compressed": compressed, "full_precision": full}
-
-    def _fill_sink_and_window(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        sink_room = self.settings.sink_tokens - self.sink_keys.shape[-2]
-        if sink_room > 0 and self.compressed_length == 0 and self.keys.numel() == 0:
-            take = min(sink_room, key_states.shape[-2])
-            self.sink_keys = torch.cat([self.sink_keys, key_states[:, :, :take]], dim=-2)
-            self.sink_values = torch.cat([self.sink_values, value_states[:, :, :take]], dim=-2)
-            key_states, value_states = key_states[:, :, take:], value_states[:, :, take:]
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        return {"compressed": compressed, "full_precision": self._fk.nbytes + self._fv.nbytes}
 
     def _flush(self) -> None:
         """Compress the oldest window tokens once the window overflows (before adding new ones)."""
-        if self.keys.shape[-2] <= self.settings.window + self.settings.flush_every:
+        assert self._fk is not None and self._fv is not None
+        if self._fk.window <= self.settings.window + self.settings.flush_every:
             return
-        excess = self.keys.shape[-2] - self.settings.window
-        old_k, old_v = self.keys[:, :, :excess], self.values[:, :, :excess]
+        excess = self._fk.window - self.settings.window
+        window_k, window_v = self._fk.window_tokens, self._fv.window_tokens
         if self.compressed_length == 0:
-            self._init_offsets(self.keys, self.values)
-        assert self._key_quantizer is not None and self._value_quantizer is not None
+            self._init_offsets(window_k, window_v)
         assert self.key_codes is not None and self.value_codes is not None
+        old_k, old_v = window_k[:, :, :excess], window_v[:, :, :excess]
         k = old_k.float() - self.key_offset.unsqueeze(-2) if self.key_offset is not None else old_k
         v = old_v.float() - self.value_offset.unsqueeze(-2) if self.value_offset is not None else old_v
         correct = self.settings.norm_correction
-        self.key_codes.encode_append(k, self._key_quantizer, self.settings.backend, correct.keys and self.key_codes.config.variant is Variant.MSE)
-        self.value_codes.encode_append(v, self._value_quantizer, self.settings.backend, correct.values)
-        self.keys = self.keys[:, :, excess:].contiguous()
-        self.values = self.values[:, :, excess:].contiguous()
+        self.key_codes.encode_append(k, self.settings.backend, correct.keys and self.key_codes.config.variant is Variant.MSE)
+        self.value_codes.encode_append(v, self.settings.backend, correct.values)
+        self._fk.drop_oldest_window(excess)
+        self._fv.drop_oldest_window(excess)
 
     def _init_offsets(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         # Calibration-free: the per-head mean of the tokens seen so far (the prompt), fixed afterwards.
@@ -270,24 +387,24 @@ class TurboQuantLayer(DynamicLayer):
             self.value_offset = values.float().mean(dim=-2)
 
     def _apply_batch(self, fn: Any) -> None:
-        self.keys, self.values = fn(self.keys), fn(self.values)
-        self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
+        assert self._fk is not None and self._fv is not None
+        self._fk.apply(fn)
+        self._fv.apply(fn)
         if self.key_offset is not None:
             self.key_offset = fn(self.key_offset)
         if self.value_offset is not None:
             self.value_offset = fn(self.value_offset)
         if self.key_codes is not None and self.value_codes is not None and self.key_codes.buffer.tensors:
-            self.key_codes.buffer.apply(fn)
-            self.value_codes.buffer.apply(fn)
+            self.key_codes.apply(fn)
+            self.value_codes.apply(fn)
 
     def dequantized_history(self, full_keys: torch.Tensor, full_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All tokens in chronological order with the compressed part dequantized (fallback/debug only)."""
         ck, cv = self.compressed_keys(), self.compressed_values()
         if ck is None or cv is None:
             return full_keys, full_values
-        assert self._key_quantizer is not None and self._value_quantizer is not None
-        dk = self._key_quantizer.dequantize(ck)
-        dv = self._value_quantizer.dequantize(cv)
+        dk = TurboQuantizer.from_config(ck.config).dequantize(ck)
+        dv = TurboQuantizer.from_config(cv.config).dequantize(cv)
         if self.key_offset is not None:
             dk = dk + self.key_offset.unsqueeze(-2)
         if self.value_offset is not None:
@@ -432,10 +549,10 @@ def turboquant_attention(
         scaling = query.shape[-1] ** -0.5
     layer_idx = getattr(module, "layer_idx", None)
     layer = _PENDING.layers.pop(layer_idx, None) if layer_idx is not None else None
-    if layer is not None and key.shape[-2] != layer.sink_keys.shape[-2] + layer.keys.shape[-2]:
+    if layer is not None and key.shape[-2] != layer.full_length:
         raise TurboQuantError(
             f"layer {layer_idx}: attention got {key.shape[-2]} full-precision keys, the cache layer holds "
-            f"{layer.sink_keys.shape[-2] + layer.keys.shape[-2]}; was the cache updated without attending?"
+            f"{layer.full_length}; was the cache updated without attending?"
         )
     if layer is None or layer.compressed_length == 0:
         if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
@@ -445,12 +562,13 @@ def turboquant_attention(
     n = layer.compressed_length
     s = layer.sink_keys.shape[-2]
     mask = attention_mask
-    if mask is None:
+    if mask is None and query.shape[2] > 1:
         mask = _causal_mask(query.shape[2], n + key.shape[-2], query.device)
-    if mask.shape[-1] != n + key.shape[-2]:
-        raise TurboQuantError(f"attention mask covers {mask.shape[-1]} tokens, the cache holds {n + key.shape[-2]}")
-    # reorder columns to [compressed | sink | window] as the kernel expects
-    mask = torch.cat([mask[..., s : s + n], mask[..., :s], mask[..., s + n :]], dim=-1)
+    if mask is not None:  # None: one query token that sees every cached token (no padding)
+        if mask.shape[-1] != n + key.shape[-2]:
+            raise TurboQuantError(f"attention mask covers {mask.shape[-1]} tokens, the cache holds {n + key.shape[-2]}")
+        # reorder columns to [compressed | sink | window] as the kernels expect
+        mask = torch.cat([mask[..., s : s + n], mask[..., :s], mask[..., s + n :]], dim=-1)
     out = quantized_attention(
         query,
         layer.compressed_keys(),
@@ -473,8 +591,8 @@ def _causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
 
 
 def _turboquant_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
-    # Always build the explicit boolean mask: our attention needs it to address compressed columns.
-    kwargs["allow_is_causal_skip"] = False
+    # sdpa_mask returns None only for a mask without padding where every query sees every earlier
+    # token and itself (one query token, or no cache yet): the attention function handles both.
     return sdpa_mask(*args, **kwargs)
 
 

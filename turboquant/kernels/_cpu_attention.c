@@ -335,14 +335,21 @@ static void run_task(const ctx_t *c, int64_t task, float *scores, float *work) {
             }
         }
         float mx = -INFINITY;
-        for (int64_t i = 0; i < cnt; i++) mx = s[i] > mx ? s[i] : mx;
-        t_max[r] = mx;
+        int bad = 0; /* a NaN or +inf score makes softmax NaN, as in full-precision attention */
+        for (int64_t i = 0; i < cnt; i++) {
+            mx = s[i] > mx ? s[i] : mx;
+            bad |= (s[i] != s[i]) | (s[i] == INFINITY);
+        }
         float sum = 0.f;
-        if (mx == -INFINITY) {
+        if (bad) {
+            mx = sum = NAN;
+            for (int64_t i = 0; i < cnt; i++) s[i] = NAN;
+        } else if (mx == -INFINITY) {
             for (int64_t i = 0; i < cnt; i++) s[i] = 0.f;
         } else {
             sum = exp_sum(s, cnt, mx);
         }
+        t_max[r] = mx;
         t_sum[r] = sum;
         t_mass[r] = full_task ? 0.f : sum;
     }

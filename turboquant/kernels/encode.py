@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..codec import code_bytes
+from ..codec import code_bytes, encode
 from ..config import QuantizerConfig, TurboQuantError
-from ..quantizer import QuantizedVectors, TurboQuantizer
+from ..quantizer import QuantizedVectors
 
 
 def torch_quantize_into(
@@ -36,9 +36,9 @@ def torch_quantize_into(
         raise TurboQuantError(f"x {tuple(x.shape)} / codes {tuple(codes.shape)} do not match {config}")
     if start < 0 or start + t > codes.shape[-2]:
         raise TurboQuantError(f"writing {t} tokens at {start} overflows a buffer of {codes.shape[-2]}")
-    qv = TurboQuantizer.from_config(config).quantize(x)
-    codes[..., start : start + t, :] = qv.codes
-    norms[..., start : start + t] = qv.norms
+    enc = encode(x.float(), config)  # no input checks: non-finite vectors propagate (cache policy)
+    codes[..., start : start + t, :] = enc.codes
+    norms[..., start : start + t] = enc.norms
     return QuantizedVectors(config, codes[..., start : start + t, :], norms[..., start : start + t])
 
 
