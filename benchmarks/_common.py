@@ -7,6 +7,7 @@ package.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -20,6 +21,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    """An argument parser whose ``--help`` shows the script's docstring as written."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def machine_info() -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import sys
@@ -24,16 +25,20 @@ import torch
 from turboquant.kernels.tuning import DEFAULT_TUNING, TritonTuning
 
 from _common import log, machine_info, out_folder, write_json
+from _common import parser as parser_for  # the name "parser" is the local variable below
 
 
-def add_common_args(parser: argparse.ArgumentParser, tuning: bool = True) -> None:
-    """``--out`` (default ``$OUT`` or benchmarks/results) and, for kernel scripts, ``--tuning``."""
+def gpu_parser(doc: str | None, tuning: bool = True) -> argparse.ArgumentParser:
+    """The script's parser with ``--out`` (default ``$OUT`` or benchmarks/results) and, for kernel
+    scripts, ``--tuning``."""
+    parser = parser_for(doc)
     parser.add_argument("--out", type=Path, default=out_folder(), help="result folder (default: $OUT, else benchmarks/results)")
     if tuning:
         parser.add_argument(
             "--tuning", default="{}",
             help='JSON of TritonTuning fields to change from DEFAULT_TUNING, e.g. \'{"num_stages": 2, "maxnreg": 0}\'',
         )  # fmt: skip
+    return parser
 
 
 def tuning_from(overrides: str | dict[str, Any]) -> TritonTuning:
@@ -71,7 +76,7 @@ def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth in bytes/s (read + write) of a 2 GiB bf16 tensor."""
     src = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src))
+    ms = bench(functools.partial(dst.copy_, src))
     bw = 2 * src.numel() * src.element_size() / (ms * 1e-3)
     del src, dst
     torch.cuda.empty_cache()

@@ -281,6 +281,15 @@ def add_ppl_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix", type=int, default=1280)
     p.add_argument("--cont", type=int, default=256)
     p.add_argument("--base", default="", help='JSON overriding the TurboQuant base settings, e.g. \'{"sink_tokens": 4}\'')
+    p.add_argument("--quick", action="store_true", help="smoke run: one short window and a few configurations")
+
+
+def parse_ppl_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse; ``--quick`` shrinks the windows to one of 320 + 34 tokens."""
+    args = p.parse_args(argv)
+    if args.quick:
+        args.windows, args.prefix, args.cont = 1, 320, 34
+    return args
 
 
 def load_model(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:

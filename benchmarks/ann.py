@@ -49,7 +49,7 @@ import torch
 from turboquant import TurboQuantIndex
 
 import _faiss_peers as peers
-from _common import RESULTS, SHARED_DATA as DATA, machine_info, pyplot, save_figure, table, write_json
+from _common import RESULTS, SHARED_DATA as DATA, machine_info, parser, pyplot, save_figure, table, write_json
 
 
 # --------------------------------------------------------------------------- data
@@ -249,7 +249,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--sets", nargs="+", default=["brown", "synthetic1536"], choices=["brown", "synthetic1536"])
     p.add_argument("--bits", nargs="+", type=float, default=[1, 2, 3, 4, 2.5, 3.5])
     p.add_argument("--single", type=int, default=300, help="queries issued one by one for the single-query QPS")

@@ -50,8 +50,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from turboquant.codebook import PROD_UPPER, bounds, exact_mse, lloyd_max_codebook, mse_lower_bound, mse_upper_bound
-from turboquant.config import QuantizerConfig, Variant
+from turboquant.codebook import PROD_UPPER, bounds, exact_mse, mse_lower_bound, mse_upper_bound
+from turboquant.config import QuantizerConfig
 from turboquant.quantizer import TurboQuantizer
 
 from _common import RESULTS, SHARED_DATA, machine_info, pyplot, save_figure, table, write_json

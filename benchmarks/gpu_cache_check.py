@@ -14,13 +14,12 @@ Writes ``gpu_cache_check.json`` into ``--out`` (the committed H200 run is ``hf_c
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import torch
 
 from _common import log, machine_info, table
-from _gpu import Sections, add_common_args
+from _gpu import Sections, gpu_parser
 
 CASES = ((64, 4), (128, 4), (128, 3), (128, 2))  # head_dim, K and V bits
 
@@ -87,8 +86,7 @@ def run_checks(prompt: int, steps: int, device: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, tuning=False)
+    p = gpu_parser(__doc__, tuning=False)
     p.add_argument("--prompt", type=int, default=2048)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--device", default="cuda", help="cuda (the Triton path); cpu runs the torch path only")

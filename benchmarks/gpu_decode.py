@@ -21,8 +21,8 @@ Writes ``gpu_decode.json`` and ``gpu_decode.png`` into ``--out`` (the committed 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -36,7 +36,7 @@ from turboquant.codec import bytes_per_vector
 
 from _common import log, pyplot, save_figure, table
 from _gpu import (
-    Sections, TritonTuning, add_common_args, bench, bench_graph, copy_bandwidth, device_info, kernel_info,
+    Sections, TritonTuning, gpu_parser, bench, bench_graph, copy_bandwidth, device_info, kernel_info,
     load_baseline, tuning_from,
 )  # fmt: skip
 
@@ -89,12 +89,9 @@ def time_ours(b: int, n: int, kb: float, vb: float, tuning: TritonTuning | None,
     if impl is None:
         from turboquant.kernels.triton_attention import triton_quantized_attention
 
-        def fn() -> torch.Tensor:
-            return triton_quantized_attention(q, keys, values, None, None, D**-0.5, tuning=tuning)
+        fn = functools.partial(triton_quantized_attention, q, keys, values, None, None, D**-0.5, tuning=tuning)
     else:
-
-        def fn() -> torch.Tensor:
-            return impl.triton_quantized_attention(q, keys, values, None, None, D**-0.5)
+        fn = functools.partial(impl.triton_quantized_attention, q, keys, values, None, None, D**-0.5)
 
     fn()
     res = {"ms": bench(fn), "bytes": nbytes}
@@ -120,14 +117,14 @@ def time_sdpa(b: int, n: int, graph: bool = False) -> dict[str, Any]:
     f = torch.nn.functional.scaled_dot_product_attention
     res: dict[str, Any] = {"bytes": 2 * k.numel() * k.element_size()}
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        for key, fn in (("flash_folded", lambda: f(qf, k, v)), ("flash_gqa", lambda: f(q, k, v, enable_gqa=True))):
+        for key, fn in (("flash_folded", functools.partial(f, qf, k, v)), ("flash_gqa", functools.partial(f, q, k, v, enable_gqa=True))):
             try:
                 res[f"{key}_ms"] = bench(fn)
             except (RuntimeError, TypeError) as exc:
                 res[f"{key}_err"] = str(exc)[:200]
         if graph and "flash_folded_ms" in res:
             try:
-                res["graph_ms"] = bench_graph(lambda: f(qf, k, v))
+                res["graph_ms"] = bench_graph(functools.partial(f, qf, k, v))
             except Exception as exc:
                 log(f"graph capture failed: {str(exc)[:200]}")
     times = [res[key] for key in ("flash_folded_ms", "flash_gqa_ms") if key in res]
@@ -230,8 +227,7 @@ def summary(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
+    p = gpu_parser(__doc__)
     p.add_argument("--sweep", choices=sorted(SWEEPS), help="time these tuning variants first and use the fastest")
     p.add_argument("--graph", action="store_true", help="also time both methods as CUDA-graph replays")
     p.add_argument("--baseline", type=Path, help="a previous triton_attention.py to time side by side")

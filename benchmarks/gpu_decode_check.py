@@ -16,7 +16,6 @@ the Triton interpreter on small shapes: tests/test_kernels.py.)
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import contextlib
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ import torch
 from turboquant import QuantizerConfig
 
 from _common import log, table
-from _gpu import Sections, TritonTuning, add_common_args, device_info, tuning_from
+from _gpu import Sections, TritonTuning, gpu_parser, device_info, tuning_from
 
 CASES = [
     # d, kbits, vbits, G, B, N, W, L, extras
@@ -109,8 +108,7 @@ def run_check(tuning: TritonTuning) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
+    p = gpu_parser(__doc__)
     args = p.parse_args(argv)
     tuning = tuning_from(args.tuning)
     results: dict[str, Any] = {**device_info(), "tuning": dataclasses.asdict(tuning)}

@@ -16,7 +16,6 @@ Writes ``gpu_e2e.json`` into ``--out`` (the committed H200 runs are ``e2e`` and 
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any
 
@@ -26,7 +25,7 @@ from turboquant import KVCacheConfig
 from turboquant.codec import bytes_per_vector
 
 from _common import log, machine_info, table
-from _gpu import Sections, add_common_args
+from _gpu import Sections, gpu_parser
 
 KV_HEADS, HEAD_DIM = 8, 128
 BUDGET_GIB = 16
@@ -125,8 +124,7 @@ def run_e2e(batch: int, context: int, steps: int, device: str, tiny: bool) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, tuning=False)
+    p = gpu_parser(__doc__, tuning=False)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--steps", type=int, default=64)

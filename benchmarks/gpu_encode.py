@@ -15,7 +15,6 @@ Writes ``gpu_encode.json`` into ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 from types import ModuleType
@@ -28,7 +27,7 @@ from turboquant.codec import code_bytes, decode_mse
 from turboquant.quantizer import TurboQuantizer
 
 from _common import log, table
-from _gpu import Sections, TritonTuning, add_common_args, bench, copy_bandwidth, device_info, kernel_info, load_baseline, tuning_from
+from _gpu import Sections, TritonTuning, gpu_parser, bench, copy_bandwidth, device_info, kernel_info, load_baseline, tuning_from
 
 ROWS, TOKENS, D = 64, 32768, 128
 VARIANTS = [  # encode_block_t, encode_num_warps, encode_bucket, encode_programs_per_sm
@@ -86,8 +85,7 @@ def run_encode(base: TritonTuning, copy_bw: float, baseline: ModuleType | None) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
+    p = gpu_parser(__doc__)
     p.add_argument("--baseline", type=Path, help="a previous triton_encode.py to time side by side")
     args = p.parse_args(argv)
     tuning = tuning_from(args.tuning)

@@ -22,13 +22,12 @@ three rounds are ``ablation_round{1,2,3}`` in ``results/kv_quality.json``).
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS, log, pyplot, save_figure, write_json
-from _kv import Spec, add_deltas, add_ppl_args, load_model, parse_base, ppl_table, prepare_ppl, reusable_rows, run_ppl, tq_spec
+from _common import RESULTS, log, parser, pyplot, save_figure, write_json
+from _kv import Spec, add_deltas, add_ppl_args, load_model, parse_base, parse_ppl_args, ppl_table, prepare_ppl, reusable_rows, run_ppl, tq_spec
 
 
 def round_specs(round_: int, n_layers: int, base: dict[str, Any]) -> list[Spec]:
@@ -76,16 +75,13 @@ def plot_ablation(rows: list[dict], path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     add_ppl_args(p)
     p.add_argument("--round", dest="round_", type=int, default=1, choices=[1, 2, 3])
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 short window, the first 2 configurations")
     p.add_argument("--reuse", type=Path, help="take rows measured in an earlier kv_quality.py run (fp32 and '[base]' "
                    "rows of the same name and settings; same windows required) instead of re-running them")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="JSON path (default results/kv_ablation_round{N}.json)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.windows, args.prefix, args.cont = 1, 320, 34
+    args = parse_ppl_args(p, argv)
     out = args.out or RESULTS / f"kv_ablation_round{args.round_}{'_quick' if args.quick else ''}.json"
     base = parse_base(args.base)
     t_start = time.time()

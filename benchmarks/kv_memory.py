@@ -31,7 +31,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import gc
 import time
 from collections.abc import Callable
@@ -41,7 +40,7 @@ from typing import Any
 
 import torch
 
-from _common import RESULTS, machine_info, write_json
+from _common import RESULTS, machine_info, parser, write_json
 
 LAYER_0 = SimpleNamespace(layer_idx=0)  # stands for the attention module of layer 0 (all the hook reads)
 SHAPES = {"smollm2-135m": (9, 3, 64), "llama3-8b-like": (32, 8, 128)}
@@ -188,7 +187,7 @@ def measure(n: int, shape: str, device: torch.device, methods: set[str]) -> list
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--sizes", default="8192,32768,131072")
     p.add_argument("--shapes", default=",".join(SHAPES))

@@ -21,7 +21,6 @@ Writes ``benchmarks/results/kv_needle.json`` and ``.png`` (the committed run is 
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 
 import torch
 
-from _common import RESULTS, log, pyplot, save_figure, table, write_json
+from _common import RESULTS, log, parser, pyplot, save_figure, table, write_json
 from _kv import Spec, add_model_args, fill, hf_spec, load_model, prefill_kv, runnable, tq_spec
 
 # ----------------------------------------------------------------------------- needle in a haystack
@@ -204,18 +203,6 @@ def needle_specs() -> list[Spec]:
     return [Spec("fp32", "fp32"), tq_spec(4, 4), tq_spec(3, 3), tq_spec(3, 2), tq_spec(2, 2), hf_spec("quanto", 4), hf_spec("quanto", 2)]
 
 
-def needle_tables(nd: dict[str, Any]) -> str:
-    lengths = nd["lengths"]
-    parts = [(f"needle exact match ({nd['format']}, {nd['trials']} trials/length)", nd["rates"])]
-    if nd["format"] != "plain_space":
-        parts.append(("digit-restricted greedy answer exact match (retrieval without the answer-format choice)", nd["digits_rates"]))
-    if "mean_key_logprob" in nd:
-        parts.append(("mean teacher-forced log-prob of the pass key (nats; 0 = certain)", nd["mean_key_logprob"]))
-    return "\n\n".join(title + "\n" + table([[name, *(float(v[n]) for n in lengths)] for name, v in values.items()],
-                                            ["config", *map(str, lengths)], floatfmt=".2f")
-                       for title, values in parts)  # fmt: skip
-
-
 def plot_needle(nd: dict[str, Any], path: Path) -> None:
     plt = pyplot()
     if plt is None:
@@ -230,8 +217,20 @@ def plot_needle(nd: dict[str, Any], path: Path) -> None:
     save_figure(fig, path, dpi=120)
 
 
+def needle_tables(nd: dict[str, Any]) -> str:
+    lengths = nd["lengths"]
+    parts = [(f"needle exact match ({nd['format']}, {nd['trials']} trials/length)", nd["rates"])]
+    if nd["format"] != "plain_space":
+        parts.append(("digit-restricted greedy answer exact match (retrieval without the answer-format choice)", nd["digits_rates"]))
+    if "mean_key_logprob" in nd:
+        parts.append(("mean teacher-forced log-prob of the pass key (nats; 0 = certain)", nd["mean_key_logprob"]))
+    return "\n\n".join(title + "\n" + table([[name, *(float(v[n]) for n in lengths)] for name, v in values.items()],
+                                            ["config", *map(str, lengths)], floatfmt=".2f")
+                       for title, values in parts)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     add_model_args(p)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 trial at 384 tokens, fp32 and TQ K4/V2")
     p.add_argument("--trials", type=int, default=20)

@@ -21,15 +21,14 @@ Ablations are ``kv_ablation.py``, the needle test ``kv_needle.py``.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from _common import RESULTS, log, pyplot, save_figure, write_json
-from _kv import Spec, add_deltas, add_ppl_args, fill, hf_spec, load_model, parse_base, ppl_table, prepare_ppl, reusable_rows, run_ppl, runnable, score, tq_spec
+from _common import RESULTS, log, parser, pyplot, save_figure, write_json
+from _kv import Spec, add_deltas, add_ppl_args, fill, hf_spec, load_model, parse_base, parse_ppl_args, ppl_table, prepare_ppl, reusable_rows, run_ppl, runnable, score, tq_spec
 
 BIT_PAIRS = [(4, 4), (4, 3), (4, 2), (3, 3), (3.5, 2.5), (3, 2), (2.5, 2.5), (2, 2)]
 
@@ -99,18 +98,15 @@ def plot_ppl(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     add_ppl_args(p)
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 short window, 3 configurations")
     p.add_argument("--phases", default="ppl,check", help="ppl, check or both")
     p.add_argument("--reuse-hf", type=Path, help="take the HF QuantizedCache rows from this earlier JSON "
                    "(they do not depend on TurboQuant settings; same windows required) instead of re-running them")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="JSON path (default results/kv_quality.json, --quick: kv_quality_quick.json)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.windows, args.prefix, args.cont = 1, 320, 34
-        if args.phases == "ppl,check":
-            args.phases = "ppl"  # the token-by-token check alone takes minutes
+    args = parse_ppl_args(p, argv)
+    if args.quick and args.phases == "ppl,check":
+        args.phases = "ppl"  # the token-by-token check alone takes minutes
     out = args.out or RESULTS / ("kv_quality_quick.json" if args.quick else "kv_quality.json")
     base = parse_base(args.base)
     phases = set(args.phases.split(","))
