@@ -7,10 +7,12 @@ package.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,6 +21,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    """An argument parser whose ``--help`` shows the script's docstring as written."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def machine_info() -> dict[str, Any]:
@@ -45,6 +52,8 @@ def machine_info() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+    if "transformers" in sys.modules:  # recorded by the scripts that load a model
+        info["transformers"] = sys.modules["transformers"].__version__
     try:
         import faiss
 
@@ -67,11 +76,16 @@ def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> flo
     return statistics.median(times)
 
 
-def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
-    """A plain fixed-width text table (floats with 4 significant digits)."""
+def log(*args: Any) -> None:
+    """Print with a time stamp, flushed at once (long runs are followed through a log file)."""
+    print(time.strftime("%H:%M:%S"), *args, flush=True)
+
+
+def table(rows: Sequence[Sequence[Any]], headers: Sequence[str], floatfmt: str = ".4g") -> str:
+    """A plain fixed-width text table (floats formatted with ``floatfmt``)."""
 
     def cell(v: Any) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
+        return format(v, floatfmt) if isinstance(v, float) else str(v)
 
     cells = [[cell(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
@@ -87,6 +101,20 @@ def write_json(name: str, data: Any, folder: Path = RESULTS) -> Path:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
     os.replace(tmp, path)
+    return path
+
+
+def out_folder(default: Path = RESULTS) -> Path:
+    """Where results go: ``$OUT`` when set (the GPU machine collects files from there), else ``default``."""
+    return Path(os.environ["OUT"]) if os.environ.get("OUT") else default
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> Path:
+    """Write a matplotlib figure to ``path`` (folders created), close it and return the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
     return path
 
 

@@ -37,8 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,14 +46,10 @@ from typing import Any
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from turboquant import TurboQuantIndex
 
-from turboquant.index import TurboQuantIndex
-
-DATA = ROOT / ".." / "shared" / "data"
-RESULTS = ROOT / "benchmarks" / "results"
+import _faiss_peers as peers
+from _common import RESULTS, SHARED_DATA as DATA, machine_info, parser, pyplot, save_figure, table, write_json
 
 
 # --------------------------------------------------------------------------- data
@@ -179,8 +173,6 @@ def tq_methods(base: np.ndarray, bits: float, args: argparse.Namespace) -> list[
 
 
 def faiss_methods(base: np.ndarray, bits: float, tq_bytes: int, args: argparse.Namespace) -> list[Method]:
-    import _faiss_peers as peers
-
     dim = base.shape[1]
     search = lambda index, q, k: peers.search(index, q, k)[:2]
     size = lambda index: peers.bytes_per_vector(index)
@@ -215,26 +207,7 @@ def faiss_methods(base: np.ndarray, bits: float, tq_bytes: int, args: argparse.N
     return methods
 
 
-def machine() -> dict[str, Any]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import faiss
-
-    return {
-        "cpu": model, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "faiss_threads": faiss.omp_get_max_threads(), "python": platform.python_version(),
-        "torch": torch.__version__, "faiss": faiss.__version__, "numpy": np.__version__,
-        "loadavg_start": os.getloadavg(),
-    }  # fmt: skip
-
-
-def table(rows: list[dict]) -> str:
+def results_table(rows: list[dict]) -> str:
     cols = [
         "set",
         "method",
@@ -249,22 +222,12 @@ def table(rows: list[dict]) -> str:
     ]
     fmt = {"R1@1": "{:.3f}", "R1@10": "{:.3f}", "R10@10": "{:.4f}", "QPS_batch": "{:.0f}", "QPS_single": "{:.0f}",
            "build_s": "{:.2f}", "bytes_per_vector": "{:.0f}"}  # fmt: skip
-    body = [[fmt.get(c, "{}").format(r[c]) for c in cols] for r in rows]
-    try:
-        from tabulate import tabulate
-
-        return tabulate(body, headers=cols, tablefmt="github")
-    except ImportError:
-        return "\n".join(" | ".join(str(v) for v in line) for line in [cols, *body])
+    return table([[fmt.get(c, "{}").format(r[c]) for c in cols] for r in rows], cols)
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("matplotlib not installed: no plot")
         return
     sets = sorted({r["set"] for r in rows})
@@ -282,13 +245,11 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set(title=name, xlabel="bytes per vector", ylabel="recall 10@10", xscale="log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    print(f"wrote {save_figure(fig, path, dpi=120)}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--sets", nargs="+", default=["brown", "synthetic1536"], choices=["brown", "synthetic1536"])
     p.add_argument("--bits", nargs="+", type=float, default=[1, 2, 3, 4, 2.5, 3.5])
     p.add_argument("--single", type=int, default=300, help="queries issued one by one for the single-query QPS")
@@ -312,22 +273,20 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     torch.set_num_threads(args.threads)
-    try:
+    if peers.faiss_available():
         import faiss
 
         faiss.omp_set_num_threads(args.threads)
-    except ImportError:
+    else:
         args.no_faiss = True
-    info = machine() if not args.no_faiss else {"cpu": platform.processor(), "cpus": os.cpu_count()}
+    info = machine_info()
     print(f"machine: {info}")
     rows: list[dict] = []
     for set_name in args.sets:
         base, queries, gt = brown() if set_name == "brown" else synthetic(args.synthetic_n, args.synthetic_nq)
         print(f"\n== {set_name}: base {base.shape}, queries {queries.shape}", flush=True)
         if not args.no_faiss:
-            import _faiss_peers as peers
-
-            flat = Method("faiss-flat", 32, lambda base=base: _built(peers, peers.make_flat(base.shape[1]), base),
+            flat = Method("faiss-flat", 32, lambda base=base: _built(peers.make_flat(base.shape[1]), base),
                           lambda i, q, k: peers.search(i, q, k)[:2], peers.bytes_per_vector, slow=True)  # fmt: skip
             rows += [{"set": set_name, **r} for r in run_group([flat], queries, gt, args)]
         for bits in args.bits:
@@ -337,16 +296,13 @@ def main(argv: list[str] | None = None) -> None:
                 methods += faiss_methods(base, bits, tq_bytes, args)
             rows += [{"set": set_name, **r} for r in run_group(methods, queries, gt, args)]
     info["loadavg_end"] = os.getloadavg()
-    print("\n" + table(rows))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps({"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1)
-    )
-    print(f"wrote {args.out}")
+    print("\n" + results_table(rows))
+    args_json = {k: str(v) for k, v in vars(args).items()}
+    print(f"wrote {write_json(args.out.name, {'machine': info, 'args': args_json, 'rows': rows}, args.out.parent)}")
     plot(rows, args.out.with_suffix(".png"))
 
 
-def _built(peers: Any, index: Any, base: np.ndarray) -> Any:
+def _built(index: Any, base: np.ndarray) -> Any:
     peers.build(index, base)
     return index
 

@@ -40,7 +40,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -51,9 +50,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from turboquant.codebook import PROD_UPPER, bounds, exact_mse, lloyd_max_codebook, mse_lower_bound, mse_upper_bound
-from turboquant.config import QuantizerConfig, Variant
+from turboquant.codebook import PROD_UPPER, bounds, exact_mse, mse_lower_bound, mse_upper_bound
+from turboquant.config import QuantizerConfig
 from turboquant.quantizer import TurboQuantizer
+
+from _common import RESULTS, SHARED_DATA, machine_info, pyplot, save_figure, table, write_json
 
 Quantizers = TurboQuantizer | Sequence[TurboQuantizer]
 
@@ -371,27 +372,6 @@ def _quantizers(dim: int, bits: float, variant: str, seeds: Sequence[int], rotat
     return [TurboQuantizer.from_config(_config(dim, bits, variant, rotation, s)) for s in seeds]
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU model, core count, torch threads and load average (printed with every table)."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return {
-        "cpu": model,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "load_avg_1_5_15": [round(v, 2) for v in load],
-    }
-
-
 def _limit_blas_threads(threads: int) -> str:
     """Best effort: cap NumPy's BLAS/LAPACK threads (the Haar rotation's QR runs there).
 
@@ -600,19 +580,6 @@ def _bench_rotations(s: _Settings, real: np.ndarray | None, log: Any) -> list[di
     return rows
 
 
-def _tabulate(rows: list[list[Any]], headers: list[str]) -> str:
-    try:
-        from tabulate import tabulate
-
-        return tabulate(rows, headers=headers, floatfmt=".5g")
-    except ImportError:
-        widths = [max(len(str(h)), *(len(f"{r[i]:.5g}" if isinstance(r[i], float) else str(r[i])) for r in rows)) for i, h in enumerate(headers)]
-        fmt = lambda v, w: (f"{v:.5g}" if isinstance(v, float) else str(v)).rjust(w)
-        lines = ["  ".join(str(h).rjust(w) for h, w in zip(headers, widths))]
-        lines += ["  ".join(fmt(v, w) for v, w in zip(r, widths)) for r in rows]
-        return "\n".join(lines)
-
-
 def _pct(v: float) -> str:
     return f"{100 * v:+.2f}%"
 
@@ -626,7 +593,7 @@ def format_tables(result: dict[str, Any]) -> str:
     out = []
     headers = ["d", "bits", "var", "MSE", "exact", "rel", "±CI", "seed0", "lower", "upper", "d·D_ip", "exact", "prod upper", "bias ± CI", "rel bias", "theory", "0∈CI"]
 
-    def table(rows: list[dict[str, Any]]) -> str:
+    def grid(rows: list[dict[str, Any]]) -> str:
         body = []
         for r in rows:
             b = r["bias"]
@@ -638,18 +605,18 @@ def format_tables(result: dict[str, Any]) -> str:
                 f"{r['ip']['upper_bound']:.4g}" if r["variant"] == "prod" else "-",
                 _pm(b["bias"]), _pct(b["relative_bias"]), _pct(b["theory_relative"]), "yes" if b["bias_zero_in_ci"] else "NO",
             ])
-        return _tabulate(body, headers)
+        return table(body, headers, floatfmt=".5g")
 
     out.append("MSE = E‖x−x̂‖²/‖x‖² (mean and 95% CI over quantizer seeds; 'seed0' = one fixed quantizer on all the data),")
     out.append("exact = Lloyd-Max cost (prod: D_mse(b−1)·(π/2 − 1/d)), lower/upper = 4^-b / (√3π/2)·4^-b;")
     out.append("d·D_ip = d·E[(<y,x> − est)²]/E‖y‖² for independent y (theory = exact MSE; prod upper = √3π²·4^-b, lower 4^-b);")
     out.append("bias = E[est − <y,x>] for correlated y (95% CI over seeds); rel bias = bias / E<y,x> (mse theory −D_mse, prod 0)")
     out.append("\nRandom unit vectors, hadamard rotation")
-    out.append(table(result["random"]))
+    out.append(grid(result["random"]))
     if result.get("real"):
         real = result["real"]
         out.append(f"\nReal embeddings {real['data']} (d={real['dim']}, {real['n_sampled']} of {real['n_base']} base rows; bias over {real['n_bias_pairs']} query × top-10 pairs)")
-        out.append(table(real["rows"]))
+        out.append(grid(real["rows"]))
     if result.get("rotation"):
         body = [
             [r["dim"], _fmt_bits(r["bits"]), r["input"], r["n"], r["exact"], _pct(r["hadamard"]["rel_err"]), f"{100 * r['hadamard']['rel_ci95']:.2f}%",
@@ -657,7 +624,7 @@ def format_tables(result: dict[str, Any]) -> str:
             for r in result["rotation"]
         ]
         out.append("\nRotation: MSE relative to the exact Lloyd-Max cost (95% CI over seeds), mse variant")
-        out.append(_tabulate(body, ["d", "bits", "input", "n", "exact", "hadamard", "±CI", "haar", "±CI"]))
+        out.append(table(body, ["d", "bits", "input", "n", "exact", "hadamard", "±CI", "haar", "±CI"], floatfmt=".5g"))
     out.append("\nSummary: " + json.dumps(result["summary"]))
     return "\n".join(out)
 
@@ -691,12 +658,8 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
 
 def plot(result: dict[str, Any], path: Path) -> bool:
     """Write the 4-panel PNG; returns False (with a message) when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("matplotlib is not installed: skipping the PNG (pip install matplotlib)", file=sys.stderr)
         return False
     rand = result["random"]
@@ -761,15 +724,8 @@ def plot(result: dict[str, Any], path: Path) -> bool:
         ax.set_title(f"Hadamard vs Haar at {_fmt_bits(rot[0]['bits'])} bits (structured inputs)")
         ax.legend(fontsize=8)
     fig.suptitle(f"turboquant distortion ({result['machine']['cpu']})", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
-
-
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parents[1]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -797,7 +753,7 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     result: dict[str, Any] = {"machine": machine_info(), "settings": asdict(s), "quick": bool(args.quick)}
     log(f"turboquant distortion on {result['machine']['cpu']} ({result['machine']['torch_threads']} torch threads)")
     result["random"] = _bench_random(s, log)
-    data_dir = args.data if args.data is not None else _repo_root().parent / "shared" / "data"
+    data_dir = args.data if args.data is not None else SHARED_DATA
     real = None
     if not args.no_real:
         result["real"] = _bench_real(s, data_dir, log)
@@ -817,12 +773,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     blas = _limit_blas_threads(max(1, args.threads))
-    out_dir = args.out if args.out is not None else _repo_root() / "benchmarks" / "results"
+    out_dir = args.out if args.out is not None else RESULTS
     result = run(args)
     result["machine"]["numpy_blas_threads"] = blas
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "distortion.json"
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    json_path = write_json("distortion.json", result, out_dir)
     print()
     print(format_tables(result))
     print(f"\nwrote {json_path}")

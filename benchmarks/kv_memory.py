@@ -31,19 +31,18 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
-import os
-import platform
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from _common import RESULTS, machine_info, parser, write_json
+
+LAYER_0 = SimpleNamespace(layer_idx=0)  # stands for the attention module of layer 0 (all the hook reads)
 SHAPES = {"smollm2-135m": (9, 3, 64), "llama3-8b-like": (32, 8, 128)}
 
 
@@ -87,13 +86,16 @@ def peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> tuple[int, 
 
 
 def build_tq_layer(n: int, hkv: int, d: int, key_bits: float, value_bits: float, variant: str, device: torch.device):
-    from turboquant.cache import KVCacheConfig, TurboQuantLayer
+    from turboquant import KVCacheConfig
+    from turboquant.cache import TurboQuantLayer
 
     settings = KVCacheConfig(key_bits=key_bits, value_bits=value_bits, key_variant=variant, window=128, flush_every=32)
-    layer = TurboQuantLayer(settings)  # no owner: always the codes path
+    # no owner: always the codes path; layer index 0 hands it to the attention function (LAYER_0)
+    layer = TurboQuantLayer(settings, layer_idx=0)
     g = torch.Generator(device="cpu").manual_seed(0)
-    k = torch.randn(1, hkv, n + 128, d, generator=g).to(device)
-    v = torch.randn(1, hkv, n + 128, d, generator=g).to(device)
+    full = settings.window + settings.sink_tokens  # tokens that stay in full precision
+    k = torch.randn(1, hkv, n + full, d, generator=g).to(device)
+    v = torch.randn(1, hkv, n + full, d, generator=g).to(device)
     layer.update(k, v)
     del k, v
     layer.update(torch.randn(1, hkv, 1, d, device=device), torch.randn(1, hkv, 1, d, device=device))  # flushes N tokens
@@ -141,7 +143,7 @@ def measure(n: int, shape: str, device: torch.device, methods: set[str]) -> list
                 k, v = layer.update(new_k, new_v)
                 total = layer.get_seq_length()
                 mask = torch.ones(1, 1, 1, total, dtype=torch.bool, device=device)
-                return turboquant_attention(None, q, k, v, mask, scaling)[0]  # type: ignore[arg-type]
+                return turboquant_attention(LAYER_0, q, k, v, mask, scaling)[0]  # type: ignore[arg-type]
 
             peak, wall = peak_extra_bytes(step, device)
             layer.crop(-1)
@@ -185,7 +187,7 @@ def measure(n: int, shape: str, device: torch.device, methods: set[str]) -> list
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--sizes", default="8192,32768,131072")
     p.add_argument("--shapes", default=",".join(SHAPES))
@@ -207,28 +209,18 @@ def main(argv: list[str] | None = None) -> None:
     for shape in args.shapes.split(","):
         for n in (int(x) for x in args.sizes.split(",")):
             rows += measure(n, shape, device, methods)
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import transformers
-
     out = {
         "what": "peak bytes allocated during one decode step (1 query token) of one attention layer, above the bytes "
                 "live before the step; batch 1, window 128 full-precision tokens + N compressed",
         "measurement": "torch.cuda.max_memory_allocated" if device.type == "cuda" else
                        "torch.profiler(profile_memory=True) allocation events replayed in time order",
         "shapes": {k: {"q_heads": v[0], "kv_heads": v[1], "head_dim": v[2]} for k, v in SHAPES.items()},
-        "machine": {"cpu": cpu, "device": str(device), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "transformers": transformers.__version__, "python": platform.python_version()},
+        "machine": {**machine_info(), "device": str(device)},
         "rows": rows,
         "total_wall_s": round(time.time() - t0, 1),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"-> {args.out}")
+    print(f"-> {write_json(Path(args.out).name, out, Path(args.out).parent)}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -30,51 +30,34 @@ from typing import Any
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from turboquant import QuantizerConfig, TurboQuantizer
+from turboquant import QuantizerConfig
 from turboquant.codebook import lloyd_max_codebook
-from turboquant.distortion import machine_info
+from turboquant.quantizer import TurboQuantizer
+
+from _common import RESULTS, machine_info, table, write_json
+from _faiss_peers import faiss_available, make_tq_mse
 
 
-def _faiss_builder() -> tuple[Any, Callable[[int, int, int], Any]]:
-    """``(faiss module, build(dim, bits, seed) -> trained index)``; prefers benchmarks/_faiss_peers.py."""
-    import faiss
-
-    try:  # the shared FAISS builders of the peer benchmarks, when present
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from _faiss_peers import make_tq_mse  # type: ignore[import-not-found]
-    except ImportError:
-        make_tq_mse = None
-
-    def build(dim: int, bits: int, seed: int) -> Any:
-        if make_tq_mse is not None:
-            index = make_tq_mse(dim, bits, "ip", seed=seed)
-        else:
-            rotation = faiss.RandomRotationMatrix(dim, dim)
-            rotation.init(seed)
-            qtype = getattr(faiss.ScalarQuantizer, f"QT_{bits}bit_tqmse")
-            index = faiss.IndexPreTransform(rotation, faiss.IndexScalarQuantizer(dim, qtype, faiss.METRIC_INNER_PRODUCT))
-        # tqmse's codebook needs no data, but the index (and its rotation) must be trained once
-        index.train(np.random.default_rng(seed).standard_normal((1, dim)).astype(np.float32))
-        return index
-
-    return faiss, build
+def build_faiss(dim: int, bits: int, seed: int) -> Any:
+    """FAISS ``QT_{bits}bit_tqmse`` behind a random rotation, trained once (its codebook needs no
+    data, but the index and its rotation must be trained)."""
+    index = make_tq_mse(dim, bits, "ip", seed=seed)
+    index.train(np.random.default_rng(seed).standard_normal((1, dim)).astype(np.float32))
+    return index
 
 
 def _median_rate(times: list[float], n: int) -> float:
     return n / statistics.median(times)
 
 
-def bench_config(dim: int, bits: int, n: int, runs: int, faiss_mod: Any, build: Callable, seed: int = 0) -> dict[str, Any]:
+def bench_config(dim: int, bits: int, n: int, runs: int, seed: int = 0) -> dict[str, Any]:
     """Correctness check, then interleaved timings of encode and decode (vectors/s, medians)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=-1)
     xn = x.numpy()
     ours = TurboQuantizer.from_config(QuantizerConfig(dim=dim, bits=bits))
     ours_haar = TurboQuantizer.from_config(QuantizerConfig(dim=dim, bits=bits, rotation="haar"))
-    index = build(dim, bits, seed + 1)
+    index = build_faiss(dim, bits, seed + 1)
     exact = lloyd_max_codebook(dim, bits).unit_vector_mse
 
     # correctness before timing: both round trips must reach the Lloyd-Max cost
@@ -132,13 +115,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
             f"{r['vectors_per_s']['encode_ours_haar']:,.0f}",
         ]
         for r in rows
-    ]
-    try:
-        from tabulate import tabulate
-
-        return tabulate(body, headers=headers, stralign="right")
-    except ImportError:
-        return "\n".join("  ".join(str(c) for c in row) for row in [headers, *body])
+    ]  # fmt: skip
+    return table(body, headers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,27 +127,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=7, help="timed runs per measurement (median reported; ≥ 5)")
     p.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default: 1 and all cores)")
     p.add_argument("--quick", action="store_true", help="small n, 5 runs")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "throughput.json")
     args = p.parse_args(argv)
-    try:
-        faiss_mod, build = _faiss_builder()
-    except ImportError:
+    if not faiss_available():
         print("faiss-cpu is not installed (pip install 'faiss-cpu>=1.15'): nothing to compare with", file=sys.stderr)
         return 1
     cores = torch.get_num_threads()
     threads = args.threads or sorted({1, cores})
     runs = max(5, 5 if args.quick else args.runs)
     rows = []
+    import faiss
+
     info = machine_info()
-    info["faiss"] = faiss_mod.__version__
-    print(f"turboquant vs FAISS {faiss_mod.__version__} on {info['cpu']} ({info['cpu_count']} cores), load {info['load_avg_1_5_15']}")
+    print(f"turboquant vs FAISS {faiss.__version__} on {info['cpu']} ({info['cpu_count']} cores), load {info['load_avg_1_5_15']}")
     for t in threads:
         torch.set_num_threads(t)
-        faiss_mod.omp_set_num_threads(t)
+        faiss.omp_set_num_threads(t)
         for dim in args.dims:
             n = args.n or ((8192 if args.quick else 65536) if dim <= 256 else (1024 if args.quick else 8192))
             for bits in args.bits:
-                row = bench_config(dim, bits, n, runs, faiss_mod, build)
+                row = bench_config(dim, bits, n, runs)
                 row["threads"] = t
                 rows.append(row)
                 print(
@@ -189,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     print(_table(rows))
     print(f"\nmedians of {runs} interleaved runs; machine: {info['cpu']}, {info['cpu_count']} cores, load {info['load_avg_1_5_15']} -> {info['load_avg_after']}")
     print("target:", json.dumps(summary))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": info, "quick": args.quick, "summary": summary, "rows": rows}, indent=1) + "\n")
+    write_json(args.out.name, {"machine": info, "quick": args.quick, "summary": summary, "rows": rows}, args.out.parent)
     print(f"wrote {args.out}")
     return 0
 
