@@ -307,12 +307,12 @@ def test_prmt3_decoder_is_bit_exact(d) -> None:
 @pytest.mark.parametrize("bits", [4, 3, 2.5])
 def test_cache_buffer_fused_encode_matches_torch(bits: float) -> None:
     """The KV cache's flush writes codes in place through the fused encode; growth keeps old codes."""
-    from turboquant.cache import _Codes
+    from turboquant.kvstore import KVCodes
 
     cfg = QuantizerConfig(64, bits, norm_dtype="float16")
     gen = torch.Generator().manual_seed(7)
     chunks = [torch.randn(2, 3, t, 64, generator=gen).to(DEVICE) for t in (40, 1, 250)]  # crosses the 256 growth step
-    fused, reference = _Codes(cfg), _Codes(cfg)
+    fused, reference = KVCodes(cfg), KVCodes(cfg)
     for x in chunks:
         fused.encode_append(x, "triton", norm_correction=False)
         reference.encode_append(x, "torch", norm_correction=False)

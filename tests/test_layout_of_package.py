@@ -20,8 +20,8 @@ LAYERS = {
     "quantizer": 3,
     "io": 4, "fastscan": 4,
     "kernels": 5,
-    "index": 6, "cache": 6,
-    "sharded": 7,
+    "index": 6, "kvstore": 6,
+    "cache": 7, "sharded": 7,
     "cli": 8, "demo": 8,
 }  # fmt: skip
 

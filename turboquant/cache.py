@@ -30,15 +30,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import replace
 from typing import Any
 
 import torch
 
-from .buffers import GrowableBuffer
-from .codec import bytes_per_vector, code_bytes, encode
-from .config import KVCacheConfig, QuantizerConfig, TurboQuantError, Variant, replace_fields
-from .kernels import quantize_into, quantized_attention
+from .codec import bytes_per_vector
+from .config import KVCacheConfig, TurboQuantError, Variant, replace_fields
+from .kernels import quantized_attention
+from .kvstore import FullPrecisionKV, KVCodes
 from .quantizer import QuantizedVectors, TurboQuantizer
 
 try:
@@ -51,7 +50,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
 logger = logging.getLogger(__name__)
 
 ATTENTION_NAME = "turboquant"
-_TOKEN_AXIS = 2  # [B, H, T, ...]
 
 
 class _PendingLayers(threading.local):
@@ -67,142 +65,6 @@ class _PendingLayers(threading.local):
 
 
 _PENDING = _PendingLayers()
-
-
-class _Codes:
-    """Packed codes of one tensor (keys or values) of a layer along the token axis.
-
-    Non-finite keys or values are stored as they come (their norms are NaN or Inf): like the
-    full-precision cache, they make that sequence's attention output non-finite and leave the
-    other sequences of the batch untouched. Norms that would overflow float16 storage promote this
-    tensor's norms to float32 (one warning), instead of failing in the middle of a forward.
-    """
-
-    def __init__(self, config: QuantizerConfig) -> None:
-        self.config = config
-        self.buffer = GrowableBuffer(axis=_TOKEN_AXIS, min_capacity=256)
-        self._view: QuantizedVectors | None = None
-
-    @property
-    def length(self) -> int:
-        return self.buffer.length
-
-    def encode_append(self, x: torch.Tensor, backend: Any, norm_correction: bool) -> None:
-        """Quantize ``x [B, H, T, d]`` straight into the buffer (fused Triton encode on CUDA).
-
-        MSE codes are written in place by :func:`~turboquant.kernels.quantize_into`; prod codes
-        (QJL fields) are encoded by :func:`turboquant.codec.encode` and copied in.
-        """
-        self._view = None
-        self._fit_norms(x)
-        norm_dtype = getattr(torch, self.config.norm_dtype)
-        if self.config.variant is not Variant.MSE:
-            enc = encode(x.float(), self.config)
-            parts = {"codes": enc.codes, "norms": enc.norms.to(norm_dtype), "qjl": enc.qjl, "residual_norms": enc.residual_norms}
-            self.buffer.append({k: v.to(norm_dtype) if k == "residual_norms" else v for k, v in parts.items() if v is not None})
-            return
-        b, h, t, _ = x.shape
-        self.buffer.reserve(self.length + t, {
-            "codes": ((b, h, t, code_bytes(self.config)), torch.uint8, x.device),
-            "norms": ((b, h, t), norm_dtype, x.device),
-        })  # fmt: skip
-        tensors = self.buffer.tensors
-        quantize_into(x, self.config, tensors["codes"], tensors["norms"], self.length, backend=backend, norm_correction=norm_correction)
-        self.buffer.advance(t)
-
-    def _fit_norms(self, x: torch.Tensor) -> None:
-        if self.config.norm_dtype != "float16":
-            return
-        # ‖x‖/‖ŷ‖ (norm correction) can exceed ‖x‖ by the reconstruction's shrinkage: keep 4x headroom
-        norms = torch.linalg.vector_norm(x.float(), dim=-1)
-        limit = torch.finfo(torch.float16).max / 4
-        if not bool((norms[torch.isfinite(norms)] > limit).any()):
-            return
-        logger.warning("turboquant: KV norms above %.0f do not fit float16; storing this layer's norms in float32", limit)
-        self.config = replace(self.config, norm_dtype="float32")
-        self.buffer.apply(lambda t: t.float() if t.is_floating_point() else t)
-
-    def view(self) -> QuantizedVectors:
-        if self._view is None:  # rebuilt only when the codes change (decode steps reuse it)
-            t = self.buffer.views()
-            self._view = QuantizedVectors(self.config, t["codes"], t["norms"], t.get("qjl"), t.get("residual_norms"))
-        return self._view
-
-    def apply(self, fn: Any) -> None:
-        self._view = None
-        self.buffer.apply(fn)
-
-    def truncate(self, length: int) -> None:
-        self._view = None
-        self.buffer.truncate(length)
-
-    @property
-    def nbytes(self) -> int:
-        return self.buffer.nbytes
-
-
-class _FullPrecision:
-    """The full-precision tokens of one tensor (keys or values): ``[sink | window]`` in one buffer.
-
-    New tokens are copied into a preallocated ``[B, H, capacity, d]`` buffer (grown geometrically
-    for long prompts); ``tokens`` is a view of the filled part, in chronological order.
-    """
-
-    def __init__(self, like: torch.Tensor) -> None:
-        self.data = like[:, :, :0]
-        self.sink = 0
-        self.window = 0
-
-    @property
-    def length(self) -> int:
-        return self.sink + self.window
-
-    @property
-    def tokens(self) -> torch.Tensor:
-        return self.data[:, :, : self.length]
-
-    @property
-    def sink_tokens(self) -> torch.Tensor:
-        return self.data[:, :, : self.sink]
-
-    @property
-    def window_tokens(self) -> torch.Tensor:
-        return self.data[:, :, self.sink : self.length]
-
-    def append(self, x: torch.Tensor, to_sink: int, spare: int) -> None:
-        """Append ``x [B, H, L, d]``, its first ``to_sink`` tokens to the sink; keep ``spare`` free slots."""
-        need = self.length + x.shape[2]
-        if need > self.data.shape[2]:
-            grown = x.new_empty((*x.shape[:2], max(need + spare, 2 * self.data.shape[2]), x.shape[3]))
-            grown[:, :, : self.length] = self.tokens
-            self.data = grown
-        self.data[:, :, self.length : need] = x
-        self.sink += to_sink
-        self.window += x.shape[2] - to_sink
-
-    def drop_oldest_window(self, count: int) -> None:
-        """Forget the ``count`` oldest window tokens (after they were compressed)."""
-        keep = self.window - count
-        start = self.sink
-        # source and destination overlap: copy through a temporary
-        self.data[:, :, start : start + keep] = self.data[:, :, start + count : start + self.window].clone()
-        self.window = keep
-
-    def crop(self, remove: int) -> int:
-        """Remove up to ``remove`` newest tokens from the window; returns how many were removed."""
-        removed = min(remove, self.window)
-        self.window -= removed
-        return removed
-
-    def crop_sink(self, remove: int) -> None:
-        self.sink -= min(remove, self.sink)
-
-    def apply(self, fn: Any) -> None:
-        self.data = fn(self.tokens)
-
-    @property
-    def nbytes(self) -> int:
-        return self.tokens.numel() * self.data.element_size()
 
 
 class TurboQuantLayer(DynamicLayer):
@@ -222,12 +84,12 @@ class TurboQuantLayer(DynamicLayer):
         self.settings = settings
         self.owner = owner
         self.layer_idx = layer_idx
-        self.key_codes: _Codes | None = None
-        self.value_codes: _Codes | None = None
+        self.key_codes: KVCodes | None = None
+        self.value_codes: KVCodes | None = None
         self.key_offset: torch.Tensor | None = None
         self.value_offset: torch.Tensor | None = None
-        self._fk: _FullPrecision | None = None
-        self._fv: _FullPrecision | None = None
+        self._fk: FullPrecisionKV | None = None
+        self._fv: FullPrecisionKV | None = None
 
     # views kept as attributes of the transformers layer API
     @property  # type: ignore[override]
@@ -267,9 +129,9 @@ class TurboQuantLayer(DynamicLayer):
             raise TurboQuantError(f"keys and values must share head_dim, got {key_states.shape[-1]} and {value_states.shape[-1]}")
         self.dtype, self.device = key_states.dtype, key_states.device
         key_cfg, value_cfg = self.settings.quantizer_configs(key_states.shape[-1])
-        self.key_codes = _Codes(key_cfg)
-        self.value_codes = _Codes(value_cfg)
-        self._fk, self._fv = _FullPrecision(key_states), _FullPrecision(value_states)
+        self.key_codes = KVCodes(key_cfg)
+        self.value_codes = KVCodes(value_cfg)
+        self._fk, self._fv = FullPrecisionKV(key_states), FullPrecisionKV(value_states)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:

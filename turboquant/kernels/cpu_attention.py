@@ -53,10 +53,10 @@ import torch
 
 from ..codebook import codebook_tensors
 from ..codec import byte_table, layout
-from ..config import QuantizerConfig, TurboQuantError, Variant, cache_dir
+from ..config import QuantizerConfig, Variant, cache_dir
 from ..quantizer import QuantizedVectors
 from ..rotation import make_rotation
-from .reference import DEFAULT_CHUNK, torch_quantized_attention
+from .reference import DEFAULT_CHUNK, attention_shapes, torch_quantized_attention
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +218,7 @@ def _codes_args(qv: QuantizedVectors, b: int, h: int, n: int) -> tuple[list[int]
     return ints, codes, norms
 
 
+# Same signature as kernels.reference.torch_quantized_attention (the specification).
 def cpu_quantized_attention(
     query: torch.Tensor,
     keys: QuantizedVectors | None,
@@ -230,34 +231,12 @@ def cpu_quantized_attention(
     value_offset: torch.Tensor | None = None,
     chunk: int = DEFAULT_CHUNK,
 ) -> torch.Tensor:
-    """Attention of ``query`` over compressed tokens followed by full-precision tokens (CPU).
+    """Attention of ``query`` over compressed tokens followed by full-precision tokens (CPU, compiled C).
 
-    Same contract as :func:`~turboquant.kernels.reference.torch_quantized_attention`:
-
-    Args:
-        query: ``[B, Hq, L, d]`` (any float dtype; computed in float32).
-        keys, values: compressed history, batch shape ``[B, Hkv, N]`` (or None when N = 0).
-        full_keys, full_values: ``[B, Hkv, W, d]`` full-precision tokens (or None).
-        scaling: softmax scale (usually ``d**-0.5``).
-        mask: additive float or boolean (True = attend) mask broadcastable to
-            ``[B, Hq, L, N + W]``; columns are the N compressed tokens, then the W
-            full-precision tokens.
-        key_offset, value_offset: ``[B, Hkv, d]`` offsets subtracted before quantization.
-        chunk: used only by the reference fallback.
-
-    Returns:
-        ``[B, Hq, L, d]`` in ``query.dtype``. Rows whose every column is masked are 0.
+    Arguments, shapes and result as :func:`~turboquant.kernels.reference.torch_quantized_attention`
+    (``chunk`` is used only by the reference fallback for inputs the kernel does not cover).
     """
-    b, hq, l, d = query.shape
-    n = 0 if keys is None else keys.shape[-1]
-    w = 0 if full_keys is None else full_keys.shape[-2]
-    if n == 0 and w == 0:
-        raise TurboQuantError("attention over an empty cache")
-    hkv = keys.shape[1] if keys is not None and n else full_keys.shape[1]  # type: ignore[union-attr]
-    if hq % hkv:
-        raise TurboQuantError(f"query heads {hq} are not a multiple of key/value heads {hkv}")
-    if mask is not None and mask.shape[-1] != n + w:
-        raise TurboQuantError(f"mask covers {mask.shape[-1]} keys, the cache holds {n + w}")
+    b, hq, l, d, n, w, hkv = attention_shapes(query, keys, values, full_keys, mask)
     if not _supported(query, keys, values, hkv):
         return torch_quantized_attention(
             query, keys, values, full_keys, full_values, scaling, mask, key_offset, value_offset, chunk

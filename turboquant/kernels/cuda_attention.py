@@ -47,7 +47,7 @@ from ..config import QuantizerConfig, TurboQuantError, Variant, cache_dir
 from ..quantizer import QuantizedVectors
 from ..rotation import make_rotation
 from .layout import num_sms
-from .reference import DEFAULT_CHUNK, torch_quantized_attention
+from .reference import DEFAULT_CHUNK, attention_shapes, torch_quantized_attention
 from .tuning import DEFAULT_CUDA_TUNING, DEFAULT_TUNING, CudaTuning
 
 LOG2E = 1.4426950408889634
@@ -314,6 +314,7 @@ def _fallback(*args: Any) -> torch.Tensor:
     return torch_quantized_attention(*args)
 
 
+# Same signature as kernels.reference.torch_quantized_attention (the specification).
 def cuda_quantized_attention(
     query: torch.Tensor,
     keys: QuantizedVectors | None,
@@ -330,21 +331,9 @@ def cuda_quantized_attention(
 ) -> torch.Tensor:
     """Attention over compressed tokens then full-precision tokens, with the warp-level CUDA kernel.
 
-    Same arguments, shapes and result as
-    :func:`~turboquant.kernels.reference.torch_quantized_attention` (``chunk`` is ignored).
-    Inputs the kernel does not cover (see :func:`cuda_supports`) go to the Triton kernel.
-
-    Args:
-        query: ``[B, Hq, L, d]``.
-        keys, values: batch shape ``[B, Hkv, N]`` (views of preallocated cache buffers are fine).
-        full_keys, full_values: ``[B, Hkv, W, d]`` or None.
-        scaling: softmax scale.
-        mask: additive float or boolean mask broadcastable to ``[B, Hq, L, N + W]``.
-        key_offset, value_offset: ``[B, Hkv, d]`` or None.
-        tuning: launch parameters (:class:`~turboquant.kernels.tuning.CudaTuning`).
-
-    Returns:
-        ``[B, Hq, L, d]`` in ``query.dtype``.
+    Arguments, shapes and result as :func:`~turboquant.kernels.reference.torch_quantized_attention`
+    (``chunk`` is ignored), plus ``tuning`` (:class:`~turboquant.kernels.tuning.CudaTuning`). Inputs
+    the kernel does not cover (see :func:`cuda_supports`) go to the Triton kernel.
     """
     args = (query, keys, values, full_keys, full_values, scaling, mask, key_offset, value_offset, chunk)
     if not cuda_supports(query, keys, values, full_keys, full_values):
@@ -353,17 +342,10 @@ def cuda_quantized_attention(
     mod = _module(query.device, tune)
     if mod is None:
         return _fallback(*args)
-    from .triton_attention import combine_partials
+    from .triton_combine import combine_partials
 
     assert keys is not None and values is not None
-    b, hq, l, d = query.shape
-    n = keys.shape[-1]
-    w = 0 if full_keys is None else full_keys.shape[-2]
-    hkv = keys.shape[1]
-    if hq % hkv:
-        raise TurboQuantError(f"query heads {hq} are not a multiple of key/value heads {hkv}")
-    if values.shape[-1] != n:
-        raise TurboQuantError(f"{n} compressed keys but {values.shape[-1]} compressed values")
+    b, hq, l, d, n, w, hkv = attention_shapes(query, keys, values, full_keys, None)
     g = hq // hkv
     m = g * l
     bh = b * hkv

@@ -19,6 +19,8 @@ Output:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..codec import decode_mse, qjl_scores
@@ -41,6 +43,42 @@ def _group_mask(mask: torch.Tensor, batch: int, q_heads: int, kv_heads: int, q_l
         mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))
     mask = mask.float().expand(batch, q_heads, q_len, mask.shape[-1])
     return mask.reshape(batch, kv_heads, (q_heads // kv_heads) * q_len, mask.shape[-1])
+
+
+class AttentionShapes(NamedTuple):
+    """Sizes of one attention call: batch, query heads, query length, head dim, compressed and
+    full-precision tokens, key/value heads."""
+
+    b: int
+    hq: int
+    l: int
+    d: int
+    n: int
+    w: int
+    hkv: int
+
+
+def attention_shapes(
+    query: torch.Tensor,
+    keys: QuantizedVectors | None,
+    values: QuantizedVectors | None,
+    full_keys: torch.Tensor | None,
+    mask: torch.Tensor | None,
+) -> AttentionShapes:
+    """Validate the arguments every attention implementation takes; return their sizes."""
+    b, hq, l, d = query.shape
+    n = 0 if keys is None else keys.shape[-1]
+    w = 0 if full_keys is None else full_keys.shape[-2]
+    if n == 0 and w == 0:
+        raise TurboQuantError("attention over an empty cache")
+    if n and (values is None or values.shape[-1] != n):
+        raise TurboQuantError(f"{n} compressed keys but {0 if values is None else values.shape[-1]} compressed values")
+    hkv = keys.shape[1] if keys is not None and n else full_keys.shape[1]  # type: ignore[union-attr]
+    if hq % hkv:
+        raise TurboQuantError(f"query heads {hq} are not a multiple of key/value heads {hkv}")
+    if mask is not None and mask.shape[-1] != n + w:
+        raise TurboQuantError(f"mask covers {mask.shape[-1]} keys, the cache holds {n + w}")
+    return AttentionShapes(b, hq, l, d, n, w, hkv)
 
 
 def key_scores(q_rot: torch.Tensor, keys: QuantizedVectors, q_proj: torch.Tensor | None) -> torch.Tensor:
@@ -91,19 +129,10 @@ def torch_quantized_attention(
     Returns:
         ``[B, Hq, L, d]`` in ``query.dtype``. Rows whose every column is masked are 0.
     """
-    b, hq, l, d = query.shape
-    n = 0 if keys is None else keys.shape[-1]
-    w = 0 if full_keys is None else full_keys.shape[-2]
-    if n == 0 and w == 0:
-        raise TurboQuantError("attention over an empty cache")
-    hkv = keys.shape[1] if keys is not None and n else full_keys.shape[1]  # type: ignore[union-attr]
-    if hq % hkv:
-        raise TurboQuantError(f"query heads {hq} are not a multiple of key/value heads {hkv}")
+    b, hq, l, d, n, w, hkv = attention_shapes(query, keys, values, full_keys, mask)
     q = _group_heads(query.float(), hkv)  # [B, Hkv, M, d], M = G·L
     m_rows = q.shape[2]
     full_mask = None if mask is None else _group_mask(mask, b, hq, hkv, l)
-    if full_mask is not None and full_mask.shape[-1] != n + w:
-        raise TurboQuantError(f"mask covers {full_mask.shape[-1]} keys, the cache holds {n + w}")
 
     row_max = torch.full((b, hkv, m_rows, 1), float("-inf"), device=query.device)
     denom = torch.zeros((b, hkv, m_rows, 1), device=query.device)

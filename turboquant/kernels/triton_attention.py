@@ -48,7 +48,7 @@ from ..config import TurboQuantError
 from ..quantizer import QuantizedVectors
 from .layout import KernelStream, config_supported, next_pow2, num_sms, query_rotation, stream_layout, stream_table
 from .ptx import REG_WIDTHS, reg_asm
-from .reference import DEFAULT_CHUNK, torch_quantized_attention
+from .reference import DEFAULT_CHUNK, attention_shapes, torch_quantized_attention
 from .triton_combine import _VARYING, _dummy, _empty, combine_partials
 from .triton_device import _decode_codes, _dotk_scores, _load_codes, _masked, _online_softmax
 from .tuning import DEFAULT_TUNING, TritonTuning
@@ -295,22 +295,10 @@ def triton_quantized_attention(
 ) -> torch.Tensor:
     """Attention over compressed tokens then full-precision tokens, with fused Triton kernels.
 
-    Same arguments, shapes and result as
-    :func:`~turboquant.kernels.reference.torch_quantized_attention` (``chunk`` is
-    ignored: the kernel picks its own block size and split count). Inputs the
-    kernels do not cover (see :func:`triton_supports`) go to the torch reference.
-
-    Args:
-        query: ``[B, Hq, L, d]``.
-        keys, values: batch shape ``[B, Hkv, N]`` (strided views of cache buffers are fine).
-        full_keys, full_values: ``[B, Hkv, W, d]`` or None.
-        scaling: softmax scale.
-        mask: additive float or boolean mask broadcastable to ``[B, Hq, L, N + W]``.
-        key_offset, value_offset: ``[B, Hkv, d]`` or None.
-        tuning: launch parameters (:class:`~turboquant.kernels.tuning.TritonTuning`).
-
-    Returns:
-        ``[B, Hq, L, d]`` in ``query.dtype``.
+    Arguments, shapes and result as :func:`~turboquant.kernels.reference.torch_quantized_attention`
+    (``chunk`` is ignored: the kernel picks its own block size and split count), plus ``tuning``
+    (:class:`~turboquant.kernels.tuning.TritonTuning`). Inputs the kernels do not cover (see
+    :func:`triton_supports`) go to the torch reference.
 
     Example:
         >>> # on a CUDA device: q [1, 32, 1, 128]; keys/values from TurboQuantMSE(128, 4).quantize(k [1, 8, N, 128])
@@ -320,14 +308,7 @@ def triton_quantized_attention(
         return torch_quantized_attention(
             query, keys, values, full_keys, full_values, scaling, mask, key_offset, value_offset, chunk
         )
-    b, hq, l, d = query.shape
-    n = 0 if keys is None else keys.shape[-1]
-    w = 0 if full_keys is None else full_keys.shape[-2]
-    if n == 0 and w == 0:
-        raise TurboQuantError("attention over an empty cache")
-    hkv = keys.shape[1] if keys is not None and n else full_keys.shape[1]  # type: ignore[union-attr]
-    if hq % hkv:
-        raise TurboQuantError(f"query heads {hq} are not a multiple of key/value heads {hkv}")
+    b, hq, l, d, n, w, hkv = attention_shapes(query, keys, values, full_keys, None)
     g = hq // hkv
     m = g * l
     bh = b * hkv
