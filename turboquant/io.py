@@ -213,14 +213,43 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+_ST_NAMES = {torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+             torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+             torch.bool: "BOOL"}  # fmt: skip
+
+
+def _write_safetensors(fh: Any, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Stream ``tensors`` (contiguous, CPU) to ``fh`` in the safetensors layout.
+
+    Written here rather than with ``safetensors.torch.save_file``, which goes through a hidden
+    ``.tmpXXXXXX`` file of its own in the target folder: a saver killed mid-write would leave that
+    behind under a name this module cannot recognise as its own.
+    """
+    table: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.dtype not in _ST_NAMES:
+            raise TurboQuantError(f"tensor {name!r} has dtype {t.dtype}, which the file format does not store")
+        nbytes = t.numel() * t.element_size()
+        table[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(table, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    fh.write(len(raw).to_bytes(8, "little"))
+    fh.write(raw)
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.numel():
+            fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
 def save_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], kind: str, extra: dict[str, Any]) -> None:
     """Atomically write ``tensors`` with a header ``{format, version, kind, checksum, **extra, header_checksum}``.
 
     Raises :class:`TurboQuantError` naming ``path`` when its folder does not exist or cannot be
     written; the previous file under ``path`` (if any) is then untouched.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
@@ -236,9 +265,9 @@ def save_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
     try:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            os.close(fd)
-            save_file(cpu, tmp, metadata={_HEADER_KEY: json.dumps(header)})
-            with open(tmp, "rb+") as fh:
+            with os.fdopen(fd, "wb") as fh:
+                _write_safetensors(fh, cpu, {_HEADER_KEY: json.dumps(header)})
+                fh.flush()
                 os.fchmod(fh.fileno(), _file_mode())
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
