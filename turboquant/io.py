@@ -41,8 +41,9 @@ _HEADER_KEY = "turboquant"
 _HEADER_DIGEST = "header_checksum"
 _LEGACY_KEYS = {"format", "version", "kind", "checksum", "config", "numpy_io", "index", "index_digest"}
 _MAX_TABLE_BYTES = 100 << 20  # a safetensors JSON table larger than this is not one of ours
-_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4,
-                "U64": 8, "I64": 8, "F64": 8}  # fmt: skip
+_ST_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+              "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+              "F64": torch.float64}  # fmt: skip
 _MAX_COUNT = 1 << 62  # vectors per file: far beyond any real file, small enough for int64 arithmetic
 
 
@@ -213,9 +214,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-_ST_NAMES = {torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
-             torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
-             torch.bool: "BOOL"}  # fmt: skip
+_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
 
 
 def _write_safetensors(fh: Any, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -292,20 +291,20 @@ def save_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
 # --------------------------------------------------------------------------- loading
 
 
-def _check_table(path: Path, size: int) -> dict[str, Any]:
-    """Read and range-check the safetensors table (before safetensors allocates anything from it).
+def _check_table(fh: Any, path: Path, size: int) -> tuple[dict[str, Any], dict[str, tuple[torch.dtype, list[int], int]]]:
+    """Read and range-check the safetensors table of the open file ``fh`` before anything is
+    allocated from it.
 
-    Returns the ``__metadata__`` mapping.
+    Returns ``(metadata, {name: (dtype, shape, absolute byte offset)})``.
     """
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise TurboQuantError(f"{path}: truncated ({size} bytes); not a turboquant file")
-            hlen = int.from_bytes(head, "little")
-            if hlen > min(size - 8, _MAX_TABLE_BYTES):
-                raise TurboQuantError(f"{path}: header length {hlen} exceeds the file ({size} bytes); truncated or corrupt")
-            raw = fh.read(hlen)
+        head = fh.read(8)
+        if len(head) < 8:
+            raise TurboQuantError(f"{path}: truncated ({size} bytes); not a turboquant file")
+        hlen = int.from_bytes(head, "little")
+        if hlen > min(size - 8, _MAX_TABLE_BYTES):
+            raise TurboQuantError(f"{path}: header length {hlen} exceeds the file ({size} bytes); truncated or corrupt")
+        raw = fh.read(hlen)
     except OSError as exc:
         raise TurboQuantError(f"{path}: cannot read: {os.strerror(exc.errno) if exc.errno else exc}") from None
     try:
@@ -318,12 +317,13 @@ def _check_table(path: Path, size: int) -> dict[str, Any]:
     if not isinstance(metadata, dict):
         raise TurboQuantError(f"{path}: missing turboquant header; not a turboquant file")
     data_bytes = size - 8 - hlen
+    entries: dict[str, tuple[torch.dtype, list[int], int]] = {}
     spans = []
     for name, info in table.items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise TurboQuantError(f"{path}: tensor {_short(name)} has a malformed entry")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in _ST_ITEMSIZE:
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
             raise TurboQuantError(f"{path}: tensor {_short(name)} has unsupported dtype {_short(dtype)}")
         if not isinstance(shape, list) or len(shape) > 8 or any(
             isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= _MAX_COUNT for s in shape
@@ -334,7 +334,7 @@ def _check_table(path: Path, size: int) -> dict[str, Any]:
             or any(isinstance(o, bool) or not isinstance(o, int) for o in offsets)
         ):  # fmt: skip
             raise TurboQuantError(f"{path}: tensor {_short(name)} has invalid data offsets {_short(offsets)}")
-        nbytes = _ST_ITEMSIZE[dtype]
+        nbytes = torch.empty((), dtype=_ST_DTYPES[dtype]).element_size()
         for s in shape:
             nbytes *= s
             if nbytes > data_bytes:
@@ -346,10 +346,29 @@ def _check_table(path: Path, size: int) -> dict[str, Any]:
                 f"{_short(offsets)} in {data_bytes} data bytes; truncated or corrupt"
             )
         spans.append((begin, end))
+        entries[name] = (_ST_DTYPES[dtype], shape, 8 + hlen + begin)
     spans.sort()
     if any(a_end > b_begin for (_, a_end), (b_begin, _) in zip(spans, spans[1:])):
         raise TurboQuantError(f"{path}: tensors overlap; corrupt file")
-    return metadata
+    return metadata, entries
+
+
+def _read_tensors(
+    fh: Any, path: Path, entries: dict[str, tuple[torch.dtype, list[int], int]]
+) -> dict[str, torch.Tensor]:
+    """Tensors read from the same open file the table came from (a concurrent ``os.replace`` of
+    ``path`` cannot mix two files: opening the path twice could)."""
+    tensors = {}
+    for name, (dtype, shape, start) in entries.items():
+        count = 1
+        for s in shape:
+            count *= s
+        buf = torch.empty(count * torch.empty((), dtype=dtype).element_size(), dtype=torch.uint8)
+        fh.seek(start)
+        if buf.numel() and fh.readinto(memoryview(buf.numpy())) != buf.numel():
+            raise TurboQuantError(f"{path}: tensor {name!r} is truncated")
+        tensors[name] = buf.view(dtype).reshape(shape)
+    return tensors
 
 
 def verify_header(path: str | os.PathLike[str], metadata: Mapping[str, Any], kind: str) -> dict[str, Any]:
@@ -388,19 +407,25 @@ def verify_header(path: str | os.PathLike[str], metadata: Mapping[str, Any], kin
 
 def load_tensors(path: str | os.PathLike[str], kind: str, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read and verify a file written by :func:`save_tensors`; returns ``(tensors, header)``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
-    if not path.is_file():
-        raise TurboQuantError(f"{path}: no such file")
-    size = path.stat().st_size
-    metadata = _check_table(path, size)
-    header = verify_header(path, metadata, kind)
     try:
-        tensors = load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise TurboQuantError(f"{path}: not a readable turboquant file (truncated or corrupt): {exc}") from None
+        fh = open(path, "rb")  # noqa: SIM115 - closed below; everything is read from this one open file
+    except FileNotFoundError:
+        raise TurboQuantError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise TurboQuantError(f"{path}: is a folder, not a turboquant file") from None
+    except OSError as exc:
+        raise TurboQuantError(f"{path}: cannot open: {os.strerror(exc.errno) if exc.errno else exc}") from None
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        metadata, entries = _check_table(fh, path, size)
+        header = verify_header(path, metadata, kind)
+        try:
+            tensors = _read_tensors(fh, path, entries)
+        except OSError as exc:
+            raise TurboQuantError(f"{path}: cannot read: {os.strerror(exc.errno) if exc.errno else exc}") from None
+    if str(device) != "cpu":
+        tensors = {name: t.to(device) for name, t in tensors.items()}
     if tensors_checksum(tensors) != header["checksum"]:
         raise TurboQuantError(f"{path}: checksum mismatch; the file is corrupt")
     return tensors, header
