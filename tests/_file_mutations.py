@@ -142,7 +142,7 @@ _INTERESTING: list[Any] = [
 
 # index header fields whose consistency with the stored ids only index.py can check (see the
 # strict-xfail test in test_fuzz_files.py): the random edits leave them alone
-INDEX_ONLY_FIELDS = {("index", "next_id")}
+INDEX_ONLY_FIELDS = {("index", "next_id"), ("index", "count")}  # count = inf: OverflowError in int(); see the xfail
 
 
 def _paths(obj: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

@@ -108,6 +108,8 @@ INDEX_CASES = {
     "next_id below the largest id": ("explicit.tq", _header_edit("index", "next_id", 50)),
     "next_id below the count": ("implicit.tq", _header_edit("index", "next_id", 5)),
     "count as a string": ("implicit.tq", _header_edit("index", "count", "10")),
+    "count infinite": ("implicit.tq", _header_edit("index", "count", float("inf"))),  # OverflowError today
+    "next_id infinite": ("implicit.tq", _header_edit("index", "next_id", float("inf"))),
     "correction not a bool": ("implicit.tq", _header_edit("index", "correction", "no")),
     "duplicate stored ids": ("explicit.tq", _ids_edit([40, 7, 7, 12, 64])),
     "negative stored id": ("explicit.tq", _ids_edit([40, 7, -3, 12, 64])),
