@@ -6,7 +6,7 @@ returning an exit code). To add a command, write ``def _register_x(sub): ...`` a
 
     turboquant index build  --input X.npy --bits 4 --out idx.tq
     turboquant index search --index idx.tq --queries Q.npy -k 10
-    turboquant index info   --index idx.tq
+    turboquant index info   idx.tq                  (or --index idx.tq)
     turboquant demo [--key-bits 4 --value-bits 2 ...]     (SmolLM2 KV-cache demo)
 
 Benchmarks are scripts under ``benchmarks/`` in a checkout, not commands of the installed package.
@@ -44,13 +44,13 @@ def _load_matrix(path: Path, name: str) -> np.ndarray:
     if not path.is_file():
         raise TurboQuantError(f"{name} file {path} does not exist")
     if path.suffix != ".npy":
-        raise TurboQuantError(f"{name} must be a .npy file, got {path.name}")
+        raise TurboQuantError(f"{name} must be a .npy file, got {path}")
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as exc:
-        raise TurboQuantError(f"{path}: not a readable .npy file: {exc}") from None
+        raise TurboQuantError(f"{name} {path}: not a readable .npy file: {exc}") from None
     if arr.ndim != 2 or arr.dtype.kind != "f":
-        raise TurboQuantError(f"{path}: expected a 2-D float array, got shape {arr.shape} dtype {arr.dtype}")
+        raise TurboQuantError(f"{name} {path}: expected a 2-D float array, got shape {arr.shape} dtype {arr.dtype}")
     return arr
 
 
@@ -59,8 +59,63 @@ def _batches(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + size))
 
 
-def _read_lines(path: Path | None) -> list[str] | None:
-    return None if path is None else path.read_text(encoding="utf-8").splitlines()
+def _read_lines(path: Path | None, option: str) -> list[str] | None:
+    if path is None:
+        return None
+    if not path.is_file():
+        raise TurboQuantError(f"{option} file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TurboQuantError(f"{option} {path}: cannot be read as UTF-8 text: {exc}") from None
+    # "\n" only: str.splitlines would also split inside a label at \x0c, \x1c or \u2028
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def _check_rows(x: np.ndarray, offset: int, option: str, path: Path, cosine: bool) -> None:
+    """Name the user's file and row for the first NaN/Inf (or, for cosine, zero) row of a batch.
+
+    The library's own check names its argument (``x``); on the command line the file and the
+    row number are what the user can act on.
+    """
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        row = offset + int(np.argmax(bad))
+        what = "NaN" if np.isnan(x[row - offset]).any() else "Inf"
+        raise TurboQuantError(f"{option} {path} contains {what} at row {row}")
+    norms_sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)  # float64 accumulation, no float64 copy of x
+    big = norms_sq > float(np.finfo(np.float32).max) ** 2
+    if big.any():
+        raise TurboQuantError(f"{option} {path}: the norm of row {offset + int(np.argmax(big))} overflows float32")
+    if cosine and (norms_sq == 0).any():
+        row = offset + int(np.argmax(norms_sq == 0))
+        raise TurboQuantError(f"{option} {path}: row {row} is a zero vector, which has no direction for --metric cosine")
+
+
+def _load_ids(path: Path, n: int) -> np.ndarray:
+    """``--ids``: a 1-D integer ``.npy`` of ``n`` distinct non-negative ids."""
+    if not path.is_file():
+        raise TurboQuantError(f"--ids file {path} does not exist")
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise TurboQuantError(f"--ids {path}: not a readable .npy file: {exc}") from None
+    if ids.shape != (n,):
+        raise TurboQuantError(f"--ids {path} has shape {ids.shape}; the --input file has {n} rows, so expected ({n},)")
+    if ids.dtype.kind not in "iu":
+        raise TurboQuantError(f"--ids {path} must hold integers, got dtype {ids.dtype}")
+    ids = ids.astype(np.int64)
+    if n and ids.min() < 0:
+        raise TurboQuantError(f"--ids {path}: ids must be non-negative, row {int(np.argmin(ids))} is {ids.min()}")
+    uniq, first, counts = np.unique(ids, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        dup = uniq[counts > 1][0]
+        rows = np.flatnonzero(ids == dup)[:2]
+        raise TurboQuantError(f"--ids {path}: id {dup} appears more than once (rows {rows[0]} and {rows[1]})")
+    return ids
 
 
 # --------------------------------------------------------------------------- index commands
@@ -75,12 +130,11 @@ def _index_build(args: argparse.Namespace) -> int:
         return cli_build(args)
     if len(args.input) != 1:
         raise TurboQuantError(f"{len(args.input)} --input files need --ray (a sharded index); give one file")
-    x = _load_matrix(args.input[0], "input")
-    ids = None
-    if args.ids is not None:
-        ids = np.load(args.ids, allow_pickle=False)
-        if ids.shape != (x.shape[0],):
-            raise TurboQuantError(f"--ids has shape {ids.shape}, expected ({x.shape[0]},)")
+    args.input = args.input[0]
+    x = _load_matrix(args.input, "--input")
+    ids = None if args.ids is None else _load_ids(args.ids, x.shape[0])
+    if args.batch < 1:
+        raise TurboQuantError(f"--batch must be >= 1, got {args.batch}")
     index = TurboQuantIndex(
         x.shape[1], args.bits, args.metric, rotation=args.rotation, seed=args.seed, norm_dtype=args.norm_dtype,
         engine="torch",  # no fast-scan mirror needed to build; search builds it
@@ -88,7 +142,9 @@ def _index_build(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with _progress(x.shape[0], "encoding", not args.quiet and x.shape[0] >= args.batch) as bar:
         for part in _batches(x.shape[0], args.batch):
-            index.add(np.asarray(x[part]), None if ids is None else ids[part])
+            batch = np.asarray(x[part])
+            _check_rows(batch, part.start, "--input", args.input, args.metric == "cosine")
+            index.add(batch, None if ids is None else ids[part])
             bar.update(part.stop - part.start)
     elapsed = time.perf_counter() - start
     index.save(args.out)
@@ -111,22 +167,53 @@ def _index_search(args: argparse.Namespace) -> int:
         index: Any = cli_open(args)
     else:
         index = TurboQuantIndex.load(args.index, mmap=args.mmap)
-    queries = _load_matrix(args.queries, "queries")
+    queries = _load_matrix(args.queries, "--queries")
+    if queries.shape[1] != index.dim:
+        raise TurboQuantError(
+            f"--queries {args.queries} has dimension {queries.shape[1]}, but --index {args.index} holds d={index.dim}"
+        )
+    # labels are checked before searching: a wrong file should fail fast, not after the search
+    labels, query_labels = _read_lines(args.labels, "--labels"), _read_lines(args.query_labels, "--query-labels")
+    if labels is not None:
+        stored = index.ids
+        expected = int(stored.max()) + 1 if stored.size else 0
+        if len(labels) != expected:
+            ids_text = f"ids 0..{expected - 1}" if expected == len(stored) else f"ids up to {expected - 1}"
+            raise TurboQuantError(
+                f"--labels {args.labels} has {len(labels)} lines, but --index {args.index} holds {len(stored)} "
+                f"vectors with {ids_text}, so it needs {expected} lines (line i labels id i)"
+            )
+    if query_labels is not None and len(query_labels) != len(queries):
+        raise TurboQuantError(
+            f"--query-labels {args.query_labels} has {len(query_labels)} lines, "
+            f"but --queries {args.queries} has {len(queries)} rows"
+        )
     if args.limit is not None:
+        if args.limit < 0:
+            raise TurboQuantError(f"--limit must be >= 0, got {args.limit}")
         queries = queries[: args.limit]
+    if args.batch < 1:
+        raise TurboQuantError(f"--batch must be >= 1, got {args.batch}")
+    if args.k < 1:
+        raise TurboQuantError(f"-k must be >= 1, got {args.k}")
+    if args.k > len(index) and not args.clip_k:
+        raise TurboQuantError(
+            f"-k {args.k} exceeds the {len(index)} vectors in --index {args.index} (pass --clip-k to return {len(index)})"
+        )
     k = min(args.k, len(index)) if args.clip_k else args.k
     scores = np.empty((len(queries), k), np.float32)
     ids = np.empty((len(queries), k), np.int64)
     with _progress(len(queries), "searching", not args.quiet and len(queries) >= args.batch) as bar:
         for part in _batches(len(queries), args.batch):
-            scores[part], ids[part] = index.search(np.asarray(queries[part]), k)
+            batch = np.asarray(queries[part])
+            _check_rows(batch, part.start, "--queries", args.queries, False)
+            scores[part], ids[part] = index.search(batch, k)
             bar.update(part.stop - part.start)
     if args.out is not None:
         np.savez(args.out, scores=scores, ids=ids)
         if not args.quiet:
             print(f"wrote scores and ids of {len(queries)} queries to {args.out}")
         return 0
-    labels, query_labels = _read_lines(args.labels), _read_lines(args.query_labels)
     if args.json:
         for qi in range(len(queries)):
             print(
@@ -145,10 +232,15 @@ def _index_search(args: argparse.Namespace) -> int:
 def _index_info(args: argparse.Namespace) -> int:
     from .index import TurboQuantIndex
 
-    index = TurboQuantIndex.load(args.index, mmap=True)
+    if args.path is not None and args.index is not None and args.path != args.index:
+        raise TurboQuantError(f"two different index files given: {args.path} and --index {args.index}")
+    path = args.path if args.path is not None else args.index
+    if path is None:
+        raise TurboQuantError("no index file given: turboquant index info PATH")
+    index = TurboQuantIndex.load(path, mmap=True)
     info = {
         "vectors": len(index), "config": index.quantizer_config.to_dict(), "metric": index.metric.value,
-        "bytes_per_vector": index.bytes_per_vector, "nbytes": index.nbytes, "file_bytes": args.index.stat().st_size,
+        "bytes_per_vector": index.bytes_per_vector, "nbytes": index.nbytes, "file_bytes": path.stat().st_size,
     }  # fmt: skip
     print(json.dumps(info, indent=2))
     return 0
@@ -160,18 +252,23 @@ def _register_index(sub: Any) -> None:
     )
     isub = parser.add_subparsers(dest="index_command", required=True, metavar="ACTION")
 
-    build = isub.add_parser("build", help="quantize a .npy matrix into an index file")
-    build.add_argument("--input", type=Path, required=True, nargs="+", help="(n, d) float .npy file (memory-mapped)")
+    build = isub.add_parser("build", help="quantize a .npy matrix into an index file", description="Quantize the rows "
+                            "of a .npy matrix (no training) and write them to an index file.")  # fmt: skip
+    build.add_argument("--input", type=Path, required=True, nargs="+", help="(n, d) float .npy file (memory-mapped); several files with --ray")
     build.add_argument(
         "--bits", type=float, default=4.0, help="bits per coordinate, 1..8, fractional allowed (default 4)"
     )
     build.add_argument("--out", type=Path, required=True, help="index file to write (atomically)")
-    build.add_argument("--metric", choices=["ip", "cosine", "l2"], default="ip")
-    build.add_argument("--rotation", choices=["haar", "hadamard"], default="haar")
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--norm-dtype", choices=["float32", "float16", "bfloat16"], default="float32")
-    build.add_argument("--ids", type=Path, help="optional (n,) int64 .npy of ids (default 0..n-1)")
-    build.add_argument("--batch", type=int, default=65536, help="vectors encoded per step")
+    build.add_argument("--metric", choices=["ip", "cosine", "l2"], default="ip",
+                       help="ip: inner product; cosine: vectors and queries normalised; l2: squared distance "
+                            "(default ip)")  # fmt: skip
+    build.add_argument("--rotation", choices=["haar", "hadamard"], default="haar",
+                       help="random rotation applied before quantizing (default haar: best measured recall)")
+    build.add_argument("--seed", type=int, default=0, help="seed of the random rotation, 0..2^64-1 (default 0)")
+    build.add_argument("--norm-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                       help="storage type of the per-vector norms (float16 saves 2 bytes per vector)")
+    build.add_argument("--ids", type=Path, help="optional (n,) integer .npy of distinct ids (default 0..n-1)")
+    build.add_argument("--batch", type=int, default=65536, help="vectors encoded per step (default 65536)")
     build.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     ray_opts = build.add_argument_group("sharded (Ray; pip install 'turboquant[ray]')")
     ray_opts.add_argument("--ray", action="store_true", help="build a sharded index directory with Ray tasks")
@@ -180,19 +277,21 @@ def _register_index(sub: Any) -> None:
     ray_opts.add_argument("--ray-address", help="Ray cluster address (default: a local cluster)")
     build.set_defaults(func=_index_build)
 
-    search = isub.add_parser("search", help="k nearest neighbours of each query")
-    search.add_argument("--index", type=Path, required=True)
+    search = isub.add_parser("search", help="k nearest neighbours of each query",
+                             description="Search an index file with the rows of a .npy matrix.")
+    search.add_argument("--index", type=Path, required=True, help="index file written by 'turboquant index build'")
     search.add_argument("--queries", type=Path, required=True, help="(nq, d) float .npy file")
-    search.add_argument("-k", type=int, default=10)
+    search.add_argument("-k", type=int, default=10, help="results per query (default 10)")
     search.add_argument("--clip-k", action="store_true", help="use min(k, index size) instead of failing")
     search.add_argument("--limit", type=int, help="only the first LIMIT queries")
     search.add_argument("--out", type=Path, help="write scores and ids to this .npz instead of printing")
     search.add_argument("--json", action="store_true", help="print one JSON line per query")
-    search.add_argument("--labels", type=Path, help="text file, line i labels stored id i (printed with results)")
-    search.add_argument("--query-labels", type=Path, help="text file, line i labels query i")
+    search.add_argument("--labels", type=Path,
+                        help="text file, line i labels stored id i (printed with results; needs max id + 1 lines)")
+    search.add_argument("--query-labels", type=Path, help="text file, line i labels query i (one line per query)")
     search.add_argument("--mmap", action="store_true", help="memory-map the index file")
-    search.add_argument("--batch", type=int, default=4096, help="queries per search call")
-    search.add_argument("-q", "--quiet", action="store_true")
+    search.add_argument("--batch", type=int, default=4096, help="queries per search call (default 4096)")
+    search.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     ray_opts = search.add_argument_group("sharded (Ray)")
     ray_opts.add_argument("--ray", action="store_true", help="--index is a sharded index directory")
     ray_opts.add_argument("--actors", type=int, help="shard actors (default: one per shard)")
@@ -200,8 +299,10 @@ def _register_index(sub: Any) -> None:
     ray_opts.add_argument("--ray-address", help="Ray cluster address (default: a local cluster)")
     search.set_defaults(func=_index_search)
 
-    info = isub.add_parser("info", help="print an index file's configuration and size")
-    info.add_argument("--index", type=Path, required=True)
+    info = isub.add_parser("info", help="print an index file's configuration and size",
+                           description="Print an index file's configuration and size as JSON.")
+    info.add_argument("path", type=Path, nargs="?", metavar="PATH", help="index file")
+    info.add_argument("--index", type=Path, help="index file (same as PATH)")
     info.set_defaults(func=_index_info)
 
 

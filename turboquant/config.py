@@ -19,6 +19,10 @@ __version__ = "0.1.0"
 FORMAT_VERSION = 1
 MIN_BITS = 1
 MAX_BITS = 8
+MAX_DIM = 1 << 16
+"""Largest supported vector dimension: a Haar rotation at this size is already a 16 GiB matrix."""
+MAX_SEED = (1 << 64) - 1
+"""Seeds are 64-bit (torch generators take at most 64 bits)."""
 
 
 class TurboQuantError(ValueError):
@@ -159,9 +163,12 @@ class QuantizerConfig:
     def __post_init__(self) -> None:
         if isinstance(self.dim, bool) or not isinstance(self.dim, int):
             raise TurboQuantError(f"dim must be an int, got {type(self.dim).__name__}")
-        if self.dim < 2:
-            raise TurboQuantError(f"dim={self.dim} is not supported; dim must be >= 2")
-        if isinstance(self.bits, bool) or not isinstance(self.bits, (int, float)) or not math.isfinite(self.bits):
+        if not 2 <= self.dim <= MAX_DIM:
+            raise TurboQuantError(f"dim={self.dim} is not supported; dim must be in [2, {MAX_DIM}]")
+        if (
+            isinstance(self.bits, bool) or not isinstance(self.bits, (int, float))
+            or (isinstance(self.bits, float) and not math.isfinite(self.bits))  # math.isfinite(10**400) overflows
+        ):  # fmt: skip
             raise TurboQuantError(f"bits must be a finite number, got {self.bits!r}")
         if not (MIN_BITS <= self.bits <= MAX_BITS):
             raise TurboQuantError(f"bits={self.bits} is not supported; bits must be in [{MIN_BITS}, {MAX_BITS}]")
@@ -171,6 +178,10 @@ class QuantizerConfig:
             raise TurboQuantError(f"norm_dtype={self.norm_dtype!r} is not supported; choose one of {_NORM_DTYPES}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise TurboQuantError(f"seed must be a non-negative int, got {self.seed!r}")
+        if self.seed > MAX_SEED:
+            raise TurboQuantError(f"seed={self.seed} is not supported; seed must fit in 64 bits (<= 2**64 - 1)")
+        if isinstance(self.version, bool) or not isinstance(self.version, int):
+            raise TurboQuantError(f"version must be an int, got {self.version!r}")
         if self.version != FORMAT_VERSION:
             raise TurboQuantError(f"config version {self.version} is not supported (this library writes {FORMAT_VERSION})")
         n_hi, b_hi, _, b_lo = self.bit_split
