@@ -735,7 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small n and fewer settings (< 30 s)")
     p.add_argument("--dims", type=int, nargs="+", help="override the random-vector dims")
     p.add_argument("--bits", type=float, nargs="+", help="override the bit rates")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random test vectors and the first quantizer (default 0)")
     p.add_argument("--no-real", action="store_true", help="skip the real-embedding part")
     p.add_argument("--no-rotation", action="store_true", help="skip the hadamard-vs-haar part")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")

@@ -54,13 +54,12 @@ def test_every_index_option_has_help() -> None:
     assert missing == {}
 
 
-@pytest.mark.xfail(strict=True, reason="needs distortion.py change (lead's file): help= for --seed")
-def test_bench_distortion_options_have_help(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert _undocumented(_forwarded_parser(["bench", "distortion"], monkeypatch)) == []
+def test_distortion_benchmark_options_have_help() -> None:
+    from conftest import load_benchmark
+
+    assert _undocumented(load_benchmark("distortion").build_parser()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="needs demo.py change: help= for --prompt/--key-bits/--value-bits/"
-                   "--key-variant/--max-new-tokens/--threads and a description without ``double backticks``")
 def test_demo_options_have_help_and_no_rst_markup(monkeypatch: pytest.MonkeyPatch) -> None:
     parser = _forwarded_parser(["demo"], monkeypatch)
     assert _undocumented(parser) == []
@@ -160,8 +159,6 @@ def test_search_errors_name_the_users_files(tmp_path: Path, capsys: pytest.Captu
     assert "-k 50" in err and "40 vectors" in err and "--clip-k" in err
 
 
-@pytest.mark.xfail(strict=True, reason="needs quantizer.py/config.py change: the mismatched-codes error prints "
-                   "two full QuantizerConfig reprs with <Variant.MSE: 'mse'> enum reprs (~400 chars)")
 def test_mismatched_quantizer_error_is_short() -> None:
     import torch
 
@@ -173,9 +170,6 @@ def test_mismatched_quantizer_error_is_short() -> None:
     assert len(str(exc.value)) < 200 and "<" not in str(exc.value) and "seed" in str(exc.value)
 
 
-@pytest.mark.xfail(strict=True, reason="needs turboquant/__init__.py change: lazy exports of the quantizer "
-                   "classes (as already done for TurboQuantCache/TurboQuantIndex), so importing the package "
-                   "for the CLI does not import torch")
 def test_help_does_not_import_torch() -> None:
     code = (
         "import sys\nfrom turboquant.cli import main\n"

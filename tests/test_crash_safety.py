@@ -55,7 +55,7 @@ def _saver(path: Path, kind: str, versions: list) -> None:  # type: ignore[type-
 def _matches(path: Path, kind: str, versions: list) -> bool:  # type: ignore[type-arg]
     if kind == "index":
         loaded = TurboQuantIndex.load(path, engine="torch")
-        return any(np.array_equal(loaded.ids, v.ids) and torch.equal(loaded._codes.view, v._codes.view) for v in versions)
+        return any(np.array_equal(loaded.ids, v.ids) and torch.equal(loaded._codes, v._codes) for v in versions)
     loaded = load_codes(path)
     return any(torch.equal(loaded.codes, v.codes) and torch.equal(loaded.norms, v.norms) for v in versions)
 

@@ -116,9 +116,6 @@ INDEX_CASES = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="needs index.py change: TurboQuantIndex.load range-checks its header with "
-                   "turboquant.io.require_int/require_bool (count, next_id > max id) and rejects duplicate or "
-                   "negative stored ids")
 @pytest.mark.parametrize("case", sorted(INDEX_CASES))
 def test_inconsistent_index_header_is_rejected(tmp_path: Path, case: str) -> None:
     name, change = INDEX_CASES[case]

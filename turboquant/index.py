@@ -133,10 +133,7 @@ class TurboQuantIndex:
     def device(self) -> torch.device:
         return self._device or torch.device("cpu")
 
-    @property
-    def ntotal(self) -> int:
-        """Number of stored vectors (FAISS spelling of ``len(index)``)."""
-        return len(self)
+    ntotal = property(lambda self: len(self), doc="Number of stored vectors (FAISS spelling of ``len(index)``).")
 
     @property
     def bytes_per_vector(self) -> int:
@@ -533,16 +530,13 @@ class TurboQuantIndex:
         """Load an index written by :meth:`save`, verifying format, version, shapes and checksums.
 
         Args:
-            mmap: map the file's codes and norms read-only instead of reading them into memory
-                (torch-engine scans then page them in from the OS cache; the fast-scan engine still
-                builds its RAM mirror on first search; the first ``add``/``remove`` copies them into
-                RAM). The checksum is verified either way, which reads the file once.
+            mmap: map codes and norms read-only instead of reading them (the fast-scan engine still
+                builds its RAM mirror; the first ``add``/``remove`` copies them into RAM).
             device: where the codes go (``None``: CPU).
             options: search settings of :class:`~turboquant.config.IndexConfig` (``engine``,
-                ``search_threads``, ``scan_bits``); the stored ones (dim, bits, metric, rotation,
-                seed, norm dtype, correction) come from the file.
+                ``search_threads``, ``scan_bits``); the others come from the file.
         """
-        from .io import load_tensors, tensors_checksum
+        from .io import config_from_header, load_tensors, require_bool, require_choice, require_int, tensors_checksum
 
         fixed = {"dim", "bits", "metric", "rotation", "seed", "norm_dtype", "correction"} & set(options)
         if fixed:
@@ -558,16 +552,13 @@ class TurboQuantIndex:
             )
         if header.get("index_digest") != cls._digest(meta, tensors_checksum(tensors)):
             raise TurboQuantError(f"{path}: index header checksum mismatch; the file is corrupt")
-        try:
-            qcfg = QuantizerConfig.from_dict(meta["config"])
-            metric, count, next_id = Metric(meta["metric"]), int(meta["count"]), int(meta["next_id"])
-            explicit, correction = bool(meta["explicit_ids"]), bool(meta["correction"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise TurboQuantError(f"{path}: invalid index header: {exc}") from None
+        qcfg = config_from_header(path, meta.get("config"))
+        metric = Metric(require_choice(path, meta, "metric", [m.value for m in Metric]))
+        count = require_int(path, meta, "count", 0, 2**62)
+        next_id = require_int(path, meta, "next_id", 0, 2**63 - 1)
+        explicit, correction = require_bool(path, meta, "explicit_ids"), require_bool(path, meta, "correction")
         if qcfg.variant is not Variant.MSE:
             raise TurboQuantError(f"{path}: index codes must be variant 'mse', got {qcfg.variant.value!r}")
-        if count < 0 or next_id < 0:
-            raise TurboQuantError(f"{path}: invalid index header: count={count}, next_id={next_id}")
         expect = {
             "codes": ((count, code_bytes(qcfg)), torch.uint8),
             "norms": ((count,), getattr(torch, qcfg.norm_dtype)),
@@ -584,6 +575,16 @@ class TurboQuantIndex:
                     f"{path}: tensor {name!r} is {tensors[name].dtype}{tuple(tensors[name].shape)}, "
                     f"expected {dtype}{shape}"
                 )
+        if explicit and count:
+            stored = tensors["ids"]
+            if int(stored.min()) < 0:
+                raise TurboQuantError(f"{path}: stored ids must be non-negative, found {int(stored.min())}")
+            if int(torch.unique(stored).numel()) != count:
+                raise TurboQuantError(f"{path}: stored ids contain duplicates; the file is corrupt")
+            if next_id <= int(stored.max()):
+                raise TurboQuantError(f"{path}: header field 'next_id' = {next_id} is not above the largest stored id {int(stored.max())}")
+        elif next_id < count:
+            raise TurboQuantError(f"{path}: header field 'next_id' = {next_id} is below the count {count} of implicit ids 0..{count - 1}")
         config = IndexConfig(
             qcfg.dim, qcfg.bits, metric, rotation=qcfg.rotation, seed=qcfg.seed, norm_dtype=qcfg.norm_dtype,
             correction=correction, **options,
