@@ -149,7 +149,7 @@ class QuantizerConfig:
 
     Example:
         >>> QuantizerConfig(dim=128, bits=2.5).bit_split
-        (32, 3, 96, 2)
+        (64, 3, 64, 2)
     """
 
     dim: int
