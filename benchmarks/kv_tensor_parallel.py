@@ -42,12 +42,12 @@ from typing import Any
 
 from _common import log, machine_info, out_folder, parser, table, write_json
 
-LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=8, head_dim=128, max_position_embeddings=131072, rope_theta=500000.0,
-                rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                              "original_max_position_embeddings": 8192})  # fmt: skip
-TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, max_position_embeddings=256, initializer_range=0.2)  # fmt: skip
+LLAMA_8B = {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 131072, "rope_theta": 500000.0,
+                "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 8192}}  # fmt: skip
+TINY = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256, "initializer_range": 0.2}  # fmt: skip
 SCRIPT = Path(__file__).resolve()
 
 
@@ -76,8 +76,8 @@ def defaults(args: Any) -> Any:
 
 
 def cache_settings(args: Any) -> dict[str, Any]:
-    small = dict(sink_tokens=2, window=6, flush_every=2) if args.tiny else {}
-    return dict(key_bits=args.key_bits, value_bits=args.value_bits, **small)
+    small = {"sink_tokens": 2, "window": 6, "flush_every": 2} if args.tiny else {}
+    return {"key_bits": args.key_bits, "value_bits": args.value_bits, **small}
 
 
 def check_devices(args: Any) -> None:

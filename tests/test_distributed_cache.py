@@ -25,12 +25,12 @@ import torch
 
 pytest.importorskip("transformers")
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from turboquant.cache import _PENDING, TurboQuantCache, TurboQuantLayer, _device_scope, turboquant_attention  # noqa: E402
-from turboquant.config import KVCacheConfig, TurboQuantError  # noqa: E402
+from turboquant.cache import _PENDING, TurboQuantCache, TurboQuantLayer, _device_scope, turboquant_attention
+from turboquant.config import KVCacheConfig, TurboQuantError
 
-CACHE = dict(key_bits=4, value_bits=3, sink_tokens=2, window=6, flush_every=2, backend="cpu")
+CACHE = {"key_bits": 4, "value_bits": 3, "sink_tokens": 2, "window": 6, "flush_every": 2, "backend": "cpu"}
 PROMPT, STEPS = 24, 10
 # Collectives a tensor-parallel forward can issue through torch.distributed (counted per rank).
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
@@ -74,8 +74,8 @@ def _tp_worker(rank: int, world: int, path: str, port: int, results: dict) -> No
         counts = {"n": 0}
         originals = {name: getattr(dist, name) for name in _COLLECTIVES if hasattr(dist, name)}
 
-        def counting(fn):  # noqa: ANN001, ANN202
-            def wrapped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        def counting(fn):
+            def wrapped(*args, **kwargs):
                 counts["n"] += 1
                 return fn(*args, **kwargs)
 
@@ -105,7 +105,7 @@ def _tp_worker(rank: int, world: int, path: str, port: int, results: dict) -> No
             "tq_collectives": tq_collectives,
             "sdpa_collectives": counts["n"],
         }
-    except Exception as exc:  # reported to the parent, which fails the test with it
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the test with it
         results[rank] = {"error": f"{type(exc).__name__}: {exc}"}
     finally:
         dist.destroy_process_group()
