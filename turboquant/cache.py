@@ -28,6 +28,7 @@ precision and every later step reads the compressed history.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import Any
@@ -127,6 +128,16 @@ class TurboQuantLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if key_states.shape[-1] != value_states.shape[-1]:
             raise TurboQuantError(f"keys and values must share head_dim, got {key_states.shape[-1]} and {value_states.shape[-1]}")
+        if key_states.shape[1] != value_states.shape[1]:
+            raise TurboQuantError(f"keys and values must have the same kv_heads, got {key_states.shape[1]} and {value_states.shape[1]}")
+        expected = self.owner.kv_heads(self.layer_idx) if self.owner is not None and self.layer_idx is not None else None
+        if expected is not None and expected % key_states.shape[1]:
+            # Tensor parallelism hands each rank kv_heads / tp_size whole heads: any other count means
+            # heads were split mid-head or the cache was built from another model's config.
+            raise TurboQuantError(
+                f"layer {self.layer_idx}: got {key_states.shape[1]} kv heads, which does not divide the config's "
+                f"num_key_value_heads={expected}; tensor parallelism must shard whole KV heads evenly across ranks"
+            )
         self.dtype, self.device = key_states.dtype, key_states.device
         key_cfg, value_cfg = self.settings.quantizer_configs(key_states.shape[-1])
         self.key_codes = KVCodes(key_cfg)
@@ -139,7 +150,9 @@ class TurboQuantLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         assert self._fk is not None and self._fv is not None
-        self._flush()
+        self._check_layout(key_states, value_states)
+        with _device_scope(self._fk.data.device):
+            self._flush()
         sink_room = self.settings.sink_tokens - self._fk.sink
         to_sink = min(sink_room, key_states.shape[-2]) if sink_room > 0 and self.compressed_length == 0 and self._fk.window == 0 else 0
         spare = self.settings.window + self.settings.flush_every + 1
@@ -152,6 +165,20 @@ class TurboQuantLayer(DynamicLayer):
         if self.layer_idx is not None:
             _PENDING.layers[self.layer_idx] = self
         return keys, values
+
+    def _check_layout(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        # The buffers were sized by the first tensors this layer saw (under tensor parallelism: this
+        # rank's slice of the KV heads). Anything else is another rank's or another model's layout.
+        assert self._fk is not None
+        held = (*self._fk.data.shape[:2], self._fk.data.shape[3])
+        for name, x in (("keys", key_states), ("values", value_states)):
+            got = (x.shape[0], x.shape[1], x.shape[3])
+            if got != held or x.device != self._fk.data.device:
+                raise TurboQuantError(
+                    f"layer {self.layer_idx}: {name} of [batch, kv_heads, head_dim] = {list(got)} on {x.device}, but this "
+                    f"cache layer holds {list(held)} on {self._fk.data.device}; one cache serves one rank's heads on one "
+                    "device (build a cache per tensor-parallel rank, reset it before changing the batch)"
+                )
 
     def get_seq_length(self) -> int:
         return self.full_length + self.compressed_length
@@ -324,7 +351,16 @@ class TurboQuantCache(Cache):
         self.settings = settings
         self.model_config = config
         self.head_dim = head_dim
+        self._kv_heads = _config_kv_heads(text_config, n_layers)
         enable_turboquant_attention(config)
+
+    def kv_heads(self, layer_idx: int) -> int | None:
+        """The config's (global) KV head count of a layer, ``None`` when the config does not say.
+
+        Under tensor parallelism each rank's tensors hold ``kv_heads / tp_size`` of them; the cache
+        sizes its buffers from the tensors, never from this number.
+        """
+        return self._kv_heads[layer_idx] if self._kv_heads is not None and 0 <= layer_idx < len(self._kv_heads) else None
 
     def attention_enabled(self) -> bool:
         impl = getattr(self.model_config, "_attn_implementation", None)
@@ -367,7 +403,11 @@ class TurboQuantCache(Cache):
         }
 
     def bytes_per_token(self) -> float:
-        """Compressed bytes per token per layer (K and V, all kv heads), every scalar counted."""
+        """Compressed bytes per token per layer (K and V, all kv heads), every scalar counted.
+
+        Counts the config's (global) ``num_key_value_heads``: under tensor parallelism with ``tp``
+        ranks each rank holds ``1/tp`` of this (``nbytes``/``memory_report`` count what a rank holds).
+        """
         key_cfg, value_cfg = self.settings.quantizer_configs(self.head_dim)
         heads = getattr(self.model_config.get_text_config(decoder=True) if hasattr(self.model_config, "get_text_config") else self.model_config, "num_key_value_heads", 1)
         return heads * (bytes_per_vector(key_cfg) + bytes_per_vector(value_cfg))
@@ -409,6 +449,11 @@ def turboquant_attention(
     """
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    if query.shape[1] % key.shape[1]:
+        raise TurboQuantError(
+            f"{query.shape[1]} query heads are not a multiple of {key.shape[1]} kv heads; under tensor parallelism "
+            "q_proj and k_proj/v_proj must be sharded by the same number of ranks"
+        )
     layer_idx = getattr(module, "layer_idx", None)
     layer = _PENDING.layers.pop(layer_idx, None) if layer_idx is not None else None
     if layer is not None and key.shape[-2] != layer.full_length:
@@ -427,24 +472,52 @@ def turboquant_attention(
     if mask is None and query.shape[2] > 1:
         mask = _causal_mask(query.shape[2], n + key.shape[-2], query.device)
     if mask is not None:  # None: one query token that sees every cached token (no padding)
+        mask = mask.to(query.device)  # no-op unless a layer split left the mask on another device
         if mask.shape[-1] != n + key.shape[-2]:
             raise TurboQuantError(f"attention mask covers {mask.shape[-1]} tokens, the cache holds {n + key.shape[-2]}")
         # reorder columns to [compressed | sink | window] as the kernels expect
         mask = torch.cat([mask[..., s : s + n], mask[..., :s], mask[..., s + n :]], dim=-1)
-    out = quantized_attention(
-        query,
-        layer.compressed_keys(),
-        layer.compressed_values(),
-        key,
-        value,
-        scaling,
-        mask=mask,
-        key_offset=layer.key_offset,
-        value_offset=layer.value_offset,
-        chunk=layer.settings.chunk,
-        backend=layer.settings.backend,
-    )
+    with _device_scope(query.device):
+        out = quantized_attention(
+            query,
+            layer.compressed_keys(),
+            layer.compressed_values(),
+            key,
+            value,
+            scaling,
+            mask=mask,
+            key_offset=layer.key_offset,
+            value_offset=layer.value_offset,
+            chunk=layer.settings.chunk,
+            backend=layer.settings.backend,
+        )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _device_scope(device: torch.device) -> Any:
+    """Make ``device`` the current CUDA device (no-op elsewhere).
+
+    Triton launches on the *current* device, not the tensors' one: with ``device_map="auto"`` a
+    layer's cache and query can sit on ``cuda:1`` while ``cuda:0`` is current.
+    """
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _config_kv_heads(text_config: Any, n_layers: int) -> list[int] | None:
+    """Per-layer global KV head counts from a transformers text config, ``None`` if it has none."""
+    try:  # transformers >= 5.x: a view with one config per layer (layers may differ in head counts)
+        configs = list(text_config.per_layer_config)
+    except (AttributeError, TypeError):
+        configs = []
+    if len(configs) != n_layers:
+        configs = [text_config] * n_layers
+    heads = []
+    for cfg in configs:
+        count = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", None)
+        if not isinstance(count, int) or count < 1:
+            return None
+        heads.append(count)
+    return heads
 
 
 def _causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
