@@ -83,7 +83,7 @@ class CudaTuning:
     Args:
         variant: ``(warps, tiles, prefetch, decoder)`` or None for the compiled default of the widths
             (8 warps × 2 tiles with the shared-memory table for 3/4 bits, 4 × 4 with the register
-            decoder for 2 bits, both with cp.async prefetch). prefetch: 0 none, 1 two register
+            decoder for 2 bits, plain loads: cp.async measured slower on an H200). prefetch: 0 none, 1 two register
             buffers, 2 cp.async one iteration ahead; decoder: 0 registers (prmt), 1 shared table,
             2 keys through registers and values through the table. Other variants exist only in
             ``-DTQ_TUNE`` builds, which a non-None variant triggers.
