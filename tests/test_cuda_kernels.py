@@ -56,10 +56,12 @@ def _inputs(bits, d, b, hq, hkv, l, n, w, capacity=None, seed=0):
     return q, keys, values, fk, fv
 
 
-def _check(ca, q, keys, values, fk, fv, mask=None, koff=None, voff=None, tol=TOL):
+def _check(ca, q, keys, values, fk, fv, mask=None, koff=None, voff=None, tol=TOL, tuning=None):
+    from turboquant.kernels.tuning import DEFAULT_CUDA_TUNING
+
     d = q.shape[-1]
     assert ca.cuda_supports(q, keys, values, fk, fv), "the CUDA kernel must run (not a fallback)"
-    out = ca.cuda_quantized_attention(q, keys, values, fk, fv, d**-0.5, mask, koff, voff)
+    out = ca.cuda_quantized_attention(q, keys, values, fk, fv, d**-0.5, mask, koff, voff, tuning=tuning or DEFAULT_CUDA_TUNING)
     ref = float64_attention(q, keys, values, fk, fv, d**-0.5, mask, koff, voff)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert torch.isfinite(out).all()
@@ -89,9 +91,12 @@ def test_long_context_100k(ca, poisoned):
         _check(ca, q, k, v, fk, fv)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("bits", [4, 3, 2])
 @pytest.mark.parametrize("kind", ["bool", "float", "half"])
-def test_masks_offsets_window(ca, poisoned, bits, kind):
+def test_masks_offsets_window(ca, poisoned, bits, kind, fused):
+    from turboquant.kernels.tuning import CudaTuning
+
     b, hq, hkv, l, n, w = 2, 8, 2, 3, 777, 5  # l = 3: 12 query rows per kv head = two row blocks
     q, k, v, fk, fv = _inputs(bits, 128, b, hq, hkv, l, n, w, capacity=1024)
     g = torch.Generator(device="cuda").manual_seed(5)
@@ -104,7 +109,22 @@ def test_masks_offsets_window(ca, poisoned, bits, kind):
         mask = mask.half() if kind == "half" else mask
     koff = torch.randn(b, hkv, 128, device="cuda") * 0.3
     voff = torch.randn(b, hkv, 128, device="cuda") * 0.3
-    _check(ca, q, k, v, fk, fv, mask, koff, voff)
+    _check(ca, q, k, v, fk, fv, mask, koff, voff, tuning=CudaTuning(fused=fused))
+
+
+def test_many_splits_window_offsets_fully_masked(ca, poisoned):
+    """B=1: dozens of splits merged by the last CTA, with a window of 40 tokens (two 32-token chunks),
+    a value offset, a mask and one head whose every column (compressed and window) is masked."""
+    b, hq, hkv, l, n, w = 1, 32, 8, 1, 20011, 40
+    for bits in (4, 3, 2):
+        q, k, v, fk, fv = _inputs(bits, 128, b, hq, hkv, l, n, w, seed=bits)
+        mask = torch.rand(b, hq, l, n + w, device="cuda") > 0.2
+        mask[0, 5] = False
+        voff = torch.randn(b, hkv, 128, device="cuda") * 0.3
+        out = ca.cuda_quantized_attention(q, k, v, fk.half(), fv.bfloat16(), 128**-0.5, mask, None, voff)
+        ref = float64_attention(q, k, v, fk.half(), fv.bfloat16(), 128**-0.5, mask, None, voff)
+        assert torch.equal(out[0, 5], torch.zeros_like(out[0, 5]))
+        assert relative_error(out, ref) < TOL
 
 
 def test_per_head_mask_and_fully_masked_rows(ca, poisoned):
@@ -158,6 +178,18 @@ def test_cuda_graph_capture(ca):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = f()
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, ref)
+    for _ in range(3):  # the arrival counters must be back to zero after every replay
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, ref)
+    assert torch.equal(f(), ref)  # and eager calls after the graph
+
+
+def test_fused_equals_triton_combine(ca):
+    from turboquant.kernels.tuning import CudaTuning
+
+    q, k, v, fk, fv = _inputs(4, 128, 2, 32, 8, 1, 30000, 8)
+    a = ca.cuda_quantized_attention(q, k, v, fk, fv, 128**-0.5)
+    b = ca.cuda_quantized_attention(q, k, v, fk, fv, 128**-0.5, tuning=CudaTuning(fused=False))
+    assert relative_error(a, b) < 1e-5

@@ -26,6 +26,20 @@ struct Params {
   uint32_t ktab[4];    // key decoder tables for the register (prmt) decoders (fp16 low/high bytes)
   uint32_t vtab[4];
   unsigned short kcent[16], vcent[16];  // fp16 centroids (shared-memory table decoder)
+  // fused finish (fused != 0): the last CTA of each (batch, kv head, row block) merges the splits,
+  // rotates back (acc @ Pi_v), adds the value offset, attends over the full-precision window and
+  // writes the output; otherwise the partials go to the Triton combine kernel.
+  int fused;
+  int* counter;        // [BH * row blocks] int32, zero between launches (the last CTA resets its entry)
+  const float* pv;     // [D, D] fp32 Pi_v
+  const float* voff;   // [BH, D] fp32 or nullptr
+  const float* qf;     // [BH, M, D] fp32 unrotated query (window scores), or nullptr when W = 0
+  const void* fk;      // [B, Hkv, W, D] window keys (element strides, last stride 1)
+  const void* fv;
+  long long fk_sb, fk_sh, fk_sw, fv_sb, fv_sh, fv_sw;
+  int w, fk_kind, fv_kind;  // window length; dtype kinds 2 fp32, 3 fp16, 4 bf16
+  void* out;           // [BH, M, D] output
+  int out_kind;
 };
 
 }  // namespace tq

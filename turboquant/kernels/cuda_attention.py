@@ -14,11 +14,15 @@ What runs (the design is in the ``.cu`` header comment and docs/kernel_notes.md)
 
 1. the wrapper rotates the query once (``q @ Π_kᵀ``, natural coordinate order);
 2. the warp-level kernel streams each (batch, kv head)'s codes split across CTAs
-   (flash-decoding) and warps; every warp keeps its own online softmax; the CTA
-   writes one partial ``(acc, max, sum)`` in the format of the Triton combine kernel;
-3. :func:`~turboquant.kernels.triton_attention.triton_attention_combine_kernel`
-   merges the partials, rotates the value accumulator back (``acc @ Π_v``), adds the
-   value offset and attends over the full-precision window.
+   (flash-decoding) and warps (optionally copied one iteration ahead with ``cp.async``,
+   ``prefetch = 2``; measured slower, kept as a variant); every warp keeps its own online
+   softmax; the CTA writes one partial ``(acc, max, sum)``;
+3. fused finish (``CudaTuning.fused``, the default): the last CTA of each (batch, kv head)
+   to finish (an arrival counter) merges the partials, rotates the value accumulator
+   back (``acc @ Π_v``), adds the value offset, attends over the full-precision window
+   and writes the output: one launch after the rotation. With ``fused=False`` step 3 is
+   :func:`~turboquant.kernels.triton_attention.triton_attention_combine_kernel` (same
+   partial format), kept for comparison.
 
 Covered: MSE keys and values with equal integer widths 2, 3 or 4, head_dim 64 or
 128, fp16 norms, codes whose rows are contiguous (``stride(-2) == code_bytes``, as
@@ -65,7 +69,14 @@ _BINDING = r"""
 #include "cuda_attention.cuh"
 
 cudaError_t tq_decode_dispatch(const tq::Params& p, int kbits, int vbits, int d, int bh, int rblocks, int nw,
-                               int tiles, bool mask, bool prefetch, int dec, cudaStream_t s, int* info);
+                               int tiles, bool mask, int prefetch, int dec, cudaStream_t s, int* info);
+
+static int float_kind(const torch::Tensor& t) {
+  if (t.scalar_type() == at::kFloat) return 2;
+  if (t.scalar_type() == at::kHalf) return 3;
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16, "turboquant CUDA decode: float32/float16/bfloat16 expected");
+  return 4;
+}
 
 static tq::Params make_params(const std::vector<int64_t>& c) {
   tq::Params p{};
@@ -83,11 +94,35 @@ static tq::Params make_params(const std::vector<int64_t>& c) {
 }
 
 // v = {kbits, vbits, d, bh, rblocks, warps, tiles, prefetch, decoder}
+// fused finish when out is given: counter [BH * rblocks] int32 (zero), pv [D, D] fp32, voff [BH, D] fp32,
+// qf [BH, M, D] fp32 and fk / fv [B, Hkv, W, D] (W > 0 only), out [BH, M, D] in the query dtype.
 void decode(torch::Tensor q, c10::optional<torch::Tensor> qoff, torch::Tensor kc, torch::Tensor kn,
             torch::Tensor vc, torch::Tensor vn, c10::optional<torch::Tensor> mask, torch::Tensor part,
-            double scale2, std::vector<int64_t> c, std::vector<int64_t> v) {
+            double scale2, std::vector<int64_t> c, std::vector<int64_t> v,
+            c10::optional<torch::Tensor> out, c10::optional<torch::Tensor> counter, c10::optional<torch::Tensor> pv,
+            c10::optional<torch::Tensor> voff, c10::optional<torch::Tensor> qf, c10::optional<torch::Tensor> fk,
+            c10::optional<torch::Tensor> fv) {
   const c10::cuda::CUDAGuard guard(q.device());
   tq::Params p = make_params(c);
+  p.fused = out.has_value() ? 1 : 0;
+  if (p.fused) {
+    p.out = out->data_ptr();
+    p.out_kind = float_kind(*out);
+    p.counter = counter->data_ptr<int>();
+    p.pv = pv->data_ptr<float>();
+    p.voff = voff.has_value() ? voff->data_ptr<float>() : nullptr;
+    p.w = 0;
+    if (fk.has_value()) {
+      p.qf = qf->data_ptr<float>();
+      p.fk = fk->data_ptr();
+      p.fv = fv->data_ptr();
+      p.fk_kind = float_kind(*fk);
+      p.fv_kind = float_kind(*fv);
+      p.fk_sb = fk->stride(0); p.fk_sh = fk->stride(1); p.fk_sw = fk->stride(2);
+      p.fv_sb = fv->stride(0); p.fv_sh = fv->stride(1); p.fv_sw = fv->stride(2);
+      p.w = (int)fk->size(2);
+    }
+  }
   p.q = q.data_ptr<float>();
   p.qoff = qoff.has_value() ? qoff->data_ptr<float>() : nullptr;
   p.scale2 = (float)scale2;
@@ -98,7 +133,7 @@ void decode(torch::Tensor q, c10::optional<torch::Tensor> qoff, torch::Tensor kc
   p.mask = mask.has_value() ? mask->data_ptr() : nullptr;
   p.part = part.data_ptr<float>();
   cudaError_t err = tq_decode_dispatch(p, (int)v[0], (int)v[1], (int)v[2], (int)v[3], (int)v[4], (int)v[5],
-                                       (int)v[6], p.mask != nullptr, v[7] != 0, (int)v[8],
+                                       (int)v[6], p.mask != nullptr, (int)v[7], (int)v[8],
                                        c10::cuda::getCurrentCUDAStream().stream(), nullptr);
   TORCH_CHECK(err == cudaSuccess, "turboquant CUDA decode: ", cudaGetErrorString(err));
 }
@@ -108,7 +143,7 @@ std::vector<int64_t> variant_info(std::vector<int64_t> v, bool mask) {
   tq::Params p{};
   int info[4] = {0, 0, 0, 0};
   cudaError_t err = tq_decode_dispatch(p, (int)v[0], (int)v[1], (int)v[2], 1, 1, (int)v[5], (int)v[6], mask,
-                                       v[7] != 0, (int)v[8], nullptr, info);
+                                       (int)v[7], (int)v[8], nullptr, info);
   TORCH_CHECK(err == cudaSuccess, "turboquant CUDA variant: ", cudaGetErrorString(err));
   return {info[0], info[1], info[2], info[3]};
 }
@@ -245,6 +280,33 @@ def _rotation_t(config: QuantizerConfig, device: torch.device) -> torch.Tensor:
     return make_rotation(config.rotation, config.dim, config.seed).matrix(device).T.contiguous()
 
 
+@lru_cache(maxsize=64)
+def _rotation(config: QuantizerConfig, device: torch.device) -> torch.Tensor:
+    """``Π_v`` (float32 ``[d, d]``, contiguous): the fused finish computes ``acc @ this``."""
+    return make_rotation(config.rotation, config.dim, config.seed).matrix(device).float().contiguous()
+
+
+_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _counters(size: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 arrival counters of the fused finish (the kernel leaves them zero again).
+
+    Kept per (device, stream) so that launches on different streams never share one; inside
+    a CUDA-graph capture a buffer that was not made before is allocated (and zeroed) in the graph.
+    """
+    stream = torch.cuda.current_stream(device)
+    key = (device.index if device.index is not None else torch.cuda.current_device(), stream.cuda_stream)
+    buf = _COUNTERS.get(key)
+    if buf is not None and buf.numel() >= size:
+        return buf
+    if torch.cuda.is_current_stream_capturing():
+        return torch.zeros(size, dtype=torch.int32, device=device)
+    buf = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
+    _COUNTERS[key] = buf
+    return buf
+
+
 @lru_cache(maxsize=32)
 def _tables(dim: int, bits: int) -> tuple[list[int], list[int]]:
     """Register-decoder tables (4 words) and the fp16 centroid bits (16 entries) of a codebook."""
@@ -342,8 +404,6 @@ def cuda_quantized_attention(
     mod = _module(query.device, tune)
     if mod is None:
         return _fallback(*args)
-    from .triton_combine import combine_partials
-
     assert keys is not None and values is not None
     b, hq, l, d, n, w, hkv = attention_shapes(query, keys, values, full_keys, None)
     g = hq // hkv
@@ -391,7 +451,8 @@ def cuda_quantized_attention(
     tps = _cdiv(_cdiv(n, splits), per_cta) * per_cta  # whole iterations for every warp
     splits = _cdiv(n, tps)
     ac = 16 + d
-    parts = _empty(bh, splits, m, ac + 2, dtype=torch.float32, device=dev)
+    # partials of the splits (not written when the fused finish runs on a single split)
+    parts = _empty(*((1,) if tuning.fused and splits == 1 else (bh, splits, m, ac + 2)), dtype=torch.float32, device=dev)
 
     ktab, kcent = _tables(d, kb)
     vtab, vcent = _tables(d, vb)
@@ -404,7 +465,32 @@ def cuda_quantized_attention(
         *ms, kind, ac, n, hkv, m, l, g, tps, splits,
         *ktab, *vtab, *kcent, *vcent,
     ]  # fmt: skip
-    mod.decode(q_rot, qoff, kc, kn, vc, vn, mask4, parts, scale2, c, [kb, vb, d, bh, rblocks, nw, tiles, pf, dec])
+    v = [kb, vb, d, bh, rblocks, nw, tiles, pf, dec]
+    if tuning.fused:
+        # one launch: the last CTA of each (batch, kv head, row block) merges the splits, rotates back,
+        # adds the value offset and the full-precision window, and writes the output
+        out = _empty(b, hkv, m, d, dtype=query.dtype, device=dev)
+        odt = out if out.dtype in (torch.float32, torch.float16, torch.bfloat16) else None
+        if odt is None:  # other query dtypes: computed in float32, cast after
+            out = _empty(b, hkv, m, d, dtype=torch.float32, device=dev)
+        voff = value_offset.float().reshape(bh, d).contiguous() if value_offset is not None else None
+        fk = fv = qwin = None
+        if w:
+            assert full_keys is not None and full_values is not None
+            fk, fv = full_keys, full_values
+            if fk.dtype not in (torch.float32, torch.float16, torch.bfloat16) or fk.stride(-1) != 1:
+                fk = fk.float().contiguous()
+            if fv.dtype not in (torch.float32, torch.float16, torch.bfloat16) or fv.stride(-1) != 1:
+                fv = fv.float().contiguous()
+            qwin = qf
+        counter = _counters(bh * rblocks, dev) if splits > 1 else _counters(1, dev)
+        mod.decode(q_rot, qoff, kc, kn, vc, vn, mask4, parts, scale2, c, v, out, counter, _rotation(vcfg, dev), voff, qwin, fk, fv)
+        if odt is None:
+            out = out.to(query.dtype)
+        return out.reshape(b, hq, l, d)
+    mod.decode(q_rot, qoff, kc, kn, vc, vn, mask4, parts, scale2, c, v, None, None, None, None, None, None, None)
+
+    from .triton_combine import combine_partials
 
     # combine: the Triton kernel of triton_attention.py (same partial format; an empty 16-column high stream)
     block_m = min(max(16, 1 << max(0, (m - 1).bit_length())), DEFAULT_TUNING.max_block_m)

@@ -83,13 +83,18 @@ class CudaTuning:
     Args:
         variant: ``(warps, tiles, prefetch, decoder)`` or None for the compiled default of the widths
             (8 warps × 2 tiles with the shared-memory table for 3/4 bits, 4 × 4 with the register
-            decoder for 2 bits). Other variants exist only in ``-DTQ_TUNE`` builds, which a non-None
-            variant triggers.
+            decoder for 2 bits, plain loads: cp.async measured slower on an H200). prefetch: 0 none, 1 two register
+            buffers, 2 cp.async one iteration ahead; decoder: 0 registers (prmt), 1 shared table,
+            2 keys through registers and values through the table. Other variants exist only in
+            ``-DTQ_TUNE`` builds, which a non-None variant triggers.
         waves: CTAs launched ≈ waves × (CTAs resident per SM × SMs).
+        fused: merge the splits, rotate back, add the value offset and the full-precision window
+            inside the decode kernel (last CTA per head); False uses the Triton combine kernel.
     """
 
     variant: tuple[int, int, int, int] | None = None
     waves: int = 1
+    fused: bool = True
 
     def __post_init__(self) -> None:
         if self.variant is not None:
@@ -99,6 +104,8 @@ class CudaTuning:
             object.__setattr__(self, "variant", v)
         if isinstance(self.waves, bool) or not isinstance(self.waves, int) or self.waves < 1:
             raise TurboQuantError(f"CudaTuning.waves must be a positive int, got {self.waves!r}")
+        if not isinstance(self.fused, bool):
+            raise TurboQuantError(f"CudaTuning.fused must be a bool, got {self.fused!r}")
 
 
 DEFAULT_CUDA_TUNING = CudaTuning()
