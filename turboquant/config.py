@@ -19,6 +19,8 @@ __version__ = "0.1.0"
 FORMAT_VERSION = 1
 MIN_BITS = 1
 MAX_BITS = 8
+MAX_DIM = 1 << 16  # bounds what a config (e.g. one read from a file) may make the library allocate (a d×d rotation)
+MAX_SEED = (1 << 64) - 1  # seeds are 64-bit
 
 
 class TurboQuantError(ValueError):
@@ -159,8 +161,8 @@ class QuantizerConfig:
     def __post_init__(self) -> None:
         if isinstance(self.dim, bool) or not isinstance(self.dim, int):
             raise TurboQuantError(f"dim must be an int, got {type(self.dim).__name__}")
-        if self.dim < 2:
-            raise TurboQuantError(f"dim={self.dim} is not supported; dim must be >= 2")
+        if not 2 <= self.dim <= MAX_DIM:
+            raise TurboQuantError(f"dim={self.dim} is not supported; dim must be in [2, {MAX_DIM}]")
         if isinstance(self.bits, bool) or not isinstance(self.bits, (int, float)) or not math.isfinite(self.bits):
             raise TurboQuantError(f"bits must be a finite number, got {self.bits!r}")
         if not (MIN_BITS <= self.bits <= MAX_BITS):
@@ -169,8 +171,8 @@ class QuantizerConfig:
         object.__setattr__(self, "rotation", _enum_value(Rotation, self.rotation, "rotation"))
         if self.norm_dtype not in _NORM_DTYPES:
             raise TurboQuantError(f"norm_dtype={self.norm_dtype!r} is not supported; choose one of {_NORM_DTYPES}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise TurboQuantError(f"seed must be a non-negative int, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise TurboQuantError(f"seed must be an int in [0, 2**64 - 1], got {self.seed!r}")
         if self.version != FORMAT_VERSION:
             raise TurboQuantError(f"config version {self.version} is not supported (this library writes {FORMAT_VERSION})")
         n_hi, b_hi, _, b_lo = self.bit_split

@@ -23,12 +23,9 @@ while another thread adds or removes vectors sees the index either before or aft
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import threading
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,17 +33,19 @@ import torch
 
 from .buffers import GrowableBuffer
 from .codec import bytes_per_vector, code_bytes, decode_mse, decode_mse_numpy, encode, reconstruction_norms
-from .config import Engine, IndexConfig, Metric, QuantizerConfig, TurboQuantError, Variant, replace_fields
+from .config import Engine, IndexConfig, Metric, QuantizerConfig, TurboQuantError, replace_fields
 from .inputs import ArrayLike, as_ids, as_matrix, to_numpy32, to_torch
 from .fastscan import FastScan, faiss_available, nibble_plan, thread_pool
+from .index_file import INDEX_KIND, INDEX_VERSION, MAX_ID, IndexHeader, read_index_file, write_index_file
 from .rotation import make_rotation
 
-
-INDEX_KIND = "index"
-INDEX_VERSION = 1
 _MIN_SHARD = 8192  # fast-scan shard size floor: smaller shards cost more per-call overhead than they save
 _CHUNK = 16384  # vectors encoded / decoded at a time: bounds temporary memory
 _NORM_SPREAD = {Metric.IP: 1.02, Metric.COSINE: 1.02, Metric.L2: 1.002}  # max/min stored norm for the fast-scan shortlist
+
+
+def _shown(ids: np.ndarray) -> str:
+    return ", ".join(str(int(i)) for i in ids[:10]) + (" ..." if ids.size > 10 else "")
 
 
 def _default_rerank(k: int, exact_scan: bool) -> int:
@@ -201,46 +200,66 @@ class TurboQuantIndex:
             return np.arange(len(self), dtype=np.int64)
         return self._ids.numpy("ids")
 
-    def _materialize_ids(self) -> None:
+    def _materialize_ids(self, count: int | None = None) -> None:
+        """Store the implicit ids ``0..count-1`` explicitly (``count``: default all stored vectors)."""
         if self._ids is None:
             self._ids = GrowableBuffer(axis=0)
-            self._ids.append({"ids": torch.arange(len(self), dtype=torch.int64)})
+            self._ids.append({"ids": torch.arange(len(self) if count is None else count, dtype=torch.int64)})
 
     # ----------------------------------------------------------------- add / remove
 
-    def add(self, x: ArrayLike, ids: ArrayLike | None = None) -> np.ndarray:
+    def add(self, x: ArrayLike, ids: ArrayLike | None = None, *, upsert: bool = False) -> np.ndarray:
         """Quantize and append vectors; returns their int64 ids.
+
+        All or nothing: the whole batch is checked and encoded before anything is stored, so a
+        batch with one NaN row, a duplicate id or an id overflow raises and leaves the index as it was.
 
         Args:
             x: ``(n, dim)`` (or ``(dim,)``) numpy array or torch tensor, any float dtype, any
-                ``n`` (streaming: call repeatedly with batches of any size).
-            ids: optional non-negative 64-bit ids (default: sequential, continuing after the
-                largest id seen). Uniqueness is the caller's responsibility.
+                ``n``; a memory-mapped ``.npy`` array is read in chunks of 16,384 rows (see
+                :func:`turboquant.streaming.build_index` for files larger than RAM).
+            ids: optional non-negative 64-bit ids, unique within the batch (default: sequential,
+                continuing after the largest id seen).
+            upsert: ids already in the index are replaced (their old vectors removed, in the same
+                locked step). Without it an id already stored raises :class:`TurboQuantError`.
         """
         t = to_torch(as_matrix(x, self.dim, "x")[0])
         n = t.shape[0]
         new_ids = None if ids is None else as_ids(ids, n)
+        if new_ids is not None and n > 1:
+            uniq, counts = np.unique(new_ids, return_counts=True)
+            if uniq.size != n:
+                dup = uniq[counts > 1]
+                raise TurboQuantError(f"ids contain duplicates within the batch: {_shown(dup)}; nothing was added")
         with self._lock:
             if self._device is None and len(self) == 0:
                 self._device = t.device
                 self._reset_storage(t.device)
-            device = self.device
-            chunks = [t[start : start + _CHUNK].to(device) for start in range(0, n, _CHUNK)]
-            if device.type == "cpu" and len(chunks) > 1:  # torch releases the GIL: encode chunks on all cores
-                encoded = list(thread_pool(max(1, torch.get_num_threads())).map(self._encode, chunks))
-            else:
-                encoded = [self._encode(c) for c in chunks]
-            codes = torch.cat([c for c, _ in encoded]) if encoded else torch.empty(0, code_bytes(self._qcfg), dtype=torch.uint8)
-            norms = torch.cat([nm for _, nm in encoded]) if encoded else torch.empty(0, dtype=self._norm_dtype)
             if new_ids is None:
+                if self._next_id > MAX_ID - n + 1:
+                    raise TurboQuantError(f"sequential ids would pass 2**63 - 1 (next id {self._next_id}); nothing was added")
                 new_ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
-                if self._ids is None and self._next_id != len(self):
-                    self._materialize_ids()
-            elif self._ids is None and not np.array_equal(new_ids, np.arange(len(self), len(self) + n)):
-                self._materialize_ids()
+            # ids below next_id may collide; sequential and fresh explicit ids skip the O(n) lookup
+            stale = np.zeros(0, np.int64)
+            if n and len(self) and int(new_ids.min()) < self._next_id:
+                stored = self._id_array()
+                hit = np.isin(new_ids, stored)
+                if hit.any() and not upsert:
+                    raise TurboQuantError(
+                        f"{int(hit.sum())} id(s) already in the index: {_shown(new_ids[hit])}; nothing was added "
+                        "(pass upsert=True to replace them)"
+                    )
+                stale = new_ids[hit]
+            if stale.size:  # encode first (may raise), then swap old for new under the lock
+                codes, norms = self._encode_all(t)
+                self.remove(stale)
+                self._store.append({"codes": codes, "norms": norms})
+            else:
+                codes = self._encode_into_spare(t)
+            if new_ids.size and (self._ids is not None or not np.array_equal(new_ids, np.arange(len(self) - n, len(self)))):
+                self._materialize_ids(len(self) - n)
             if self._ids is not None:
                 self._ids.append({"ids": torch.from_numpy(new_ids)})
-            self._store.append({"codes": codes.to(device), "norms": norms.to(device)})
             self._norm_range = None
             if n:
                 self._next_id = max(self._next_id, int(new_ids.max()) + 1)
@@ -252,6 +271,43 @@ class TurboQuantIndex:
             elif n and self.config.engine is not Engine.TORCH:
                 self._use_fastscan()  # build the fast-scan mirror now, as part of the build time
             return new_ids
+
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` more vectors now, so a streaming build grows its buffers once (no 2x slack)."""
+        with self._lock:
+            self._store.reserve(len(self) + int(n), self._templates())
+
+    def _templates(self) -> dict[str, tuple[tuple[int, ...], torch.dtype, torch.device]]:
+        return {"codes": ((0, code_bytes(self._qcfg)), torch.uint8, self.device), "norms": ((0,), self._norm_dtype, self.device)}
+
+    def _chunks(self, t: torch.Tensor) -> list[slice]:
+        return [slice(s, min(s + _CHUNK, t.shape[0])) for s in range(0, t.shape[0], _CHUNK)]
+
+    def _run(self, job: Any, parts: list[slice]) -> list[Any]:
+        if self.device.type == "cpu" and len(parts) > 1:  # torch releases the GIL: encode chunks on all cores
+            return list(thread_pool(max(1, torch.get_num_threads())).map(job, parts))
+        return [job(p) for p in parts]
+
+    def _encode_all(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self._run(lambda p: self._encode(t[p].to(self.device)), self._chunks(t))
+        if not enc:
+            return torch.empty(0, code_bytes(self._qcfg), dtype=torch.uint8), torch.empty(0, dtype=self._norm_dtype)
+        return torch.cat([c for c, _ in enc]), torch.cat([m for _, m in enc])
+
+    def _encode_into_spare(self, t: torch.Tensor) -> torch.Tensor:
+        """Encode ``t`` straight into the buffers' free capacity, then mark it filled; returns the new codes."""
+        n, start = t.shape[0], len(self)
+        self._store.reserve(start + n, self._templates())
+        codes, norms = self._store.tensors["codes"], self._store.tensors["norms"]
+
+        def job(p: slice) -> None:
+            c, m = self._encode(t[p].to(self.device))
+            codes[start + p.start : start + p.stop].copy_(c)
+            norms[start + p.start : start + p.stop].copy_(m)
+
+        self._run(job, self._chunks(t))  # raises before anything is marked stored
+        self._store.advance(n)
+        return codes[start : start + n]
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         xf = x.float()
@@ -282,8 +338,7 @@ class TurboQuantIndex:
             hit = np.isin(stored, wanted)
             missing = np.setdiff1d(wanted, stored[hit])
             if missing.size:
-                shown = ", ".join(str(i) for i in missing[:10]) + (" ..." if missing.size > 10 else "")
-                raise TurboQuantError(f"{missing.size} id(s) not in the index: {shown}")
+                raise TurboQuantError(f"{missing.size} id(s) not in the index: {_shown(missing)}; nothing was removed")
             if not hit.any():
                 return 0
             self._materialize_ids()
@@ -489,37 +544,20 @@ class TurboQuantIndex:
 
     # ----------------------------------------------------------------- persistence
 
-    def _header(self) -> dict[str, Any]:
-        return {
-            "index_version": INDEX_VERSION,
-            "config": self._qcfg.to_dict(),
-            "metric": self.metric.value,
-            "correction": self.config.correction,
-            "count": len(self),
-            "next_id": self._next_id,
-            "explicit_ids": self._ids is not None,
-        }
-
-    @staticmethod
-    def _digest(header: dict[str, Any], tensor_checksum: str) -> str:
-        # covers the index header too: the core checksum covers only tensor bytes
-        return hashlib.sha256((json.dumps(header, sort_keys=True) + tensor_checksum).encode()).hexdigest()
+    def _file_header(self) -> IndexHeader:
+        return IndexHeader(self._qcfg, self.metric, self.config.correction, len(self), self._next_id, self._ids is not None)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the index to ``path`` atomically (safetensors + versioned, checksummed header).
 
         Holds only the stored data (codes, norms, explicit ids); the fast-scan mirror is rebuilt
-        after loading. Never pickles.
+        after loading. Never pickles. File format: :mod:`turboquant.index_file`.
         """
-        from .io import save_tensors, tensors_checksum
-
         with self._lock:
             tensors = {"codes": self._codes.cpu(), "norms": self._norms.cpu()}
             if self._ids is not None:
                 tensors["ids"] = self._ids.view("ids").cpu()
-            header = self._header()
-            extra = {"index": header, "index_digest": self._digest(header, tensors_checksum(tensors))}
-            save_tensors(path, tensors, INDEX_KIND, extra)
+            write_index_file(path, tensors, self._file_header())
 
     @classmethod
     def load(
@@ -542,48 +580,11 @@ class TurboQuantIndex:
                 ``search_threads``, ``scan_bits``); the stored ones (dim, bits, metric, rotation,
                 seed, norm dtype, correction) come from the file.
         """
-        from .io import load_tensors, tensors_checksum
-
         fixed = {"dim", "bits", "metric", "rotation", "seed", "norm_dtype", "correction"} & set(options)
         if fixed:
             raise TurboQuantError(f"{sorted(fixed)} are stored in the index file and cannot be overridden when loading")
-        path = Path(path)
-        tensors, header = load_tensors(path, INDEX_KIND, mmap=mmap)
-        meta = header.get("index")
-        if not isinstance(meta, dict):
-            raise TurboQuantError(f"{path}: missing index header; not a turboquant index file")
-        if meta.get("index_version") != INDEX_VERSION:
-            raise TurboQuantError(
-                f"{path}: index version {meta.get('index_version')} is not supported (expected {INDEX_VERSION})"
-            )
-        if header.get("index_digest") != cls._digest(meta, tensors_checksum(tensors)):
-            raise TurboQuantError(f"{path}: index header checksum mismatch; the file is corrupt")
-        try:
-            qcfg = QuantizerConfig.from_dict(meta["config"])
-            metric, count, next_id = Metric(meta["metric"]), int(meta["count"]), int(meta["next_id"])
-            explicit, correction = bool(meta["explicit_ids"]), bool(meta["correction"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise TurboQuantError(f"{path}: invalid index header: {exc}") from None
-        if qcfg.variant is not Variant.MSE:
-            raise TurboQuantError(f"{path}: index codes must be variant 'mse', got {qcfg.variant.value!r}")
-        if count < 0 or next_id < 0:
-            raise TurboQuantError(f"{path}: invalid index header: count={count}, next_id={next_id}")
-        expect = {
-            "codes": ((count, code_bytes(qcfg)), torch.uint8),
-            "norms": ((count,), getattr(torch, qcfg.norm_dtype)),
-        }
-        if explicit:
-            expect["ids"] = ((count,), torch.int64)
-        if set(tensors) != set(expect):
-            raise TurboQuantError(
-                f"{path}: tensors {sorted(tensors)} do not match the header (expected {sorted(expect)})"
-            )
-        for name, (shape, dtype) in expect.items():
-            if tuple(tensors[name].shape) != shape or tensors[name].dtype != dtype:
-                raise TurboQuantError(
-                    f"{path}: tensor {name!r} is {tensors[name].dtype}{tuple(tensors[name].shape)}, "
-                    f"expected {dtype}{shape}"
-                )
+        tensors, head = read_index_file(path, mmap=mmap)  # every header field checked before use
+        qcfg, metric, correction, next_id, explicit = head.config, head.metric, head.correction, head.next_id, head.explicit_ids
         config = IndexConfig(
             qcfg.dim, qcfg.bits, metric, rotation=qcfg.rotation, seed=qcfg.seed, norm_dtype=qcfg.norm_dtype,
             correction=correction, **options,
