@@ -13,9 +13,11 @@ Engines, picked per call: ``fastscan`` (CPU with FAISS, :mod:`turboquant.fastsca
 top ``scan_bits`` bits of every code with a FAISS ``IndexPQFastScan`` whose sub-quantizers are
 fixed nested TurboQuant codebooks (nothing trained; the mirror lives in RAM only), then re-scores
 a shortlist exactly from the stored codes; ``torch`` (any device, any width) decodes blocks of
-codes and multiplies them with the query batch. A lookup table cannot apply a per-vector
-multiplier, so ``auto`` uses fast-scan only while stored norms are nearly equal (normalised
-embeddings, ``metric="cosine"``).
+codes and multiplies them with the query batch. ``auto`` picks fast-scan on CPU whenever FAISS is
+installed. A lookup table cannot apply a per-vector norm, so a mirror of unequal norms is split
+into groups of near-equal norms whose shortlists merge by ``‖x‖ × scan score``
+(:func:`turboquant.fastscan.norm_edges`); before, such indexes fell back to the torch engine
+(2-3x slower in batch, 100x for single queries).
 
 Thread safety: every public method takes the index's re-entrant lock, so a search running
 while another thread adds or removes vectors sees the index either before or after the change.
@@ -32,16 +34,17 @@ import numpy as np
 import torch
 
 from .buffers import GrowableBuffer
-from .codec import bytes_per_vector, code_bytes, decode_mse, decode_mse_numpy, encode, reconstruction_norms
+from .codec import bytes_per_vector, code_bytes, decode_mse, encode, reconstruction_norms
 from .config import Engine, IndexConfig, Metric, QuantizerConfig, TurboQuantError, replace_fields
 from .inputs import ArrayLike, as_ids, as_matrix, to_numpy32, to_torch
-from .fastscan import FastScan, faiss_available, nibble_plan, thread_pool
+from .fastscan import FastScan, faiss_available, nibble_plan, norm_edges, rescore, rotate_queries, thread_pool
 from .index_file import INDEX_KIND, INDEX_VERSION, MAX_ID, IndexHeader, read_index_file, write_index_file
 from .rotation import make_rotation
 
 _MIN_SHARD = 8192  # fast-scan shard size floor: smaller shards cost more per-call overhead than they save
 _CHUNK = 16384  # vectors encoded / decoded at a time: bounds temporary memory
-_NORM_SPREAD = {Metric.IP: 1.02, Metric.COSINE: 1.02, Metric.L2: 1.002}  # max/min stored norm for the fast-scan shortlist
+_NORM_SPREAD = {Metric.IP: 1.02, Metric.COSINE: 1.02, Metric.L2: 1.002}  # max/min stored norm of one fast-scan group
+_MAX_GROUPS = 8  # norm groups of the fast-scan mirror (each costs a lookup-table pass per query)
 
 
 def _shown(ids: np.ndarray) -> str:
@@ -175,14 +178,11 @@ class TurboQuantIndex:
 
     def _reset_storage(self, device: torch.device) -> None:
         self._store = GrowableBuffer(axis=0)  # "codes" (n, code_bytes) uint8, "norms" (n,)
-        self._store.reserve(0, {
-            "codes": ((0, code_bytes(self._qcfg)), torch.uint8, device),
-            "norms": ((0,), self._norm_dtype, device),
-        })  # fmt: skip
+        self._store.reserve(0, self._templates(device))
         self._ids: GrowableBuffer | None = None  # None: ids are 0..n-1, not stored
         self._next_id = 0
         self._fastscan = None
-        self._norm_range: tuple[float, float] | None = None
+        self._norms32: np.ndarray | None = None  # float32 copy of non-float32 norms
 
     def __len__(self) -> int:
         return self._store.length
@@ -260,14 +260,11 @@ class TurboQuantIndex:
                 self._materialize_ids(len(self) - n)
             if self._ids is not None:
                 self._ids.append({"ids": torch.from_numpy(new_ids)})
-            self._norm_range = None
+            self._norms32 = None
             if n:
                 self._next_id = max(self._next_id, int(new_ids.max()) + 1)
             if self._fastscan is not None:
-                self._fastscan.append(codes.cpu().numpy())
-                if len(self._fastscan.shards) > 4 * self._fastscan.threads:  # grown by streaming: re-split
-                    self._fastscan = None
-                    self._use_fastscan()
+                self._mirror_append(codes)
             elif n and self.config.engine is not Engine.TORCH:
                 self._use_fastscan()  # build the fast-scan mirror now, as part of the build time
             return new_ids
@@ -275,21 +272,20 @@ class TurboQuantIndex:
     def reserve(self, n: int) -> None:
         """Make room for ``n`` more vectors now, so a streaming build grows its buffers once (no 2x slack)."""
         with self._lock:
-            self._store.reserve(len(self) + int(n), self._templates())
+            self._store.reserve(len(self) + int(n), self._templates(self.device))
 
-    def _templates(self) -> dict[str, tuple[tuple[int, ...], torch.dtype, torch.device]]:
-        return {"codes": ((0, code_bytes(self._qcfg)), torch.uint8, self.device), "norms": ((0,), self._norm_dtype, self.device)}
+    def _templates(self, device: torch.device) -> dict[str, tuple[tuple[int, ...], torch.dtype, torch.device]]:
+        return {"codes": ((0, code_bytes(self._qcfg)), torch.uint8, device), "norms": ((0,), self._norm_dtype, device)}
 
-    def _chunks(self, t: torch.Tensor) -> list[slice]:
-        return [slice(s, min(s + _CHUNK, t.shape[0])) for s in range(0, t.shape[0], _CHUNK)]
-
-    def _run(self, job: Any, parts: list[slice]) -> list[Any]:
-        if self.device.type == "cpu" and len(parts) > 1:  # torch releases the GIL: encode chunks on all cores
+    def _run(self, job: Any, t: torch.Tensor) -> list[Any]:
+        """``job(rows)`` for each chunk of ``t``'s rows; chunks of CPU tensors run on all cores (torch releases the GIL)."""
+        parts = [slice(s, min(s + _CHUNK, t.shape[0])) for s in range(0, t.shape[0], _CHUNK)]
+        if self.device.type == "cpu" and len(parts) > 1:
             return list(thread_pool(max(1, torch.get_num_threads())).map(job, parts))
         return [job(p) for p in parts]
 
     def _encode_all(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self._run(lambda p: self._encode(t[p].to(self.device)), self._chunks(t))
+        enc = self._run(lambda p: self._encode(t[p].to(self.device)), t)
         if not enc:
             return torch.empty(0, code_bytes(self._qcfg), dtype=torch.uint8), torch.empty(0, dtype=self._norm_dtype)
         return torch.cat([c for c, _ in enc]), torch.cat([m for _, m in enc])
@@ -297,7 +293,7 @@ class TurboQuantIndex:
     def _encode_into_spare(self, t: torch.Tensor) -> torch.Tensor:
         """Encode ``t`` straight into the buffers' free capacity, then mark it filled; returns the new codes."""
         n, start = t.shape[0], len(self)
-        self._store.reserve(start + n, self._templates())
+        self._store.reserve(start + n, self._templates(self.device))
         codes, norms = self._store.tensors["codes"], self._store.tensors["norms"]
 
         def job(p: slice) -> None:
@@ -305,7 +301,7 @@ class TurboQuantIndex:
             codes[start + p.start : start + p.stop].copy_(c)
             norms[start + p.start : start + p.stop].copy_(m)
 
-        self._run(job, self._chunks(t))  # raises before anything is marked stored
+        self._run(job, t)  # raises before anything is marked stored
         self._store.advance(n)
         return codes[start : start + n]
 
@@ -347,7 +343,7 @@ class TurboQuantIndex:
             assert self._ids is not None
             self._ids.apply(lambda t: t[keep].clone())
             self._fastscan = None  # rebuilt lazily from the stored codes
-            self._norm_range = None
+            self._norms32 = None
             return int(hit.sum())
 
     def reset(self) -> None:
@@ -435,24 +431,48 @@ class TurboQuantIndex:
             self._check_fastscan_possible()
         elif self.device.type != "cpu" or nibble_plan(self._qcfg, self.config.scan_bits) is None or not faiss_available():
             return False
-        elif self.metric != "cosine":
-            if self._norm_range is None:  # cached; reset by add/remove
-                norms = self._norms.float()
-                self._norm_range = (float(norms.min()), float(norms.max()))
-            lo, hi = self._norm_range
-            if lo <= 0 or hi / lo > _NORM_SPREAD[self.metric]:
-                return False
         if self._fastscan is None:
             plan = nibble_plan(self._qcfg, self.config.scan_bits)
             assert plan is not None
             threads = max(1, self.config.search_threads or 1)
-            fs = FastScan(
-                self._qcfg, plan, max(_MIN_SHARD, -(-len(self) // threads)) if threads > 1 else 1 << 62, threads
-            )
-            for start in range(0, len(self), 1 << 18):
-                fs.append(self._codes[start : start + (1 << 18)].numpy())
+            norms = None if self.metric == "cosine" or not len(self) else self._norms_f32()
+            # unequal norms: one shortlist per group of near-equal norms (fastscan.norm_edges)
+            edges = None if norms is None else norm_edges(norms, _NORM_SPREAD[self.metric], _MAX_GROUPS, 256)
+            if edges is not None and self.metric == "l2" and self.config.engine is Engine.AUTO:
+                return False  # -‖x‖² varies inside a group as much as the scan score: exact torch scan
+            shard = max(_MIN_SHARD, -(-len(self) // threads)) if threads > 1 else 1 << 62
+            fs = FastScan(self._qcfg, plan, shard, threads, edges)
+            step = 1 << 18
+            for start in range(0, len(self), step):
+                fs.append(self._codes[start : start + step].numpy(), None if norms is None else norms[start : start + step])
+            fs.norm_range = (float(norms.min()), float(norms.max())) if norms is not None else (1.0, 1.0)
             self._fastscan = fs
         return True
+
+    def _norms_f32(self) -> np.ndarray:
+        """Stored norms as float32 numpy (a view for float32 norms; cached otherwise)."""
+        if self._norm_dtype is torch.float32:
+            return self._store.numpy("norms")
+        if self._norms32 is None:
+            self._norms32 = self._norms.float().cpu().numpy()
+        return self._norms32
+
+    def _mirror_append(self, codes: torch.Tensor) -> None:
+        """Extend the fast-scan mirror by the last ``len(codes)`` stored vectors (or drop it to rebuild)."""
+        fs = self._fastscan
+        assert fs is not None
+        norms = self._norms_f32()[len(self) - len(codes) :]
+        if self.metric != "cosine" and len(norms):
+            lo, hi = min(fs.norm_range[0], float(norms.min())), max(fs.norm_range[1], float(norms.max()))
+            fs.norm_range = (lo, hi)
+            if fs.edges is None and (lo <= 0 or hi / lo > _NORM_SPREAD[self.metric]):  # noqa: SIM102
+                self._fastscan = None  # the norms now spread: regroup
+        if self._fastscan is not None:
+            fs.append(codes.cpu().numpy(), None if fs.edges is None else norms)
+            if len(fs.shards) > 4 * max(fs.threads, len(fs.groups)):  # grown by streaming: re-split
+                self._fastscan = None
+        if self._fastscan is None:
+            self._use_fastscan()
 
     def _scale(self, norms: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
         """Per-vector multiplier of ``<Πq, ŷ>``: ``‖x‖/‖ŷ‖`` (corrected) or ``‖x‖``."""
@@ -489,25 +509,6 @@ class TurboQuantIndex:
             best_keys, best_pos = top.values, torch.gather(pos, 1, top.indices)
         return self._scores_out(best_keys), best_pos
 
-    def _rotate_np(self, q: np.ndarray) -> np.ndarray:
-        # A few queries: matrix-vector products on 256-row blocks of Π stay single-threaded in
-        # BLAS. One large threaded GEMV/GEMM for a single query was 10-40x slower on a busy 2-core
-        # machine (threads waiting on descheduled siblings).
-        if len(q) > 4:
-            return q @ self._rot_t
-        return np.concatenate([self._rot[i : i + 256] @ q.T for i in range(0, self.dim, 256)], axis=0).T
-
-    def _rescore(self, cand: np.ndarray, q_rot: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Exact ``<Πq, ŷ>`` and the per-vector scale of shortlisted positions, from the stored codes."""
-        cfg, flat = self._qcfg, cand.reshape(-1)
-        codes = np.take(self._store.numpy("codes"), flat, axis=0)  # np.take: ~5x faster than fancy indexing
-        y_hat = decode_mse_numpy(codes, cfg)
-        dots = np.matmul(y_hat.reshape(*cand.shape, cfg.dim), q_rot[:, :, None])[..., 0]
-        scale = np.take(self._store.numpy("norms"), flat).astype(np.float32)
-        if self.config.correction:
-            scale /= reconstruction_norms(y_hat)
-        return dots, scale.reshape(cand.shape)
-
     def _search_fastscan(self, q: np.ndarray, k: int, rerank: int | None) -> tuple[np.ndarray, np.ndarray]:
         assert self._fastscan is not None
         cfg = self._qcfg
@@ -519,23 +520,18 @@ class TurboQuantIndex:
             q = q / np.sqrt(np.where(q_sq > 0, q_sq, 1.0))[:, None]
         if self._rot_t is None:
             self._rot_t = self.rotation.matrix().T.contiguous().numpy()
-            self._rot = np.ascontiguousarray(self._rot_t.T)
-        q_rot = self._rotate_np(q)
-        shortlist = min(
-            len(self), max(k, rerank if rerank is not None else _default_rerank(k, self._fastscan.plan.exact))
-        )
-        cand = self._fastscan.search(q_rot, shortlist)
+        q_rot = rotate_queries(q, self._rot_t)
+        shortlist = min(len(self), max(k, rerank if rerank is not None else _default_rerank(k, self._fastscan.plan.exact)))
+        norms = self._norms_f32()
+        cand = self._fastscan.search(q_rot, shortlist, norms if self._fastscan.edges is not None else None, self.metric == "l2")
+        dots, scale = np.empty(cand.shape, np.float32), np.empty(cand.shape, np.float32)
         step = max(1, (1 << 18) // (shortlist * cfg.dim))  # queries per step: decoded block stays in cache (3x faster)
-        if len(q) <= step:
-            dots, scale = self._rescore(cand, q_rot)
-        else:
-            dots, scale = np.empty(cand.shape, np.float32), np.empty(cand.shape, np.float32)
-            for s0 in range(0, len(q), step):
-                sl = slice(s0, s0 + step)
-                dots[sl], scale[sl] = self._rescore(cand[sl], q_rot[sl])
+        for s0 in range(0, len(q), step):
+            sl = slice(s0, s0 + step)
+            dots[sl], scale[sl] = rescore(self._store.numpy("codes"), norms, cfg, self.config.correction, cand[sl], q_rot[sl])
         keys = dots * scale
         if self.metric == "l2":  # -(‖q‖² + ‖x‖² − 2<q, x>), largest first
-            norms = np.take(self._store.numpy("norms"), cand).astype(np.float32)
+            norms = np.take(self._norms_f32(), cand)
             keys = 2 * keys - np.square(norms) - q_sq[:, None]
         order = np.argsort(-keys, axis=1, kind="stable")[:, :k]
         rows = np.arange(len(q))[:, None]
