@@ -67,29 +67,27 @@ def _read_lines(path: Path | None) -> list[str] | None:
 
 
 def _index_build(args: argparse.Namespace) -> int:
-    from .index import TurboQuantIndex
-
     if args.ray:
         from .sharded import cli_build
 
         return cli_build(args)
     if len(args.input) != 1:
         raise TurboQuantError(f"{len(args.input)} --input files need --ray (a sharded index); give one file")
-    x = _load_matrix(args.input[0], "input")
+    from .streaming import build_index, npy_shape
+
+    _load_matrix(args.input[0], "input")  # checks the file with the CLI's messages
+    (n, _), _, _ = npy_shape(args.input[0])
     ids = None
     if args.ids is not None:
         ids = np.load(args.ids, allow_pickle=False)
-        if ids.shape != (x.shape[0],):
-            raise TurboQuantError(f"--ids has shape {ids.shape}, expected ({x.shape[0]},)")
-    index = TurboQuantIndex(
-        x.shape[1], args.bits, args.metric, rotation=args.rotation, seed=args.seed, norm_dtype=args.norm_dtype,
+        if ids.shape != (n,):
+            raise TurboQuantError(f"--ids has shape {ids.shape}, expected ({n},)")
+    start = time.perf_counter()
+    index = build_index(
+        args.input[0], args.bits, args.metric, ids=ids, batch=args.batch, progress=not args.quiet and n >= args.batch,
+        rotation=args.rotation, seed=args.seed, norm_dtype=args.norm_dtype,
         engine="torch",  # no fast-scan mirror needed to build; search builds it
     )  # fmt: skip
-    start = time.perf_counter()
-    with _progress(x.shape[0], "encoding", not args.quiet and x.shape[0] >= args.batch) as bar:
-        for part in _batches(x.shape[0], args.batch):
-            index.add(np.asarray(x[part]), None if ids is None else ids[part])
-            bar.update(part.stop - part.start)
     elapsed = time.perf_counter() - start
     index.save(args.out)
     if not args.quiet:

@@ -233,8 +233,9 @@ class TurboQuantIndex:
                 raise TurboQuantError(f"ids contain duplicates within the batch: {_shown(dup)}; nothing was added")
         with self._lock:
             if self._device is None and len(self) == 0:
+                if t.device != self.device:  # keep a CPU reservation (reserve()) for CPU input
+                    self._reset_storage(t.device)
                 self._device = t.device
-                self._reset_storage(t.device)
             if new_ids is None:
                 if self._next_id > MAX_ID - n + 1:
                     raise TurboQuantError(f"sequential ids would pass 2**63 - 1 (next id {self._next_id}); nothing was added")
