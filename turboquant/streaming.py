@@ -55,7 +55,7 @@ def build_index(
     metric: Metric | str = Metric.IP,
     *,
     ids: np.ndarray | None = None,
-    batch: int = 65536,
+    batch: int = 32768,
     progress: bool = False,
     **options: Any,
 ) -> TurboQuantIndex:
