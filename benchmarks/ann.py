@@ -1,12 +1,18 @@
 """Vector search: TurboQuantIndex next to FAISS on real and synthetic embeddings, in one run.
 
-    python benchmarks/ann.py                      # Brown × MiniLM (d=384) + synthetic d=1536
+    python benchmarks/ann.py                      # the grid: Brown + synthetic d in 96..1536, bits 2 and 4,
+                                                  # default threads and 1 thread (long: ~1 h on 2 cores)
     python benchmarks/ann.py --sets brown --bits 4 --single 200
+    python benchmarks/ann.py --sets synthetic --dims 576 --bits 4 --threads 2 --quick
 
 Data: ``../shared/data`` (Brown corpus sentences × all-MiniLM-L6-v2, 53,992 base vectors,
-1,000 queries, exact inner-product ground truth; see its README) and a synthetic d=1536 set in
-the spirit of the paper's DBpedia × OpenAI-3 embeddings (clustered, anisotropic, unit norm;
-exact ground truth computed here).
+1,000 queries, exact inner-product ground truth; see its README) and synthetic sets at every
+``--dims`` in the spirit of the paper's DBpedia × OpenAI-3 embeddings (clustered, anisotropic
+power-law spectrum; norms log-normal with ``--norm-sigma``, as unnormalised real embeddings;
+exact ground truth computed here). Every setting runs at each ``--threads`` value (default: all
+cores, then 1), torch and FAISS set alike; rows carry their thread count. The summary lists, per
+set, bits and threads, TurboQuant's batch and single QPS over the faster FAISS peer at ≤ its
+bytes (RaBitQ, RaBitQ fast-scan, PQ fast-scan) and its recall 10@10 minus RaBitQ's.
 
 For every rate it measures recall 1@1, 1@10 and 10@10, queries per second for one batch of
 all queries and for single queries issued one by one, build time (training included for FAISS
@@ -46,10 +52,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from turboquant import TurboQuantIndex
+from _common import RESULTS, SHARED_DATA, machine_info, pyplot
 
-import _faiss_peers as peers
-from _common import RESULTS, SHARED_DATA as DATA, machine_info, parser, pyplot, save_figure, table, write_json
+from turboquant.index import TurboQuantIndex
+
+DATA = SHARED_DATA
+DIMS = [96, 128, 256, 300, 384, 576, 768, 1024, 1536]
 
 
 # --------------------------------------------------------------------------- data
@@ -64,8 +72,10 @@ def brown() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return base, queries, gt
 
 
-def synthetic(n: int, nq: int, dim: int = 1536, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Clustered, anisotropic unit vectors (power-law spectrum), queries from the same law."""
+def synthetic(
+    n: int, nq: int, dim: int = 1536, seed: int = 0, norm_sigma: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Clustered, anisotropic vectors (power-law spectrum), log-normal norms, queries from the same law."""
     rng = np.random.default_rng(seed)
     spectrum = (1.0 + np.arange(dim)) ** -0.6
     basis = np.linalg.qr(rng.standard_normal((dim, dim)))[0].astype(np.float32)
@@ -78,6 +88,8 @@ def synthetic(n: int, nq: int, dim: int = 1536, seed: int = 0) -> tuple[np.ndarr
         return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
     base, queries = draw(n), draw(nq)
+    if norm_sigma:
+        base *= rng.lognormal(0.0, norm_sigma, (n, 1)).astype(np.float32)
     scores = torch.from_numpy(queries) @ torch.from_numpy(base).T
     gt = torch.topk(scores, 100, dim=1).indices.numpy()
     return base, queries, gt
@@ -165,7 +177,7 @@ def tq_methods(base: np.ndarray, bits: float, args: argparse.Namespace) -> list[
         Method("tq", bits, build(), search, size),
         Method("tq-plain", bits, build(correction=False), search, size),
     ]
-    if args.threads > 1:
+    if args.cur_threads > 1:
         methods.append(Method("tq-1thread", bits, build(threads=1), search, size))
     if not args.quick:
         methods.append(Method("tq-torch", bits, build("torch"), search, size, slow=True))
@@ -173,6 +185,8 @@ def tq_methods(base: np.ndarray, bits: float, args: argparse.Namespace) -> list[
 
 
 def faiss_methods(base: np.ndarray, bits: float, tq_bytes: int, args: argparse.Namespace) -> list[Method]:
+    import _faiss_peers as peers
+
     dim = base.shape[1]
     search = lambda index, q, k: peers.search(index, q, k)[:2]
     size = lambda index: peers.bytes_per_vector(index)
@@ -187,10 +201,10 @@ def faiss_methods(base: np.ndarray, bits: float, tq_bytes: int, args: argparse.N
 
     # "equal bytes": the largest PQ code that FAISS accepts for d and does not exceed ours
     pq_bytes = max(m for m in range(1, tq_bytes + 1) if dim % m == 0)
-    fs_bytes = max(m for m in range(1, tq_bytes + 1) if dim % (2 * m) == 0)
+    fs_bytes = max((m for m in range(1, tq_bytes + 1) if dim % (2 * m) == 0), default=0)
 
     methods = []
-    if float(bits).is_integer() and int(bits) in (1, 2, 3, 4):
+    if not args.quick and float(bits).is_integer() and int(bits) in (1, 2, 3, 4):
         methods.append(
             Method("faiss-tq-mse", bits, builder(lambda: peers.make_tq_mse(dim, int(bits))), search, size, slow=True)
         )
@@ -203,13 +217,34 @@ def faiss_methods(base: np.ndarray, bits: float, tq_bytes: int, args: argparse.N
         )
     if not args.quick and dim <= 512 and float(bits).is_integer():  # 8-bit PQ training takes minutes
         methods.append(Method("faiss-pq", bits, builder(lambda: peers.make_pq(dim, pq_bytes)), search, size, slow=True))
-    methods.append(Method("faiss-pq-fs", bits, builder(lambda: peers.make_pq_fastscan(dim, fs_bytes)), search, size))
+    if fs_bytes:
+        methods.append(Method("faiss-pq-fs", bits, builder(lambda: peers.make_pq_fastscan(dim, fs_bytes)), search, size))
     return methods
 
 
-def results_table(rows: list[dict]) -> str:
+def summary(rows: list[dict]) -> list[dict]:
+    """Per (set, bits, threads): tq's QPS over the faster FAISS peer at ≤ its bytes, recall minus RaBitQ's."""
+    out = []
+    for key in sorted({(r["set"], r["bits"], r["threads"]) for r in rows if r["method"] == "tq"}, key=str):
+        group = [r for r in rows if (r["set"], r["bits"], r["threads"]) == key]
+        tq = next(r for r in group if r["method"] == "tq")
+        peers = [r for r in group if r["method"] in ("faiss-rabitq", "faiss-rabitq-fs", "faiss-pq-fs")
+                 and r["bytes_per_vector"] <= tq["bytes_per_vector"]]  # fmt: skip
+        rabitq = [r for r in group if r["method"] == "faiss-rabitq"]
+        out.append({
+            "set": key[0], "bits": key[1], "threads": key[2],
+            "batch_x": tq["QPS_batch"] / max((p["QPS_batch"] for p in peers), default=float("nan")),
+            "single_x": tq["QPS_single"] / max((p["QPS_single"] for p in peers), default=float("nan")),
+            "recall_minus_rabitq": tq["R10@10"] - rabitq[0]["R10@10"] if rabitq else float("nan"),
+            "peers_at_or_below_bytes": [p["method"] for p in peers],
+        })  # fmt: skip
+    return out
+
+
+def table(rows: list[dict]) -> str:
     cols = [
         "set",
+        "threads",
         "method",
         "bits",
         "R1@1",
@@ -222,7 +257,13 @@ def results_table(rows: list[dict]) -> str:
     ]
     fmt = {"R1@1": "{:.3f}", "R1@10": "{:.3f}", "R10@10": "{:.4f}", "QPS_batch": "{:.0f}", "QPS_single": "{:.0f}",
            "build_s": "{:.2f}", "bytes_per_vector": "{:.0f}"}  # fmt: skip
-    return table([[fmt.get(c, "{}").format(r[c]) for c in cols] for r in rows], cols)
+    body = [[fmt.get(c, "{}").format(r[c]) for c in cols] for r in rows]
+    try:
+        from tabulate import tabulate
+
+        return tabulate(body, headers=cols, tablefmt="github")
+    except ImportError:
+        return "\n".join(" | ".join(str(v) for v in line) for line in [cols, *body])
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -230,6 +271,7 @@ def plot(rows: list[dict], path: Path) -> None:
     if plt is None:
         print("matplotlib not installed: no plot")
         return
+    rows = [r for r in rows if r.get("threads") == max(x.get("threads", 0) for x in rows)] or rows
     sets = sorted({r["set"] for r in rows})
     fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4.5), squeeze=False)
     colors = plt.get_cmap("tab20").colors
@@ -245,20 +287,24 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set(title=name, xlabel="bytes per vector", ylabel="recall 10@10", xscale="log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    print(f"wrote {save_figure(fig, path, dpi=120)}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = parser(__doc__)
-    p.add_argument("--sets", nargs="+", default=["brown", "synthetic1536"], choices=["brown", "synthetic1536"])
-    p.add_argument("--bits", nargs="+", type=float, default=[1, 2, 3, 4, 2.5, 3.5])
-    p.add_argument("--single", type=int, default=300, help="queries issued one by one for the single-query QPS")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sets", nargs="+", default=["brown", "synthetic"], choices=["brown", "synthetic"])
+    p.add_argument("--dims", nargs="+", type=int, default=DIMS, help="dimensions of the synthetic sets")
+    p.add_argument("--bits", nargs="+", type=float, default=[2, 4])
+    p.add_argument("--single", type=int, default=200, help="queries issued one by one for the single-query QPS")
     p.add_argument("--repeat", type=int, default=3, help="timing repeats (best is kept)")
     p.add_argument("--train", type=int, default=20000, help="training sample size for FAISS PQ / RaBitQ")
-    p.add_argument("--synthetic-n", type=int, default=30000)
-    p.add_argument("--synthetic-nq", type=int, default=300)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--quick", action="store_true", help="skip tq-torch and faiss-pq (slow)")
+    p.add_argument("--synthetic-n", type=int, default=50000)
+    p.add_argument("--synthetic-nq", type=int, default=1000)
+    p.add_argument("--norm-sigma", type=float, default=0.1, help="log-normal sigma of the synthetic norms (0: unit)")
+    p.add_argument("--threads", type=int, nargs="+", default=[os.cpu_count() or 1, 1])
+    p.add_argument("--quick", action="store_true", help="skip tq-torch, faiss-tq-mse and faiss-pq (slow)")
     p.add_argument("--no-faiss", action="store_true")
     p.add_argument(
         "--clock", choices=["wall", "cpu"], default="wall",
@@ -271,38 +317,48 @@ def main(argv: list[str] | None = None) -> None:
     if args.replot:
         plot(json.loads(args.replot.read_text())["rows"], args.replot.with_suffix(".png"))
         return
-
-    torch.set_num_threads(args.threads)
-    if peers.faiss_available():
+    try:
         import faiss
-
-        faiss.omp_set_num_threads(args.threads)
-    else:
+    except ImportError:
         args.no_faiss = True
     info = machine_info()
     print(f"machine: {info}")
     rows: list[dict] = []
-    for set_name in args.sets:
-        base, queries, gt = brown() if set_name == "brown" else synthetic(args.synthetic_n, args.synthetic_nq)
-        print(f"\n== {set_name}: base {base.shape}, queries {queries.shape}", flush=True)
-        if not args.no_faiss:
-            flat = Method("faiss-flat", 32, lambda base=base: _built(peers.make_flat(base.shape[1]), base),
-                          lambda i, q, k: peers.search(i, q, k)[:2], peers.bytes_per_vector, slow=True)  # fmt: skip
-            rows += [{"set": set_name, **r} for r in run_group([flat], queries, gt, args)]
-        for bits in args.bits:
-            methods = tq_methods(base, bits, args)
+    jobs = [("brown", 384)] if "brown" in args.sets else []
+    jobs += [(f"synthetic{d}", d) for d in args.dims] if "synthetic" in args.sets else []
+    for set_name, dim in jobs:
+        if set_name == "brown":
+            base, queries, gt = brown()
+        else:
+            base, queries, gt = synthetic(args.synthetic_n, args.synthetic_nq, dim, norm_sigma=args.norm_sigma)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
             if not args.no_faiss:
-                tq_bytes = TurboQuantIndex(base.shape[1], bits).bytes_per_vector
-                methods += faiss_methods(base, bits, tq_bytes, args)
-            rows += [{"set": set_name, **r} for r in run_group(methods, queries, gt, args)]
-    info["loadavg_end"] = os.getloadavg()
-    print("\n" + results_table(rows))
-    args_json = {k: str(v) for k, v in vars(args).items()}
-    print(f"wrote {write_json(args.out.name, {'machine': info, 'args': args_json, 'rows': rows}, args.out.parent)}")
+                faiss.omp_set_num_threads(threads)
+            args.cur_threads = threads
+            print(f"\n== {set_name}: base {base.shape}, queries {queries.shape}, threads {threads}", flush=True)
+            for bits in args.bits:
+                methods = tq_methods(base, bits, args)
+                if not args.no_faiss:
+                    tq_bytes = TurboQuantIndex(base.shape[1], bits).bytes_per_vector
+                    methods += faiss_methods(base, bits, tq_bytes, args)
+                rows += [{"set": set_name, "threads": threads, **r} for r in run_group(methods, queries, gt, args)]
+    info["load_avg_end"] = os.getloadavg()
+    print("\n" + table(rows))
+    verdict = summary(rows) if not args.no_faiss else []
+    for v in verdict:
+        print(f"  {v['set']:<16} bits={v['bits']:<4} threads={v['threads']}: batch {v['batch_x']:.2f}x, "
+              f"single {v['single_x']:.2f}x the faster FAISS peer at <= bytes; recall - RaBitQ = "
+              f"{v['recall_minus_rabitq']:+.4f}")  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(
+        {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "summary": verdict}, indent=1
+    ))  # fmt: skip
+    print(f"wrote {args.out}")
     plot(rows, args.out.with_suffix(".png"))
 
 
-def _built(index: Any, base: np.ndarray) -> Any:
+def _built(peers: Any, index: Any, base: np.ndarray) -> Any:
     peers.build(index, base)
     return index
 

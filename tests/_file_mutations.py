@@ -31,6 +31,7 @@ import torch
 
 from turboquant import TurboQuantError, TurboQuantMSE, TurboQuantProd
 from turboquant.io import load_codes, save_codes
+from turboquant import index_file
 from turboquant.index import TurboQuantIndex
 
 _NP = {"U8": np.uint8, "I64": np.int64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
@@ -90,7 +91,7 @@ def reseal(p: Parsed) -> bytes:
     header = p.header
     header["checksum"] = _tensors_checksum(p)
     if isinstance(header.get("index"), dict) and "index_digest" in header:
-        header["index_digest"] = TurboQuantIndex._digest(header["index"], header["checksum"])
+        header["index_digest"] = index_file.digest(header["index"], header["checksum"])
     if "header_checksum" in header:
         from turboquant.io import header_checksum
 

@@ -19,9 +19,9 @@ LAYERS = {
     "codec": 2,
     "quantizer": 3,
     "io": 4, "fastscan": 4,
-    "kernels": 5,
+    "kernels": 5, "index_file": 5,
     "index": 6, "kvstore": 6,
-    "cache": 7, "sharded": 7,
+    "cache": 7, "sharded": 7, "streaming": 7,
     "cli": 8, "demo": 8,
 }  # fmt: skip
 

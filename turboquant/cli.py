@@ -139,6 +139,7 @@ def _index_build(args: argparse.Namespace) -> int:
         x.shape[1], args.bits, args.metric, rotation=args.rotation, seed=args.seed, norm_dtype=args.norm_dtype,
         engine="torch",  # no fast-scan mirror needed to build; search builds it
     )  # fmt: skip
+    index.reserve(x.shape[0])  # one allocation: no growth slack while streaming the file in batches
     start = time.perf_counter()
     with _progress(x.shape[0], "encoding", not args.quiet and x.shape[0] >= args.batch) as bar:
         for part in _batches(x.shape[0], args.batch):
