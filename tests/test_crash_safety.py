@@ -37,10 +37,11 @@ def _versions() -> tuple[list[TurboQuantIndex], list]:  # type: ignore[type-arg]
     return indexes, codes
 
 
-def _saver(path: Path, kind: str, versions: list) -> None:  # type: ignore[type-arg]
-    """Child process body: save the versions round-robin until killed."""
+def _saver(path: Path, kind: str, versions: list, ready: int) -> None:  # type: ignore[type-arg]
+    """Child process body: save the versions round-robin until killed (writes one byte to ``ready`` first)."""
     try:
         torch.set_num_threads(1)
+        os.write(ready, b"1")
         i = 0
         while True:
             if kind == "index":
@@ -76,9 +77,14 @@ def test_sigkill_during_save_leaves_a_loadable_file_and_no_temporaries(tmp_path:
     for k in range(KILLS):
         kind = "index" if k % 2 == 0 else "codes"
         versions = indexes if kind == "index" else codes
+        ready_r, ready_w = os.pipe()
         pid = os.fork()
         if pid == 0:
-            _saver(paths[kind], kind, versions)
+            os.close(ready_r)
+            _saver(paths[kind], kind, versions, ready_w)
+        os.close(ready_w)
+        os.read(ready_r, 1)  # the child is about to save: the kill lands inside the save loop, not in fork start-up
+        os.close(ready_r)
         time.sleep(rng.uniform(0, window))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)

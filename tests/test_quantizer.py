@@ -105,13 +105,16 @@ def test_nbytes_is_exact_storage() -> None:
 
 
 def test_zero_vectors_and_any_norm() -> None:
+    """Zero vectors decode to exactly 0; vectors of norm ~1e5 have the relative MSE of unit vectors."""
+    from turboquant.codebook import exact_mse
+
     q = TurboQuantProd(64, 3)
-    x = torch.zeros(3, 64)
-    x[1] = 1e4 * torch.randn(64)
+    x = torch.zeros(66, 64)
+    x[1:65] = 1e4 * torch.randn(64, 64, generator=torch.Generator().manual_seed(5))
     out = q.dequantize(q.quantize(x))
-    assert torch.equal(out[0], torch.zeros(64)) and torch.equal(out[2], torch.zeros(64))
-    rel = ((out[1] - x[1]).norm() / x[1].norm()).item()
-    assert rel < 0.5
+    assert torch.equal(out[0], torch.zeros(64)) and torch.equal(out[65], torch.zeros(64))
+    rel_mse = ((out[1:65] - x[1:65]).square().sum(1) / x[1:65].square().sum(1)).mean().item()
+    assert rel_mse == pytest.approx(exact_mse(q.config), rel=0.35), (rel_mse, exact_mse(q.config))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -144,24 +147,26 @@ def test_seeded_determinism(cls: type) -> None:
     assert not torch.equal(a.quantize(x).codes, c.quantize(x).codes)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(
     dim=st.sampled_from([2, 3, 7, 16, 33, 64, 80, 96]),
     bits=st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8]),
     lead=st.lists(st.integers(0, 3), min_size=0, max_size=3),
     prod=st.booleans(),
+    seed=st.integers(0, 2**16),
 )
-def test_shapes_property(dim: int, bits: int, lead: list[int], prod: bool) -> None:
+def test_shapes_property(dim: int, bits: int, lead: list[int], prod: bool, seed: int) -> None:
     q = TurboQuantProd(dim, bits) if prod else TurboQuantMSE(dim, bits)
-    x = torch.randn(*lead, dim)
+    x = torch.randn(*lead, dim, generator=torch.Generator().manual_seed(seed))
     codes = q.quantize(x)
     assert codes.shape == tuple(lead)
     assert codes.codes.shape == (*lead, math.ceil((bits - prod) * dim / 8))
     assert q.dequantize(codes).shape == x.shape
     assert q.inner_product(torch.randn(2, dim), codes).shape == (2, *lead)
     if x.numel():
-        # more bits never hurt much: reconstruction error bounded by the vector norm
-        assert ((q.dequantize(codes) - x).norm(dim=-1) <= 1.5 * x.norm(dim=-1) + 1e-5).all()
+        # reconstruction error bounded by the vector norm (pure QJL at tiny d is noisier: E‖e‖² = (π/2 − 1/d)‖x‖²)
+        bound = 3.0 if (prod and bits == 1) else 1.5
+        assert ((q.dequantize(codes) - x).norm(dim=-1) <= bound * x.norm(dim=-1) + 1e-5).all()
 
 
 def test_errors_name_the_problem() -> None:
