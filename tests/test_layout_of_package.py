@@ -15,7 +15,7 @@ DESIGN = PACKAGE.parent / "docs" / "DESIGN.md"
 # config → codec (codebook, rotation, packing) → quantizer → {kernels, cache, index} → cli
 LAYERS = {
     "config": 0,
-    "inputs": 1, "buffers": 1, "packing": 1, "codebook": 1, "rotation": 1,
+    "threads": 0, "inputs": 1, "buffers": 1, "packing": 1, "codebook": 1, "rotation": 1,
     "codec": 2,
     "quantizer": 3,
     "io": 4, "fastscan": 4,

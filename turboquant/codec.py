@@ -36,6 +36,7 @@ from .codebook import codebook_tensors
 from .config import QuantizerConfig, Rotation, Variant
 from .packing import pack_codes, pack_rows, packed_size, unpack_codes
 from .rotation import RandomRotation, make_rotation, qjl_matrix, rotate_rows_transposed
+from .threads import run_chunks
 
 QJL_SCALE = math.sqrt(math.pi / 2.0)
 """``E|<s, r>| = √(2/π)‖r‖`` for ``s ~ N(0, I)`` (paper Lemma 4): the QJL estimator's scale."""
@@ -385,11 +386,14 @@ def _encode_mse_chunked(x: torch.Tensor, safe_norms: torch.Tensor, rotation: Ran
     flat, div = x.reshape(-1, config.dim), safe_norms.reshape(-1)
     rows = max(1, _ENCODE_CHUNK_ELEMENTS // config.dim)
     out = torch.empty(flat.shape[0], code_bytes(config), dtype=torch.uint8)
-    for first in range(0, flat.shape[0], rows):
+
+    def one(first: int) -> None:
         yt = rotate_rows_transposed(rotation, flat[first : first + rows], div[first : first + rows])
         dest = out[first : first + rows]
         for s in layout(config).streams:
             dest[:, s.offset : s.offset + s.nbytes] = pack_rows(bucketize_codes(yt[s.first : s.first + s.count], config.dim, s.width), s.width).T
+
+    run_chunks(one, range(0, flat.shape[0], rows))  # row chunks in parallel, each single-threaded (threads.py)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .config import Rotation, TurboQuantError
+from .threads import run_chunks
 
 _SEED_STREAM_ROTATION = 0x5EED_0001
 _SEED_STREAM_QJL = 0x5EED_0002
@@ -270,9 +271,12 @@ def _hadamard_transposed(rot: RandomRotation, x: torch.Tensor, inverse: bool) ->
     n = rows.shape[0]
     out = torch.empty(n, dim, dtype=x.dtype)
     chunk = max(16, _FAST_CHUNK_ELEMENTS // dim)
-    for first in range(0, n, chunk):
+
+    def one(first: int) -> None:
         part = rows[first : first + chunk]
         out[first : first + part.shape[0]].copy_(_transform_chunk(rot, part, inverse).T)
+
+    run_chunks(one, range(0, n, chunk))
     return out.reshape(*lead, dim)
 
 
