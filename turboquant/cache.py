@@ -226,6 +226,8 @@ class TurboQuantLayer(DynamicLayer):
         self.value_codes: _Codes | None = None
         self.key_offset: torch.Tensor | None = None
         self.value_offset: torch.Tensor | None = None
+        # [B, Hkv, d] float32 per-channel divisor of the keys (key_outlier_ratio), None when no channel needs it
+        self.key_scale: torch.Tensor | None = None
         self._fk: _FullPrecision | None = None
         self._fv: _FullPrecision | None = None
 
@@ -299,7 +301,7 @@ class TurboQuantLayer(DynamicLayer):
 
     def reset(self) -> None:
         self.key_codes = self.value_codes = None
-        self.key_offset = self.value_offset = None
+        self.key_offset = self.value_offset = self.key_scale = None
         self._fk = self._fv = None
         self.is_initialized = False
 
@@ -355,7 +357,7 @@ class TurboQuantLayer(DynamicLayer):
             return {"compressed": 0, "full_precision": 0}
         assert self.key_codes is not None and self.value_codes is not None and self._fk is not None and self._fv is not None
         compressed = self.key_codes.nbytes + self.value_codes.nbytes
-        for offset in (self.key_offset, self.value_offset):
+        for offset in (self.key_offset, self.value_offset, self.key_scale):
             if offset is not None:
                 compressed += offset.numel() * offset.element_size()
         return {"compressed": compressed, "full_precision": self._fk.nbytes + self._fv.nbytes}
@@ -372,6 +374,8 @@ class TurboQuantLayer(DynamicLayer):
         assert self.key_codes is not None and self.value_codes is not None
         old_k, old_v = window_k[:, :, :excess], window_v[:, :, :excess]
         k = old_k.float() - self.key_offset.unsqueeze(-2) if self.key_offset is not None else old_k
+        if self.key_scale is not None:
+            k = k.float() / self.key_scale.unsqueeze(-2)
         v = old_v.float() - self.value_offset.unsqueeze(-2) if self.value_offset is not None else old_v
         correct = self.settings.norm_correction
         self.key_codes.encode_append(k, self.settings.backend, correct.keys and self.key_codes.config.variant is Variant.MSE)
@@ -385,6 +389,9 @@ class TurboQuantLayer(DynamicLayer):
             self.key_offset = keys.float().mean(dim=-2)
         if self.settings.center_values:
             self.value_offset = values.float().mean(dim=-2)
+        if self.settings.key_outlier_ratio:
+            self.key_scale = _outlier_scale(keys.float() - self.key_offset.unsqueeze(-2) if self.key_offset is not None else keys.float(),
+                                            self.settings.key_outlier_ratio)  # fmt: skip
 
     def _apply_batch(self, fn: Any) -> None:
         assert self._fk is not None and self._fv is not None
@@ -392,6 +399,8 @@ class TurboQuantLayer(DynamicLayer):
         self._fv.apply(fn)
         if self.key_offset is not None:
             self.key_offset = fn(self.key_offset)
+        if self.key_scale is not None:
+            self.key_scale = fn(self.key_scale)
         if self.value_offset is not None:
             self.value_offset = fn(self.value_offset)
         if self.key_codes is not None and self.value_codes is not None and self.key_codes.buffer.tensors:
@@ -405,6 +414,8 @@ class TurboQuantLayer(DynamicLayer):
             return full_keys, full_values
         dk = TurboQuantizer.from_config(ck.config).dequantize(ck)
         dv = TurboQuantizer.from_config(cv.config).dequantize(cv)
+        if self.key_scale is not None:
+            dk = dk * self.key_scale.unsqueeze(-2)
         if self.key_offset is not None:
             dk = dk + self.key_offset.unsqueeze(-2)
         if self.value_offset is not None:
@@ -413,6 +424,26 @@ class TurboQuantLayer(DynamicLayer):
         keys = torch.cat([full_keys[:, :, :s], dk.to(full_keys.dtype), full_keys[:, :, s:]], dim=-2)
         values = torch.cat([full_values[:, :, :s], dv.to(full_values.dtype), full_values[:, :, s:]], dim=-2)
         return keys, values
+
+
+def _outlier_scale(keys: torch.Tensor, ratio: float) -> torch.Tensor | None:
+    """Per-channel key divisors ``[B, H, d]`` from prompt keys ``[B, H, T, d]`` (see ``KVCacheConfig.key_outlier_ratio``).
+
+    Channels ``j`` and ``j + d/2`` form one RoPE pair (rotate-half convention) and share a divisor,
+    so energy that RoPE moves between them later stays scaled. ``s = sqrt(rms / median)`` minimises
+    ``‖Dq‖·‖D⁻¹k‖`` (the size of the score error) for queries spread evenly over the channels.
+    Returns None when no pair of any head exceeds the ratio.
+    """
+    d = keys.shape[-1]
+    if d % 2:
+        return None
+    pair_rms = (keys[..., : d // 2].square() + keys[..., d // 2 :].square()).mean(dim=-2).div(2).sqrt()  # [B, H, d/2]
+    rel = pair_rms / pair_rms.median(dim=-1, keepdim=True).values.clamp_min(torch.finfo(torch.float32).tiny)
+    rel = torch.nan_to_num(rel, nan=1.0, posinf=1.0)  # non-finite prompts keep unit scales
+    if not bool((rel > ratio).any()):
+        return None
+    scale = torch.where(rel > ratio, rel.sqrt(), torch.ones_like(rel))
+    return torch.cat([scale, scale], dim=-1).contiguous()
 
 
 class TurboQuantCache(Cache):
@@ -559,6 +590,12 @@ def turboquant_attention(
             attention_mask = attention_mask[..., -key.shape[-2] :]
         out = _sdpa(module, query, key, value, attention_mask, scaling)
         return out.transpose(1, 2).contiguous(), None
+    key_offset = layer.key_offset
+    if layer.key_scale is not None:  # keys were divided by the scale before quantizing: move it to the query
+        scale = layer.key_scale.unsqueeze(-2)  # [B, Hkv, 1, d]
+        query = (query.float() * scale.repeat_interleave(query.shape[1] // key.shape[1], dim=1)).to(query.dtype)
+        key = (key.float() / scale).to(key.dtype)
+        key_offset = None if key_offset is None else key_offset / layer.key_scale
     n = layer.compressed_length
     s = layer.sink_keys.shape[-2]
     mask = attention_mask
@@ -577,7 +614,7 @@ def turboquant_attention(
         value,
         scaling,
         mask=mask,
-        key_offset=layer.key_offset,
+        key_offset=key_offset,
         value_offset=layer.value_offset,
         chunk=layer.settings.chunk,
         backend=layer.settings.backend,
