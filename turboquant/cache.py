@@ -50,6 +50,28 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
 
 logger = logging.getLogger(__name__)
 
+# Supported transformers versions, [oldest, first unsupported): 5.4 changed sdpa_mask from
+# ``cache_position`` to ``q_length``/``q_offset``, which the mask hook and get_mask_sizes rely on
+# (5.0-5.3 fail in the mask code). Tested: 5.4.0, 5.5.0, 5.10.1, 5.17 (GPU machine), 5.23.0.
+# pyproject.toml states the same range; tests/test_transformers_compat.py checks both.
+TRANSFORMERS_RANGE = ("5.4", "6")
+
+
+def transformers_supported(version: str | None = None) -> bool:
+    """Whether ``version`` (default: the installed transformers) lies in :data:`TRANSFORMERS_RANGE`."""
+    from packaging.version import Version
+
+    import transformers
+
+    v = Version(version or transformers.__version__)
+    return Version(TRANSFORMERS_RANGE[0]) <= Version(v.base_version) < Version(TRANSFORMERS_RANGE[1])
+
+
+if not transformers_supported():  # pragma: no cover - depends on the installed version
+    import transformers as _tf
+
+    logger.warning("turboquant.cache supports transformers>=%s,<%s; found %s", *TRANSFORMERS_RANGE, _tf.__version__)
+
 ATTENTION_NAME = "turboquant"
 _TOKEN_AXIS = 2  # [B, H, T, ...]
 
