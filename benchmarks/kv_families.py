@@ -30,8 +30,8 @@ from _families import compare, gemma3_style, qwen2_style, teacher_forced, text_i
 SETTINGS: list[tuple[str, dict[str, Any]]] = [
     ("K4/V4", dict(key_bits=4, value_bits=4)),
     ("K3/V3", dict(key_bits=3, value_bits=3)),
-    ("K4/V4 no centering", dict(key_bits=4, value_bits=4, center_keys=False)),
-    ("K3/V3 no centering", dict(key_bits=3, value_bits=3, center_keys=False)),
+    ("K4/V4 no smoothing", dict(key_bits=4, value_bits=4, key_outlier_ratio=0)),
+    ("K4/V4 no centering/smoothing", dict(key_bits=4, value_bits=4, center_keys=False, key_outlier_ratio=0)),
 ]
 
 
