@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 # Supported transformers versions, [oldest, first unsupported): 5.4 changed sdpa_mask from
 # ``cache_position`` to ``q_length``/``q_offset``, which the mask hook and get_mask_sizes rely on
-# (5.0-5.3 fail in the mask code). Tested: 5.4.0, 5.5.0, 5.10.1, 5.17 (GPU machine), 5.23.0.
+# (5.0-5.3 fail in the mask code). Tested on CPU: 5.4.0, 5.5.0, 5.10.1, 5.23.0 (5.2, 5.3 fail).
 # pyproject.toml states the same range; tests/test_transformers_compat.py checks both.
 TRANSFORMERS_RANGE = ("5.4", "6")
 
