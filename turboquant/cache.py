@@ -38,7 +38,7 @@ import torch
 from .codec import bytes_per_vector
 from .config import KVCacheConfig, TurboQuantError, Variant, replace_fields
 from .kernels import quantized_attention
-from .kvstore import FullPrecisionKV, KVCodes
+from .kvstore import FullPrecisionKV, KVCodes, outlier_scale
 from .quantizer import QuantizedVectors, TurboQuantizer
 
 try:
@@ -49,6 +49,28 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
     raise ImportError("turboquant.cache needs transformers>=5: pip install 'turboquant[hf]'") from exc
 
 logger = logging.getLogger(__name__)
+
+# Supported transformers versions, [oldest, first unsupported): 5.4 changed sdpa_mask from
+# ``cache_position`` to ``q_length``/``q_offset``, which the mask hook and get_mask_sizes rely on
+# (5.0-5.3 fail in the mask code). Tested on CPU: 5.4.0, 5.5.0, 5.10.1, 5.23.0 (5.2, 5.3 fail).
+# pyproject.toml states the same range; tests/test_transformers_compat.py checks both.
+TRANSFORMERS_RANGE = ("5.4", "6")
+
+
+def transformers_supported(version: str | None = None) -> bool:
+    """Whether ``version`` (default: the installed transformers) lies in :data:`TRANSFORMERS_RANGE`."""
+    from packaging.version import Version
+
+    import transformers
+
+    v = Version(version or transformers.__version__)
+    return Version(TRANSFORMERS_RANGE[0]) <= Version(v.base_version) < Version(TRANSFORMERS_RANGE[1])
+
+
+if not transformers_supported():  # pragma: no cover - depends on the installed version
+    import transformers as _tf
+
+    logger.warning("turboquant.cache supports transformers>=%s,<%s; found %s", *TRANSFORMERS_RANGE, _tf.__version__)
 
 ATTENTION_NAME = "turboquant"
 
@@ -89,6 +111,8 @@ class TurboQuantLayer(DynamicLayer):
         self.value_codes: KVCodes | None = None
         self.key_offset: torch.Tensor | None = None
         self.value_offset: torch.Tensor | None = None
+        # [B, Hkv, d] float32 per-channel divisor of the keys (key_outlier_ratio), None when no channel needs it
+        self.key_scale: torch.Tensor | None = None
         self._fk: FullPrecisionKV | None = None
         self._fv: FullPrecisionKV | None = None
 
@@ -188,7 +212,7 @@ class TurboQuantLayer(DynamicLayer):
 
     def reset(self) -> None:
         self.key_codes = self.value_codes = None
-        self.key_offset = self.value_offset = None
+        self.key_offset = self.value_offset = self.key_scale = None
         self._fk = self._fv = None
         self.is_initialized = False
 
@@ -244,7 +268,7 @@ class TurboQuantLayer(DynamicLayer):
             return {"compressed": 0, "full_precision": 0}
         assert self.key_codes is not None and self.value_codes is not None and self._fk is not None and self._fv is not None
         compressed = self.key_codes.nbytes + self.value_codes.nbytes
-        for offset in (self.key_offset, self.value_offset):
+        for offset in (self.key_offset, self.value_offset, self.key_scale):
             if offset is not None:
                 compressed += offset.numel() * offset.element_size()
         return {"compressed": compressed, "full_precision": self._fk.nbytes + self._fv.nbytes}
@@ -261,6 +285,8 @@ class TurboQuantLayer(DynamicLayer):
         assert self.key_codes is not None and self.value_codes is not None
         old_k, old_v = window_k[:, :, :excess], window_v[:, :, :excess]
         k = old_k.float() - self.key_offset.unsqueeze(-2) if self.key_offset is not None else old_k
+        if self.key_scale is not None:
+            k = k.float() / self.key_scale.unsqueeze(-2)
         v = old_v.float() - self.value_offset.unsqueeze(-2) if self.value_offset is not None else old_v
         correct = self.settings.norm_correction
         self.key_codes.encode_append(k, self.settings.backend, correct.keys and self.key_codes.config.variant is Variant.MSE)
@@ -274,6 +300,9 @@ class TurboQuantLayer(DynamicLayer):
             self.key_offset = keys.float().mean(dim=-2)
         if self.settings.center_values:
             self.value_offset = values.float().mean(dim=-2)
+        if self.settings.key_outlier_ratio:
+            self.key_scale = outlier_scale(keys.float() - self.key_offset.unsqueeze(-2) if self.key_offset is not None else keys.float(),
+                                            self.settings.key_outlier_ratio)  # fmt: skip
 
     def _apply_batch(self, fn: Any) -> None:
         assert self._fk is not None and self._fv is not None
@@ -281,6 +310,8 @@ class TurboQuantLayer(DynamicLayer):
         self._fv.apply(fn)
         if self.key_offset is not None:
             self.key_offset = fn(self.key_offset)
+        if self.key_scale is not None:
+            self.key_scale = fn(self.key_scale)
         if self.value_offset is not None:
             self.value_offset = fn(self.value_offset)
         if self.key_codes is not None and self.value_codes is not None and self.key_codes.buffer.tensors:
@@ -294,6 +325,8 @@ class TurboQuantLayer(DynamicLayer):
             return full_keys, full_values
         dk = TurboQuantizer.from_config(ck.config).dequantize(ck)
         dv = TurboQuantizer.from_config(cv.config).dequantize(cv)
+        if self.key_scale is not None:
+            dk = dk * self.key_scale.unsqueeze(-2)
         if self.key_offset is not None:
             dk = dk + self.key_offset.unsqueeze(-2)
         if self.value_offset is not None:
@@ -466,6 +499,12 @@ def turboquant_attention(
             attention_mask = attention_mask[..., -key.shape[-2] :]
         out = _sdpa(module, query, key, value, attention_mask, scaling)
         return out.transpose(1, 2).contiguous(), None
+    key_offset = layer.key_offset
+    if layer.key_scale is not None:  # keys were divided by the scale before quantizing: move it to the query
+        scale = layer.key_scale.unsqueeze(-2)  # [B, Hkv, 1, d]
+        query = (query.float() * scale.repeat_interleave(query.shape[1] // key.shape[1], dim=1)).to(query.dtype)
+        key = (key.float() / scale).to(key.dtype)
+        key_offset = None if key_offset is None else key_offset / layer.key_scale
     n = layer.compressed_length
     s = layer.sink_keys.shape[-2]
     mask = attention_mask
@@ -486,7 +525,7 @@ def turboquant_attention(
             value,
             scaling,
             mask=mask,
-            key_offset=layer.key_offset,
+            key_offset=key_offset,
             value_offset=layer.value_offset,
             chunk=layer.settings.chunk,
             backend=layer.settings.backend,

@@ -282,6 +282,15 @@ class KVCacheConfig:
             compression) before quantizing; softmax is shift-invariant per query, so ``<q, μ>``
             is added back exactly. Protects models with large key biases (Qwen2-style).
         center_values: same for values (``μ_v`` re-added with the compressed softmax mass).
+        key_outlier_ratio: calibration-free key smoothing, decided per layer and head from the same
+            prompt tokens as the centering: a RoPE channel pair (``j``, ``j + d/2``) whose RMS over
+            those (centered) keys exceeds ``key_outlier_ratio`` times the head's median pair RMS is
+            divided by ``s = sqrt(RMS / median)`` before quantizing, and the query multiplied by
+            ``s`` (exact: ``<Dq, D⁻¹k> = <q, k>``). This catches large key biases on channels that
+            RoPE rotates (Qwen2-style biases away from the lowest frequencies), which a constant
+            offset cannot remove. ``0`` disables. The default 8 leaves models without such channels
+            untouched (SmolLM2-135M's largest ratio is 6.5, a Gemma-3-style model's 3.2;
+            ``benchmarks/kv_families.py``).
         full_precision_layers: layer indices never compressed.
         norm_correction: which tensors store ``‖x‖/‖ŷ‖`` (:class:`NormCorrection`).
         rotation, seed: rotation of the quantizers (keys use ``seed``, values ``seed + 1``).
@@ -298,6 +307,7 @@ class KVCacheConfig:
     sink_tokens: int = 16
     center_keys: bool = True
     center_values: bool = False
+    key_outlier_ratio: float = 8.0
     full_precision_layers: tuple[int, ...] = field(default_factory=tuple)
     norm_correction: NormCorrection = NormCorrection.BOTH
     rotation: Rotation = Rotation.HADAMARD
@@ -321,6 +331,9 @@ class KVCacheConfig:
         for name in ("center_keys", "center_values"):
             if not isinstance(getattr(self, name), bool):
                 raise TurboQuantError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if isinstance(self.key_outlier_ratio, bool) or not isinstance(self.key_outlier_ratio, (int, float)) \
+                or not (self.key_outlier_ratio == 0 or 1 < self.key_outlier_ratio < float("inf")):  # fmt: skip
+            raise TurboQuantError(f"key_outlier_ratio must be 0 (off) or a finite number > 1, got {self.key_outlier_ratio!r}")
         _check_norm_dtype(self.norm_dtype)
         try:
             layers = tuple(sorted({int(i) for i in self.full_precision_layers}))

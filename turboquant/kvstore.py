@@ -160,4 +160,24 @@ class FullPrecisionKV:
         return self.tokens.numel() * self.data.element_size()
 
 
-__all__ = ["FullPrecisionKV", "KVCodes"]
+def outlier_scale(keys: torch.Tensor, ratio: float) -> torch.Tensor | None:
+    """Per-channel key divisors ``[B, H, d]`` from prompt keys ``[B, H, T, d]`` (see ``KVCacheConfig.key_outlier_ratio``).
+
+    Channels ``j`` and ``j + d/2`` form one RoPE pair (rotate-half convention) and share a divisor,
+    so energy that RoPE moves between them later stays scaled. ``s = sqrt(rms / median)`` minimises
+    ``‖Dq‖·‖D⁻¹k‖`` (the size of the score error) for queries spread evenly over the channels.
+    Returns None when no pair of any head exceeds the ratio.
+    """
+    d = keys.shape[-1]
+    if d % 2:
+        return None
+    pair_rms = (keys[..., : d // 2].square() + keys[..., d // 2 :].square()).mean(dim=-2).div(2).sqrt()  # [B, H, d/2]
+    rel = pair_rms / pair_rms.median(dim=-1, keepdim=True).values.clamp_min(torch.finfo(torch.float32).tiny)
+    rel = torch.nan_to_num(rel, nan=1.0, posinf=1.0)  # non-finite prompts keep unit scales
+    if not bool((rel > ratio).any()):
+        return None
+    scale = torch.where(rel > ratio, rel.sqrt(), torch.ones_like(rel))
+    return torch.cat([scale, scale], dim=-1).contiguous()
+
+
+__all__ = ["FullPrecisionKV", "KVCodes", "outlier_scale"]
