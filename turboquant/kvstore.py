@@ -169,7 +169,7 @@ def outlier_scale(keys: torch.Tensor, ratio: float) -> torch.Tensor | None:
     Returns None when no pair of any head exceeds the ratio.
     """
     d = keys.shape[-1]
-    if d % 2:
+    if d % 2 or keys.device.type == "meta":  # meta tensors hold no values to measure
         return None
     pair_rms = (keys[..., : d // 2].square() + keys[..., d // 2 :].square()).mean(dim=-2).div(2).sqrt()  # [B, H, d/2]
     rel = pair_rms / pair_rms.median(dim=-1, keepdim=True).values.clamp_min(torch.finfo(torch.float32).tiny)
