@@ -208,3 +208,19 @@ def test_cuda_matches_cpu() -> None:
     cpu, gpu = q.quantize(x), q.quantize(x.cuda())
     assert (cpu.codes == gpu.codes.cpu()).float().mean() > 0.999
     torch.testing.assert_close(q.dequantize(gpu).cpu(), q.dequantize(cpu), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["inference", "no_grad", "grad"])
+def test_large_cpu_batches_under_every_autograd_mode(mode: str) -> None:
+    """The CPU encode/rotation split large batches over worker threads (turboquant/threads.py);
+    grad and inference modes are thread-local, so the workers must run under the caller's."""
+    torch.set_num_threads(2)
+    q = TurboQuantMSE(256, 4)
+    x = torch.randn(4096, 256, generator=torch.Generator().manual_seed(0))  # > 2 chunks of the fast path
+    ctx = {"inference": torch.inference_mode(), "no_grad": torch.no_grad(), "grad": torch.enable_grad()}[mode]
+    with ctx:
+        codes = q.quantize(x)
+        x_hat = q.dequantize(codes)
+    reference = q.dequantize(q.quantize(x))
+    assert torch.equal(x_hat, reference)
+    assert ((x_hat - x).square().sum(1) / x.square().sum(1)).mean() < 0.02

@@ -226,7 +226,8 @@ def _work_plan(dim: int, m: int, dtype: torch.dtype, blocks: tuple[tuple[int, in
     if plan is None:
         if len(cache) >= 4:
             cache.clear()
-        a, b = torch.empty(dim, m, dtype=dtype), torch.empty(dim, m, dtype=dtype)
+        with torch.inference_mode(False):  # normal tensors: reused in and out of inference mode
+            a, b = torch.empty(dim, m, dtype=dtype), torch.empty(dim, m, dtype=dtype)
         plan = cache[key] = ((a, b), [(_butterfly_views(a, b, st, sz), _butterfly_views(b, a, st, sz)) for st, sz in blocks])
     return plan
 

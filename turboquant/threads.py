@@ -39,7 +39,14 @@ def run_chunks(fn: Callable[[int], None], starts: Iterable[int]) -> None:
         for start in starts:
             fn(start)
         return
-    for _ in _pool(workers).map(fn, starts):  # re-raises the first exception of a chunk
+    # grad mode and inference mode are thread-local: workers run under the caller's
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def run(start: int) -> None:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            fn(start)
+
+    for _ in _pool(workers).map(run, starts):  # re-raises the first exception of a chunk
         pass
 
 
