@@ -38,7 +38,13 @@ class ScoreResult:
 
     nll: "torch.Tensor"  # [T] negative log-likelihoods
     argmax: "torch.Tensor"  # [T] predicted next tokens
-    seconds: float
+    seconds: float  # prefill + every decode step
+    step_seconds: list[float]  # each one-token decode step
+
+    @property
+    def median_step_ms(self) -> float:
+        steps = sorted(self.step_seconds)
+        return 1000 * steps[len(steps) // 2] if steps else float("nan")
 
     @property
     def perplexity(self) -> float:
@@ -56,7 +62,7 @@ def score_continuation(model: Any, ids: "torch.Tensor", prefix: int, cache: Any,
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    nll, argmax = [], []
+    nll, argmax, steps = [], [], []
     with torch.no_grad():
         logits = model(ids[:, :prefix], past_key_values=cache, use_cache=True).logits[:, -1]
         for t in tqdm(range(prefix, ids.shape[1]), desc=desc, disable=not progress, leave=False):
@@ -64,8 +70,10 @@ def score_continuation(model: Any, ids: "torch.Tensor", prefix: int, cache: Any,
             nll.append(-logp[0, ids[0, t]])
             argmax.append(logp[0].argmax())
             if t + 1 < ids.shape[1]:
+                t0 = time.perf_counter()
                 logits = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
-    return ScoreResult(torch.stack(nll), torch.stack(argmax), time.perf_counter() - start)
+                steps.append(time.perf_counter() - t0)
+    return ScoreResult(torch.stack(nll), torch.stack(argmax), time.perf_counter() - start, steps)
 
 
 def _format_bytes(n: float) -> str:
@@ -141,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         ("bytes/token/layer (compressed)", f"{4 * model.config.num_key_value_heads * cache.head_dim}", f"{cache.bytes_per_token():.0f}"),
         (f"perplexity ({args.score_tokens} decoded tokens)", f"{full.perplexity:.3f}", f"{tq.perplexity:.3f} ({100 * (tq.perplexity / full.perplexity - 1):+.2f}%)"),
         ("next-token agreement with full precision", "100%", f"{100 * agree:.1f}%"),
-        ("decode time", f"{full.seconds:.1f} s", f"{tq.seconds:.1f} s"),
+        ("decode step (median)", f"{full.median_step_ms:.1f} ms", f"{tq.median_step_ms:.1f} ms ({tq.median_step_ms / full.median_step_ms:.2f}x)"),
+        ("prefill + all decode steps", f"{full.seconds:.1f} s", f"{tq.seconds:.1f} s"),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"{'':<{width}}  {'full precision':>22}  {'TurboQuant K%g/V%g' % (args.key_bits, args.value_bits):>26}")
