@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         help="cpu: time with the process CPU clock (with --threads 1 this is one idle core's time, robust to a "
         "shared machine; it undercounts multi-threaded work)",
     )  # fmt: skip
-    p.add_argument("--out", type=Path, default=RESULTS / "ann.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "ann.json", help="result JSON file, or a folder to write ann.json into")
     p.add_argument("--replot", type=Path, help="only redraw the PNG of an earlier JSON result")
     args = p.parse_args(argv)
     if args.replot:
@@ -350,6 +350,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {v['set']:<16} bits={v['bits']:<4} threads={v['threads']}: batch {v['batch_x']:.2f}x, "
               f"single {v['single_x']:.2f}x the faster FAISS peer at <= bytes; recall - RaBitQ = "
               f"{v['recall_minus_rabitq']:+.4f}")  # fmt: skip
+    if args.out.is_dir():
+        args.out = args.out / "ann.json"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(
         {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "summary": verdict}, indent=1
