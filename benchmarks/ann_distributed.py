@@ -336,7 +336,10 @@ def main(argv: list[str] | None = None) -> int:
               f"fastscan single query {c['fastscan_single_query_ms']:.0f} ms")  # fmt: skip
     print(f"wrote {args.out} ({result['total_seconds']:.0f} s)")
     if not args.keep:
-        shutil.rmtree(args.work, ignore_errors=True)
+        if args.out.resolve().is_relative_to(Path(args.work).resolve()):
+            print(f"kept {args.work}: it holds --out")  # removing it would delete the result just written
+        else:
+            shutil.rmtree(args.work, ignore_errors=True)
     return 0
 
 
