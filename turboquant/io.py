@@ -29,9 +29,9 @@ import re
 import secrets
 import threading
 import warnings
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -254,15 +254,25 @@ def save_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
     Raises :class:`TurboQuantError` naming ``path`` when its folder does not exist or cannot be
     written; the previous file under ``path`` (if any) is then untouched.
     """
+    cpu = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "kind": kind, "checksum": tensors_checksum(cpu), **extra}
+    header[_HEADER_DIGEST] = header_checksum(header)
+    atomic_write(path, lambda fh: _write_safetensors(fh, cpu, {_HEADER_KEY: json.dumps(header)}))
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
+    """Write a file through ``write(fh)`` atomically: a temporary in the same folder, fsync, rename.
+
+    The file gets the mode ``open()`` would give it (the umask honoured); stale temporaries of the
+    same name left by killed writers are removed afterwards; errors name ``path``, and the previous
+    file under ``path`` (if any) is then untouched.
+    """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise TurboQuantError(f"cannot save {path}: folder {folder} does not exist")
     if path.is_dir():
         raise TurboQuantError(f"cannot save {path}: it is a folder")
-    cpu = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
-    header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "kind": kind, "checksum": tensors_checksum(cpu), **extra}
-    header[_HEADER_DIGEST] = header_checksum(header)
     tmp = str(folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
     with _LIVE_LOCK:
         _LIVE_TEMPS.add(tmp)
@@ -270,7 +280,7 @@ def save_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as fh:
-                _write_safetensors(fh, cpu, {_HEADER_KEY: json.dumps(header)})
+                write(fh)
                 fh.flush()
                 os.fchmod(fh.fileno(), _file_mode())
                 os.fsync(fh.fileno())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..config import TurboQuantError
+from ..io import atomic_write
 
 
 MANIFEST = "manifest.json"
@@ -84,21 +84,8 @@ class Manifest:
 
     def write(self, directory: PathLike) -> None:
         """Write atomically: a temporary file in the same directory, fsync, rename."""
-        _atomic_write_text(Path(directory) / MANIFEST, self.to_json())
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        text = self.to_json().encode("utf-8")
+        atomic_write(Path(directory) / MANIFEST, lambda fh: fh.write(text))
 
 
 def _owner(starts: np.ndarray, ids: np.ndarray) -> np.ndarray:
