@@ -47,10 +47,10 @@ import torch
 
 from ..codebook import lloyd_max_codebook
 from ..codec import code_bytes, layout
-from ..config import QuantizerConfig, TurboQuantError, Variant, cache_dir
+from ..config import QuantizerConfig, Variant, cache_dir
 from ..quantizer import QuantizedVectors
 from ..rotation import make_rotation
-from .layout import num_sms
+from .layout import expand_mask, num_sms
 from .reference import DEFAULT_CHUNK, attention_shapes, torch_quantized_attention
 from .tuning import DEFAULT_CUDA_TUNING, DEFAULT_TUNING, CudaTuning
 
@@ -431,14 +431,7 @@ def cuda_quantized_attention(
         if mk.dtype not in _MASK_KIND:
             mk = mk.float()
         kind = _MASK_KIND[mk.dtype]
-        if mk.dtype == torch.bool:
-            mk = mk.view(torch.uint8)
-        while mk.dim() < 4:
-            mk = mk.unsqueeze(0)
-        try:
-            mask4 = mk.expand(b, hq, l, n + w)
-        except RuntimeError:
-            raise TurboQuantError(f"mask of shape {tuple(mask.shape)} does not broadcast to {(b, hq, l, n + w)}") from None
+        mask4 = expand_mask(mk, b, hq, l, n + w)
         ms = mask4.stride()
 
     variant = _resolve_variant(kb, vb, tuning)

@@ -16,7 +16,7 @@ import torch
 
 from ..codec import byte_table, layout
 from ..codebook import codebook_tensors
-from ..config import QuantizerConfig, Variant
+from ..config import QuantizerConfig, TurboQuantError, Variant
 from ..rotation import make_rotation
 
 SUPPORTED_WIDTHS = (1, 2, 3, 4, 8)
@@ -101,6 +101,18 @@ def query_rotation(config: QuantizerConfig, device: torch.device) -> torch.Tenso
     return torch.cat((hi, lo), dim=0).T.contiguous()
 
 
+def expand_mask(mask: torch.Tensor, b: int, hq: int, l: int, t: int) -> torch.Tensor:
+    """A mask as the GPU kernels read it: a broadcast view ``[B, Hq, L, T]`` (stride 0 where broadcast), booleans as uint8 bytes."""
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    try:
+        return mask.expand(b, hq, l, t)
+    except RuntimeError:
+        raise TurboQuantError(f"mask of shape {tuple(mask.shape)} does not broadcast to {(b, hq, l, t)}") from None
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (4 elsewhere, for the interpreter)."""
     if device.type == "cuda":
@@ -112,6 +124,7 @@ __all__ = [
     "SUPPORTED_WIDTHS",
     "KernelStream",
     "config_supported",
+    "expand_mask",
     "lookup_table",
     "next_pow2",
     "num_sms",

@@ -44,9 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..config import TurboQuantError
 from ..quantizer import QuantizedVectors
-from .layout import KernelStream, config_supported, next_pow2, num_sms, query_rotation, stream_layout, stream_table
+from .layout import KernelStream, expand_mask, config_supported, next_pow2, num_sms, query_rotation, stream_layout, stream_table
 from .ptx import REG_WIDTHS, reg_asm
 from .reference import DEFAULT_CHUNK, attention_shapes, torch_quantized_attention
 from .triton_combine import _VARYING, _dummy, _empty, combine_partials
@@ -260,18 +259,6 @@ def triton_quantized_attention_kernel(
 # --------------------------------------------------------------------------- wrappers
 
 
-def _as_4d_mask(mask: torch.Tensor, b: int, hq: int, l: int, t: int) -> torch.Tensor:
-    """Broadcast view ``[B, Hq, L, T]`` (stride 0 where broadcast); booleans are read as uint8 bytes."""
-    if mask.dtype == torch.bool:
-        mask = mask.view(torch.uint8)
-    while mask.dim() < 4:
-        mask = mask.unsqueeze(0)
-    try:
-        return mask.expand(b, hq, l, t)
-    except RuntimeError:
-        raise TurboQuantError(f"mask of shape {tuple(mask.shape)} does not broadcast to {(b, hq, l, t)}") from None
-
-
 def _num_splits(bh: int, m_blocks: int, n: int, block_n: int, device: torch.device, tuning: TritonTuning) -> int:
     target = num_sms(device) * tuning.programs_per_sm
     splits = max(1, target // max(1, bh * m_blocks))
@@ -317,7 +304,7 @@ def triton_quantized_attention(
 
     mask4 = None
     if mask is not None:
-        mask4 = _as_4d_mask(mask, b, hq, l, n + w)
+        mask4 = expand_mask(mask, b, hq, l, n + w)
     mk = mask4 if mask4 is not None else _dummy(dev)
     ms = mask4.stride() if mask4 is not None else (0, 0, 0, 0)
     dummy = _dummy(dev)
