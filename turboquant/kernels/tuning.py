@@ -1,6 +1,6 @@
 """Launch parameters of the Triton kernels, as one frozen value passed to the wrappers.
 
-Defaults are the best of the sweeps on an H200 (benchmarks/results/gpu_decode_h200.json,
+Defaults are the best of the sweeps on an H200 (benchmarks/results/gpu_decode_h200.json, gpu_encode_h200.json,
 docs/kernel_notes.md). Benchmarks sweep by passing ``dataclasses.replace(DEFAULT_TUNING, ...)``;
 nothing is mutated globally.
 """
@@ -49,11 +49,11 @@ class TritonTuning:
     prefetch: bool = False
     programs_per_sm: int = 8
     max_block_m: int = 32
-    encode_block_t: int = 128
-    encode_num_warps: int = 8
+    encode_block_t: int = 64
+    encode_num_warps: int = 4
     encode_bucket: int = 2
-    encode_programs_per_sm: int = 2
-    encode_dots: int = 3
+    encode_programs_per_sm: int = 4
+    encode_dots: int = 2
 
     def __post_init__(self) -> None:
         for name in ("block_n", "num_warps", "num_stages", "programs_per_sm", "max_block_m", "encode_block_t", "encode_num_warps", "width3_num_stages"):
