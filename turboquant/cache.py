@@ -489,6 +489,8 @@ def turboquant_attention(
         )
     layer_idx = getattr(module, "layer_idx", None)
     layer = _PENDING.layers.pop(layer_idx, None) if layer_idx is not None else None
+    if layer is not None and not isinstance(layer, TurboQuantLayer):  # a layer with its own attention (static cache)
+        return layer.attention(query, key, value, attention_mask, scaling)
     if layer is not None and key.shape[-2] != layer.full_length:
         raise TurboQuantError(
             f"layer {layer_idx}: attention got {key.shape[-2]} full-precision keys, the cache layer holds "
