@@ -252,3 +252,21 @@ def test_bad_inputs_raise(model, ids) -> None:
             model(input_ids=ids[:1, :1], past_key_values=cache, use_cache=True)
     with pytest.raises(TurboQuantError, match="fixed batch"):
         cache.batch_repeat_interleave(2)
+
+
+def test_benchmark_baseline_attention_equals_transformers_sdpa() -> None:
+    """The bf16 side of benchmarks/gpu_e2e_static.py (grouped queries, no K/V repeat) computes transformers' SDPA."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from conftest import load_benchmark
+
+    bench = load_benchmark("gpu_e2e_static")
+    g = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(2, 8, 1, 16, generator=g), torch.randn(2, 2, 40, 16, generator=g), torch.randn(2, 2, 40, 16, generator=g)
+    mask = torch.rand(2, 1, 1, 40, generator=g) > 0.4
+    module = SimpleNamespace(num_key_value_groups=4, is_causal=True, training=False)
+    got, _ = bench.grouped_sdpa(module, q, k, v, mask, scaling=0.25)
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)

@@ -40,6 +40,7 @@ and pop without a graph break (``tests/test_static_cache.py`` checks ``fullgraph
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import replace
 from typing import Any
 
@@ -60,6 +61,18 @@ logger = logging.getLogger(__name__)
 
 def _compiling() -> bool:
     return bool(torch.compiler.is_compiling())
+
+
+_POSITIONS: "weakref.WeakValueDictionary[tuple[int, str], torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def _positions(capacity: int, device: torch.device) -> torch.Tensor:
+    """``arange(capacity)`` shared by the layers of a cache (one int64 per token, not one per token and layer)."""
+    key = (capacity, str(device))
+    found = _POSITIONS.get(key)
+    if found is None:
+        found = _POSITIONS[key] = torch.arange(capacity, device=device)
+    return found
 
 
 class TurboQuantStaticLayer(CacheLayerMixin):
@@ -102,7 +115,7 @@ class TurboQuantStaticLayer(CacheLayerMixin):
         self.key_offset = torch.zeros(b, h, d, dtype=torch.float32, device=dev)
         self.key_scale = torch.ones(b, h, d, dtype=torch.float32, device=dev)
         self.value_offset = torch.zeros(b, h, d, dtype=torch.float32, device=dev)
-        self.positions = torch.arange(cap, device=dev)
+        self.positions = _positions(cap, dev)
         self.cumulative_length = self.cumulative_length.to(dev)
         self._set_config_keys()
         if not _compiling():  # fixed addresses: CUDA graphs replay the in-place writes
