@@ -508,7 +508,7 @@ def turboquant_attention(
         key = (key.float() / scale).to(key.dtype)
         key_offset = None if key_offset is None else key_offset / layer.key_scale
     n = layer.compressed_length
-    s = layer.sink_keys.shape[-2]
+    s = layer._fk.sink  # an int: a view's shape costs a few µs per layer and step
     mask = attention_mask
     if mask is None and query.shape[2] > 1:
         mask = _causal_mask(query.shape[2], n + key.shape[-2], query.device)
