@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--fill-chunk", type=int, default=4096)
-    p.add_argument("--compile-backend", default=None, help="default inductor on CUDA, aot_eager on CPU; 'cudagraphs' compiles faster")
+    p.add_argument("--compile-backend", default=None, help="default inductor on CUDA, aot_eager on CPU (without inductor the cache writes may copy whole buffers)")
     p.add_argument("--compile-mode", default="reduce-overhead")
     p.add_argument("--baseline-attn", choices=("grouped", "hf"), default="grouped")
     p.add_argument("--budget-gib", type=float, default=None, help="KV budget (default 16; tiny: 0.002)")
