@@ -309,6 +309,21 @@ def run_eager(model: Any, args: Any) -> dict[str, Any]:
     res["speedup_per_run"] = [y / x for x, y in zip(a, b)]
     res["speedup_median"] = statistics.median(res["speedup_per_run"])
     sides.clear()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    # host time: at a short context the GPU work is small, so a step's wall time is the Python/launch time
+    res["host_context"] = args.host_context
+    for name, make, attn in (("dynamic_bf16", lambda: DynamicCache(config=model.config), "sdpa"),
+                             ("turboquant_k4v4", lambda: TurboQuantCache(model.config, key_bits=4, value_bits=4), "turboquant")):  # fmt: skip
+        cache = make()
+        fill(cache, layers, args.batch, args.host_context, args.host_context, dev)
+        set_attention(model, attn)
+        step = _eager_step(model, cache)
+        decode_run(step, args.batch, args.host_context, args.warmup, dev, vocab)
+        times = [decode_run(step, args.batch, args.host_context, args.eager_steps, dev, vocab) / args.eager_steps * 1e3 for _ in range(3)]
+        res[name]["short_context_ms_per_step"] = statistics.median(times)
+        log(f"eager {name} at {args.host_context} tokens: {statistics.median(times):.2f} ms/step (host-bound)")
+        del cache
     return res
 
 
@@ -330,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed compiled steps per run (default 128; tiny: 4)")
     p.add_argument("--eager-steps", type=int, default=None, help="timed eager steps per run (default 32; tiny: 3)")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--host-context", type=int, default=1024, help="eager section: context of the host-time steps")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--fill-chunk", type=int, default=4096)
     p.add_argument("--compile-backend", default=None, help="default inductor on CUDA, aot_eager on CPU (without inductor the cache writes may copy whole buffers)")
