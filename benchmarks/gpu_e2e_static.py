@@ -176,10 +176,10 @@ def run_compiled(model: Any, args: Any) -> dict[str, Any]:
                            "compile": {"backend": backend, **opts, "fullgraph": True}, "baseline_attention": baseline}  # fmt: skip
     for name, side in sides.items():
         t0 = time.perf_counter()
+        set_attention(model, side["attn"])
         fill(side["cache"], layers, args.batch, args.context, args.fill_chunk, dev)
         side["saved"] = snapshot(side["cache"])
         side["step"] = compiled_step(model, side["cache"], forward, dev)
-        set_attention(model, side["attn"])
         t1 = time.perf_counter()
         decode_run(side["step"], args.batch, args.context, args.warmup, dev, vocab)  # compiles, records the graphs
         res[f"{name}_fill_s"], res[f"{name}_compile_s"] = t1 - t0, time.perf_counter() - t1
@@ -291,8 +291,8 @@ def run_eager(model: Any, args: Any) -> dict[str, Any]:
     res: dict[str, Any] = {"batch": args.batch, "context": args.context, "steps": args.eager_steps}
     steps_done = {}
     for name, (cache, attn) in sides.items():
-        fill(cache, layers, args.batch, args.context, args.context, dev)  # dynamic caches: one piece (no regrowth)
         set_attention(model, attn)
+        fill(cache, layers, args.batch, args.context, args.context, dev)  # dynamic caches: one piece (no regrowth)
         step = _eager_step(model, cache)
         decode_run(step, args.batch, args.context, args.warmup, dev, vocab)  # the first TurboQuant step compresses
         steps_done[name] = args.warmup
@@ -316,8 +316,8 @@ def run_eager(model: Any, args: Any) -> dict[str, Any]:
     for name, make, attn in (("dynamic_bf16", lambda: DynamicCache(config=model.config), "sdpa"),
                              ("turboquant_k4v4", lambda: TurboQuantCache(model.config, key_bits=4, value_bits=4), "turboquant")):  # fmt: skip
         cache = make()
-        fill(cache, layers, args.batch, args.host_context, args.host_context, dev)
         set_attention(model, attn)
+        fill(cache, layers, args.batch, args.host_context, args.host_context, dev)
         step = _eager_step(model, cache)
         decode_run(step, args.batch, args.host_context, args.warmup, dev, vocab)
         times = [decode_run(step, args.batch, args.host_context, args.eager_steps, dev, vocab) / args.eager_steps * 1e3 for _ in range(3)]

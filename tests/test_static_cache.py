@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -252,6 +254,12 @@ def test_bad_inputs_raise(model, ids) -> None:
             model(input_ids=ids[:1, :1], past_key_values=cache, use_cache=True)
     with pytest.raises(TurboQuantError, match="fixed batch"):
         cache.batch_repeat_interleave(2)
+    model.config._attn_implementation = "sdpa"  # another attention function would read only the slots
+    try:
+        with torch.no_grad(), pytest.raises(TurboQuantError, match="attention implementation 'turboquant'"):
+            model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+    finally:
+        model.config._attn_implementation = "turboquant"
 
 
 def test_benchmark_baseline_attention_equals_transformers_sdpa() -> None:
@@ -270,3 +278,17 @@ def test_benchmark_baseline_attention_equals_transformers_sdpa() -> None:
     got, _ = bench.grouped_sdpa(module, q, k, v, mask, scaling=0.25)
     ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_triton_backend_matches_dynamic_cache(model, ids) -> None:
+    """The GPU code path (Triton encode and decode wrappers on the static buffers), run by the interpreter on CPU."""
+    from turboquant.kernels import triton_available
+
+    if not triton_available() or (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"):
+        pytest.skip("needs Triton (CUDA or TRITON_INTERPRET=1)")
+    settings = dict(SETTINGS, backend="triton")
+    dyn_tokens, dyn_logits = _greedy(model, ids, TurboQuantCache(model.config, flush_every=0, **settings), steps=3)
+    tokens, logits = _greedy(model, ids, TurboQuantStaticCache(model.config, max_cache_len=CAP, **settings), steps=3)
+    assert torch.equal(tokens, dyn_tokens)
+    torch.testing.assert_close(logits, dyn_logits, rtol=1e-4, atol=1e-4)

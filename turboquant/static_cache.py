@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from .cache import _PENDING, _device_scope, _sdpa, enable_turboquant_attention
+from .cache import _PENDING, ATTENTION_NAME, _device_scope, _sdpa, enable_turboquant_attention
 from .codec import bytes_per_vector, code_bytes
 from .config import KVCacheConfig, TurboQuantError, Variant, replace_fields
 from .kernels import quantized_attention
@@ -87,8 +87,9 @@ class TurboQuantStaticLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, settings: KVCacheConfig, max_cache_len: int, layer_idx: int) -> None:
+    def __init__(self, settings: KVCacheConfig, max_cache_len: int, layer_idx: int, owner: Any = None) -> None:
         super().__init__()
+        self.owner = owner  # the TurboQuantStaticCache: its model config says which attention function runs
         self.settings = settings
         self.max_cache_len = max_cache_len
         self.layer_idx = layer_idx
@@ -155,6 +156,12 @@ class TurboQuantStaticLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._check(key_states, value_states)
+        if self.owner is not None and not self.owner.attention_enabled():
+            # another attention function would read only the full-precision slots: fail instead of attending wrongly
+            raise TurboQuantError(
+                f"TurboQuantStaticCache needs the model's attention implementation {ATTENTION_NAME!r} (set when the cache "
+                f"is built), found {getattr(self.owner.model_config, '_attn_implementation', None)!r}"
+            )
         if self.ready and key_states.shape[-2] == 1:
             keys, values = self._decode_write(key_states, value_states)
         else:
@@ -393,13 +400,16 @@ class TurboQuantStaticCache(Cache):
             elif idx in settings.full_precision_layers:
                 layers.append(StaticLayer(max_cache_len=max_cache_len))
             else:
-                layers.append(TurboQuantStaticLayer(settings, max_cache_len, idx))
+                layers.append(TurboQuantStaticLayer(settings, max_cache_len, idx, owner=self))
         super().__init__(layers=layers)
         self.settings = settings
         self.max_cache_len = max_cache_len
         self.model_config = config
         self.head_dim = head_dim
         enable_turboquant_attention(config)
+
+    def attention_enabled(self) -> bool:
+        return getattr(self.model_config, "_attn_implementation", None) == ATTENTION_NAME
 
     def nbytes(self) -> dict[str, int]:
         """Bytes allocated by the cache: ``compressed``, ``full_precision`` and ``total``."""
