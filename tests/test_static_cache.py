@@ -92,6 +92,22 @@ def test_ops_opcheck_and_match_reference() -> None:
     torch.library.opcheck(ops.encode_into_op, (x, buf_c, buf_n, pos, kk, True))
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4, 8, 1.5, 2.5, 3])
+def test_norm_correction_from_a_byte_table(bits: float) -> None:
+    """‖ŷ‖ from the per-byte table equals the norm of the decoded codes (widths dividing 8; else None)."""
+    from turboquant.codec import decode_mse, reconstruction_norms
+
+    cfg = QuantizerConfig(96, bits)
+    pair = ops.squared_norm_table(cfg, torch.device("cpu"))
+    if bits in (2.5, 3):  # a 3-bit stream: the encode op corrects the norms itself
+        assert pair is None
+        return
+    codes = _codes(cfg, (3, 50)).codes
+    norms = torch.rand(3, 50) + 0.5
+    want = norms / reconstruction_norms(decode_mse(codes, cfg))
+    torch.testing.assert_close(ops.corrected_norms(codes, norms, *pair), want, rtol=1e-6, atol=0)
+
+
 def test_ops_compile_fullgraph() -> None:
     kcfg = QuantizerConfig(64, 4, norm_dtype="float16")
     kk = ops.config_key(kcfg)

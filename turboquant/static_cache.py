@@ -50,7 +50,7 @@ from .cache import _PENDING, ATTENTION_NAME, _device_scope, _sdpa, enable_turboq
 from .codec import bytes_per_vector, code_bytes
 from .config import KVCacheConfig, TurboQuantError, Variant, replace_fields
 from .kernels import quantized_attention
-from .kernels.ops import config_key, encode_op, quantized_attention_op
+from .kernels.ops import config_key, corrected_norms, encode_op, quantized_attention_op, squared_norm_table
 from .kvstore import outlier_scale
 from .quantizer import QuantizedVectors
 
@@ -117,6 +117,9 @@ class TurboQuantStaticLayer(CacheLayerMixin):
         self.key_scale = torch.ones(b, h, d, dtype=torch.float32, device=dev)
         self.value_offset = torch.zeros(b, h, d, dtype=torch.float32, device=dev)
         self.positions = _positions(cap, dev)
+        # the norm correction as fused tensor ops in the step (None: inside the encode op, for widths not dividing 8)
+        self.key_sq = squared_norm_table(self.key_config, dev)
+        self.value_sq = squared_norm_table(self.value_config, dev)
         self.cumulative_length = self.cumulative_length.to(dev)
         self._set_config_keys()
         if not _compiling():  # fixed addresses: CUDA graphs replay the in-place writes
@@ -134,7 +137,8 @@ class TurboQuantStaticLayer(CacheLayerMixin):
                 "key_offset": self.key_offset, "key_scale": self.key_scale, "value_offset": self.value_offset}  # fmt: skip
 
     def _buffers(self) -> list[torch.Tensor]:
-        return [*self._batch_buffers().values(), self.slot_positions, self.positions, self.cumulative_length]
+        tables = [t for pair in (self.key_sq, self.value_sq) if pair is not None for t in pair]
+        return [*self._batch_buffers().values(), self.slot_positions, self.positions, self.cumulative_length, *tables]
 
     def _check(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         held = (*self.keys.shape[:2], self.keys.shape[3])
@@ -174,8 +178,12 @@ class TurboQuantStaticLayer(CacheLayerMixin):
         correct, backend = self.settings.norm_correction, self.settings.backend.value
         k = (keys.float() - self.key_offset.unsqueeze(-2)) / self.key_scale.unsqueeze(-2)
         v = values.float() - self.value_offset.unsqueeze(-2)
-        kc, kn = encode_op(k, self.key_key, correct.keys, backend)
-        vc, vn = encode_op(v, self.value_key, correct.values, backend)
+        kc, kn = encode_op(k, self.key_key, correct.keys and self.key_sq is None, backend)
+        vc, vn = encode_op(v, self.value_key, correct.values and self.value_sq is None, backend)
+        if correct.keys and self.key_sq is not None:
+            kn = corrected_norms(kc, kn, *self.key_sq)
+        if correct.values and self.value_sq is not None:
+            vn = corrected_norms(vc, vn, *self.value_sq)
         self.key_codes.index_copy_(2, pos, kc)
         self.key_norms.index_copy_(2, pos, kn)
         self.value_codes.index_copy_(2, pos, vc)

@@ -26,7 +26,7 @@ from functools import lru_cache
 
 import torch
 
-from ..codec import code_bytes
+from ..codec import NORM_EPS, byte_table, code_bytes, layout
 from ..config import QuantizerConfig, TurboQuantError, Variant
 from ..quantizer import QuantizedVectors
 
@@ -47,6 +47,32 @@ def config_from_key(key: str) -> QuantizerConfig:
 
 def _norm_dtype(config: QuantizerConfig) -> torch.dtype:
     return getattr(torch, config.norm_dtype)
+
+
+def squared_norm_table(config: QuantizerConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``‖ŷ‖²`` of a code row as one gather and a sum, for the norm correction in a compiled graph.
+
+    Returns ``(table [code_bytes·256] float32, offsets [code_bytes] int64)`` with
+    ``‖ŷ‖² = table[offsets + codes].sum(-1)``: entry ``(p, byte)`` is the sum of the squared
+    centroids packed in byte ``byte`` at position ``p`` (pad codes past a stream's end excluded).
+    None when a stream's width does not divide 8.
+    """
+    streams = layout(config).streams
+    if not streams or any(8 % s.width for s in streams):
+        return None
+    rows = []
+    for s in streams:
+        per = 8 // s.width
+        sq = byte_table(config.dim, s.width, device).square()  # [256, per]
+        rows += [sq[:, : min(per, s.count - b * per)].sum(-1) for b in range(s.nbytes)]
+    return torch.stack(rows).reshape(-1).contiguous(), torch.arange(len(rows), device=device) * 256
+
+
+def corrected_norms(codes: torch.Tensor, norms: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``norms / max(‖ŷ‖, eps)`` (:func:`turboquant.codec.reconstruction_norms`) from ``codes [..., code_bytes]``,
+    in ``norms.dtype``; plain tensor ops, so the compiler fuses them into one kernel."""
+    sq = table[codes.long() + offsets].sum(-1)
+    return (norms.float() / sq.sqrt().clamp_min(NORM_EPS)).to(norms.dtype)
 
 
 # ---------------------------------------------------------------------- attention
@@ -153,4 +179,4 @@ def _(x, codes, norms, positions, config, norm_correction, backend="auto"):
     return None
 
 
-__all__ = ["config_from_key", "config_key", "encode_into_op", "encode_op", "quantized_attention_op"]
+__all__ = ["config_from_key", "config_key", "corrected_norms", "encode_into_op", "encode_op", "quantized_attention_op", "squared_norm_table"]
