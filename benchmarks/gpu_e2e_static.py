@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-attn", choices=("grouped", "hf"), default="grouped")
     p.add_argument("--budget-gib", type=float, default=None, help="KV budget (default 16; tiny: 0.002)")
     p.add_argument("--budget-batch", type=int, default=1)
-    p.add_argument("--budget-chunk", type=int, default=16384)
+    p.add_argument("--budget-chunk", type=int, default=4096, help="tokens per fill chunk (its temporaries count against the budget)")
     p.add_argument("--budget-tol", type=float, default=0.01, help="bisection stops at this fraction of the estimate")
     args = p.parse_args(argv)
     tiny_defaults = {"context": (32768, 384), "steps": (128, 4), "eager_steps": (32, 3), "budget_gib": (16.0, 0.002)}
