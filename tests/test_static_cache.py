@@ -197,6 +197,22 @@ def test_compiled_decode_equals_eager(model, ids) -> None:
     assert torch.equal(tokens2, eager_tokens[:, :4])
 
 
+def test_prompt_through_the_compiled_forward_runs_eagerly(model, ids) -> None:
+    """Compiling the forward that also takes the prompt: the prompt's bookkeeping is a graph break, not an error."""
+    eager_tokens, _ = _greedy(model, ids, TurboQuantStaticCache(model.config, max_cache_len=CAP, **SETTINGS), steps=4)
+    torch._dynamo.reset()
+    forward = torch.compile(model.forward, backend="aot_eager")
+    cache = TurboQuantStaticCache(model.config, max_cache_len=CAP, **SETTINGS)
+    with torch.no_grad():
+        tok = forward(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        tokens = []
+        for i in range(4):
+            pos = torch.full((ids.shape[0], 1), ids.shape[1] + i)
+            tok = forward(input_ids=tok, past_key_values=cache, use_cache=True, position_ids=pos).logits[:, -1:].argmax(-1)
+            tokens.append(tok)
+    assert torch.equal(torch.cat(tokens, 1), eager_tokens)
+
+
 def test_decode_step_has_no_graph_break(model, ids) -> None:
     cache = TurboQuantStaticCache(model.config, max_cache_len=CAP, **SETTINGS)
     with torch.no_grad():

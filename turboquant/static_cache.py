@@ -29,7 +29,8 @@ the position by tensor ops, over all ``max_cache_len`` code slots, as ``StaticCa
 ``max_cache_len`` keys) plus the full-precision slots, through the custom op
 ``turboquant::quantized_attention`` (:mod:`turboquant.kernels.ops`). That is exactly what
 :class:`~turboquant.cache.TurboQuantCache` attends to with ``flush_every=0``. Prefill chunks (more
-than one token, or the first update) run eagerly: the first chunk attends in full precision, later
+than one token, or the first update) run eagerly (``torch.compiler.disable``: a compiled forward
+that also takes the prompt graph-breaks there): the first chunk attends in full precision, later
 chunks to the earlier chunks' codes (sinks in full precision) and to themselves in full precision.
 
 The layer reaches the attention function through the same per-thread table as the dynamic
@@ -99,6 +100,7 @@ class TurboQuantStaticLayer(CacheLayerMixin):
         self.ready = False  # a prompt was written: one-token updates may take the static decode path
 
     # ------------------------------------------------------------------ buffers
+    @torch.compiler.disable  # allocated eagerly even under a compiled prompt, so the addresses can be marked static
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if key_states.shape[-1] != value_states.shape[-1] or key_states.shape[1] != value_states.shape[1]:
             raise TurboQuantError(f"layer {self.layer_idx}: keys {tuple(key_states.shape)} and values {tuple(value_states.shape)} differ in kv_heads or head_dim")
@@ -122,9 +124,8 @@ class TurboQuantStaticLayer(CacheLayerMixin):
         self.value_sq = squared_norm_table(self.value_config, dev)
         self.cumulative_length = self.cumulative_length.to(dev)
         self._set_config_keys()
-        if not _compiling():  # fixed addresses: CUDA graphs replay the in-place writes
-            for t in self._buffers():
-                torch._dynamo.mark_static_address(t)
+        for t in self._buffers():  # fixed addresses: CUDA graphs replay the in-place writes
+            torch._dynamo.mark_static_address(t)
         self.is_initialized = True
 
     def _set_config_keys(self) -> None:
@@ -204,9 +205,9 @@ class TurboQuantStaticLayer(CacheLayerMixin):
         self.cumulative_length.add_(1)
         return self.keys, self.values
 
+    # Prompts have data-dependent bookkeeping: always eager (a graph break when the caller compiled the prompt too).
+    @torch.compiler.disable
     def _prefill_write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if _compiling():
-            raise TurboQuantError("TurboQuantStaticCache: prompts (updates of more than one token) run eagerly; compile the decode step only")
         start, length = int(self.cumulative_length), key_states.shape[-2]
         if start + length > self.max_cache_len:
             raise TurboQuantError(f"layer {self.layer_idx}: {start} cached + {length} new tokens exceed max_cache_len={self.max_cache_len}")
@@ -298,6 +299,7 @@ class TurboQuantStaticLayer(CacheLayerMixin):
             self.settings.backend.value, self.settings.chunk,
         )  # fmt: skip
 
+    @torch.compiler.disable
     def _prefill_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
                            scaling: float) -> torch.Tensor:  # fmt: skip
         start, length = self._chunk_start, query.shape[2]
