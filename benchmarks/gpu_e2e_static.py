@@ -196,6 +196,16 @@ def run_compiled(model: Any, args: Any) -> dict[str, Any]:
             res[name]["tokens_per_s"].append(args.batch * args.steps / dt)
             res[name]["ms_per_step"].append(dt / args.steps * 1e3)
             log(f"compiled run {r + 1} {name}: {args.batch * args.steps / dt:.1f} tokens/s ({dt / args.steps * 1e3:.2f} ms/step)")
+    if args.profile_steps and dev == "cuda":  # where a step's GPU time goes (kernels inside the graphs included)
+        from torch.profiler import ProfilerActivity, profile
+
+        for name, side in sides.items():
+            rewind(side["saved"])
+            set_attention(model, side["attn"])
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                decode_run(side["step"], args.batch, args.context, args.profile_steps, dev, vocab)
+            res[f"{name}_profile"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+            log(f"profile {name} ({args.profile_steps} steps):\n{res[f'{name}_profile']}")
     a, b = (res[n]["tokens_per_s"] for n in sides)
     res["speedup_per_run"] = [y / x for x, y in zip(a, b)]
     res["speedup_median"] = statistics.median(res["speedup_per_run"])
@@ -347,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--host-context", type=int, default=1024, help="eager section: context of the host-time steps")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--profile-steps", type=int, default=3, help="compiled section: steps per side under torch.profiler on CUDA (0: off)")
     p.add_argument("--fill-chunk", type=int, default=4096)
     p.add_argument("--compile-backend", default=None, help="default inductor on CUDA, aot_eager on CPU (without inductor the cache writes may copy whole buffers)")
     p.add_argument("--compile-mode", default="reduce-overhead")
