@@ -29,6 +29,7 @@ Writes ``gpu_e2e_static.json`` into ``--out`` after every section.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import Any
@@ -123,7 +124,7 @@ def snapshot(cache: Any) -> list[tuple[Any, dict[str, torch.Tensor]]]:
     """State a decode run changes besides positions past the context (masked until written again)."""
     from turboquant.static_cache import TurboQuantStaticLayer
 
-    names = lambda layer: REWIND if isinstance(layer, TurboQuantStaticLayer) else REWIND[:1]  # noqa: E731
+    names = lambda layer: REWIND if isinstance(layer, TurboQuantStaticLayer) else REWIND[:1]
     return [(layer, {n: getattr(layer, n).clone() for n in names(layer)}) for layer in cache.layers]
 
 
@@ -170,8 +171,8 @@ def run_compiled(model: Any, args: Any) -> dict[str, Any]:
     sides: dict[str, dict[str, Any]] = {
         "bf16_static": {"cache": StaticCache(model.config, max_cache_len=cap), "attn": baseline},
         "turboquant_static_k4v4": {"cache": TurboQuantStaticCache(model.config, max_cache_len=cap, key_bits=4, value_bits=4),
-                                   "attn": "turboquant"},  # fmt: skip
-    }
+                                   "attn": "turboquant"},
+    }  # fmt: skip
     res: dict[str, Any] = {"batch": args.batch, "context": args.context, "steps": args.steps, "max_cache_len": cap,
                            "compile": {"backend": backend, **opts, "fullgraph": True}, "baseline_attention": baseline}  # fmt: skip
     for name, side in sides.items():
@@ -272,7 +273,7 @@ def run_budget(model: Any, args: Any) -> dict[str, Any]:
         lo, hi = int(estimate * 0.85), int(estimate * 1.02)
         probes = []
 
-        def fits(t: int) -> bool:
+        def fits(t: int, kind: str = kind, probes: list = probes) -> bool:
             peak = cache_peak(model, kind if kind == "bf16_static" else "turboquant", t, args)
             probes.append({"context": t, "peak_bytes": peak, "fits": peak <= budget})
             log(f"budget {kind}: context {t}: {peak / 2**30:.3f} GiB ({'fits' if peak <= budget else 'over'})")
@@ -387,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = Sections(results, "gpu_e2e_static.json", args.out)
     parts = {"compiled": run_compiled, "budget": run_budget, "eager": run_eager}
     for name in args.sections.split(","):
-        sections.run(name, lambda: parts[name](model, args))
+        sections.run(name, functools.partial(parts[name], model, args))
         if args.device == "cuda":
             torch.cuda.empty_cache()
     rows = []

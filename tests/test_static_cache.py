@@ -254,7 +254,7 @@ def test_memory_is_preallocated_and_counted(model, ids) -> None:
     with torch.no_grad():
         model(input_ids=ids[:, :5], past_key_values=cache, use_cache=True)
     layer = cache.layers[0]
-    kcfg, vcfg = KVCacheConfig(**SETTINGS).quantizer_configs(64)
+    kcfg, _ = KVCacheConfig(**SETTINGS).quantizer_configs(64)
     assert layer.key_codes.shape == (2, 2, CAP, kcfg.dim * 4 // 8) and layer.keys.shape == (2, 2, 4 + 9, 64)
     per_token = 2 * 2 * (layer.key_codes.shape[-1] + layer.value_codes.shape[-1] + 2 + 2)  # batch, heads, codes + fp16 norms
     n = cache.nbytes()
@@ -298,9 +298,8 @@ def test_benchmark_baseline_attention_equals_transformers_sdpa() -> None:
     """The bf16 side of benchmarks/gpu_e2e_static.py (grouped queries, no K/V repeat) computes transformers' SDPA."""
     from types import SimpleNamespace
 
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     from conftest import load_benchmark
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     bench = load_benchmark("gpu_e2e_static")
     g = torch.Generator().manual_seed(5)

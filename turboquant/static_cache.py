@@ -46,6 +46,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, StaticLayer, StaticSlidingWindowLayer
 
 from .cache import _PENDING, ATTENTION_NAME, _device_scope, _sdpa, enable_turboquant_attention
 from .codec import bytes_per_vector, code_bytes
@@ -55,8 +56,6 @@ from .kernels.ops import config_key, corrected_norms, encode_op, quantized_atten
 from .kvstore import outlier_scale
 from .quantizer import QuantizedVectors
 
-from transformers.cache_utils import Cache, CacheLayerMixin, StaticLayer, StaticSlidingWindowLayer
-
 logger = logging.getLogger(__name__)
 
 
@@ -64,7 +63,7 @@ def _compiling() -> bool:
     return bool(torch.compiler.is_compiling())
 
 
-_POSITIONS: "weakref.WeakValueDictionary[tuple[int, str], torch.Tensor]" = weakref.WeakValueDictionary()
+_POSITIONS: weakref.WeakValueDictionary[tuple[int, str], torch.Tensor] = weakref.WeakValueDictionary()
 
 
 def _positions(capacity: int, device: torch.device) -> torch.Tensor:
