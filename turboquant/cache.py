@@ -489,6 +489,8 @@ def turboquant_attention(
         )
     layer_idx = getattr(module, "layer_idx", None)
     layer = _PENDING.layers.pop(layer_idx, None) if layer_idx is not None else None
+    if layer is not None and not isinstance(layer, TurboQuantLayer):  # a layer with its own attention (static cache)
+        return layer.attention(query, key, value, attention_mask, scaling)
     if layer is not None and key.shape[-2] != layer.full_length:
         raise TurboQuantError(
             f"layer {layer_idx}: attention got {key.shape[-2]} full-precision keys, the cache layer holds "
@@ -506,7 +508,7 @@ def turboquant_attention(
         key = (key.float() / scale).to(key.dtype)
         key_offset = None if key_offset is None else key_offset / layer.key_scale
     n = layer.compressed_length
-    s = layer.sink_keys.shape[-2]
+    s = layer._fk.sink  # an int: a view's shape costs a few µs per layer and step
     mask = attention_mask
     if mask is None and query.shape[2] > 1:
         mask = _causal_mask(query.shape[2], n + key.shape[-2], query.device)
