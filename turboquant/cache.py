@@ -291,8 +291,9 @@ class TurboQuantLayer(DynamicLayer):
         correct = self.settings.norm_correction
         self.key_codes.encode_append(k, self.settings.backend, correct.keys and self.key_codes.config.variant is Variant.MSE)
         self.value_codes.encode_append(v, self.settings.backend, correct.values)
-        self._fk.drop_oldest_window(excess)
-        self._fv.drop_oldest_window(excess)
+        spare = self.settings.window + self.settings.flush_every + 1  # as in update
+        self._fk.drop_oldest_window(excess, spare)
+        self._fv.drop_oldest_window(excess, spare)
 
     def _init_offsets(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         # Calibration-free: the per-head mean of the tokens seen so far (the prompt), fixed afterwards.

@@ -136,12 +136,22 @@ class FullPrecisionKV:
         self.sink += to_sink
         self.window += x.shape[2] - to_sink
 
-    def drop_oldest_window(self, count: int) -> None:
-        """Forget the ``count`` oldest window tokens (after they were compressed)."""
+    def drop_oldest_window(self, count: int, spare: int = 0) -> None:
+        """Forget the ``count`` oldest window tokens (after they were compressed).
+
+        A buffer grown for a long prompt is given back here: when it holds more than twice what
+        is left plus ``spare`` free slots, the kept tokens move to a buffer of that size.
+        """
         keep = self.window - count
         start = self.sink
-        # source and destination overlap: copy through a temporary
-        self.data[:, :, start : start + keep] = self.data[:, :, start + count : start + self.window].clone()
+        kept = self.data[:, :, start + count : start + self.window]
+        if self.data.shape[2] > 2 * (start + keep + spare):
+            smaller = self.data.new_empty((*self.data.shape[:2], start + keep + spare, self.data.shape[3]))
+            smaller[:, :, :start] = self.data[:, :, :start]
+            smaller[:, :, start : start + keep] = kept
+            self.data = smaller
+        else:  # source and destination overlap: copy through a temporary
+            self.data[:, :, start : start + keep] = kept.clone()
         self.window = keep
 
     def crop(self, remove: int) -> int:

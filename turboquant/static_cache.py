@@ -412,10 +412,15 @@ class TurboQuantStaticCache(Cache):
                 layers.append(TurboQuantStaticLayer(settings, max_cache_len, idx, owner=self))
         super().__init__(layers=layers)
         self.settings = settings
-        self.max_cache_len = max_cache_len
+        self._max_cache_len = max_cache_len
         self.model_config = config
         self.head_dim = head_dim
         enable_turboquant_attention(config)
+
+    @property
+    def max_cache_len(self) -> int:
+        # a property in some transformers 5.x releases (read-only there), a plain attribute in others
+        return self._max_cache_len
 
     def attention_enabled(self) -> bool:
         return getattr(self.model_config, "_attn_implementation", None) == ATTENTION_NAME
