@@ -175,6 +175,17 @@ def run_compiled(model: Any, args: Any) -> dict[str, Any]:
     }  # fmt: skip
     res: dict[str, Any] = {"batch": args.batch, "context": args.context, "steps": args.steps, "max_cache_len": cap,
                            "compile": {"backend": backend, **opts, "fullgraph": True}, "baseline_attention": baseline}  # fmt: skip
+    try:
+        return _compiled_runs(model, args, forward, sides, res)
+    finally:  # also on failure: the next sections need the memory
+        sides.clear()
+        torch._dynamo.reset()  # drop the graphs (and the CUDA-graph pools holding the caches)
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _compiled_runs(model: Any, args: Any, forward: Any, sides: dict[str, dict[str, Any]], res: dict[str, Any]) -> dict[str, Any]:
+    layers, vocab, dev = model.config.num_hidden_layers, model.config.vocab_size, args.device
     for name, side in sides.items():
         t0 = time.perf_counter()
         set_attention(model, side["attn"])
@@ -212,8 +223,6 @@ def run_compiled(model: Any, args: Any) -> dict[str, Any]:
     res["speedup_median"] = statistics.median(res["speedup_per_run"])
     res["recompiles"] = dict(torch._dynamo.utils.counters["stats"])
     res["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
-    sides.clear()
-    torch._dynamo.reset()  # drop the graphs (and the CUDA-graph pools holding the caches) before the next section
     return res
 
 

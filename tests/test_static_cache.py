@@ -48,7 +48,7 @@ def _greedy(model, ids, cache, forward=None, steps=STEPS, chunks=(PROMPT,)):
             start += size
         tok = out.logits[:, -1:].argmax(-1)
         for i in range(steps):
-            pos = torch.full((ids.shape[0], 1), ids.shape[1] + i)
+            pos = torch.full((ids.shape[0], 1), ids.shape[1] + i, device=ids.device)
             out = forward(input_ids=tok, past_key_values=cache, use_cache=True, position_ids=pos)
             logits.append(out.logits[:, -1].float().clone())
             tok = out.logits[:, -1:].argmax(-1)
@@ -197,6 +197,33 @@ def test_compiled_decode_equals_eager(model, ids) -> None:
     assert torch.equal(tokens2, eager_tokens[:, :4])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("bits", [(4, 4), (4, 3)], ids=["cuda-kernel", "triton-kernel"])
+def test_cuda_graph_decode_equals_eager(model, ids, bits) -> None:
+    """``mode="reduce-overhead"`` records the decode step as CUDA graphs; tokens equal the eager run.
+
+    Runs first in a fresh kernel-table state: the tables, rotations and counters the kernels cache
+    are then made during the graphs' warm-up, which fails unless they are made outside the pool.
+    """
+    import copy
+
+    from turboquant.kernels import cuda_attention, layout, triton_encode
+
+    for fn in (cuda_attention._rotation_t, cuda_attention._rotation, triton_encode._rotation_columns, triton_encode._boundaries,
+               layout.lookup_table, layout.unrotation_blocks, layout.query_rotation):  # fmt: skip
+        fn.cache_clear()
+    cuda_attention._COUNTERS.clear()
+    gpu, gids = copy.deepcopy(model).cuda(), ids.cuda()
+    settings = dict(SETTINGS, key_bits=bits[0], value_bits=bits[1])
+    torch._dynamo.reset()
+    forward = torch.compile(gpu.forward, mode="reduce-overhead", fullgraph=True)
+    tokens, logits = _greedy(gpu, gids, TurboQuantStaticCache(gpu.config, max_cache_len=CAP, **settings), forward=forward)
+    eager_tokens, eager_logits = _greedy(gpu, gids, TurboQuantStaticCache(gpu.config, max_cache_len=CAP, **settings))
+    torch._dynamo.reset()
+    assert torch.equal(tokens, eager_tokens)
+    torch.testing.assert_close(logits, eager_logits, rtol=0, atol=1e-4)
+
+
 def test_prompt_through_the_compiled_forward_runs_eagerly(model, ids) -> None:
     """Compiling the forward that also takes the prompt: the prompt's bookkeeping is a graph break, not an error."""
     eager_tokens, _ = _greedy(model, ids, TurboQuantStaticCache(model.config, max_cache_len=CAP, **SETTINGS), steps=4)
@@ -207,7 +234,7 @@ def test_prompt_through_the_compiled_forward_runs_eagerly(model, ids) -> None:
         tok = forward(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
         tokens = []
         for i in range(4):
-            pos = torch.full((ids.shape[0], 1), ids.shape[1] + i)
+            pos = torch.full((ids.shape[0], 1), ids.shape[1] + i, device=ids.device)
             tok = forward(input_ids=tok, past_key_values=cache, use_cache=True, position_ids=pos).logits[:, -1:].argmax(-1)
             tokens.append(tok)
     assert torch.equal(torch.cat(tokens, 1), eager_tokens)

@@ -51,7 +51,7 @@ from ..codec import code_bytes, layout
 from ..config import QuantizerConfig, Variant, cache_dir
 from ..quantizer import QuantizedVectors
 from ..rotation import make_rotation
-from .layout import expand_mask, num_sms
+from .layout import device_cached, expand_mask, num_sms, outside_graph_pool
 from .reference import DEFAULT_CHUNK, attention_shapes, torch_quantized_attention
 from .tuning import DEFAULT_CUDA_TUNING, DEFAULT_TUNING, CudaTuning
 
@@ -276,13 +276,13 @@ def cuda_supports(
     return True
 
 
-@lru_cache(maxsize=64)
+@device_cached(maxsize=64)
 def _rotation_t(config: QuantizerConfig, device: torch.device) -> torch.Tensor:
     """``Π_kᵀ`` (float32 ``[d, d]``): ``q @ this`` is the rotated query in natural coordinate order."""
     return make_rotation(config.rotation, config.dim, config.seed).matrix(device).T.contiguous()
 
 
-@lru_cache(maxsize=64)
+@device_cached(maxsize=64)
 def _rotation(config: QuantizerConfig, device: torch.device) -> torch.Tensor:
     """``Π_v`` (float32 ``[d, d]``, contiguous): the fused finish computes ``acc @ this``."""
     return make_rotation(config.rotation, config.dim, config.seed).matrix(device).float().contiguous()
@@ -304,7 +304,8 @@ def _counters(size: int, device: torch.device) -> torch.Tensor:
         return buf
     if torch.cuda.is_current_stream_capturing():
         return torch.zeros(size, dtype=torch.int32, device=device)
-    buf = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
+    with outside_graph_pool(device):
+        buf = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
     _COUNTERS[key] = buf
     return buf
 

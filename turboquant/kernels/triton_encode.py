@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-from functools import lru_cache
 
 import torch
 import triton
@@ -25,7 +24,7 @@ from ..codec import code_bytes
 from ..config import QuantizerConfig, TurboQuantError
 from ..quantizer import QuantizedVectors
 from .encode import torch_quantize_into
-from .layout import config_supported, next_pow2, num_sms, stream_layout, unrotation_blocks
+from .layout import config_supported, device_cached, next_pow2, num_sms, stream_layout, unrotation_blocks
 from .tuning import DEFAULT_TUNING, TritonTuning
 
 
@@ -157,7 +156,7 @@ def triton_quantize_kernel(
         _encode_stream(u_hi, u_lo, pl_hi, pl_lo, bnd_lo, out_rows + LO_OFF, t_ok, DP, LO_W, LO_N, LO_NB, LO_C, MODE_LO, BT, DOTS)
 
 
-@lru_cache(maxsize=64)
+@device_cached(maxsize=64)
 def _rotation_columns(config: QuantizerConfig, dp: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Columns of ``Πᵀ`` for each stream, zero-padded, as fp16 ``(hi, lo)``: ``[2, dp, cols_hi]``, ``[2, dp, cols_lo]``."""
 
@@ -169,7 +168,7 @@ def _rotation_columns(config: QuantizerConfig, dp: int, device: torch.device) ->
     return split(hi.T), split(lo.T)
 
 
-@lru_cache(maxsize=64)
+@device_cached(maxsize=64)
 def _boundaries(dim: int, width: int, device: torch.device) -> torch.Tensor:
     if width == 0:
         return torch.zeros(1, dtype=torch.float32, device=device)
