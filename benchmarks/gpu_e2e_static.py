@@ -30,6 +30,7 @@ Writes ``gpu_e2e_static.json`` into ``--out`` after every section.
 from __future__ import annotations
 
 import functools
+import gc
 import statistics
 import time
 from typing import Any
@@ -181,6 +182,10 @@ def run_compiled(model: Any, args: Any) -> dict[str, Any]:
         sides.clear()
         torch._dynamo.reset()  # drop the graphs (and the CUDA-graph pools holding the caches)
         if dev == "cuda":
+            from torch._inductor import cudagraph_trees
+
+            cudagraph_trees.reset_cudagraph_trees()  # the recorded trees keep their static inputs (the caches) alive
+            gc.collect()
             torch.cuda.empty_cache()
 
 

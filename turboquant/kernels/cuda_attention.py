@@ -304,8 +304,7 @@ def _counters(size: int, device: torch.device) -> torch.Tensor:
         return buf
     if torch.cuda.is_current_stream_capturing():
         return torch.zeros(size, dtype=torch.int32, device=device)
-    with outside_graph_pool(device):
-        buf = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
+    buf = outside_graph_pool(device, lambda: torch.zeros(max(size, 4096), dtype=torch.int32, device=device))
     _COUNTERS[key] = buf
     return buf
 

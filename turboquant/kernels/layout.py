@@ -9,9 +9,10 @@ and width 3 as ``[groups of 3 bytes, 8 codes]``, zero-padded to a power of two â
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any, NamedTuple
 
@@ -25,26 +26,34 @@ from ..rotation import make_rotation
 SUPPORTED_WIDTHS = (1, 2, 3, 4, 8)
 
 
-@contextlib.contextmanager
-def outside_graph_pool(device: torch.device) -> Iterator[None]:
-    """Allocate long-lived tensors (cached tables, rotations, counters) where no CUDA-graph pool takes them.
+_SIDE = threading.local()
 
-    CUDA-graph trees (``torch.compile(mode="reduce-overhead")``) run their warm-up call with every
-    allocation of the current stream going to the graph's private pool; a cache entry made there
-    outlives the call and the trees refuse to record ("tensors in the cudagraph pool not tracked
-    as outputs"). Allocations on the device's default stream bypass that pool; the current stream
-    then waits for them. Inside a capture (or on the default stream) nothing changes.
+
+@lru_cache(maxsize=1)
+def _side_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="turboquant-alloc")
+
+
+def outside_graph_pool(device: torch.device, make: Callable[[], Any]) -> Any:
+    """``make()`` (long-lived tensors: cached tables, rotations, counters) where no CUDA-graph pool takes them.
+
+    CUDA-graph trees (``torch.compile(mode="reduce-overhead")``) run their warm-up call with the
+    allocations of the calling thread going to the graph's private pool; a cache entry made there
+    outlives the call and the trees refuse to record ("tensors in the cudagraph pool not tracked as
+    outputs"). So on CUDA ``make`` runs on a side thread (its own current stream, no pool), which
+    waits for its work before returning. Inside a capture nothing changes.
     """
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        yield
-        return
-    current, side = torch.cuda.current_stream(device), torch.cuda.default_stream(device)
-    if current == side:
-        yield
-        return
-    with torch.cuda.stream(side):
-        yield
-    current.wait_stream(side)
+    if device.type != "cuda" or getattr(_SIDE, "active", False) or torch.cuda.is_current_stream_capturing():
+        return make()
+
+    def run() -> Any:
+        _SIDE.active = True
+        with torch.cuda.device(device):
+            out = make()
+            torch.cuda.current_stream(device).synchronize()
+        return out
+
+    return _side_thread().submit(run).result()
 
 
 def device_cached(maxsize: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -56,8 +65,7 @@ def device_cached(maxsize: int) -> Callable[[Callable[..., Any]], Callable[..., 
         @functools.wraps(fn)
         def cached(*args: Any) -> Any:
             device = next((a for a in args if isinstance(a, torch.device)), torch.device("cpu"))
-            with outside_graph_pool(device):
-                return fn(*args)
+            return outside_graph_pool(device, lambda: fn(*args))
 
         return cached
 
