@@ -193,3 +193,47 @@ def test_fused_equals_triton_combine(ca):
     a = ca.cuda_quantized_attention(q, k, v, fk, fv, 128**-0.5)
     b = ca.cuda_quantized_attention(q, k, v, fk, fv, 128**-0.5, tuning=CudaTuning(fused=False))
     assert relative_error(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("count", [0, 1, 777, 5000])
+@pytest.mark.parametrize("window_mask", ["none", "bool", "additive"])
+def test_compressed_length_read_on_the_device(ca, bits, count, window_mask):
+    """``compressed_length``: the kernel attends the first ``count`` codes (no per-token mask), the
+    window under its own mask; equal to float64 with the equivalent full mask."""
+    from turboquant.kernels.layout import length_mask
+
+    q, k, v, fk, fv = _inputs(bits, 128, 2, 32, 8, 1, 5000, 6)
+    wm = None
+    if window_mask != "none":
+        wm = torch.rand(2, 1, 1, 6, device="cuda") > 0.3
+        wm[..., 0] = True
+        if window_mask == "additive":
+            wm = torch.zeros(wm.shape, device="cuda").masked_fill(~wm, float("-inf"))
+    n_t = torch.tensor(count, device="cuda")
+    out = ca.cuda_quantized_attention(q, k, v, fk, fv, 128**-0.5, wm, compressed_length=n_t)
+    ref = float64_attention(q, k, v, fk, fv, 128**-0.5, length_mask(5000, n_t, wm, 6))
+    assert relative_error(out, ref) < TOL
+
+
+def test_compressed_length_replays_in_a_graph(ca):
+    """A captured call replays with the count's current value (the static cache's decode step)."""
+    from turboquant.kernels.layout import length_mask
+
+    q, k, v, fk, fv = _inputs(4, 128, 2, 32, 8, 1, 8000, 4)
+    n_t = torch.tensor(100, device="cuda")
+    f = lambda: ca.cuda_quantized_attention(q, k, v, fk, fv, 128**-0.5, compressed_length=n_t)  # noqa: E731
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        f()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = f()
+    for count in (100, 4321, 8000, 0):
+        n_t.fill_(count)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = float64_attention(q, k, v, fk, fv, 128**-0.5, length_mask(8000, n_t, None, 4))
+        assert relative_error(out, ref) < TOL, count

@@ -127,6 +127,31 @@ def test_ops_compile_fullgraph() -> None:
     assert torch.equal(eager, compiled) and torch.equal(codes_e, keys.codes)
 
 
+@pytest.mark.parametrize("window_mask", ["none", "bool", "additive"])
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_compressed_length_equals_the_full_mask(window_mask: str, backend: str) -> None:
+    """``compressed_length`` (a device count, the static decode step) = the explicit mask over [codes | window]."""
+    from turboquant.kernels import quantized_attention
+
+    cfg_k, cfg_v = QuantizerConfig(64, 4, seed=1), QuantizerConfig(64, 3, seed=2)
+    keys, values = _codes(cfg_k, (2, 2, 40)), _codes(cfg_v, (2, 2, 40))
+    q, fk, fv = torch.randn(2, 4, 1, 64), torch.randn(2, 2, 5, 64), torch.randn(2, 2, 5, 64)
+    wm = None
+    if window_mask != "none":
+        wm = torch.tensor([True, False, True, True, False]).expand(2, 1, 1, 5).clone()
+        wm[1, ..., 1] = True
+        if window_mask == "additive":
+            wm = torch.zeros(wm.shape).masked_fill(~wm, float("-inf"))
+    for count in (0, 17, 40):
+        n_t = torch.tensor(count)
+        got = quantized_attention(q, keys, values, fk, fv, 0.125, mask=wm, compressed_length=n_t, backend=backend)
+        visible = torch.arange(40) < count
+        full_w = torch.ones(2, 1, 1, 5, dtype=torch.bool) if wm is None else (wm == 0 if wm.dtype != torch.bool else wm)
+        full = torch.cat([visible.expand(2, 1, 1, 40), full_w], dim=-1)
+        want = torch_quantized_attention(q, keys, values, fk, fv, 0.125, full)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_config_key_rejects_prod() -> None:
     with pytest.raises(TurboQuantError, match="MSE"):
         ops.config_from_key(ops.config_key(QuantizerConfig(64, 3, variant="prod")))

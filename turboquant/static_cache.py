@@ -97,6 +97,8 @@ class TurboQuantStaticLayer(CacheLayerMixin):
         self.ring = settings.window + 1
         self.cumulative_length = torch.tensor(0, dtype=torch.int64)
         self.ready = False  # a prompt was written: one-token updates may take the static decode path
+        # the prompt's mask had padding: decode steps mask the codes token by token (else the kernel reads a count)
+        self.padded = False
 
     # ------------------------------------------------------------------ buffers
     @torch.compiler.disable  # allocated eagerly even under a compiled prompt, so the addresses can be marked static
@@ -283,6 +285,8 @@ class TurboQuantStaticLayer(CacheLayerMixin):
 
     def _decode_attention(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
         length = self.cumulative_length  # the query's own token is already written
+        if not self.padded:  # the codes of positions [sink, length - ring) as a count the kernel reads on the device
+            return self._decode_attention_counted(query, attention_mask, scaling)
         compressed = (self.positions >= self.sink) & (self.positions < length - self.ring)
         filled = self.slot_positions >= 0
         if attention_mask is not None:
@@ -303,9 +307,12 @@ class TurboQuantStaticLayer(CacheLayerMixin):
                            scaling: float) -> torch.Tensor:  # fmt: skip
         start, length = self._chunk_start, query.shape[2]
         before = min(start, self.sink)
-        if attention_mask is None:  # causal over positions [0, start + length)
-            rows = torch.arange(start, start + length, device=query.device).unsqueeze(-1)
-            attention_mask = (torch.arange(start + length, device=query.device) <= rows)[None, None]
+        rows = torch.arange(start, start + length, device=query.device).unsqueeze(-1)
+        causal = (torch.arange(start + length, device=query.device) <= rows)[None, None]  # positions [0, start + length)
+        if attention_mask is None:
+            attention_mask = causal
+        elif not self.padded:  # eager: any visible position hidden (padding) sends decode steps to the token mask
+            self.padded = bool((causal & ~attention_mask[..., : start + length]).any())
         full_mask = torch.cat([attention_mask[..., :before], attention_mask[..., start : start + length]], dim=-1)
         if start <= self.sink:  # nothing compressed before this chunk: exact attention
             return _sdpa(None, query, key, value, full_mask, scaling)  # type: ignore[arg-type]
@@ -320,6 +327,22 @@ class TurboQuantStaticLayer(CacheLayerMixin):
                 value_offset=self.value_offset if self.settings.center_values else None,
                 chunk=self.settings.chunk, backend=self.settings.backend,
             )  # fmt: skip
+
+    def _decode_attention_counted(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        # no padding: the compressed tokens to attend are exactly the first `count` codes after the sinks
+        count = (self.cumulative_length - self.ring - self.sink).clamp_min(0)
+        filled = self.slot_positions >= 0
+        if attention_mask is not None:
+            filled = attention_mask.index_select(-1, self.slot_positions.clamp_min(0)) & filled
+        else:
+            filled = filled.view(1, 1, 1, -1)
+        q, k, koff = self._scaled(query, self.keys)
+        s = self.sink
+        return quantized_attention_op(
+            q, self.key_codes[:, :, s:], self.key_norms[:, :, s:], self.value_codes[:, :, s:], self.value_norms[:, :, s:],
+            k, self.values, filled, koff, self.value_offset if self.settings.center_values else None, float(scaling),
+            self.key_key, self.value_key, self.settings.backend.value, self.settings.chunk, count,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ bookkeeping
     def get_seq_length(self) -> Any:
@@ -340,6 +363,7 @@ class TurboQuantStaticLayer(CacheLayerMixin):
             self.slot_positions.fill_(-1)
             self.cumulative_length.zero_()
         self.ready = False
+        self.padded = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:

@@ -43,17 +43,28 @@ def resolve_backend(backend: Backend | str, device: torch.device) -> Backend:
     return backend
 
 
-def quantized_attention(*args: Any, backend: Backend | str = Backend.AUTO, **kwargs: Any) -> torch.Tensor:
+def quantized_attention(
+    *args: Any, backend: Backend | str = Backend.AUTO, compressed_length: torch.Tensor | None = None, **kwargs: Any
+) -> torch.Tensor:
     """Dispatch to :func:`torch_quantized_attention` or one of its compiled twins (same arguments).
 
     ``AUTO``: the CUDA decode kernel on CUDA tensors (then Triton, then torch for inputs it does
     not cover), the C kernel on CPU tensors (then torch).
+
+    ``compressed_length`` (a 0-d integer tensor, for static buffers under CUDA graphs): attend only
+    the first ``compressed_length`` compressed tokens; ``mask`` then covers the full-precision
+    tokens only. The CUDA kernel reads the count on the device; other backends get the equivalent
+    full mask (:func:`~turboquant.kernels.layout.length_mask`).
     """
     query: torch.Tensor = args[0] if args else kwargs["query"]
     chosen = resolve_backend(backend, query.device)
+    if compressed_length is not None and chosen is not Backend.CUDA:
+        args, kwargs = _with_length_mask(args, kwargs, compressed_length)
     if chosen is Backend.CUDA:
         from .cuda_attention import cuda_quantized_attention  # falls back to Triton (one warning if it cannot build)
 
+        if compressed_length is not None:
+            kwargs["compressed_length"] = compressed_length
         return cuda_quantized_attention(*args, **kwargs)
     if chosen is Backend.TRITON:
         from .triton_attention import triton_quantized_attention  # falls back to torch for unsupported inputs
@@ -62,6 +73,24 @@ def quantized_attention(*args: Any, backend: Backend | str = Backend.AUTO, **kwa
     if chosen is Backend.CPU:
         return cpu_quantized_attention(*args, **kwargs)  # falls back to the reference for inputs it does not cover
     return torch_quantized_attention(*args, **kwargs)
+
+
+_MASK_ARG = 6  # position of ``mask`` in the attention functions' signature
+
+
+def _with_length_mask(args: tuple[Any, ...], kwargs: dict[str, Any], compressed_length: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The arguments with ``mask`` (over the full-precision tokens) replaced by the full mask of ``compressed_length``."""
+    from .layout import length_mask
+    from .reference import attention_shapes
+
+    names = ("query", "keys", "values", "full_keys", "full_values")
+    parts = [args[i] if i < len(args) else kwargs.get(name) for i, name in enumerate(names)]
+    _, _, _, _, n, w, _ = attention_shapes(parts[0], parts[1], parts[2], parts[3], None)
+    window = args[_MASK_ARG] if len(args) > _MASK_ARG else kwargs.get("mask")
+    full = length_mask(n, compressed_length, window, w)
+    if len(args) > _MASK_ARG:
+        return (*args[:_MASK_ARG], full, *args[_MASK_ARG + 1 :]), kwargs
+    return args, {**kwargs, "mask": full}
 
 
 def quantize_into(

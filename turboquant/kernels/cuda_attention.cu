@@ -695,7 +695,8 @@ __device__ __forceinline__ void finish(const Params& p, int b, int h, int bh, in
       const int qrow = rb * 8 + row;
       const long long qo = ((long long)bh * p.m + qrow) * D;  // the unrotated query
       long long mrow = 0;
-      if (MASK) mrow = b * p.sm_b + (long long)(h * p.g + qrow / p.l) * p.sm_h + (long long)(qrow % p.l) * p.sm_l;
+      const bool wm = MASK || p.wmask;  // wmask: a mask over the window tokens only
+      if (wm) mrow = b * p.sm_b + (long long)(h * p.g + qrow / p.l) * p.sm_h + (long long)(qrow % p.l) * p.sm_l;
       float m = fin_ml[2 * row], l = fin_ml[2 * row + 1];
       float acc[D / 32];
 #pragma unroll
@@ -710,7 +711,7 @@ __device__ __forceinline__ void finish(const Params& p, int b, int h, int bh, in
 #pragma unroll 8
           for (int c = 0; c < D; ++c) dot = fmaf(load_f(p.q, qo + c, p.q_kind), load_f(p.fk, ko + c, p.fk_kind), dot);
           sc = dot * p.scale2;
-          if (MASK) sc += load_mask(p, mrow + (long long)(p.n + t) * p.sm_t, p.mask_kind);
+          if (wm) sc += load_mask(p, mrow + (long long)((MASK ? p.n : 0) + t) * p.sm_t, p.mask_kind);
         }
         const float mn = fmaxf(m, warp_max(sc));
         const float msafe = (mn == -INFINITY) ? 0.f : mn;
@@ -754,7 +755,8 @@ __global__ void __launch_bounds__(NW * 32) decode_kernel(const Params p) {
   const int split = blockIdx.x, bh = blockIdx.y, rb = blockIdx.z;
   const int b = bh / p.hkv, h = bh % p.hkv;
   const int start = split * p.tps;
-  const int stop = min(start + p.tps, p.n);
+  const int nval = p.n_dev != nullptr ? max(0, min(*p.n_dev, p.n)) : p.n;  // a CUDA graph replays with the current count
+  const int stop = min(start + p.tps, nval);
   const int per = ((p.tps + NW - 1) / NW + TOK - 1) / TOK * TOK;
   const int wstart = start + warp * per;
   const int wstop = min(wstart + per, stop);

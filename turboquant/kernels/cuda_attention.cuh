@@ -25,6 +25,8 @@ struct Params {
   float* part;         // [BH, S, M, AC + 2]: acc columns (VHI_C offset), then max (base 2), then sum
   int ac;              // AC = 16 + D (16 unused columns of the absent high-width stream)
   int n, hkv, m, l, g, tps, splits;
+  const int* n_dev;    // device count of compressed tokens to attend (<= n; the rest of the buffer is ignored), or nullptr
+  int wmask;           // 1: the mask covers the W full-precision tokens only (read by the finish; MASK is false)
   uint32_t ktab[4];    // key decoder tables for the register (prmt) decoders (fp16 low/high bytes)
   uint32_t vtab[4];
   unsigned short kcent[16], vcent[16];  // fp16 centroids (shared-memory table decoder)

@@ -51,7 +51,7 @@ from ..codec import code_bytes, layout
 from ..config import QuantizerConfig, Variant, cache_dir
 from ..quantizer import QuantizedVectors
 from ..rotation import make_rotation
-from .layout import device_cached, expand_mask, num_sms, outside_graph_pool
+from .layout import device_cached, expand_mask, length_mask, num_sms, outside_graph_pool
 from .reference import DEFAULT_CHUNK, attention_shapes, torch_quantized_attention
 from .tuning import DEFAULT_CUDA_TUNING, DEFAULT_TUNING, CudaTuning
 
@@ -98,13 +98,17 @@ static tq::Params make_params(const std::vector<int64_t>& c) {
 // q [BH, M, D] (fp32/fp16/bf16, contiguous) and rt = Pi_k^T [D, D] fp32: the kernel rotates the query.
 // fused finish when out is given: counter [BH * rblocks] int32 (zero), pv [D, D] fp32, voff [BH, D] fp32,
 // fk / fv [B, Hkv, W, D] (W > 0 only), out [BH, M, D] in the query dtype.
+// ndev: int32 [1] count of compressed tokens to attend (graph-safe), wmask: the mask covers the window only (fused).
 void decode(torch::Tensor q, c10::optional<torch::Tensor> qoff, torch::Tensor kc, torch::Tensor kn,
             torch::Tensor vc, torch::Tensor vn, c10::optional<torch::Tensor> mask, torch::Tensor part,
             double scale2, std::vector<int64_t> c, std::vector<int64_t> v, torch::Tensor rt,
             c10::optional<torch::Tensor> out, c10::optional<torch::Tensor> counter, c10::optional<torch::Tensor> pv,
-            c10::optional<torch::Tensor> voff, c10::optional<torch::Tensor> fk, c10::optional<torch::Tensor> fv) {
+            c10::optional<torch::Tensor> voff, c10::optional<torch::Tensor> fk, c10::optional<torch::Tensor> fv,
+            c10::optional<torch::Tensor> ndev, int64_t wmask) {
   const c10::cuda::CUDAGuard guard(q.device());
   tq::Params p = make_params(c);
+  p.n_dev = ndev.has_value() ? ndev->data_ptr<int>() : nullptr;
+  p.wmask = (int)wmask;
   p.fused = out.has_value() ? 1 : 0;
   if (p.fused) {
     p.out = out->data_ptr();
@@ -135,7 +139,7 @@ void decode(torch::Tensor q, c10::optional<torch::Tensor> qoff, torch::Tensor kc
   p.mask = mask.has_value() ? mask->data_ptr() : nullptr;
   p.part = part.data_ptr<float>();
   cudaError_t err = tq_decode_dispatch(p, (int)v[0], (int)v[1], (int)v[2], (int)v[3], (int)v[4], (int)v[5],
-                                       (int)v[6], p.mask != nullptr, (int)v[7], (int)v[8],
+                                       (int)v[6], p.mask != nullptr && !p.wmask, (int)v[7], (int)v[8],
                                        c10::cuda::getCurrentCUDAStream().stream(), nullptr);
   TORCH_CHECK(err == cudaSuccess, "turboquant CUDA decode: ", cudaGetErrorString(err));
 }
@@ -392,19 +396,31 @@ def cuda_quantized_attention(
     chunk: int = DEFAULT_CHUNK,
     *,
     tuning: CudaTuning = DEFAULT_CUDA_TUNING,
+    compressed_length: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over compressed tokens then full-precision tokens, with the warp-level CUDA kernel.
 
     Arguments, shapes and result as :func:`~turboquant.kernels.reference.torch_quantized_attention`
-    (``chunk`` is ignored), plus ``tuning`` (:class:`~turboquant.kernels.tuning.CudaTuning`). Inputs
+    (``chunk`` is ignored), plus ``tuning`` (:class:`~turboquant.kernels.tuning.CudaTuning`) and
+    ``compressed_length`` (see :func:`turboquant.kernels.quantized_attention`: a 0-d integer tensor
+    the kernel reads on the device; ``mask`` then covers the full-precision tokens only). Inputs
     the kernel does not cover (see :func:`cuda_supports`) go to the Triton kernel.
     """
     args = (query, keys, values, full_keys, full_values, scaling, mask, key_offset, value_offset, chunk)
+    if compressed_length is not None and keys is not None and keys.shape[-1] and (
+        not tuning.fused or not cuda_supports(query, keys, values, full_keys, full_values)
+    ):  # only the fused kernel reads the count: the others get the equivalent full mask
+        w = 0 if full_keys is None else full_keys.shape[-2]
+        full = length_mask(keys.shape[-1], compressed_length, mask, w)
+        return cuda_quantized_attention(*args[:6], full, *args[7:], tuning=tuning)
     if not cuda_supports(query, keys, values, full_keys, full_values):
         return _fallback(*args)
     tune = tuning.variant is not None
     mod = _module(query.device, tune)
     if mod is None:
+        if compressed_length is not None:
+            w = 0 if full_keys is None else full_keys.shape[-2]
+            args = (*args[:6], length_mask(keys.shape[-1], compressed_length, mask, w), *args[7:])  # type: ignore[union-attr]
         return _fallback(*args)
     assert keys is not None and values is not None
     b, hq, l, d, n, w, hkv = attention_shapes(query, keys, values, full_keys, None)
@@ -435,12 +451,18 @@ def cuda_quantized_attention(
         if mk.dtype not in _MASK_KIND:
             mk = mk.float()
         kind = _MASK_KIND[mk.dtype]
-        mask4 = expand_mask(mk, b, hq, l, n + w)
+        mask4 = expand_mask(mk, b, hq, l, w if compressed_length is not None else n + w)
         ms = mask4.stride()
+    ndev = None
+    if compressed_length is not None:  # read on the device: a CUDA graph replays with the current count
+        ndev = compressed_length.reshape(1)
+        if ndev.dtype != torch.int32:
+            ndev = ndev.to(torch.int32)
+    wmask = int(compressed_length is not None and mask4 is not None)
 
     variant = _resolve_variant(kb, vb, tuning)
     nw, tiles, pf, dec = variant
-    _, _, ctas_per_sm, _ = variant_info(kb, vb, d, variant, mask4 is not None, dev, tune)
+    _, _, ctas_per_sm, _ = variant_info(kb, vb, d, variant, mask4 is not None and not wmask, dev, tune)
     rblocks = -(-m // 8)
     slots = max(1, ctas_per_sm) * num_sms(dev) * tuning.waves
     per_cta = nw * 16 * tiles  # tokens of one iteration of every warp
@@ -481,11 +503,12 @@ def cuda_quantized_attention(
             if fv.dtype not in (torch.float32, torch.float16, torch.bfloat16) or fv.stride(-1) != 1:
                 fv = fv.float().contiguous()
         counter = _counters(bh * rblocks, dev) if splits > 1 else _counters(1, dev)
-        mod.decode(qin, qoff, kc, kn, vc, vn, mask4, parts, scale2, c, v, rt, out, counter, _rotation(vcfg, dev), voff, fk, fv)
+        mod.decode(qin, qoff, kc, kn, vc, vn, mask4, parts, scale2, c, v, rt, out, counter, _rotation(vcfg, dev), voff, fk, fv,
+                   ndev, wmask)  # fmt: skip
         if odt is None:
             out = out.to(query.dtype)
         return out.reshape(b, hq, l, d)
-    mod.decode(qin, qoff, kc, kn, vc, vn, mask4, parts, scale2, c, v, rt, None, None, None, None, None, None)
+    mod.decode(qin, qoff, kc, kn, vc, vn, mask4, parts, scale2, c, v, rt, None, None, None, None, None, None, None, 0)
     qf = qin.float()
 
     from .triton_combine import combine_partials

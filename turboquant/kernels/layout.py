@@ -151,6 +151,25 @@ def query_rotation(config: QuantizerConfig, device: torch.device) -> torch.Tenso
     return torch.cat((hi, lo), dim=0).T.contiguous()
 
 
+def length_mask(n: int, compressed_length: torch.Tensor, window_mask: torch.Tensor | None, w: int) -> torch.Tensor:
+    """The mask over ``[compressed | full precision]`` that attends the first ``compressed_length`` of
+    ``n`` compressed tokens and the ``w`` full-precision ones under ``window_mask``.
+
+    ``compressed_length`` is a 0-d integer tensor (read on the device, no host sync);
+    ``window_mask`` is boolean (True = attend) or additive, broadcastable to ``[B, Hq, L, w]``, or None.
+    """
+    device = compressed_length.device
+    valid = torch.arange(n, device=device) < compressed_length.reshape(())
+    if window_mask is None:
+        return torch.cat([valid, torch.ones(w, dtype=torch.bool, device=device)]).view(1, 1, 1, n + w)
+    if window_mask.shape[-1] != w:
+        raise TurboQuantError(f"the window mask covers {window_mask.shape[-1]} tokens, the full-precision part holds {w}")
+    lead = window_mask.shape[:-1]
+    if window_mask.dtype != torch.bool:  # additive: 0 where attended
+        valid = torch.zeros((), dtype=window_mask.dtype, device=device).masked_fill(~valid, float("-inf"))
+    return torch.cat([valid.expand(*lead, n), window_mask], dim=-1)
+
+
 def expand_mask(mask: torch.Tensor, b: int, hq: int, l: int, t: int) -> torch.Tensor:
     """A mask as the GPU kernels read it: a broadcast view ``[B, Hq, L, T]`` (stride 0 where broadcast), booleans as uint8 bytes."""
     if mask.dtype == torch.bool:
@@ -175,6 +194,7 @@ __all__ = [
     "KernelStream",
     "config_supported",
     "expand_mask",
+    "length_mask",
     "lookup_table",
     "next_pow2",
     "num_sms",

@@ -95,6 +95,7 @@ def quantized_attention_op(
     value_config: str,
     backend: str = "auto",
     chunk: int = 2048,
+    compressed_length: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of ``query [B, Hq, L, d]`` over ``N`` compressed tokens, then ``W`` full-precision ones.
 
@@ -104,6 +105,8 @@ def quantized_attention_op(
         mask: boolean or additive, broadcastable to ``[B, Hq, L, N + W]`` (True = attend), or None.
         key_offset, value_offset: ``[B, Hkv, d]`` or None.
         key_config, value_config: :func:`config_key` strings.
+        compressed_length: 0-d int tensor or None: attend only the first ``compressed_length`` compressed
+            tokens, ``mask`` then covering the ``W`` full-precision tokens only (read on the device).
 
     Returns:
         ``[B, Hq, L, d]`` in ``query.dtype`` (a new tensor).
@@ -116,12 +119,13 @@ def quantized_attention_op(
     return quantized_attention(
         query, keys, values, full_keys, full_values, scaling,
         mask=mask, key_offset=key_offset, value_offset=value_offset, chunk=chunk, backend=backend,
+        compressed_length=compressed_length,
     )  # fmt: skip
 
 
 @quantized_attention_op.register_fake
 def _(query, key_codes, key_norms, value_codes, value_norms, full_keys, full_values, mask, key_offset,
-      value_offset, scaling, key_config, value_config, backend="auto", chunk=2048):  # fmt: skip
+      value_offset, scaling, key_config, value_config, backend="auto", chunk=2048, compressed_length=None):  # fmt: skip
     if key_codes.dim() != 4 or key_codes.shape[:2] != value_codes.shape[:2]:
         raise TurboQuantError(f"key codes {tuple(key_codes.shape)} / value codes {tuple(value_codes.shape)} must be [B, Hkv, N, bytes]")
     return query.new_empty(query.shape)
