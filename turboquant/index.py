@@ -9,15 +9,16 @@ Ranking estimator: ``‖x‖·<Πq, ŷ>/‖ŷ‖`` (default; ``correction=False`
 reconstruction rescaled to its stored norm (:func:`turboquant.codec.reconstruction_norms`): no
 stored byte, no calibration; on all-MiniLM-L6-v2 (d=384, 4 bits) recall 10@10 0.933 → 0.947.
 
-Engines, picked per call: ``fastscan`` (CPU with FAISS, :mod:`turboquant.fastscan`) scans the
-top ``scan_bits`` bits of every code with a FAISS ``IndexPQFastScan`` whose sub-quantizers are
-fixed nested TurboQuant codebooks (nothing trained; the mirror lives in RAM only), then re-scores
-a shortlist exactly from the stored codes; ``torch`` (any device, any width) decodes blocks of
-codes and multiplies them with the query batch. ``auto`` picks fast-scan on CPU whenever FAISS is
-installed. A lookup table cannot apply a per-vector norm, so a mirror of unequal norms is split
-into groups of near-equal norms whose shortlists merge by ``‖x‖ × scan score``
-(:func:`turboquant.fastscan.norm_edges`); before, such indexes fell back to the torch engine
-(2-3x slower in batch, 100x for single queries).
+Engines, picked per call: ``fastscan`` (CPU) scans the top ``scan_bits`` bits of every code
+(fixed nested TurboQuant codebooks, nothing trained; the mirror lives in RAM only) with 8-bit
+lookup tables, then re-scores a shortlist exactly from the stored codes; ``torch`` (any device,
+any width) decodes blocks of codes and multiplies them with the query batch. The scan is the C
+kernel of :mod:`turboquant.kernels.cpu_scan`, which applies each vector's scale
+(``‖x‖/‖ŷ‖``, and ``−‖x‖²`` for L2) inside the scan, so one pass per query ranks vectors of any
+norm. Without a C compiler the FAISS ``IndexPQFastScan`` mirror (:mod:`turboquant.fastscan`)
+stands in, for indexes whose stored norms are all equal (its tables cannot apply a per-vector
+norm); others then use the torch engine. ``auto`` picks fast-scan on CPU whenever one of the two
+is available.
 
 Thread safety: every public method takes the index's re-entrant lock, so a search running
 while another thread adds or removes vectors sees the index either before or after the change.
@@ -34,17 +35,17 @@ import numpy as np
 import torch
 
 from .buffers import GrowableBuffer
-from .codec import bytes_per_vector, code_bytes, decode_mse, encode, reconstruction_norms
+from .codec import bytes_per_vector, code_bytes, decode_mse, decode_mse_numpy, encode, reconstruction_norms
 from .config import Engine, IndexConfig, Metric, QuantizerConfig, TurboQuantError, replace_fields
 from .inputs import ArrayLike, as_ids, as_matrix, to_numpy32, to_torch
-from .fastscan import FastScan, faiss_available, nibble_plan, norm_edges, rescore, rotate_queries, thread_pool
+from .fastscan import FastScan, faiss_available, nibble_plan, rescore, rotate_queries, thread_pool
 from .index_file import MAX_ID, IndexHeader, read_index_file, write_index_file
+from .kernels.cpu_scan import ScanMirror, load_scan_library
 from .rotation import make_rotation
 
-_MIN_SHARD = 8192  # fast-scan shard size floor: smaller shards cost more per-call overhead than they save
+_MIN_SHARD = 8192  # FAISS fallback shard size floor: smaller shards cost more per-call overhead than they save
 _CHUNK = 16384  # vectors encoded / decoded at a time: bounds temporary memory
-_NORM_SPREAD = {Metric.IP: 1.02, Metric.COSINE: 1.02, Metric.L2: 1.002}  # max/min stored norm of one fast-scan group
-_MAX_GROUPS = 8  # norm groups of the fast-scan mirror (each costs a lookup-table pass per query)
+_SPLIT_BYTES = 1 << 22  # a single query's scan splits over threads only above this many scanned bytes
 
 
 def _shown(ids: np.ndarray) -> str:
@@ -109,7 +110,7 @@ class TurboQuantIndex:
         self._device = None if device is None else torch.device(device)
         self._norm_dtype = getattr(torch, config.norm_dtype)
         self._lock = threading.RLock()
-        self._fastscan: FastScan | None = None
+        self._fastscan: ScanMirror | FastScan | None = None  # the scan mirror (C kernel, else FAISS)
         self._rot_t: np.ndarray | None = None  # Π.T as numpy, for the fast-scan path
         self._reset_storage(self._device or torch.device("cpu"))
         if config.engine is Engine.FASTSCAN:
@@ -418,8 +419,8 @@ class TurboQuantIndex:
         return q / torch.where(qn > 0, qn, torch.ones_like(qn)) if self.metric == "cosine" else q
 
     def _check_fastscan_possible(self) -> None:
-        if not faiss_available():
-            raise TurboQuantError("engine='fastscan' needs FAISS: pip install faiss-cpu")
+        if load_scan_library() is None and not faiss_available():
+            raise TurboQuantError("engine='fastscan' needs a C compiler (the scan kernel) or FAISS: pip install faiss-cpu")
         if nibble_plan(self._qcfg, self.config.scan_bits) is None:
             raise TurboQuantError(f"scan_bits=4 needs code widths up to 4 bits, not bits={self.bits}; use scan_bits=2")
         if self.device.type != "cpu":
@@ -430,24 +431,29 @@ class TurboQuantIndex:
             return False
         if self.config.engine is Engine.FASTSCAN:
             self._check_fastscan_possible()
-        elif self.device.type != "cpu" or nibble_plan(self._qcfg, self.config.scan_bits) is None or not faiss_available():
+        elif self.device.type != "cpu" or nibble_plan(self._qcfg, self.config.scan_bits) is None:
             return False
-        if self._fastscan is None:
-            plan = nibble_plan(self._qcfg, self.config.scan_bits)
-            assert plan is not None
-            threads = max(1, self.config.search_threads or 1)
-            norms = None if self.metric == "cosine" or not len(self) else self._norms_f32()
-            # unequal norms: one shortlist per group of near-equal norms (fastscan.norm_edges)
-            edges = None if norms is None else norm_edges(norms, _NORM_SPREAD[self.metric], _MAX_GROUPS, 256)
-            if edges is not None and self.metric == "l2" and self.config.engine is Engine.AUTO:
-                return False  # -‖x‖² varies inside a group as much as the scan score: exact torch scan
-            shard = max(_MIN_SHARD, -(-len(self) // threads)) if threads > 1 else 1 << 62
-            fs = FastScan(self._qcfg, plan, shard, threads, edges)
-            step = 1 << 18
-            for start in range(0, len(self), step):
-                fs.append(self._codes[start : start + step].numpy(), None if norms is None else norms[start : start + step])
-            fs.norm_range = (float(norms.min()), float(norms.max())) if norms is not None else (1.0, 1.0)
-            self._fastscan = fs
+        if self._fastscan is not None:
+            return True
+        plan = nibble_plan(self._qcfg, self.config.scan_bits)
+        assert plan is not None
+        lib = load_scan_library()
+        if lib is not None:
+            mirror = ScanMirror(self._qcfg, plan, self.metric == "l2", lib)
+            mirror.reserve(len(self))
+            self._fastscan = mirror
+            self._mirror_fill(0)
+            return True
+        # FAISS fallback: its tables cannot apply a per-vector norm, so only for equal norms
+        norms = self._norms_f32()
+        if not faiss_available() or (self.metric != "cosine" and len(norms) and norms.min() != norms.max()):
+            return False
+        threads = max(1, self.config.search_threads or 1)
+        shard = max(_MIN_SHARD, -(-len(self) // threads)) if threads > 1 else 1 << 62
+        fs = FastScan(self._qcfg, plan, shard, threads)
+        for start in range(0, len(self), 1 << 18):
+            fs.append(self._codes[start : start + (1 << 18)].numpy())
+        self._fastscan = fs
         return True
 
     def _norms_f32(self) -> np.ndarray:
@@ -458,21 +464,52 @@ class TurboQuantIndex:
             self._norms32 = self._norms.float().cpu().numpy()
         return self._norms32
 
+    def _mirror_fill(self, start: int) -> None:
+        """Append stored vectors ``start..`` to the C scan mirror with their scan factors, in chunks over the threads.
+
+        ``alpha = ‖x‖/‖ŷ‖`` (``‖x‖`` without correction; doubled for L2) and ``beta = −‖x‖²``
+        (L2 only): the scan ranks by ``alpha·<Πq, ŷ_scan> + beta``, the corrected estimator of
+        ``<q, x>`` (or of ``−‖q − x‖² + ‖q‖²``).
+        """
+        mirror = self._fastscan
+        assert isinstance(mirror, ScanMirror) and mirror.count == start
+        codes, norms = self._store.numpy("codes"), self._norms_f32()
+        n = len(self)
+        l2 = self.metric == "l2"
+        step = 1 << 14
+        starts = list(range(start, n, step))
+        alpha = np.empty(n - start, np.float32)
+
+        def factors(s0: int) -> None:
+            s1 = min(n, s0 + step)
+            a = norms[s0:s1].copy()
+            if self.config.correction:
+                a /= reconstruction_norms(decode_mse_numpy(codes[s0:s1], self._qcfg))
+            alpha[s0 - start : s1 - start] = 2 * a if l2 else a
+
+        threads = max(1, torch.get_num_threads())
+        if threads > 1 and len(starts) > 1:
+            list(thread_pool(threads).map(factors, starts))
+        else:
+            for s0 in starts:
+                factors(s0)
+        beta = -np.square(norms[start:n]) if l2 else None
+        mirror.append(codes[start:n], alpha, beta)
+
     def _mirror_append(self, codes: torch.Tensor) -> None:
         """Extend the fast-scan mirror by the last ``len(codes)`` stored vectors (or drop it to rebuild)."""
         fs = self._fastscan
+        if isinstance(fs, ScanMirror):
+            self._mirror_fill(len(self) - len(codes))
+            return
         assert fs is not None
-        norms = self._norms_f32()[len(self) - len(codes) :]
-        if self.metric != "cosine" and len(norms):
-            lo, hi = min(fs.norm_range[0], float(norms.min())), max(fs.norm_range[1], float(norms.max()))
-            fs.norm_range = (lo, hi)
-            if fs.edges is None and (lo <= 0 or hi / lo > _NORM_SPREAD[self.metric]):  # noqa: SIM102
-                self._fastscan = None  # the norms now spread: regroup
-        if self._fastscan is not None:
-            fs.append(codes.cpu().numpy(), None if fs.edges is None else norms)
-            if len(fs.shards) > 4 * max(fs.threads, len(fs.groups)):  # grown by streaming: re-split
-                self._fastscan = None
-        if self._fastscan is None:
+        norms = self._norms_f32()
+        if self.metric != "cosine" and len(norms) and norms.min() != norms.max():
+            self._fastscan = None  # the FAISS mirror needs equal norms: torch engine from now on
+            return
+        fs.append(codes.cpu().numpy())
+        if len(fs.shards) > 4 * fs.threads:  # grown by streaming: re-split
+            self._fastscan = None
             self._use_fastscan()
 
     def _scale(self, norms: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
@@ -511,7 +548,8 @@ class TurboQuantIndex:
         return self._scores_out(best_keys), best_pos
 
     def _search_fastscan(self, q: np.ndarray, k: int, rerank: int | None) -> tuple[np.ndarray, np.ndarray]:
-        assert self._fastscan is not None
+        fs = self._fastscan
+        assert fs is not None
         cfg = self._qcfg
         q = q.astype(np.float32, copy=False)
         q_sq = np.square(q).sum(1)
@@ -522,9 +560,18 @@ class TurboQuantIndex:
         if self._rot_t is None:
             self._rot_t = self.rotation.matrix().T.contiguous().numpy()
         q_rot = rotate_queries(q, self._rot_t)
-        shortlist = min(len(self), max(k, rerank if rerank is not None else _default_rerank(k, self._fastscan.plan.exact, len(self))))
+        n = len(self)
+        shortlist = min(n, max(k, rerank if rerank is not None else _default_rerank(k, fs.plan.exact, n)))
         norms = self._norms_f32()
-        cand = self._fastscan.search(q_rot, shortlist, norms if self._fastscan.edges is not None else None, self.metric == "l2")
+        if isinstance(fs, ScanMirror) and fs.exact_plan is not None:  # scan and exact re-score in C
+            keys, cand = fs.search(q_rot, shortlist, self._scan_threads(len(q), fs), self._store.numpy("codes"))
+            if self.metric == "l2":
+                keys -= q_sq[:, None]
+            return self._top(keys, cand, k)
+        if isinstance(fs, ScanMirror):
+            _, cand = fs.search(q_rot, shortlist, self._scan_threads(len(q), fs))
+        else:
+            cand = fs.search(q_rot, shortlist)
         dots, scale = np.empty(cand.shape, np.float32), np.empty(cand.shape, np.float32)
         step = max(1, (1 << 18) // (shortlist * cfg.dim))  # queries per step: decoded block stays in cache (3x faster)
         for s0 in range(0, len(q), step):
@@ -532,12 +579,27 @@ class TurboQuantIndex:
             dots[sl], scale[sl] = rescore(self._store.numpy("codes"), norms, cfg, self.config.correction, cand[sl], q_rot[sl])
         keys = dots * scale
         if self.metric == "l2":  # -(‖q‖² + ‖x‖² − 2<q, x>), largest first
-            norms = np.take(self._norms_f32(), cand)
-            keys = 2 * keys - np.square(norms) - q_sq[:, None]
+            keys = 2 * keys - np.square(np.take(norms, cand)) - q_sq[:, None]
+        return self._top(keys, cand, k)
+
+    def _top(self, keys: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` largest ``keys`` ``(nq, L)`` per row in order, as output scores, and their positions."""
         order = np.argsort(-keys, axis=1, kind="stable")[:, :k]
-        rows = np.arange(len(q))[:, None]
+        rows = np.arange(len(keys))[:, None]
         top = keys[rows, order]
         return (-top if self.metric == "l2" else top), cand[rows, order]
+
+    def _scan_threads(self, nq: int, mirror: ScanMirror) -> int:
+        """Threads of one C scan call: ``search_threads``, else ``torch.get_num_threads()`` (the library's policy).
+
+        A batch splits over queries; a single query splits its vectors only when the scan reads
+        enough bytes to pay for waking other threads (on a shared machine a wake-up can cost more
+        than a small scan).
+        """
+        threads = self.config.search_threads or torch.get_num_threads()
+        if nq < threads and mirror.count * mirror.Mp // 2 < _SPLIT_BYTES:
+            return 1
+        return max(1, threads)
 
     # ----------------------------------------------------------------- persistence
 

@@ -1,0 +1,469 @@
+/* Fast-scan of 4-bit nibble codes with 8-bit lookup tables and a per-vector factor.
+ *
+ * Layout (built by tq_scan_pack): vectors in blocks of 32; a block holds Mp positions (nibbles)
+ * of 16 bytes each, byte j of position m = nibble m of vector j (low 4 bits) | nibble m of
+ * vector j+16 (high 4 bits). Mp is a multiple of 4, padding nibbles are 0.
+ *
+ * Per query, a table LUT[m][v] (16 entries per position) is quantized to uint8 with one scale
+ * per query and a bias per position (tq_scan_luts); one byte shuffle then does 32 (SSE lane),
+ * 64 (AVX2) or 128 (AVX-512) table lookups, summed in uint16 and folded into uint32 every 256
+ * positions, so sums never overflow at any M. The score of vector i is
+ *     s_i = alpha_i * (sum_i * inv_a + bias) + beta_i
+ * (alpha: the stored norm, or norm/||y_hat||; beta: -||x||^2 for L2, else absent), applied in the
+ * scan, so one pass over all vectors yields the top-L by the norm-aware score. Floating-point
+ * operations are plain IEEE float ops (the file is built with -ffp-contract=off): the scalar and
+ * SIMD paths give bit-identical scores, and a numpy reference can reproduce them exactly.
+ * Ties are broken towards the smaller vector index, so splitting the vectors into ranges and
+ * merging gives the same result as one pass. Selection: candidates at or above the current
+ * threshold are buffered and the buffer cut back to the best L by quickselect when full.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <alloca.h>
+
+#if defined(TQ_SCALAR)
+#undef __AVX2__
+#undef __AVX512BW__
+#endif
+#if defined(__AVX2__) || defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
+
+#define FLUSH 256 /* positions summed in uint16 before folding into uint32 */
+
+int tq_scan_isa(void) {
+#if defined(__AVX512BW__)
+    return 512;
+#elif defined(__AVX2__)
+    return 256;
+#else
+    return 0;
+#endif
+}
+
+/* Write vectors first..first+rows-1 (nibble m of row r: (nib[r*row_bytes + m/2] >> 4*(m&1)) & 15)
+ * into the blocked layout. Blocks touched must exist; their other vectors are left as they are. */
+void tq_scan_pack(const uint8_t *nib, int64_t rows, int64_t row_bytes, int64_t M, int64_t Mp, int64_t first,
+                  uint8_t *blocks) {
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t g = first + r, j = g & 31;
+        uint8_t *blk = blocks + (g >> 5) * Mp * 16 + (j & 15);
+        const uint8_t *src = nib + r * row_bytes;
+        int shift = j < 16 ? 0 : 4;
+        uint8_t keep = j < 16 ? 0xf0 : 0x0f;
+        for (int64_t m = 0; m < Mp; m++) {
+            uint8_t v = m < M ? (src[m >> 1] >> ((m & 1) * 4)) & 15 : 0;
+            blk[m * 16] = (uint8_t)((blk[m * 16] & keep) | (v << shift));
+        }
+    }
+}
+
+/* Quantized tables of nq queries: lutf[m][v] = sum_s q[coords[m,s]] * cent[m,v,s] (coords -1: none),
+ * qlut = round((lutf - min_v lutf[m]) * a) with a = 255 / max_m(range of lutf[m]),
+ * inv_a = 1/a as range/255, bias = sum_m min_v lutf[m]. qlut: (nq, Mp, 16); rows m >= M are 0. */
+int tq_scan_luts(const float *q, int64_t nq, int64_t d, const int32_t *coords, const float *cent, int64_t M,
+                 int64_t dsub, int64_t Mp, uint8_t *qlut, float *inv_a, float *bias) {
+    float *lutf = (float *)malloc(sizeof(float) * (size_t)(M * 16 + 2 * M));
+    if (!lutf) return 1;
+    float *mn = lutf + M * 16, *mx = mn + M;
+    for (int64_t iq = 0; iq < nq; iq++) {
+        const float *qq = q + iq * d;
+        float range = 0.0f;
+        for (int64_t m = 0; m < M; m++) {
+            float *row = lutf + m * 16;
+            for (int v = 0; v < 16; v++) row[v] = 0.0f;
+            for (int64_t s = 0; s < dsub; s++) {
+                int32_t c = coords[m * dsub + s];
+                if (c < 0) continue;
+                float x = qq[c];
+                const float *ce = cent + (m * 16) * dsub + s;
+                for (int v = 0; v < 16; v++) {
+                    float p = x * ce[v * dsub];
+                    row[v] = row[v] + p;
+                }
+            }
+            float lo = row[0], hi = row[0];
+            for (int v = 1; v < 16; v++) {
+                lo = row[v] < lo ? row[v] : lo;
+                hi = row[v] > hi ? row[v] : hi;
+            }
+            mn[m] = lo;
+            mx[m] = hi;
+            float r = hi - lo;
+            range = r > range ? r : range;
+        }
+        float a = range > 0.0f ? 255.0f / range : 1.0f;
+        inv_a[iq] = range > 0.0f ? range / 255.0f : 1.0f;
+        double b = 0.0;
+        uint8_t *out = qlut + iq * Mp * 16;
+        for (int64_t m = 0; m < M; m++) {
+            b += mn[m];
+            for (int v = 0; v < 16; v++) {
+                float t = (lutf[m * 16 + v] - mn[m]) * a;
+                t = t + 0.5f;
+                int u = (int)t;
+                out[m * 16 + v] = (uint8_t)(u > 255 ? 255 : (u < 0 ? 0 : u));
+            }
+        }
+        memset(out + M * 16, 0, (size_t)((Mp - M) * 16));
+        bias[iq] = (float)b;
+    }
+    free(lutf);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ sums of one block */
+
+#if defined(__AVX512BW__)
+static inline __m512i fold512(__m512i a0, __m512i a1) {
+    /* a0: words = even byte + 256 * odd byte sums (mod 2^16); a1: odd byte sums */
+    __m512i e = _mm512_sub_epi16(a0, _mm512_slli_epi16(a1, 8));
+    __m128i e4 = _mm_add_epi16(_mm_add_epi16(_mm512_extracti32x4_epi32(e, 0), _mm512_extracti32x4_epi32(e, 1)),
+                               _mm_add_epi16(_mm512_extracti32x4_epi32(e, 2), _mm512_extracti32x4_epi32(e, 3)));
+    __m128i o4 = _mm_add_epi16(_mm_add_epi16(_mm512_extracti32x4_epi32(a1, 0), _mm512_extracti32x4_epi32(a1, 1)),
+                               _mm_add_epi16(_mm512_extracti32x4_epi32(a1, 2), _mm512_extracti32x4_epi32(a1, 3)));
+    __m256i v = _mm256_set_m128i(_mm_unpackhi_epi16(e4, o4), _mm_unpacklo_epi16(e4, o4));
+    return _mm512_cvtepu16_epi32(v);
+}
+
+static inline void block_sums(const uint8_t *blk, const uint8_t *lut, int64_t Mp, uint32_t *out) {
+    const __m512i mask = _mm512_set1_epi8(0x0f);
+    __m512i tlo = _mm512_setzero_si512(), thi = _mm512_setzero_si512();
+    for (int64_t m0 = 0; m0 < Mp; m0 += FLUSH) {
+        int64_t m1 = m0 + FLUSH < Mp ? m0 + FLUSH : Mp;
+        __m512i a0l = _mm512_setzero_si512(), a1l = a0l, a0h = a0l, a1h = a0l;
+        for (int64_t m = m0; m < m1; m += 4) {
+            __m512i c = _mm512_loadu_si512((const void *)(blk + m * 16));
+            __m512i t = _mm512_loadu_si512((const void *)(lut + m * 16));
+            __m512i rl = _mm512_shuffle_epi8(t, _mm512_and_si512(c, mask));
+            __m512i rh = _mm512_shuffle_epi8(t, _mm512_and_si512(_mm512_srli_epi16(c, 4), mask));
+            a0l = _mm512_add_epi16(a0l, rl);
+            a1l = _mm512_add_epi16(a1l, _mm512_srli_epi16(rl, 8));
+            a0h = _mm512_add_epi16(a0h, rh);
+            a1h = _mm512_add_epi16(a1h, _mm512_srli_epi16(rh, 8));
+        }
+        tlo = _mm512_add_epi32(tlo, fold512(a0l, a1l));
+        thi = _mm512_add_epi32(thi, fold512(a0h, a1h));
+    }
+    _mm512_storeu_si512((void *)out, tlo);
+    _mm512_storeu_si512((void *)(out + 16), thi);
+}
+#elif defined(__AVX2__)
+static inline void fold256(__m256i a0, __m256i a1, uint32_t *out) {
+    __m256i e = _mm256_sub_epi16(a0, _mm256_slli_epi16(a1, 8));
+    __m128i e2 = _mm_add_epi16(_mm256_castsi256_si128(e), _mm256_extracti128_si256(e, 1));
+    __m128i o2 = _mm_add_epi16(_mm256_castsi256_si128(a1), _mm256_extracti128_si256(a1, 1));
+    __m256i lo = _mm256_cvtepu16_epi32(_mm_unpacklo_epi16(e2, o2));
+    __m256i hi = _mm256_cvtepu16_epi32(_mm_unpackhi_epi16(e2, o2));
+    _mm256_storeu_si256((__m256i *)out, _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)out), lo));
+    _mm256_storeu_si256((__m256i *)(out + 8), _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)(out + 8)), hi));
+}
+
+static inline void block_sums(const uint8_t *blk, const uint8_t *lut, int64_t Mp, uint32_t *out) {
+    const __m256i mask = _mm256_set1_epi8(0x0f);
+    memset(out, 0, 32 * sizeof(uint32_t));
+    for (int64_t m0 = 0; m0 < Mp; m0 += FLUSH) {
+        int64_t m1 = m0 + FLUSH < Mp ? m0 + FLUSH : Mp;
+        __m256i a0l = _mm256_setzero_si256(), a1l = a0l, a0h = a0l, a1h = a0l;
+        for (int64_t m = m0; m < m1; m += 2) {
+            __m256i c = _mm256_loadu_si256((const __m256i *)(blk + m * 16));
+            __m256i t = _mm256_loadu_si256((const __m256i *)(lut + m * 16));
+            __m256i rl = _mm256_shuffle_epi8(t, _mm256_and_si256(c, mask));
+            __m256i rh = _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(c, 4), mask));
+            a0l = _mm256_add_epi16(a0l, rl);
+            a1l = _mm256_add_epi16(a1l, _mm256_srli_epi16(rl, 8));
+            a0h = _mm256_add_epi16(a0h, rh);
+            a1h = _mm256_add_epi16(a1h, _mm256_srli_epi16(rh, 8));
+        }
+        fold256(a0l, a1l, out);
+        fold256(a0h, a1h, out + 16);
+    }
+}
+#else
+static inline void block_sums(const uint8_t *blk, const uint8_t *lut, int64_t Mp, uint32_t *out) {
+    memset(out, 0, 32 * sizeof(uint32_t));
+    for (int64_t m = 0; m < Mp; m++) {
+        const uint8_t *row = blk + m * 16, *t = lut + m * 16;
+        for (int j = 0; j < 16; j++) {
+            out[j] += t[row[j] & 15];
+            out[j + 16] += t[row[j] >> 4];
+        }
+    }
+}
+#endif
+
+/* Raw uint32 sums of one query over nblocks blocks (tests compare them with integer references). */
+void tq_scan_sums(const uint8_t *blocks, int64_t nblocks, int64_t Mp, const uint8_t *qlut, uint32_t *out) {
+    for (int64_t b = 0; b < nblocks; b++) block_sums(blocks + b * Mp * 16, qlut, Mp, out + b * 32);
+}
+
+/* ------------------------------------------------------------------ scores of one block */
+
+/* sc[j] = al[j] * ((float)sums[j] * ia + bs) (+ be[j]) for j < 32; returns the mask of sc[j] >= thr.
+ * Every path does the same IEEE float operations in the same order (no FMA contraction). */
+static inline uint32_t block_scores(const uint32_t *sums, const float *al, const float *be, float ia, float bs, float thr,
+                                    float *sc) {
+#if defined(__AVX512BW__)
+    uint32_t mask = 0;
+    for (int h = 0; h < 2; h++) {
+        __m512 t = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(sums + 16 * h)));
+        t = _mm512_add_ps(_mm512_mul_ps(t, _mm512_set1_ps(ia)), _mm512_set1_ps(bs));
+        t = _mm512_mul_ps(_mm512_loadu_ps(al + 16 * h), t);
+        if (be) t = _mm512_add_ps(t, _mm512_loadu_ps(be + 16 * h));
+        _mm512_storeu_ps(sc + 16 * h, t);
+        mask |= (uint32_t)_mm512_cmp_ps_mask(t, _mm512_set1_ps(thr), _CMP_GE_OQ) << (16 * h);
+    }
+    return mask;
+#elif defined(__AVX2__)
+    uint32_t mask = 0;
+    for (int h = 0; h < 4; h++) {
+        __m256 t = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(sums + 8 * h)));
+        t = _mm256_add_ps(_mm256_mul_ps(t, _mm256_set1_ps(ia)), _mm256_set1_ps(bs));
+        t = _mm256_mul_ps(_mm256_loadu_ps(al + 8 * h), t);
+        if (be) t = _mm256_add_ps(t, _mm256_loadu_ps(be + 8 * h));
+        _mm256_storeu_ps(sc + 8 * h, t);
+        mask |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(t, _mm256_set1_ps(thr), _CMP_GE_OQ)) << (8 * h);
+    }
+    return mask;
+#else
+    uint32_t mask = 0;
+    for (int j = 0; j < 32; j++) {
+        float t = (float)(int32_t)sums[j] * ia;
+        t = t + bs;
+        t = al[j] * t;
+        if (be) t = t + be[j];
+        sc[j] = t;
+        mask |= (uint32_t)(t >= thr) << j;
+    }
+    return mask;
+#endif
+}
+
+/* ------------------------------------------------------------------ top-L selection */
+
+/* Candidates above the current threshold go to a buffer of 2L; a full buffer is cut back to its
+ * best L by quickselect, whose L-th entry becomes the threshold. Order: higher score first, then
+ * smaller index, so the kept set is exactly the top-L of one pass in index order. */
+typedef struct {
+    float s;
+    int64_t i;
+} cand_t;
+
+static inline int better(cand_t a, cand_t b) { return a.s > b.s || (a.s == b.s && a.i < b.i); }
+
+/* The k-th largest of x[0..n) (1 <= k <= n); x is reordered. */
+static float kth_largest(float *x, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1, want = k - 1;
+    while (lo < hi) {
+        float pivot = x[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (x[i] > pivot) i++;
+            while (x[j] < pivot) j--;
+            if (i <= j) {
+                float t = x[i];
+                x[i] = x[j];
+                x[j] = t;
+                i++;
+                j--;
+            }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else return x[want];
+    }
+    return x[want];
+}
+
+typedef struct {
+    cand_t *buf; /* 2L */
+    float *tmp;  /* 2L scratch */
+    int64_t size, L;
+    cand_t worst; /* the L-th best once the buffer was cut (threshold), else -inf */
+} topl_t;
+
+/* Keep the best L of the buffer: those scoring above the L-th largest score, then those equal to
+ * it by smallest index (quickselect on the scores alone: 4-byte compares, no tie logic). */
+static void topl_cut(topl_t *t) {
+    int64_t n = t->size, L = t->L;
+    for (int64_t k = 0; k < n; k++) t->tmp[k] = t->buf[k].s;
+    float thr = kth_largest(t->tmp, n, L);
+    int64_t kept = 0, nt = 0;
+    cand_t *tie = (cand_t *)alloca(sizeof(cand_t) * (size_t)n);
+    for (int64_t k = 0; k < n; k++) {
+        if (t->buf[k].s > thr) t->buf[kept++] = t->buf[k];
+        else if (t->buf[k].s == thr) tie[nt++] = t->buf[k];
+    }
+    /* ties at the threshold: the smallest indices win (few in practice: repeated minimum) */
+    for (int64_t r = 0; kept < L; r++) {
+        int64_t best = r;
+        for (int64_t k = r + 1; k < nt; k++)
+            if (tie[k].i < tie[best].i) best = k;
+        cand_t x = tie[best];
+        tie[best] = tie[r];
+        tie[r] = x;
+        t->buf[kept++] = x;
+    }
+    t->size = kept;
+    cand_t w = t->buf[0];
+    for (int64_t k = 1; k < kept; k++)
+        if (better(w, t->buf[k])) w = t->buf[k];
+    t->worst = w;
+}
+
+static inline void topl_push(topl_t *t, float s, int64_t i) {
+    cand_t c = {s, i};
+    if (!better(c, t->worst)) return;
+    t->buf[t->size++] = c;
+    if (t->size == 2 * t->L) topl_cut(t);
+}
+
+/* Top-L of vectors [v0, v1) (v0 a multiple of 32) for nq queries with tables qlut (nq, Mp, 16).
+ * Output (nq, L) scores and indices, unordered; slots beyond the range size hold -inf / -1.
+ * Blocks are visited in chunks that stay in cache while every query scans them. */
+int tq_scan_search(const uint8_t *blocks, int64_t v0, int64_t v1, int64_t Mp, const float *alpha, const float *beta,
+                   const uint8_t *qlut, const float *inv_a, const float *bias, int64_t nq, int64_t L, float *out_s,
+                   int64_t *out_i) {
+    if (v0 & 31) return 2;
+    topl_t *tops = (topl_t *)calloc((size_t)(nq > 0 ? nq : 1), sizeof(topl_t));
+    cand_t *bufs = (cand_t *)malloc(sizeof(cand_t) * (size_t)(nq > 0 ? nq : 1) * 2 * (size_t)L);
+    float *tmps = (float *)malloc(sizeof(float) * (size_t)(nq > 0 ? nq : 1) * 2 * (size_t)L);
+    if (!tops || !bufs || !tmps) {
+        free(tops);
+        free(bufs);
+        free(tmps);
+        return 1;
+    }
+    for (int64_t q = 0; q < nq; q++) {
+        tops[q].buf = bufs + q * 2 * L;
+        tops[q].tmp = tmps + q * 2 * L;
+        tops[q].L = L;
+        tops[q].worst.s = -INFINITY;
+        tops[q].worst.i = INT64_MAX;
+    }
+    int64_t block_bytes = Mp * 16;
+    int64_t chunk = (1 << 17) / block_bytes;
+    if (chunk < 1) chunk = 1;
+    int64_t b_first = v0 >> 5, b_end = (v1 + 31) >> 5;
+    uint32_t sums[32] __attribute__((aligned(64)));
+    float sc[32] __attribute__((aligned(64)));
+    float al_tail[32], be_tail[32];
+    for (int64_t c0 = b_first; c0 < b_end; c0 += chunk) {
+        int64_t c1 = c0 + chunk < b_end ? c0 + chunk : b_end;
+        for (int64_t iq = 0; iq < nq; iq++) {
+            const uint8_t *lut = qlut + iq * block_bytes;
+            float ia = inv_a[iq], bs = bias[iq];
+            topl_t *t = tops + iq;
+            for (int64_t b = c0; b < c1; b++) {
+                block_sums(blocks + b * block_bytes, lut, Mp, sums);
+                int64_t base = b << 5, cnt = v1 - base < 32 ? v1 - base : 32;
+                const float *al = alpha + base, *be = beta ? beta + base : NULL;
+                if (cnt < 32) { /* last partial block: factors padded so the vector code reads 32 */
+                    for (int j = 0; j < 32; j++) {
+                        al_tail[j] = j < cnt ? al[j] : 0.0f;
+                        be_tail[j] = j < cnt && be ? be[j] : 0.0f;
+                    }
+                    al = al_tail;
+                    be = be ? be_tail : NULL;
+                }
+                uint32_t hit = block_scores(sums, al, be, ia, bs, t->worst.s, sc);
+                if (cnt < 32) hit &= (uint32_t)((1ull << cnt) - 1);
+                while (hit) {
+                    int j = __builtin_ctz(hit);
+                    hit &= hit - 1;
+                    topl_push(t, sc[j], base + j);
+                }
+            }
+        }
+    }
+    for (int64_t q = 0; q < nq; q++) {
+        topl_t *t = tops + q;
+        if (t->size > L) topl_cut(t);
+        for (int64_t k = 0; k < L; k++) {
+            out_s[q * L + k] = k < t->size ? t->buf[k].s : -INFINITY;
+            out_i[q * L + k] = k < t->size ? t->buf[k].i : -1;
+        }
+    }
+    free(tops);
+    free(bufs);
+    free(tmps);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ exact re-scoring */
+
+/* Exact scores of shortlisted rows: out[q,c] = alpha_i * sum_m lutf[m][nibble_im] + beta_i, i = cand[q,c]
+ * (skipped when i < 0), where rows (n, row_bytes) hold the nibbles of an exact plan (no bits dropped,
+ * e.g. the stored 4-bit codes themselves) and lutf is the float table of that plan (no quantization). */
+int tq_rescore(const uint8_t *rows, int64_t row_bytes, const int32_t *coords, const float *cent, int64_t M,
+               int64_t dsub, const float *q, int64_t nq, int64_t d, const int64_t *cand, int64_t L,
+               const float *alpha, const float *beta, float *out) {
+    float *lutf = (float *)malloc(sizeof(float) * (size_t)(M * 16));
+    if (!lutf) return 1;
+    for (int64_t iq = 0; iq < nq; iq++) {
+        const float *qq = q + iq * d;
+        for (int64_t m = 0; m < M; m++) {
+            float *row = lutf + m * 16;
+            for (int v = 0; v < 16; v++) row[v] = 0.0f;
+            for (int64_t s = 0; s < dsub; s++) {
+                int32_t c = coords[m * dsub + s];
+                if (c < 0) continue;
+                float x = qq[c];
+                const float *ce = cent + (m * 16) * dsub + s;
+                for (int v = 0; v < 16; v++) row[v] = row[v] + x * ce[v * dsub];
+            }
+        }
+        for (int64_t k = 0; k < L; k++) {
+            int64_t i = cand[iq * L + k];
+            if (i < 0) {
+                out[iq * L + k] = -INFINITY;
+                continue;
+            }
+            const uint8_t *r = rows + i * row_bytes;
+            float acc0 = 0.0f, acc1 = 0.0f;
+            int64_t m = 0;
+            for (; m + 1 < M; m += 2) {
+                uint8_t b = r[m >> 1];
+                acc0 += lutf[m * 16 + (b & 15)];
+                acc1 += lutf[(m + 1) * 16 + (b >> 4)];
+            }
+            if (m < M) acc0 += lutf[m * 16 + (r[m >> 1] & 15)];
+            float s = alpha[i] * (acc0 + acc1);
+            out[iq * L + k] = beta ? s + beta[i] : s;
+        }
+    }
+    free(lutf);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ one call per query chunk */
+
+/* Fields of the context array (kept by the Python wrapper, refreshed when the mirror grows). */
+enum { C_BLOCKS, C_MP, C_M, C_DSUB, C_COORDS, C_CENT, C_ALPHA, C_BETA, C_D, C_XM, C_XDSUB, C_XCOORDS, C_XCENT, C_COUNT };
+
+/* Tables, scan of [v0, v1) and (with codes: the stored rows of the exact plan) exact re-scoring of
+ * nq queries q (nq, d): out (nq, L) scores and positions, unordered. */
+int tq_scan_topl(const int64_t *ctx, const float *q, int64_t nq, int64_t L, int64_t v0, int64_t v1,
+                 const uint8_t *codes, int64_t row_bytes, float *out_s, int64_t *out_i) {
+    int64_t Mp = ctx[C_MP], d = ctx[C_D];
+    uint8_t *lut = (uint8_t *)malloc((size_t)(nq * Mp * 16));
+    float *ia = (float *)malloc(sizeof(float) * (size_t)(2 * nq));
+    if (!lut || !ia) {
+        free(lut);
+        free(ia);
+        return 1;
+    }
+    int rc = tq_scan_luts(q, nq, d, (const int32_t *)ctx[C_COORDS], (const float *)ctx[C_CENT], ctx[C_M], ctx[C_DSUB], Mp,
+                          lut, ia, ia + nq);
+    if (!rc)
+        rc = tq_scan_search((const uint8_t *)ctx[C_BLOCKS], v0, v1, Mp, (const float *)ctx[C_ALPHA],
+                            (const float *)ctx[C_BETA], lut, ia, ia + nq, nq, L, out_s, out_i);
+    if (!rc && codes)
+        rc = tq_rescore(codes, row_bytes, (const int32_t *)ctx[C_XCOORDS], (const float *)ctx[C_XCENT], ctx[C_XM],
+                        ctx[C_XDSUB], q, nq, d, out_i, L, (const float *)ctx[C_ALPHA], (const float *)ctx[C_BETA], out_s);
+    free(lut);
+    free(ia);
+    return rc;
+}
