@@ -162,6 +162,15 @@ class FastScan:
         # the usual plans read the rotated query as it is: skip the gather
         self.query_identity = bool(np.array_equal(self.query_index, np.arange(config.dim)) and self.query_mask.all())
 
+    @classmethod
+    def build(cls, config: QuantizerConfig, plan: _NibblePlan, codes: np.ndarray, threads: int) -> FastScan:
+        """A mirror of the stored ``codes`` in about one shard per thread (shards of at least 8,192 vectors)."""
+        shard = max(8192, -(-len(codes) // threads)) if threads > 1 else 1 << 62
+        fs = cls(config, plan, shard, threads)
+        for start in range(0, len(codes), 1 << 18):
+            fs.append(codes[start : start + (1 << 18)])
+        return fs
+
     def _new_index(self) -> Any:
         m, dsub = self.plan.coords.shape
         index = self.faiss.IndexPQFastScan(m * dsub, m, 4, self.faiss.METRIC_INNER_PRODUCT)

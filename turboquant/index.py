@@ -26,7 +26,6 @@ while another thread adds or removes vectors sees the index either before or aft
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 from typing import Any
@@ -35,31 +34,20 @@ import numpy as np
 import torch
 
 from .buffers import GrowableBuffer
-from .codec import bytes_per_vector, code_bytes, decode_mse, decode_mse_numpy, encode, reconstruction_norms
+from .codec import bytes_per_vector, code_bytes, decode_mse, encode, reconstruction_norms
 from .config import Engine, IndexConfig, Metric, QuantizerConfig, TurboQuantError, replace_fields
 from .inputs import ArrayLike, as_ids, as_matrix, to_numpy32, to_torch
 from .fastscan import FastScan, faiss_available, nibble_plan, rescore, rotate_queries, thread_pool
 from .index_file import MAX_ID, IndexHeader, read_index_file, write_index_file
-from .kernels.cpu_scan import ScanMirror, load_scan_library
+from .kernels.cpu_scan import ScanMirror, default_shortlist, load_scan_library
 from .rotation import make_rotation
 
-_MIN_SHARD = 8192  # FAISS fallback shard size floor: smaller shards cost more per-call overhead than they save
 _CHUNK = 16384  # vectors encoded / decoded at a time: bounds temporary memory
-_SPLIT_BYTES = 1 << 22  # a single query's scan splits over threads only above this many scanned bytes
+_NORM_SPREAD = {Metric.IP: 1.02, Metric.COSINE: 1.02, Metric.L2: 1.002}  # max/min norm the FAISS fallback accepts
 
 
 def _shown(ids: np.ndarray) -> str:
     return ", ".join(str(int(i)) for i in ids[:10]) + (" ..." if ids.size > 10 else "")
-
-
-def _default_rerank(k: int, exact_scan: bool, n: int) -> int:
-    # Fast-scan shortlist size. Full codes: the corrected exact top-10 is reached with 14 (4 bits)
-    # to 18 (2 bits) candidates (Brown/MiniLM). Coarse 2-bit scan of 3/4-bit codes: 64 candidates
-    # hold 99.9% of the exact top-10 at 54k vectors, but more vectors crowd the coarse scores near
-    # the top, so the shortlist grows with sqrt(n): at 1M (d=384, 4 bits) 64 candidates gave
-    # R10@10 0.864 and 256 gave 0.907 (exact engine 0.909) at the same QPS (docs/index_notes.md).
-    base = k + max(8, k // 2) if exact_scan else 4 * k + 24
-    return int(base * max(1.0, math.sqrt(n / 65536)))
 
 
 # --------------------------------------------------------------------------- the index
@@ -439,21 +427,14 @@ class TurboQuantIndex:
         assert plan is not None
         lib = load_scan_library()
         if lib is not None:
-            mirror = ScanMirror(self._qcfg, plan, self.metric == "l2", lib)
-            mirror.reserve(len(self))
-            self._fastscan = mirror
-            self._mirror_fill(0)
+            self._fastscan = ScanMirror(self._qcfg, plan, self.metric == "l2", lib)
+            self._fastscan.reserve(len(self))
+            self._mirror_fill()
             return True
-        # FAISS fallback: its tables cannot apply a per-vector norm, so only for equal norms
-        norms = self._norms_f32()
-        if not faiss_available() or (self.metric != "cosine" and len(norms) and norms.min() != norms.max()):
+        # FAISS fallback: its tables cannot apply a per-vector norm, so only for (nearly) equal norms
+        if not faiss_available() or not self._norms_equal():
             return False
-        threads = max(1, self.config.search_threads or 1)
-        shard = max(_MIN_SHARD, -(-len(self) // threads)) if threads > 1 else 1 << 62
-        fs = FastScan(self._qcfg, plan, shard, threads)
-        for start in range(0, len(self), 1 << 18):
-            fs.append(self._codes[start : start + (1 << 18)].numpy())
-        self._fastscan = fs
+        self._fastscan = FastScan.build(self._qcfg, plan, self._store.numpy("codes"), max(1, self.config.search_threads or 1))
         return True
 
     def _norms_f32(self) -> np.ndarray:
@@ -464,47 +445,23 @@ class TurboQuantIndex:
             self._norms32 = self._norms.float().cpu().numpy()
         return self._norms32
 
-    def _mirror_fill(self, start: int) -> None:
-        """Append stored vectors ``start..`` to the C scan mirror with their scan factors, in chunks over the threads.
+    def _norms_equal(self) -> bool:
+        """All stored norms within ``_NORM_SPREAD`` (then ranking by ``<Πq, ŷ>`` is ranking by score)."""
+        norms = self._norms_f32()
+        return self.metric == "cosine" or not len(norms) or 0 < norms.min() * _NORM_SPREAD[self.metric] >= norms.max()
 
-        ``alpha = ‖x‖/‖ŷ‖`` (``‖x‖`` without correction; doubled for L2) and ``beta = −‖x‖²``
-        (L2 only): the scan ranks by ``alpha·<Πq, ŷ_scan> + beta``, the corrected estimator of
-        ``<q, x>`` (or of ``−‖q − x‖² + ‖q‖²``).
-        """
-        mirror = self._fastscan
-        assert isinstance(mirror, ScanMirror) and mirror.count == start
-        codes, norms = self._store.numpy("codes"), self._norms_f32()
-        n = len(self)
-        l2 = self.metric == "l2"
-        step = 1 << 14
-        starts = list(range(start, n, step))
-        alpha = np.empty(n - start, np.float32)
-
-        def factors(s0: int) -> None:
-            s1 = min(n, s0 + step)
-            a = norms[s0:s1].copy()
-            if self.config.correction:
-                a /= reconstruction_norms(decode_mse_numpy(codes[s0:s1], self._qcfg))
-            alpha[s0 - start : s1 - start] = 2 * a if l2 else a
-
-        threads = max(1, torch.get_num_threads())
-        if threads > 1 and len(starts) > 1:
-            list(thread_pool(threads).map(factors, starts))
-        else:
-            for s0 in starts:
-                factors(s0)
-        beta = -np.square(norms[start:n]) if l2 else None
-        mirror.append(codes[start:n], alpha, beta)
+    def _mirror_fill(self) -> None:
+        """Bring the C scan mirror up to the stored vectors (appends those it lacks, with their factors)."""
+        assert isinstance(self._fastscan, ScanMirror)
+        self._fastscan.sync(self._store.numpy("codes"), self._norms_f32(), self.config.correction, torch.get_num_threads())
 
     def _mirror_append(self, codes: torch.Tensor) -> None:
         """Extend the fast-scan mirror by the last ``len(codes)`` stored vectors (or drop it to rebuild)."""
         fs = self._fastscan
         if isinstance(fs, ScanMirror):
-            self._mirror_fill(len(self) - len(codes))
-            return
+            return self._mirror_fill()
         assert fs is not None
-        norms = self._norms_f32()
-        if self.metric != "cosine" and len(norms) and norms.min() != norms.max():
+        if not self._norms_equal():
             self._fastscan = None  # the FAISS mirror needs equal norms: torch engine from now on
             return
         fs.append(codes.cpu().numpy())
@@ -534,7 +491,7 @@ class TurboQuantIndex:
         q_sq = q.square().sum(1, keepdim=True)
         nq, n = q.shape[0], len(self)
         chunk = max(1024, min(_CHUNK * 4, (1 << 24) // max(nq, 1)))
-        best_keys = torch.full((nq, 0), -math.inf, device=q.device)
+        best_keys = torch.full((nq, 0), -float("inf"), device=q.device)
         best_pos = torch.zeros((nq, 0), dtype=torch.int64, device=q.device)
         for start in range(0, n, chunk):
             y_hat = decode_mse(self._codes[start : start + chunk], self._qcfg)
@@ -561,15 +518,12 @@ class TurboQuantIndex:
             self._rot_t = self.rotation.matrix().T.contiguous().numpy()
         q_rot = rotate_queries(q, self._rot_t)
         n = len(self)
-        shortlist = min(n, max(k, rerank if rerank is not None else _default_rerank(k, fs.plan.exact, n)))
+        shortlist = min(n, max(k, rerank if rerank is not None else default_shortlist(k, fs.plan.exact, n, self.metric == "l2")))
         norms = self._norms_f32()
-        if isinstance(fs, ScanMirror) and fs.exact_plan is not None:  # scan and exact re-score in C
-            keys, cand = fs.search(q_rot, shortlist, self._scan_threads(len(q), fs), self._store.numpy("codes"))
-            if self.metric == "l2":
-                keys -= q_sq[:, None]
-            return self._top(keys, cand, k)
-        if isinstance(fs, ScanMirror):
-            _, cand = fs.search(q_rot, shortlist, self._scan_threads(len(q), fs))
+        if isinstance(fs, ScanMirror):  # threads: search_threads, else torch's count (the library's policy)
+            keys, cand = fs.search(q_rot, shortlist, self.config.search_threads or torch.get_num_threads(), self._store.numpy("codes"))
+            if fs.exact_plan is not None:  # scanned and exactly re-scored in C
+                return self._top(keys - q_sq[:, None] if self.metric == "l2" else keys, cand, k)
         else:
             cand = fs.search(q_rot, shortlist)
         dots, scale = np.empty(cand.shape, np.float32), np.empty(cand.shape, np.float32)
@@ -588,18 +542,6 @@ class TurboQuantIndex:
         rows = np.arange(len(keys))[:, None]
         top = keys[rows, order]
         return (-top if self.metric == "l2" else top), cand[rows, order]
-
-    def _scan_threads(self, nq: int, mirror: ScanMirror) -> int:
-        """Threads of one C scan call: ``search_threads``, else ``torch.get_num_threads()`` (the library's policy).
-
-        A batch splits over queries; a single query splits its vectors only when the scan reads
-        enough bytes to pay for waking other threads (on a shared machine a wake-up can cost more
-        than a small scan).
-        """
-        threads = self.config.search_threads or torch.get_num_threads()
-        if nq < threads and mirror.count * mirror.Mp // 2 < _SPLIT_BYTES:
-            return 1
-        return max(1, threads)
 
     # ----------------------------------------------------------------- persistence
 

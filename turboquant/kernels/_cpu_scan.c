@@ -128,27 +128,37 @@ static inline __m512i fold512(__m512i a0, __m512i a1) {
     return _mm512_cvtepu16_epi32(v);
 }
 
-static inline void block_sums(const uint8_t *blk, const uint8_t *lut, int64_t Mp, uint32_t *out) {
+#define QB 4 /* queries per pass over a block: the code nibbles are extracted once for all */
+static inline void block_sums(const uint8_t *blk, const uint8_t *const *lut, int64_t Mp, uint32_t *out) {
     const __m512i mask = _mm512_set1_epi8(0x0f);
-    __m512i tlo = _mm512_setzero_si512(), thi = _mm512_setzero_si512();
+    __m512i tlo[QB], thi[QB];
+    for (int k = 0; k < QB; k++) tlo[k] = thi[k] = _mm512_setzero_si512();
     for (int64_t m0 = 0; m0 < Mp; m0 += FLUSH) {
         int64_t m1 = m0 + FLUSH < Mp ? m0 + FLUSH : Mp;
-        __m512i a0l = _mm512_setzero_si512(), a1l = a0l, a0h = a0l, a1h = a0l;
+        __m512i a0l[QB], a1l[QB], a0h[QB], a1h[QB];
+        for (int k = 0; k < QB; k++) a0l[k] = a1l[k] = a0h[k] = a1h[k] = _mm512_setzero_si512();
         for (int64_t m = m0; m < m1; m += 4) {
             __m512i c = _mm512_loadu_si512((const void *)(blk + m * 16));
-            __m512i t = _mm512_loadu_si512((const void *)(lut + m * 16));
-            __m512i rl = _mm512_shuffle_epi8(t, _mm512_and_si512(c, mask));
-            __m512i rh = _mm512_shuffle_epi8(t, _mm512_and_si512(_mm512_srli_epi16(c, 4), mask));
-            a0l = _mm512_add_epi16(a0l, rl);
-            a1l = _mm512_add_epi16(a1l, _mm512_srli_epi16(rl, 8));
-            a0h = _mm512_add_epi16(a0h, rh);
-            a1h = _mm512_add_epi16(a1h, _mm512_srli_epi16(rh, 8));
+            __m512i lo = _mm512_and_si512(c, mask), hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), mask);
+#pragma GCC unroll 4
+            for (int k = 0; k < QB; k++) {
+                __m512i t = _mm512_loadu_si512((const void *)(lut[k] + m * 16));
+                __m512i rl = _mm512_shuffle_epi8(t, lo), rh = _mm512_shuffle_epi8(t, hi);
+                a0l[k] = _mm512_add_epi16(a0l[k], rl);
+                a1l[k] = _mm512_add_epi16(a1l[k], _mm512_srli_epi16(rl, 8));
+                a0h[k] = _mm512_add_epi16(a0h[k], rh);
+                a1h[k] = _mm512_add_epi16(a1h[k], _mm512_srli_epi16(rh, 8));
+            }
         }
-        tlo = _mm512_add_epi32(tlo, fold512(a0l, a1l));
-        thi = _mm512_add_epi32(thi, fold512(a0h, a1h));
+        for (int k = 0; k < QB; k++) {
+            tlo[k] = _mm512_add_epi32(tlo[k], fold512(a0l[k], a1l[k]));
+            thi[k] = _mm512_add_epi32(thi[k], fold512(a0h[k], a1h[k]));
+        }
     }
-    _mm512_storeu_si512((void *)out, tlo);
-    _mm512_storeu_si512((void *)(out + 16), thi);
+    for (int k = 0; k < QB; k++) {
+        _mm512_storeu_si512((void *)(out + 32 * k), tlo[k]);
+        _mm512_storeu_si512((void *)(out + 32 * k + 16), thi[k]);
+    }
 }
 #elif defined(__AVX2__)
 static inline void fold256(__m256i a0, __m256i a1, uint32_t *out) {
@@ -161,31 +171,39 @@ static inline void fold256(__m256i a0, __m256i a1, uint32_t *out) {
     _mm256_storeu_si256((__m256i *)(out + 8), _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)(out + 8)), hi));
 }
 
-static inline void block_sums(const uint8_t *blk, const uint8_t *lut, int64_t Mp, uint32_t *out) {
+#define QB 2
+static inline void block_sums(const uint8_t *blk, const uint8_t *const *lut, int64_t Mp, uint32_t *out) {
     const __m256i mask = _mm256_set1_epi8(0x0f);
-    memset(out, 0, 32 * sizeof(uint32_t));
+    memset(out, 0, QB * 32 * sizeof(uint32_t));
     for (int64_t m0 = 0; m0 < Mp; m0 += FLUSH) {
         int64_t m1 = m0 + FLUSH < Mp ? m0 + FLUSH : Mp;
-        __m256i a0l = _mm256_setzero_si256(), a1l = a0l, a0h = a0l, a1h = a0l;
+        __m256i a0l[QB], a1l[QB], a0h[QB], a1h[QB];
+        for (int k = 0; k < QB; k++) a0l[k] = a1l[k] = a0h[k] = a1h[k] = _mm256_setzero_si256();
         for (int64_t m = m0; m < m1; m += 2) {
             __m256i c = _mm256_loadu_si256((const __m256i *)(blk + m * 16));
-            __m256i t = _mm256_loadu_si256((const __m256i *)(lut + m * 16));
-            __m256i rl = _mm256_shuffle_epi8(t, _mm256_and_si256(c, mask));
-            __m256i rh = _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(c, 4), mask));
-            a0l = _mm256_add_epi16(a0l, rl);
-            a1l = _mm256_add_epi16(a1l, _mm256_srli_epi16(rl, 8));
-            a0h = _mm256_add_epi16(a0h, rh);
-            a1h = _mm256_add_epi16(a1h, _mm256_srli_epi16(rh, 8));
+            __m256i lo = _mm256_and_si256(c, mask), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), mask);
+#pragma GCC unroll 2
+            for (int k = 0; k < QB; k++) {
+                __m256i t = _mm256_loadu_si256((const __m256i *)(lut[k] + m * 16));
+                __m256i rl = _mm256_shuffle_epi8(t, lo), rh = _mm256_shuffle_epi8(t, hi);
+                a0l[k] = _mm256_add_epi16(a0l[k], rl);
+                a1l[k] = _mm256_add_epi16(a1l[k], _mm256_srli_epi16(rl, 8));
+                a0h[k] = _mm256_add_epi16(a0h[k], rh);
+                a1h[k] = _mm256_add_epi16(a1h[k], _mm256_srli_epi16(rh, 8));
+            }
         }
-        fold256(a0l, a1l, out);
-        fold256(a0h, a1h, out + 16);
+        for (int k = 0; k < QB; k++) {
+            fold256(a0l[k], a1l[k], out + 32 * k);
+            fold256(a0h[k], a1h[k], out + 32 * k + 16);
+        }
     }
 }
 #else
-static inline void block_sums(const uint8_t *blk, const uint8_t *lut, int64_t Mp, uint32_t *out) {
+#define QB 1
+static inline void block_sums(const uint8_t *blk, const uint8_t *const *lut, int64_t Mp, uint32_t *out) {
     memset(out, 0, 32 * sizeof(uint32_t));
     for (int64_t m = 0; m < Mp; m++) {
-        const uint8_t *row = blk + m * 16, *t = lut + m * 16;
+        const uint8_t *row = blk + m * 16, *t = lut[0] + m * 16;
         for (int j = 0; j < 16; j++) {
             out[j] += t[row[j] & 15];
             out[j + 16] += t[row[j] >> 4];
@@ -194,9 +212,23 @@ static inline void block_sums(const uint8_t *blk, const uint8_t *lut, int64_t Mp
 }
 #endif
 
-/* Raw uint32 sums of one query over nblocks blocks (tests compare them with integer references). */
-void tq_scan_sums(const uint8_t *blocks, int64_t nblocks, int64_t Mp, const uint8_t *qlut, uint32_t *out) {
-    for (int64_t b = 0; b < nblocks; b++) block_sums(blocks + b * Mp * 16, qlut, Mp, out + b * 32);
+/* Tables of queries g..g+QB-1 (the last group repeats query nq-1: its extra sums are ignored). */
+static inline void group_luts(const uint8_t *qlut, int64_t g, int64_t nq, int64_t block_bytes, const uint8_t **lut) {
+    for (int k = 0; k < QB; k++) lut[k] = qlut + (g + k < nq ? g + k : nq - 1) * block_bytes;
+}
+
+/* Raw uint32 sums of nq queries over nblocks blocks, out (nq, nblocks*32) (tests compare them with
+ * integer references). */
+void tq_scan_sums(const uint8_t *blocks, int64_t nblocks, int64_t Mp, const uint8_t *qlut, int64_t nq, uint32_t *out) {
+    uint32_t sums[QB * 32];
+    const uint8_t *lut[QB];
+    for (int64_t g = 0; g < nq; g += QB) {
+        group_luts(qlut, g, nq, Mp * 16, lut);
+        for (int64_t b = 0; b < nblocks; b++) {
+            block_sums(blocks + b * Mp * 16, lut, Mp, sums);
+            for (int k = 0; k < QB && g + k < nq; k++) memcpy(out + (g + k) * nblocks * 32 + b * 32, sums + 32 * k, 128);
+        }
+    }
 }
 
 /* ------------------------------------------------------------------ scores of one block */
@@ -347,15 +379,14 @@ int tq_scan_search(const uint8_t *blocks, int64_t v0, int64_t v1, int64_t Mp, co
     int64_t chunk = (1 << 17) / block_bytes;
     if (chunk < 1) chunk = 1;
     int64_t b_first = v0 >> 5, b_end = (v1 + 31) >> 5;
-    uint32_t sums[32] __attribute__((aligned(64)));
+    uint32_t sums[QB * 32] __attribute__((aligned(64)));
     float sc[32] __attribute__((aligned(64)));
     float al_tail[32], be_tail[32];
+    const uint8_t *lut[QB];
     for (int64_t c0 = b_first; c0 < b_end; c0 += chunk) {
         int64_t c1 = c0 + chunk < b_end ? c0 + chunk : b_end;
-        for (int64_t iq = 0; iq < nq; iq++) {
-            const uint8_t *lut = qlut + iq * block_bytes;
-            float ia = inv_a[iq], bs = bias[iq];
-            topl_t *t = tops + iq;
+        for (int64_t g = 0; g < nq; g += QB) {
+            group_luts(qlut, g, nq, block_bytes, lut);
             for (int64_t b = c0; b < c1; b++) {
                 block_sums(blocks + b * block_bytes, lut, Mp, sums);
                 int64_t base = b << 5, cnt = v1 - base < 32 ? v1 - base : 32;
@@ -368,12 +399,15 @@ int tq_scan_search(const uint8_t *blocks, int64_t v0, int64_t v1, int64_t Mp, co
                     al = al_tail;
                     be = be ? be_tail : NULL;
                 }
-                uint32_t hit = block_scores(sums, al, be, ia, bs, t->worst.s, sc);
-                if (cnt < 32) hit &= (uint32_t)((1ull << cnt) - 1);
-                while (hit) {
-                    int j = __builtin_ctz(hit);
-                    hit &= hit - 1;
-                    topl_push(t, sc[j], base + j);
+                for (int k = 0; k < QB && g + k < nq; k++) {
+                    topl_t *t = tops + g + k;
+                    uint32_t hit = block_scores(sums + 32 * k, al, be, inv_a[g + k], bias[g + k], t->worst.s, sc);
+                    if (cnt < 32) hit &= (uint32_t)((1ull << cnt) - 1);
+                    while (hit) {
+                        int j = __builtin_ctz(hit);
+                        hit &= hit - 1;
+                        topl_push(t, sc[j], base + j);
+                    }
                 }
             }
         }
