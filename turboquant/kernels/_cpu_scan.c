@@ -285,50 +285,70 @@ typedef struct {
 
 static inline int better(cand_t a, cand_t b) { return a.s > b.s || (a.s == b.s && a.i < b.i); }
 
-/* The k-th largest of x[0..n) (1 <= k <= n); x is reordered. */
-static float kth_largest(float *x, int64_t n, int64_t k) {
-    int64_t lo = 0, hi = n - 1, want = k - 1;
-    while (lo < hi) {
-        float pivot = x[lo + (hi - lo) / 2];
-        int64_t i = lo, j = hi;
-        while (i <= j) {
-            while (x[i] > pivot) i++;
-            while (x[j] < pivot) j--;
-            if (i <= j) {
-                float t = x[i];
-                x[i] = x[j];
-                x[j] = t;
-                i++;
-                j--;
-            }
+/* The k-th largest of x[0..n) (1 <= k <= n), by quickselect with branchless partitions (random
+ * scores make a branchy partition mispredict on every other element). x and y (scratch, n) are
+ * both overwritten. */
+static float kth_largest(float *x, float *y, int64_t n, int64_t k) {
+    for (;;) {
+        if (n <= 8) { /* selection sort of the few left, descending */
+            for (int64_t i = 0; i < k; i++)
+                for (int64_t j = i + 1; j < n; j++)
+                    if (x[j] > x[i]) {
+                        float t = x[i];
+                        x[i] = x[j];
+                        x[j] = t;
+                    }
+            return x[k - 1];
         }
-        if (want <= j) hi = j;
-        else if (want >= i) lo = i;
-        else return x[want];
+        float a = x[0], b = x[n / 2], c = x[n - 1]; /* median of three */
+        float p = a > b ? (b > c ? b : (a > c ? c : a)) : (a > c ? a : (b > c ? c : b));
+        int64_t lo = 0, hi = n; /* y[0..lo): > p, y[hi..n): < p */
+        for (int64_t i = 0; i < n; i++) {
+            float v = x[i];
+            y[lo] = v;
+            y[hi - 1] = v;
+            lo += v > p;
+            hi -= v < p;
+        }
+        if (k <= lo) {
+            n = lo;
+        } else if (k <= hi) {
+            return p;
+        } else {
+            k -= hi;
+            n -= hi;
+            y += hi;
+        }
+        float *t = x;
+        x = y;
+        y = t;
     }
-    return x[want];
 }
 
 typedef struct {
     cand_t *buf; /* 2L */
-    float *tmp;  /* 2L scratch */
+    float *tmp;  /* 4L scratch */
     int64_t size, L;
     cand_t worst; /* the L-th best once the buffer was cut (threshold), else -inf */
 } topl_t;
 
 /* Keep the best L of the buffer: those scoring above the L-th largest score, then those equal to
- * it by smallest index (quickselect on the scores alone: 4-byte compares, no tie logic). */
+ * it by smallest index. Branchless compaction. */
 static void topl_cut(topl_t *t) {
     int64_t n = t->size, L = t->L;
     for (int64_t k = 0; k < n; k++) t->tmp[k] = t->buf[k].s;
-    float thr = kth_largest(t->tmp, n, L);
+    float thr = kth_largest(t->tmp, t->tmp + n, n, L);
     int64_t kept = 0, nt = 0;
     cand_t *tie = (cand_t *)alloca(sizeof(cand_t) * (size_t)n);
     for (int64_t k = 0; k < n; k++) {
-        if (t->buf[k].s > thr) t->buf[kept++] = t->buf[k];
-        else if (t->buf[k].s == thr) tie[nt++] = t->buf[k];
+        cand_t c = t->buf[k];
+        t->buf[kept] = c;
+        tie[nt] = c;
+        kept += c.s > thr;
+        nt += c.s == thr;
     }
     /* ties at the threshold: the smallest indices win (few in practice: repeated minimum) */
+    int64_t worst_i = INT64_MIN;
     for (int64_t r = 0; kept < L; r++) {
         int64_t best = r;
         for (int64_t k = r + 1; k < nt; k++)
@@ -337,12 +357,11 @@ static void topl_cut(topl_t *t) {
         tie[best] = tie[r];
         tie[r] = x;
         t->buf[kept++] = x;
+        worst_i = x.i;
     }
     t->size = kept;
-    cand_t w = t->buf[0];
-    for (int64_t k = 1; k < kept; k++)
-        if (better(w, t->buf[k])) w = t->buf[k];
-    t->worst = w;
+    t->worst.s = thr;
+    t->worst.i = worst_i; /* the last tie taken is the worst kept; none taken: any index loses to thr's */
 }
 
 static inline void topl_push(topl_t *t, float s, int64_t i) {
@@ -361,7 +380,7 @@ int tq_scan_search(const uint8_t *blocks, int64_t v0, int64_t v1, int64_t Mp, co
     if (v0 & 31) return 2;
     topl_t *tops = (topl_t *)calloc((size_t)(nq > 0 ? nq : 1), sizeof(topl_t));
     cand_t *bufs = (cand_t *)malloc(sizeof(cand_t) * (size_t)(nq > 0 ? nq : 1) * 2 * (size_t)L);
-    float *tmps = (float *)malloc(sizeof(float) * (size_t)(nq > 0 ? nq : 1) * 2 * (size_t)L);
+    float *tmps = (float *)malloc(sizeof(float) * (size_t)(nq > 0 ? nq : 1) * 4 * (size_t)L);
     if (!tops || !bufs || !tmps) {
         free(tops);
         free(bufs);
@@ -370,7 +389,7 @@ int tq_scan_search(const uint8_t *blocks, int64_t v0, int64_t v1, int64_t Mp, co
     }
     for (int64_t q = 0; q < nq; q++) {
         tops[q].buf = bufs + q * 2 * L;
-        tops[q].tmp = tmps + q * 2 * L;
+        tops[q].tmp = tmps + q * 4 * L;
         tops[q].L = L;
         tops[q].worst.s = -INFINITY;
         tops[q].worst.i = INT64_MAX;
