@@ -129,19 +129,19 @@ static inline __m512i fold512(__m512i a0, __m512i a1) {
 }
 
 #define QB 4 /* queries per pass over a block: the code nibbles are extracted once for all */
-static inline void block_sums(const uint8_t *blk, const uint8_t *const *lut, int64_t Mp, uint32_t *out) {
+static inline __attribute__((always_inline)) void block_sums(const uint8_t *blk, const uint8_t *const *lut, int64_t Mp, uint32_t *out, const int nqg) {
     const __m512i mask = _mm512_set1_epi8(0x0f);
     __m512i tlo[QB], thi[QB];
-    for (int k = 0; k < QB; k++) tlo[k] = thi[k] = _mm512_setzero_si512();
+    for (int k = 0; k < nqg; k++) tlo[k] = thi[k] = _mm512_setzero_si512();
     for (int64_t m0 = 0; m0 < Mp; m0 += FLUSH) {
         int64_t m1 = m0 + FLUSH < Mp ? m0 + FLUSH : Mp;
         __m512i a0l[QB], a1l[QB], a0h[QB], a1h[QB];
-        for (int k = 0; k < QB; k++) a0l[k] = a1l[k] = a0h[k] = a1h[k] = _mm512_setzero_si512();
+        for (int k = 0; k < nqg; k++) a0l[k] = a1l[k] = a0h[k] = a1h[k] = _mm512_setzero_si512();
         for (int64_t m = m0; m < m1; m += 4) {
             __m512i c = _mm512_loadu_si512((const void *)(blk + m * 16));
             __m512i lo = _mm512_and_si512(c, mask), hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), mask);
 #pragma GCC unroll 4
-            for (int k = 0; k < QB; k++) {
+            for (int k = 0; k < nqg; k++) {
                 __m512i t = _mm512_loadu_si512((const void *)(lut[k] + m * 16));
                 __m512i rl = _mm512_shuffle_epi8(t, lo), rh = _mm512_shuffle_epi8(t, hi);
                 a0l[k] = _mm512_add_epi16(a0l[k], rl);
@@ -150,12 +150,12 @@ static inline void block_sums(const uint8_t *blk, const uint8_t *const *lut, int
                 a1h[k] = _mm512_add_epi16(a1h[k], _mm512_srli_epi16(rh, 8));
             }
         }
-        for (int k = 0; k < QB; k++) {
+        for (int k = 0; k < nqg; k++) {
             tlo[k] = _mm512_add_epi32(tlo[k], fold512(a0l[k], a1l[k]));
             thi[k] = _mm512_add_epi32(thi[k], fold512(a0h[k], a1h[k]));
         }
     }
-    for (int k = 0; k < QB; k++) {
+    for (int k = 0; k < nqg; k++) {
         _mm512_storeu_si512((void *)(out + 32 * k), tlo[k]);
         _mm512_storeu_si512((void *)(out + 32 * k + 16), thi[k]);
     }
@@ -172,18 +172,18 @@ static inline void fold256(__m256i a0, __m256i a1, uint32_t *out) {
 }
 
 #define QB 2
-static inline void block_sums(const uint8_t *blk, const uint8_t *const *lut, int64_t Mp, uint32_t *out) {
+static inline __attribute__((always_inline)) void block_sums(const uint8_t *blk, const uint8_t *const *lut, int64_t Mp, uint32_t *out, const int nqg) {
     const __m256i mask = _mm256_set1_epi8(0x0f);
-    memset(out, 0, QB * 32 * sizeof(uint32_t));
+    memset(out, 0, (size_t)nqg * 32 * sizeof(uint32_t));
     for (int64_t m0 = 0; m0 < Mp; m0 += FLUSH) {
         int64_t m1 = m0 + FLUSH < Mp ? m0 + FLUSH : Mp;
         __m256i a0l[QB], a1l[QB], a0h[QB], a1h[QB];
-        for (int k = 0; k < QB; k++) a0l[k] = a1l[k] = a0h[k] = a1h[k] = _mm256_setzero_si256();
+        for (int k = 0; k < nqg; k++) a0l[k] = a1l[k] = a0h[k] = a1h[k] = _mm256_setzero_si256();
         for (int64_t m = m0; m < m1; m += 2) {
             __m256i c = _mm256_loadu_si256((const __m256i *)(blk + m * 16));
             __m256i lo = _mm256_and_si256(c, mask), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), mask);
 #pragma GCC unroll 2
-            for (int k = 0; k < QB; k++) {
+            for (int k = 0; k < nqg; k++) {
                 __m256i t = _mm256_loadu_si256((const __m256i *)(lut[k] + m * 16));
                 __m256i rl = _mm256_shuffle_epi8(t, lo), rh = _mm256_shuffle_epi8(t, hi);
                 a0l[k] = _mm256_add_epi16(a0l[k], rl);
@@ -192,7 +192,7 @@ static inline void block_sums(const uint8_t *blk, const uint8_t *const *lut, int
                 a1h[k] = _mm256_add_epi16(a1h[k], _mm256_srli_epi16(rh, 8));
             }
         }
-        for (int k = 0; k < QB; k++) {
+        for (int k = 0; k < nqg; k++) {
             fold256(a0l[k], a1l[k], out + 32 * k);
             fold256(a0h[k], a1h[k], out + 32 * k + 16);
         }
@@ -200,7 +200,8 @@ static inline void block_sums(const uint8_t *blk, const uint8_t *const *lut, int
 }
 #else
 #define QB 1
-static inline void block_sums(const uint8_t *blk, const uint8_t *const *lut, int64_t Mp, uint32_t *out) {
+static inline __attribute__((always_inline)) void block_sums(const uint8_t *blk, const uint8_t *const *lut, int64_t Mp, uint32_t *out, const int nqg) {
+    (void)nqg; /* QB = 1 */
     memset(out, 0, 32 * sizeof(uint32_t));
     for (int64_t m = 0; m < Mp; m++) {
         const uint8_t *row = blk + m * 16, *t = lut[0] + m * 16;
@@ -212,7 +213,21 @@ static inline void block_sums(const uint8_t *blk, const uint8_t *const *lut, int
 }
 #endif
 
-/* Tables of queries g..g+QB-1 (the last group repeats query nq-1: its extra sums are ignored). */
+/* Sums of a group of nqg <= QB queries, with the group size a compile-time constant in each branch. */
+static void group_sums(const uint8_t *blk, const uint8_t *const *lut, int64_t Mp, uint32_t *out, int nqg) {
+    switch (nqg) {
+#if QB >= 4
+    case 4: block_sums(blk, lut, Mp, out, 4); break;
+    case 3: block_sums(blk, lut, Mp, out, 3); break;
+#endif
+#if QB >= 2
+    case 2: block_sums(blk, lut, Mp, out, 2); break;
+#endif
+    default: block_sums(blk, lut, Mp, out, 1); break;
+    }
+}
+
+/* Tables of queries g..g+QB-1 (a last, smaller group repeats query nq-1 in unused slots). */
 static inline void group_luts(const uint8_t *qlut, int64_t g, int64_t nq, int64_t block_bytes, const uint8_t **lut) {
     for (int k = 0; k < QB; k++) lut[k] = qlut + (g + k < nq ? g + k : nq - 1) * block_bytes;
 }
@@ -225,7 +240,7 @@ void tq_scan_sums(const uint8_t *blocks, int64_t nblocks, int64_t Mp, const uint
     for (int64_t g = 0; g < nq; g += QB) {
         group_luts(qlut, g, nq, Mp * 16, lut);
         for (int64_t b = 0; b < nblocks; b++) {
-            block_sums(blocks + b * Mp * 16, lut, Mp, sums);
+            group_sums(blocks + b * Mp * 16, lut, Mp, sums, nq - g < QB ? (int)(nq - g) : QB);
             for (int k = 0; k < QB && g + k < nq; k++) memcpy(out + (g + k) * nblocks * 32 + b * 32, sums + 32 * k, 128);
         }
     }
@@ -406,8 +421,9 @@ int tq_scan_search(const uint8_t *blocks, int64_t v0, int64_t v1, int64_t Mp, co
         int64_t c1 = c0 + chunk < b_end ? c0 + chunk : b_end;
         for (int64_t g = 0; g < nq; g += QB) {
             group_luts(qlut, g, nq, block_bytes, lut);
+            int nqg = nq - g < QB ? (int)(nq - g) : QB;
             for (int64_t b = c0; b < c1; b++) {
-                block_sums(blocks + b * block_bytes, lut, Mp, sums);
+                group_sums(blocks + b * block_bytes, lut, Mp, sums, nqg);
                 int64_t base = b << 5, cnt = v1 - base < 32 ? v1 - base : 32;
                 const float *al = alpha + base, *be = beta ? beta + base : NULL;
                 if (cnt < 32) { /* last partial block: factors padded so the vector code reads 32 */
