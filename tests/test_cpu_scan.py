@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(LIB is None, reason=f"no compiled scan kernel: {
 CASES = [(96, 4, 2), (96, 4, 4), (50, 2, 2), (37, 3, 2), (42, 2.5, 2), (30, 1, 2), (1100, 4, 4)]
 
 
-def _mirror(dim: int, bits: float, scan_bits: int, n: int, lib=LIB, l2: bool = False, seed: int = 0):  # noqa: ANN001, ANN202
+def _mirror(dim: int, bits: float, scan_bits: int, n: int, lib=LIB, l2: bool = False, seed: int = 0):
     cfg = QuantizerConfig(dim, bits, Variant.MSE)
     plan = nibble_plan(cfg, scan_bits)
     rng = np.random.default_rng(seed)
@@ -34,7 +34,7 @@ def _mirror(dim: int, bits: float, scan_bits: int, n: int, lib=LIB, l2: bool = F
     return cfg, plan, codes, alpha, beta, mirror
 
 
-def _nibbles(codes: np.ndarray, cfg: QuantizerConfig, plan) -> np.ndarray:  # noqa: ANN001
+def _nibbles(codes: np.ndarray, cfg: QuantizerConfig, plan) -> np.ndarray:
     nib = nibble_bytes(codes, cfg, plan)
     return np.stack([(nib[:, m // 2] >> (4 * (m % 2))) & 15 for m in range(len(plan.coords))], axis=1)
 
@@ -44,7 +44,7 @@ def _reference_sums(lut: np.ndarray, vals: np.ndarray) -> np.ndarray:
     return np.stack([t[m[None, :], vals].astype(np.int64).sum(1) for t in lut])
 
 
-def _reference_scores(sums: np.ndarray, inv_a: np.ndarray, bias: np.ndarray, alpha, beta) -> np.ndarray:  # noqa: ANN001
+def _reference_scores(sums: np.ndarray, inv_a: np.ndarray, bias: np.ndarray, alpha, beta) -> np.ndarray:
     # the kernel's float32 operations in its order: alpha * (sum * inv_a + bias) (+ beta)
     s = sums.astype(np.float32) * inv_a[:, None]
     s = s + bias[:, None]
@@ -60,7 +60,7 @@ def _reference_top(scores: np.ndarray, length: int) -> np.ndarray:
 
 @pytest.mark.parametrize("dim,bits,scan_bits", CASES)
 def test_luts_are_the_quantized_plan_tables(dim: int, bits: float, scan_bits: int) -> None:
-    cfg, plan, *_, mirror = _mirror(dim, bits, scan_bits, 40)
+    _, plan, *_, mirror = _mirror(dim, bits, scan_bits, 40)
     q = np.random.default_rng(1).standard_normal((3, dim)).astype(np.float32)
     lut, inv_a, bias = mirror.luts(q)
     qv = np.where(plan.coords >= 0, q[:, np.maximum(plan.coords, 0)], 0.0).astype(np.float64)  # (nq, M, dsub)
@@ -105,7 +105,9 @@ def test_ties_go_to_the_smaller_position_for_any_split() -> None:
     mirror.append(codes, np.ones(len(codes), np.float32))  # 8 distinct vectors, each 125 times: all scores tie
     q = np.random.default_rng(5).standard_normal((3, 64)).astype(np.float32)
     lut, inv_a, bias = mirror.luts(q)
-    expected = _reference_scores(_reference_sums(lut, _nibbles(codes, cfg, plan)), inv_a, bias, np.ones(1000, np.float32), None)
+    expected = _reference_scores(
+        _reference_sums(lut, _nibbles(codes, cfg, plan)), inv_a, bias, np.ones(1000, np.float32), None
+    )
     for threads in (1, 2, 3):
         for rows in (slice(0, 3), slice(0, 1)):  # query chunks and (single query) vector ranges
             _, pos = mirror.search(q[rows], 50, threads)

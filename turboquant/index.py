@@ -36,9 +36,9 @@ import torch
 from .buffers import GrowableBuffer
 from .codec import bytes_per_vector, code_bytes, decode_mse, encode, reconstruction_norms
 from .config import Engine, IndexConfig, Metric, QuantizerConfig, TurboQuantError, replace_fields
-from .inputs import ArrayLike, as_ids, as_matrix, to_numpy32, to_torch
 from .fastscan import FastScan, faiss_available, nibble_plan, rescore, rotate_queries, thread_pool
 from .index_file import MAX_ID, IndexHeader, read_index_file, write_index_file
+from .inputs import ArrayLike, as_ids, as_matrix, to_numpy32, to_torch
 from .kernels.cpu_scan import ScanMirror, default_shortlist, load_scan_library
 from .rotation import make_rotation
 
@@ -518,7 +518,9 @@ class TurboQuantIndex:
             self._rot_t = self.rotation.matrix().T.contiguous().numpy()
         q_rot = rotate_queries(q, self._rot_t)
         n = len(self)
-        shortlist = min(n, max(k, rerank if rerank is not None else default_shortlist(k, fs.plan.exact, n, self.metric == "l2")))
+        if rerank is None:
+            rerank = default_shortlist(k, fs.plan.exact, n, self.dim, self.metric == "l2")
+        shortlist = min(n, max(k, rerank))
         norms = self._norms_f32()
         if isinstance(fs, ScanMirror):  # threads: search_threads, else torch's count (the library's policy)
             keys, cand = fs.search(q_rot, shortlist, self.config.search_threads or torch.get_num_threads(), self._store.numpy("codes"))

@@ -56,7 +56,7 @@ def _compile(source: Path, flags: tuple[str, ...], target: Path) -> None:
     os.close(fd)
     try:
         cmd = [compiler, *flags, str(source), "-o", tmp, "-lm"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         if proc.returncode != 0:
             raise OSError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
         os.replace(tmp, target)

@@ -75,19 +75,21 @@ def scan_library_error(variant: str = "native") -> str | None:
     return build_error(_SOURCE, _VARIANTS[variant])
 
 
-def default_shortlist(k: int, exact_scan: bool, n: int, l2: bool = False) -> int:
-    """Candidates the scan passes to the exact re-score for a top-``k`` over ``n`` vectors.
+def default_shortlist(k: int, exact_scan: bool, n: int, dim: int, l2: bool = False) -> int:
+    """Candidates the scan passes to the exact re-score for a top-``k`` over ``n`` vectors of ``dim``.
 
     Full codes in the scan (2-bit codes, ``scan_bits=4``): only the uint8 rounding of the tables
-    separates scan and exact scores, and ``k + max(8, k/2)`` candidates hold the exact top-k
-    (agreement ≥ 0.99 on Brown/MiniLM d=384 and synthetic d=96..1536). A coarse 2-bit scan of
-    3/4-bit codes needs ``4k + 24`` (agreement 0.995 at d=96, 1.000 on Brown), and more vectors
-    crowd the coarse scores near the top, so the shortlist grows with ``sqrt(n)`` (at 1M
-    vectors, d=384, 4 bits: 64 candidates gave R10@10 0.864, 256 gave 0.907 of the exact 0.909).
-    L2 doubles it: the key ``2‖x‖<q, ŷ> − ‖x‖²`` carries twice the scan error of the inner
-    product while its top differences are not larger (docs/index_notes.md).
+    separates scan and exact scores; 12 candidates held the exact top-10 (agreement ≥ 0.991) on
+    Brown/MiniLM (d=384) and synthetic sets at d=96..1536, and ``k + max(8, k/2)`` is kept.
+    A coarse 2-bit scan of 3/4-bit codes errs more at small ``d`` (fewer coordinates average out
+    the dropped bits): agreement ≥ 0.995 took 64 candidates at d=96, 30 at d=256, 40 on Brown,
+    20-30 on synthetic d=384 and 15 at d=1536, hence ``k + 3k·sqrt(384/d) + 8``. More vectors
+    crowd the coarse scores near the top, so the shortlist grows with ``sqrt(n)`` past 65,536 (at
+    1M, d=384, 4 bits: 64 candidates gave R10@10 0.864, 256 gave 0.907 of the exact 0.909). L2
+    doubles it: its key ``2‖x‖<q, ŷ> − ‖x‖²`` carries twice the scan error of the inner product
+    while its top differences are not larger (docs/index_notes.md).
     """
-    base = k + max(8, k // 2) if exact_scan else 4 * k + 24
+    base = k + max(8, k // 2) if exact_scan else k + 3 * k * math.sqrt(384 / max(dim, 1)) + 8
     return int(base * max(1.0, math.sqrt(n / 65536)) * (2 if l2 else 1))
 
 
@@ -225,7 +227,9 @@ class ScanMirror:
         self.lib.tq_scan_sums(_ptr(self.blocks), nblocks, self.Mp, _ptr(lut), len(lut), _ptr(out))
         return out[:, : self.count]
 
-    def _scan(self, q: np.ndarray, v0: int, v1: int, length: int, codes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def _scan(
+        self, q: np.ndarray, v0: int, v1: int, length: int, codes: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Tables, scan of positions ``[v0, v1)`` and (with ``codes``) exact re-scoring, in one C call."""
         q = np.ascontiguousarray(q, dtype=np.float32)
         nq = len(q)
@@ -289,9 +293,12 @@ class ScanMirror:
                 list(thread_pool(threads).map(job, starts))
             return scores, pos
         # few queries: split the vectors into block-aligned ranges, merge the shortlists
-        step = -(-(-(-n // 32)) // threads) * 32
+        blocks = -(-n // 32)
+        step = -(-blocks // threads) * 32
         ranges = [(v0, min(n, v0 + step)) for v0 in range(0, n, step)]
-        parts = list(thread_pool(threads).map(lambda r: self._scan(q_rot, r[0], r[1], min(length, r[1] - r[0]), None), ranges))
+        parts = list(
+            thread_pool(threads).map(lambda r: self._scan(q_rot, r[0], r[1], min(length, r[1] - r[0]), None), ranges)
+        )
         all_s = np.concatenate([s for s, _ in parts], axis=1)
         all_p = np.concatenate([p for _, p in parts], axis=1)
         # best `length` by (score desc, position asc), as one pass would keep them
