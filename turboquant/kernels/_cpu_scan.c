@@ -1,12 +1,15 @@
 /* Fast-scan of 4-bit nibble codes with 8-bit lookup tables and a per-vector factor.
  *
- * Layout (built by tq_scan_pack): vectors in blocks of 32; a block holds Mp positions (nibbles)
- * of 16 bytes each, byte j of position m = nibble m of vector j (low 4 bits) | nibble m of
- * vector j+16 (high 4 bits). Mp is a multiple of 4, padding nibbles are 0.
+ * Layout (built by tq_scan_pack): vectors in blocks of 64; a block holds Mp/2 rows of 64 bytes
+ * (Mp even, padding nibbles 0). Row p holds positions 2p (low nibbles) and 2p+1 (high nibbles)
+ * of the block's 64 vectors, one byte per vector, in the order the SIMD fold emits them (see
+ * slot_of): four 16-byte lanes of 16 vectors each. One byte shuffle with a lane-broadcast table
+ * then does 64 (AVX2: two lanes) or 128 (AVX-512: four lanes, two nibbles) lookups of different
+ * vectors, so no lanes need to be summed at the end of a block.
  *
  * Per query, a table LUT[m][v] (16 entries per position) is quantized to uint8 with one scale
- * per query and a bias per position (tq_scan_luts); one byte shuffle then does 32 (SSE lane),
- * 64 (AVX2) or 128 (AVX-512) table lookups, summed in uint16 and folded into uint32 every 256
+ * per query and a bias per position (tq_scan_luts); lookups are summed in uint16 (even and odd
+ * bytes: a0 += r, a1 += r >> 8, even = a0 - (a1 << 8)) and folded into uint32 every 256
  * positions, so sums never overflow at any M. The score of vector i is
  *     s_i = alpha_i * (sum_i * inv_a + bias) + beta_i
  * (alpha: the stored norm, or norm/||y_hat||; beta: -||x||^2 for L2, else absent), applied in the
@@ -31,7 +34,9 @@
 #include <immintrin.h>
 #endif
 
-#define FLUSH 256 /* positions summed in uint16 before folding into uint32 */
+#define BV 64      /* vectors per block */
+#define FLUSH 256  /* positions summed in uint16 before folding into uint32 */
+#define PREFETCH 4096 /* bytes ahead: a single query streams the codes from L3 (d=384: 2x faster) */
 
 int tq_scan_isa(void) {
 #if defined(__AVX512BW__)
@@ -43,20 +48,23 @@ int tq_scan_isa(void) {
 #endif
 }
 
+/* Byte of a 64-byte row that holds vector v of the block: vector v = 16q + 8h + i comes out of
+ * the fold's u32 register q from (q odd: high, even: low) unpacked words of lane 2*(q/2) + h. */
+static inline int slot_of(int v) {
+    int q = v >> 4, h = (v >> 3) & 1, i = v & 7;
+    return 16 * (2 * (q >> 1) + h) + 8 * (q & 1) + i;
+}
+
 /* Write vectors first..first+rows-1 (nibble m of row r: (nib[r*row_bytes + m/2] >> 4*(m&1)) & 15)
  * into the blocked layout. Blocks touched must exist; their other vectors are left as they are. */
 void tq_scan_pack(const uint8_t *nib, int64_t rows, int64_t row_bytes, int64_t M, int64_t Mp, int64_t first,
                   uint8_t *blocks) {
     for (int64_t r = 0; r < rows; r++) {
-        int64_t g = first + r, j = g & 31;
-        uint8_t *blk = blocks + (g >> 5) * Mp * 16 + (j & 15);
+        int64_t g = first + r;
+        uint8_t *blk = blocks + (g / BV) * (Mp / 2) * BV + slot_of((int)(g % BV));
         const uint8_t *src = nib + r * row_bytes;
-        int shift = j < 16 ? 0 : 4;
-        uint8_t keep = j < 16 ? 0xf0 : 0x0f;
-        for (int64_t m = 0; m < Mp; m++) {
-            uint8_t v = m < M ? (src[m >> 1] >> ((m & 1) * 4)) & 15 : 0;
-            blk[m * 16] = (uint8_t)((blk[m * 16] & keep) | (v << shift));
-        }
+        for (int64_t p = 0; p < Mp / 2; p++) /* positions 2p, 2p+1 are exactly source byte p */
+            blk[p * BV] = 2 * p < M ? (2 * p + 1 < M ? src[p] : (uint8_t)(src[p] & 15)) : 0;
     }
 }
 
@@ -117,97 +125,96 @@ int tq_scan_luts(const float *q, int64_t nq, int64_t d, const int32_t *coords, c
 /* ------------------------------------------------------------------ sums of one block */
 
 #if defined(__AVX512BW__)
-static inline __m512i fold512(__m512i a0, __m512i a1) {
-    /* a0: words = even byte + 256 * odd byte sums (mod 2^16); a1: odd byte sums */
+#define QB 4 /* queries per pass over a block: the code nibbles are extracted once for all */
+/* u16 even/odd accumulators of 64 vectors -> u32 sums in vector order, added to out[0..64) */
+static inline void fold512(__m512i a0, __m512i a1, __m512i *t) {
     __m512i e = _mm512_sub_epi16(a0, _mm512_slli_epi16(a1, 8));
-    __m128i e4 = _mm_add_epi16(_mm_add_epi16(_mm512_extracti32x4_epi32(e, 0), _mm512_extracti32x4_epi32(e, 1)),
-                               _mm_add_epi16(_mm512_extracti32x4_epi32(e, 2), _mm512_extracti32x4_epi32(e, 3)));
-    __m128i o4 = _mm_add_epi16(_mm_add_epi16(_mm512_extracti32x4_epi32(a1, 0), _mm512_extracti32x4_epi32(a1, 1)),
-                               _mm_add_epi16(_mm512_extracti32x4_epi32(a1, 2), _mm512_extracti32x4_epi32(a1, 3)));
-    __m256i v = _mm256_set_m128i(_mm_unpackhi_epi16(e4, o4), _mm_unpacklo_epi16(e4, o4));
-    return _mm512_cvtepu16_epi32(v);
+    __m512i lo = _mm512_unpacklo_epi16(e, a1), hi = _mm512_unpackhi_epi16(e, a1);
+    t[0] = _mm512_add_epi32(t[0], _mm512_cvtepu16_epi32(_mm512_castsi512_si256(lo)));
+    t[1] = _mm512_add_epi32(t[1], _mm512_cvtepu16_epi32(_mm512_castsi512_si256(hi)));
+    t[2] = _mm512_add_epi32(t[2], _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(lo, 1)));
+    t[3] = _mm512_add_epi32(t[3], _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(hi, 1)));
 }
 
-#define QB 4 /* queries per pass over a block: the code nibbles are extracted once for all */
-static inline __attribute__((always_inline)) void block_sums(const uint8_t *blk, const uint8_t *const *lut, int64_t Mp, uint32_t *out, const int nqg) {
+static inline __attribute__((always_inline)) void block_sums(const uint8_t *blk, const uint8_t *const *lut,
+                                                             int64_t Mp, uint32_t *out, const int nqg) {
     const __m512i mask = _mm512_set1_epi8(0x0f);
-    __m512i tlo[QB], thi[QB];
-    for (int k = 0; k < nqg; k++) tlo[k] = thi[k] = _mm512_setzero_si512();
-    for (int64_t m0 = 0; m0 < Mp; m0 += FLUSH) {
-        int64_t m1 = m0 + FLUSH < Mp ? m0 + FLUSH : Mp;
-        __m512i a0l[QB], a1l[QB], a0h[QB], a1h[QB];
-        for (int k = 0; k < nqg; k++) a0l[k] = a1l[k] = a0h[k] = a1h[k] = _mm512_setzero_si512();
-        for (int64_t m = m0; m < m1; m += 4) {
-            __m512i c = _mm512_loadu_si512((const void *)(blk + m * 16));
+    __m512i tot[QB][4];
+    for (int k = 0; k < nqg; k++) tot[k][0] = tot[k][1] = tot[k][2] = tot[k][3] = _mm512_setzero_si512();
+    for (int64_t p0 = 0; p0 < Mp / 2; p0 += FLUSH / 2) {
+        int64_t p1 = p0 + FLUSH / 2 < Mp / 2 ? p0 + FLUSH / 2 : Mp / 2;
+        __m512i a0[QB], a1[QB];
+        for (int k = 0; k < nqg; k++) a0[k] = a1[k] = _mm512_setzero_si512();
+        for (int64_t p = p0; p < p1; p++) {
+            _mm_prefetch((const char *)(blk + p * BV + PREFETCH), _MM_HINT_T0);
+            __m512i c = _mm512_loadu_si512((const void *)(blk + p * BV));
             __m512i lo = _mm512_and_si512(c, mask), hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), mask);
 #pragma GCC unroll 4
             for (int k = 0; k < nqg; k++) {
-                __m512i t = _mm512_loadu_si512((const void *)(lut[k] + m * 16));
-                __m512i rl = _mm512_shuffle_epi8(t, lo), rh = _mm512_shuffle_epi8(t, hi);
-                a0l[k] = _mm512_add_epi16(a0l[k], rl);
-                a1l[k] = _mm512_add_epi16(a1l[k], _mm512_srli_epi16(rl, 8));
-                a0h[k] = _mm512_add_epi16(a0h[k], rh);
-                a1h[k] = _mm512_add_epi16(a1h[k], _mm512_srli_epi16(rh, 8));
+                __m512i tl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(lut[k] + p * 32)));
+                __m512i th = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(lut[k] + p * 32 + 16)));
+                __m512i rl = _mm512_shuffle_epi8(tl, lo), rh = _mm512_shuffle_epi8(th, hi);
+                a0[k] = _mm512_add_epi16(a0[k], _mm512_add_epi16(rl, rh));
+                a1[k] = _mm512_add_epi16(a1[k], _mm512_add_epi16(_mm512_srli_epi16(rl, 8), _mm512_srli_epi16(rh, 8)));
             }
         }
-        for (int k = 0; k < nqg; k++) {
-            tlo[k] = _mm512_add_epi32(tlo[k], fold512(a0l[k], a1l[k]));
-            thi[k] = _mm512_add_epi32(thi[k], fold512(a0h[k], a1h[k]));
-        }
+        for (int k = 0; k < nqg; k++) fold512(a0[k], a1[k], tot[k]);
     }
-    for (int k = 0; k < nqg; k++) {
-        _mm512_storeu_si512((void *)(out + 32 * k), tlo[k]);
-        _mm512_storeu_si512((void *)(out + 32 * k + 16), thi[k]);
-    }
+    for (int k = 0; k < nqg; k++)
+        for (int r = 0; r < 4; r++) _mm512_storeu_si512((void *)(out + BV * k + 16 * r), tot[k][r]);
 }
 #elif defined(__AVX2__)
+#define QB 2
+/* u16 accumulators of 32 vectors (one 32-byte half row) -> u32 sums added to out[0..32) */
 static inline void fold256(__m256i a0, __m256i a1, uint32_t *out) {
     __m256i e = _mm256_sub_epi16(a0, _mm256_slli_epi16(a1, 8));
-    __m128i e2 = _mm_add_epi16(_mm256_castsi256_si128(e), _mm256_extracti128_si256(e, 1));
-    __m128i o2 = _mm_add_epi16(_mm256_castsi256_si128(a1), _mm256_extracti128_si256(a1, 1));
-    __m256i lo = _mm256_cvtepu16_epi32(_mm_unpacklo_epi16(e2, o2));
-    __m256i hi = _mm256_cvtepu16_epi32(_mm_unpackhi_epi16(e2, o2));
-    _mm256_storeu_si256((__m256i *)out, _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)out), lo));
-    _mm256_storeu_si256((__m256i *)(out + 8), _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)(out + 8)), hi));
+    __m256i lo = _mm256_unpacklo_epi16(e, a1), hi = _mm256_unpackhi_epi16(e, a1);
+    __m256i parts[4] = {_mm256_cvtepu16_epi32(_mm256_castsi256_si128(lo)),
+                        _mm256_cvtepu16_epi32(_mm256_extracti128_si256(lo, 1)),
+                        _mm256_cvtepu16_epi32(_mm256_castsi256_si128(hi)),
+                        _mm256_cvtepu16_epi32(_mm256_extracti128_si256(hi, 1))};
+    for (int r = 0; r < 4; r++)
+        _mm256_storeu_si256((__m256i *)(out + 8 * r),
+                            _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)(out + 8 * r)), parts[r]));
 }
 
-#define QB 2
-static inline __attribute__((always_inline)) void block_sums(const uint8_t *blk, const uint8_t *const *lut, int64_t Mp, uint32_t *out, const int nqg) {
+static inline __attribute__((always_inline)) void block_sums(const uint8_t *blk, const uint8_t *const *lut,
+                                                             int64_t Mp, uint32_t *out, const int nqg) {
     const __m256i mask = _mm256_set1_epi8(0x0f);
-    memset(out, 0, (size_t)nqg * 32 * sizeof(uint32_t));
-    for (int64_t m0 = 0; m0 < Mp; m0 += FLUSH) {
-        int64_t m1 = m0 + FLUSH < Mp ? m0 + FLUSH : Mp;
-        __m256i a0l[QB], a1l[QB], a0h[QB], a1h[QB];
-        for (int k = 0; k < nqg; k++) a0l[k] = a1l[k] = a0h[k] = a1h[k] = _mm256_setzero_si256();
-        for (int64_t m = m0; m < m1; m += 2) {
-            __m256i c = _mm256_loadu_si256((const __m256i *)(blk + m * 16));
-            __m256i lo = _mm256_and_si256(c, mask), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), mask);
+    memset(out, 0, (size_t)nqg * BV * sizeof(uint32_t));
+    for (int half = 0; half < 2; half++) { /* vectors 0..31 in bytes 0..31, 32..63 in bytes 32..63 */
+        for (int64_t p0 = 0; p0 < Mp / 2; p0 += FLUSH / 2) {
+            int64_t p1 = p0 + FLUSH / 2 < Mp / 2 ? p0 + FLUSH / 2 : Mp / 2;
+            __m256i a0[QB], a1[QB];
+            for (int k = 0; k < nqg; k++) a0[k] = a1[k] = _mm256_setzero_si256();
+            for (int64_t p = p0; p < p1; p++) {
+                _mm_prefetch((const char *)(blk + p * BV + 32 * half + PREFETCH), _MM_HINT_T0);
+                __m256i c = _mm256_loadu_si256((const __m256i *)(blk + p * BV + 32 * half));
+                __m256i lo = _mm256_and_si256(c, mask), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), mask);
 #pragma GCC unroll 2
-            for (int k = 0; k < nqg; k++) {
-                __m256i t = _mm256_loadu_si256((const __m256i *)(lut[k] + m * 16));
-                __m256i rl = _mm256_shuffle_epi8(t, lo), rh = _mm256_shuffle_epi8(t, hi);
-                a0l[k] = _mm256_add_epi16(a0l[k], rl);
-                a1l[k] = _mm256_add_epi16(a1l[k], _mm256_srli_epi16(rl, 8));
-                a0h[k] = _mm256_add_epi16(a0h[k], rh);
-                a1h[k] = _mm256_add_epi16(a1h[k], _mm256_srli_epi16(rh, 8));
+                for (int k = 0; k < nqg; k++) {
+                    __m256i tl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut[k] + p * 32)));
+                    __m256i th = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut[k] + p * 32 + 16)));
+                    __m256i rl = _mm256_shuffle_epi8(tl, lo), rh = _mm256_shuffle_epi8(th, hi);
+                    a0[k] = _mm256_add_epi16(a0[k], _mm256_add_epi16(rl, rh));
+                    a1[k] = _mm256_add_epi16(a1[k], _mm256_add_epi16(_mm256_srli_epi16(rl, 8), _mm256_srli_epi16(rh, 8)));
+                }
             }
-        }
-        for (int k = 0; k < nqg; k++) {
-            fold256(a0l[k], a1l[k], out + 32 * k);
-            fold256(a0h[k], a1h[k], out + 32 * k + 16);
+            for (int k = 0; k < nqg; k++) fold256(a0[k], a1[k], out + BV * k + 32 * half);
         }
     }
 }
 #else
 #define QB 1
-static inline __attribute__((always_inline)) void block_sums(const uint8_t *blk, const uint8_t *const *lut, int64_t Mp, uint32_t *out, const int nqg) {
+static inline __attribute__((always_inline)) void block_sums(const uint8_t *blk, const uint8_t *const *lut,
+                                                             int64_t Mp, uint32_t *out, const int nqg) {
     (void)nqg; /* QB = 1 */
-    memset(out, 0, 32 * sizeof(uint32_t));
-    for (int64_t m = 0; m < Mp; m++) {
-        const uint8_t *row = blk + m * 16, *t = lut[0] + m * 16;
-        for (int j = 0; j < 16; j++) {
-            out[j] += t[row[j] & 15];
-            out[j + 16] += t[row[j] >> 4];
+    memset(out, 0, BV * sizeof(uint32_t));
+    for (int64_t p = 0; p < Mp / 2; p++) {
+        const uint8_t *row = blk + p * BV, *t = lut[0] + p * 32;
+        for (int v = 0; v < BV; v++) {
+            uint8_t b = row[slot_of(v)];
+            out[v] += (uint32_t)t[b & 15] + t[16 + (b >> 4)];
         }
     }
 }
@@ -228,64 +235,61 @@ static void group_sums(const uint8_t *blk, const uint8_t *const *lut, int64_t Mp
 }
 
 /* Tables of queries g..g+QB-1 (a last, smaller group repeats query nq-1 in unused slots). */
-static inline void group_luts(const uint8_t *qlut, int64_t g, int64_t nq, int64_t block_bytes, const uint8_t **lut) {
-    for (int k = 0; k < QB; k++) lut[k] = qlut + (g + k < nq ? g + k : nq - 1) * block_bytes;
+static inline void group_luts(const uint8_t *qlut, int64_t g, int64_t nq, int64_t lut_bytes, const uint8_t **lut) {
+    for (int k = 0; k < QB; k++) lut[k] = qlut + (g + k < nq ? g + k : nq - 1) * lut_bytes;
 }
 
-/* Raw uint32 sums of nq queries over nblocks blocks, out (nq, nblocks*32) (tests compare them with
+/* Raw uint32 sums of nq queries over nblocks blocks, out (nq, nblocks*BV) (tests compare them with
  * integer references). */
 void tq_scan_sums(const uint8_t *blocks, int64_t nblocks, int64_t Mp, const uint8_t *qlut, int64_t nq, uint32_t *out) {
-    uint32_t sums[QB * 32];
+    uint32_t sums[QB * BV];
     const uint8_t *lut[QB];
     for (int64_t g = 0; g < nq; g += QB) {
         group_luts(qlut, g, nq, Mp * 16, lut);
+        int nqg = nq - g < QB ? (int)(nq - g) : QB;
         for (int64_t b = 0; b < nblocks; b++) {
-            group_sums(blocks + b * Mp * 16, lut, Mp, sums, nq - g < QB ? (int)(nq - g) : QB);
-            for (int k = 0; k < QB && g + k < nq; k++) memcpy(out + (g + k) * nblocks * 32 + b * 32, sums + 32 * k, 128);
+            group_sums(blocks + b * (Mp / 2) * BV, lut, Mp, sums, nqg);
+            for (int k = 0; k < nqg; k++) memcpy(out + (g + k) * nblocks * BV + b * BV, sums + BV * k, BV * 4);
         }
     }
 }
 
 /* ------------------------------------------------------------------ scores of one block */
 
-/* sc[j] = al[j] * ((float)sums[j] * ia + bs) (+ be[j]) for j < 32; returns the mask of sc[j] >= thr.
+/* sc[j] = al[j] * ((float)sums[j] * ia + bs) (+ be[j]) for j < 64; returns the mask of sc[j] >= thr.
  * Every path does the same IEEE float operations in the same order (no FMA contraction). */
-static inline uint32_t block_scores(const uint32_t *sums, const float *al, const float *be, float ia, float bs, float thr,
+static inline uint64_t block_scores(const uint32_t *sums, const float *al, const float *be, float ia, float bs, float thr,
                                     float *sc) {
+    uint64_t mask = 0;
 #if defined(__AVX512BW__)
-    uint32_t mask = 0;
-    for (int h = 0; h < 2; h++) {
+    for (int h = 0; h < BV / 16; h++) {
         __m512 t = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(sums + 16 * h)));
         t = _mm512_add_ps(_mm512_mul_ps(t, _mm512_set1_ps(ia)), _mm512_set1_ps(bs));
         t = _mm512_mul_ps(_mm512_loadu_ps(al + 16 * h), t);
         if (be) t = _mm512_add_ps(t, _mm512_loadu_ps(be + 16 * h));
         _mm512_storeu_ps(sc + 16 * h, t);
-        mask |= (uint32_t)_mm512_cmp_ps_mask(t, _mm512_set1_ps(thr), _CMP_GE_OQ) << (16 * h);
+        mask |= (uint64_t)_mm512_cmp_ps_mask(t, _mm512_set1_ps(thr), _CMP_GE_OQ) << (16 * h);
     }
-    return mask;
 #elif defined(__AVX2__)
-    uint32_t mask = 0;
-    for (int h = 0; h < 4; h++) {
+    for (int h = 0; h < BV / 8; h++) {
         __m256 t = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(sums + 8 * h)));
         t = _mm256_add_ps(_mm256_mul_ps(t, _mm256_set1_ps(ia)), _mm256_set1_ps(bs));
         t = _mm256_mul_ps(_mm256_loadu_ps(al + 8 * h), t);
         if (be) t = _mm256_add_ps(t, _mm256_loadu_ps(be + 8 * h));
         _mm256_storeu_ps(sc + 8 * h, t);
-        mask |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(t, _mm256_set1_ps(thr), _CMP_GE_OQ)) << (8 * h);
+        mask |= (uint64_t)(uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(t, _mm256_set1_ps(thr), _CMP_GE_OQ)) << (8 * h);
     }
-    return mask;
 #else
-    uint32_t mask = 0;
-    for (int j = 0; j < 32; j++) {
+    for (int j = 0; j < BV; j++) {
         float t = (float)(int32_t)sums[j] * ia;
         t = t + bs;
         t = al[j] * t;
         if (be) t = t + be[j];
         sc[j] = t;
-        mask |= (uint32_t)(t >= thr) << j;
+        mask |= (uint64_t)(t >= thr) << j;
     }
-    return mask;
 #endif
+    return mask;
 }
 
 /* ------------------------------------------------------------------ top-L selection */
@@ -386,13 +390,13 @@ static inline void topl_push(topl_t *t, float s, int64_t i) {
     if (t->size == 2 * t->L) topl_cut(t);
 }
 
-/* Top-L of vectors [v0, v1) (v0 a multiple of 32) for nq queries with tables qlut (nq, Mp, 16).
+/* Top-L of vectors [v0, v1) (v0 a multiple of BV) for nq queries with tables qlut (nq, Mp, 16).
  * Output (nq, L) scores and indices, unordered; slots beyond the range size hold -inf / -1.
  * Blocks are visited in chunks that stay in cache while every query scans them. */
 int tq_scan_search(const uint8_t *blocks, int64_t v0, int64_t v1, int64_t Mp, const float *alpha, const float *beta,
                    const uint8_t *qlut, const float *inv_a, const float *bias, int64_t nq, int64_t L, float *out_s,
                    int64_t *out_i) {
-    if (v0 & 31) return 2;
+    if (v0 % BV) return 2;
     topl_t *tops = (topl_t *)calloc((size_t)(nq > 0 ? nq : 1), sizeof(topl_t));
     cand_t *bufs = (cand_t *)malloc(sizeof(cand_t) * (size_t)(nq > 0 ? nq : 1) * 2 * (size_t)L);
     float *tmps = (float *)malloc(sizeof(float) * (size_t)(nq > 0 ? nq : 1) * 4 * (size_t)L);
@@ -409,25 +413,25 @@ int tq_scan_search(const uint8_t *blocks, int64_t v0, int64_t v1, int64_t Mp, co
         tops[q].worst.s = -INFINITY;
         tops[q].worst.i = INT64_MAX;
     }
-    int64_t block_bytes = Mp * 16;
+    int64_t block_bytes = (Mp / 2) * BV, lut_bytes = Mp * 16;
     int64_t chunk = (1 << 17) / block_bytes;
     if (chunk < 1) chunk = 1;
-    int64_t b_first = v0 >> 5, b_end = (v1 + 31) >> 5;
-    uint32_t sums[QB * 32] __attribute__((aligned(64)));
-    float sc[32] __attribute__((aligned(64)));
-    float al_tail[32], be_tail[32];
+    int64_t b_first = v0 / BV, b_end = (v1 + BV - 1) / BV;
+    uint32_t sums[QB * BV] __attribute__((aligned(64)));
+    float sc[BV] __attribute__((aligned(64)));
+    float al_tail[BV], be_tail[BV];
     const uint8_t *lut[QB];
     for (int64_t c0 = b_first; c0 < b_end; c0 += chunk) {
         int64_t c1 = c0 + chunk < b_end ? c0 + chunk : b_end;
         for (int64_t g = 0; g < nq; g += QB) {
-            group_luts(qlut, g, nq, block_bytes, lut);
+            group_luts(qlut, g, nq, lut_bytes, lut);
             int nqg = nq - g < QB ? (int)(nq - g) : QB;
             for (int64_t b = c0; b < c1; b++) {
                 group_sums(blocks + b * block_bytes, lut, Mp, sums, nqg);
-                int64_t base = b << 5, cnt = v1 - base < 32 ? v1 - base : 32;
+                int64_t base = b * BV, cnt = v1 - base < BV ? v1 - base : BV;
                 const float *al = alpha + base, *be = beta ? beta + base : NULL;
-                if (cnt < 32) { /* last partial block: factors padded so the vector code reads 32 */
-                    for (int j = 0; j < 32; j++) {
+                if (cnt < BV) { /* last partial block: factors padded so the vector code reads BV */
+                    for (int j = 0; j < BV; j++) {
                         al_tail[j] = j < cnt ? al[j] : 0.0f;
                         be_tail[j] = j < cnt && be ? be[j] : 0.0f;
                     }
@@ -436,10 +440,10 @@ int tq_scan_search(const uint8_t *blocks, int64_t v0, int64_t v1, int64_t Mp, co
                 }
                 for (int k = 0; k < QB && g + k < nq; k++) {
                     topl_t *t = tops + g + k;
-                    uint32_t hit = block_scores(sums + 32 * k, al, be, inv_a[g + k], bias[g + k], t->worst.s, sc);
-                    if (cnt < 32) hit &= (uint32_t)((1ull << cnt) - 1);
+                    uint64_t hit = block_scores(sums + BV * k, al, be, inv_a[g + k], bias[g + k], t->worst.s, sc);
+                    if (cnt < BV) hit &= (1ull << cnt) - 1;
                     while (hit) {
-                        int j = __builtin_ctz(hit);
+                        int j = __builtin_ctzll(hit);
                         hit &= hit - 1;
                         topl_push(t, sc[j], base + j);
                     }

@@ -1,7 +1,7 @@
 """The index's fast scan in C: 8-bit lookup tables over 4-bit nibbles, the per-vector norm applied in the scan.
 
 :class:`ScanMirror` holds the nibbles of :func:`turboquant.fastscan.nibble_plan` (the top
-``scan_bits`` bits of every stored code, or the codes themselves) in blocks of 32 vectors with
+``scan_bits`` bits of every stored code, or the codes themselves) in blocks of 64 vectors with
 the nibbles of one position adjacent (``_cpu_scan.c`` documents the layout), plus one float
 ``alpha_i`` (and ``beta_i`` for L2) per vector. A query's tables
 ``LUT[m][v] = Σ_s (Πq)[coords[m,s]]·centroids[m,v,s]`` are quantized to uint8 with one scale per
@@ -41,6 +41,7 @@ _FLAGS = ("-ffp-contract=off",)  # plain IEEE float ops: SIMD, scalar and numpy 
 #: builds of the kernel: what ``-march=native`` offers, and (for tests) AVX2 only or no intrinsics
 _VARIANTS = {"native": _FLAGS, "avx2": (*_FLAGS, "-mno-avx512f"), "scalar": (*_FLAGS, "-DTQ_SCALAR")}
 _CTX_FIELDS = 13  # the C_* enum of _cpu_scan.c
+_BV = 64  # vectors per block (BV of _cpu_scan.c)
 _SPLIT_BYTES = 1 << 22  # a single query's scan splits over threads only above this many scanned bytes
 _LUT_BYTES = 1 << 18  # tables of one query chunk: with the scanned block range they stay in L2
 _P = ctypes.c_void_p
@@ -110,11 +111,11 @@ class ScanMirror:
     def __init__(self, config: QuantizerConfig, plan: _NibblePlan, l2: bool, lib: ctypes.CDLL) -> None:
         self.config, self.plan, self.l2, self.lib = config, plan, l2, lib
         self.M = len(plan.coords)
-        self.Mp = -(-self.M // 4) * 4
+        self.Mp = -(-self.M // 2) * 2  # positions, padded to whole bytes
         self.coords = np.ascontiguousarray(plan.coords, dtype=np.int32)
         self.centroids = np.ascontiguousarray(plan.centroids, dtype=np.float32)
         self.count = 0
-        self.blocks = np.zeros((0, self.Mp * 16), np.uint8)
+        self.blocks = np.zeros((0, self.Mp * _BV // 2), np.uint8)
         self.alpha = np.zeros(0, np.float32)
         self.beta: np.ndarray | None = np.zeros(0, np.float32) if l2 else None
         # exact re-scoring in C reads the stored code bytes as nibbles: possible when they are
@@ -144,14 +145,14 @@ class ScanMirror:
 
     def _grow(self, n: int) -> None:
         self._ctx = None
-        blocks = -(-n // 32)
+        blocks = -(-n // _BV)
         if blocks > len(self.blocks):
             cap = max(blocks, len(self.blocks) + len(self.blocks) // 4) if len(self.blocks) else blocks
-            grown = np.zeros((cap, self.Mp * 16), np.uint8)
+            grown = np.zeros((cap, self.Mp * _BV // 2), np.uint8)
             grown[: len(self.blocks)] = self.blocks
             self.blocks = grown
         if n > len(self.alpha):
-            cap = max(-(-n // 32) * 32, len(self.alpha) + len(self.alpha) // 4)
+            cap = max(-(-n // _BV) * _BV, len(self.alpha) + len(self.alpha) // 4)
             for name in ("alpha", "beta"):
                 old = getattr(self, name)
                 if old is not None:
@@ -221,9 +222,9 @@ class ScanMirror:
 
     def sums(self, lut: np.ndarray) -> np.ndarray:
         """Raw integer sums ``Σ_m lut[q, m][nibble_im]`` over all vectors, ``(nq, count)`` uint32, for tables ``(nq, Mp, 16)`` (tests)."""
-        nblocks = -(-self.count // 32)
+        nblocks = -(-self.count // _BV)
         lut = np.ascontiguousarray(lut, dtype=np.uint8)
-        out = np.zeros((len(lut), nblocks * 32), np.uint32)
+        out = np.zeros((len(lut), nblocks * _BV), np.uint32)
         self.lib.tq_scan_sums(_ptr(self.blocks), nblocks, self.Mp, _ptr(lut), len(lut), _ptr(out))
         return out[:, : self.count]
 
@@ -272,7 +273,7 @@ class ScanMirror:
         exact = codes if codes is not None and self.exact_plan is not None else None
         nq, n = len(q_rot), self.count
         assert 1 <= length <= n
-        threads = max(1, min(threads, -(-n // 32)))
+        threads = max(1, min(threads, -(-n // _BV)))
         if nq < threads and n * self.Mp // 2 < _SPLIT_BYTES:
             threads = 1  # a small single-query scan: waking threads costs more than it saves
         if nq >= threads:  # chunks of queries, one worker each
@@ -293,8 +294,8 @@ class ScanMirror:
                 list(thread_pool(threads).map(job, starts))
             return scores, pos
         # few queries: split the vectors into block-aligned ranges, merge the shortlists
-        blocks = -(-n // 32)
-        step = -(-blocks // threads) * 32
+        blocks = -(-n // _BV)
+        step = -(-blocks // threads) * _BV
         ranges = [(v0, min(n, v0 + step)) for v0 in range(0, n, step)]
         parts = list(
             thread_pool(threads).map(lambda r: self._scan(q_rot, r[0], r[1], min(length, r[1] - r[0]), None), ranges)
