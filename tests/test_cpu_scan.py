@@ -97,7 +97,8 @@ def test_shortlist_is_the_exact_top_of_the_reproduced_scores(dim: int, bits: flo
         np.testing.assert_array_equal(scores, np.take_along_axis(expected, pos, 1))  # bit-identical scores
 
 
-def test_ties_go_to_the_smaller_position_for_any_split() -> None:
+def test_ties_go_to_the_smaller_position_for_any_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_scan, "_SPLIT_BYTES", 0)  # single queries split over vector ranges
     cfg = QuantizerConfig(64, 2, Variant.MSE)
     plan = nibble_plan(cfg, 2)
     codes = np.tile(np.random.default_rng(4).integers(0, 256, (8, code_bytes(cfg)), dtype=np.uint8), (125, 1))
@@ -130,7 +131,8 @@ def test_simd_and_portable_builds_agree(variant: str) -> None:
             np.testing.assert_array_equal(np.sort(x, 1), np.sort(y, 1))
 
 
-def test_threads_give_identical_results() -> None:
+def test_threads_give_identical_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_scan, "_SPLIT_BYTES", 0)  # single queries split over vector ranges
     *_, mirror = _mirror(96, 4, 2, 5000)
     q = np.random.default_rng(7).standard_normal((40, 96)).astype(np.float32)
     one = mirror.search(q, 30, 1)
@@ -208,7 +210,8 @@ def test_index_k_equal_n_and_tiny_index() -> None:
     assert sorted(ids[0]) == [0, 1, 2, 3, 4] and np.all(np.diff(scores, axis=1) <= 0)
 
 
-def test_index_threads_same_results() -> None:
+def test_index_threads_same_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_scan, "_SPLIT_BYTES", 0)
     x, q = _vectors(3000, 64, 0.2)
     one = TurboQuantIndex(64, 4, "ip", search_threads=1)
     two = TurboQuantIndex(64, 4, "ip", search_threads=2)

@@ -42,7 +42,10 @@ _FLAGS = ("-ffp-contract=off",)  # plain IEEE float ops: SIMD, scalar and numpy 
 _VARIANTS = {"native": _FLAGS, "avx2": (*_FLAGS, "-mno-avx512f"), "scalar": (*_FLAGS, "-DTQ_SCALAR")}
 _CTX_FIELDS = 13  # the C_* enum of _cpu_scan.c
 _BV = 64  # vectors per block (BV of _cpu_scan.c)
-_SPLIT_BYTES = 1 << 22  # a single query's scan splits over threads only above this many scanned bytes
+# A single query's scan splits over threads only above this many scanned bytes: on the shared
+# 2-core test machine a 5-20 MB scan split over 2 threads was 10-35% slower than on one
+# (benchmarks/ann.py grid, d = 384..1024), the second core being busy with other work.
+_SPLIT_BYTES = 1 << 25
 _LUT_BYTES = 1 << 18  # tables of one query chunk: with the scanned block range they stay in L2
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -263,7 +266,7 @@ class ScanMirror:
         """Scores and positions of the ``length`` best vectors per query, ``(nq, length)`` each, unordered.
 
         ``threads``: a batch splits over queries; fewer queries than threads split the vectors
-        into ranges, but only when the scan reads more than 4 MiB (on a shared machine waking a
+        into ranges, but only when the scan reads more than 32 MiB (on a shared machine waking a
         thread can cost more than a small scan).
 
         ``length`` must not exceed :attr:`count`. Ranking: ``alpha_i·<Πq, ŷ_scan,i> (+ beta_i)``.
