@@ -30,11 +30,17 @@ from _common import log, table
 from _gpu import Sections, TritonTuning, gpu_parser, bench, copy_bandwidth, device_info, kernel_info, load_baseline, tuning_from
 
 ROWS, TOKENS, D = 64, 32768, 128
-VARIANTS = [  # encode_block_t, encode_num_warps, encode_bucket, encode_programs_per_sm
-    (64, 4, 2, 4),
-    (64, 4, 2, 2),
-    (128, 8, 2, 2),
-    (64, 4, 0, 0),
+SWEEP: list[dict[str, Any]] = []  # every variant timed (the best per width goes to the table)
+VARIANTS = [  # encode_block_t, encode_num_warps, encode_bucket, encode_programs_per_sm, encode_dots
+    (64, 4, 2, 4, 3),
+    (64, 4, 2, 2, 3),
+    (128, 8, 2, 2, 3),
+    (64, 4, 0, 0, 3),
+    (64, 4, 2, 4, 2),
+    (128, 8, 2, 2, 2),
+    (64, 4, 2, 4, 1),
+    (128, 8, 2, 2, 1),
+    (128, 4, 2, 4, 1),
 ]
 
 
@@ -50,8 +56,10 @@ def run_encode(base: TritonTuning, copy_bw: float, baseline: ModuleType | None) 
         ref = decode_mse(TurboQuantizer.from_config(cfg).quantize(x[:4]).codes, cfg)
         nbytes = x.numel() * x.element_size() + codes.numel() + norms.numel() * 2
         best: dict[str, Any] | None = None
-        for bt, warps, mode, per_sm in VARIANTS:
-            tuning = dataclasses.replace(base, encode_block_t=bt, encode_num_warps=warps, encode_bucket=mode, encode_programs_per_sm=per_sm)
+        for bt, warps, mode, per_sm, dots in VARIANTS:
+            tuning = dataclasses.replace(
+                base, encode_block_t=bt, encode_num_warps=warps, encode_bucket=mode, encode_programs_per_sm=per_sm, encode_dots=dots
+            )
 
             def encode(tuning: TritonTuning = tuning) -> Any:
                 return triton_encode.triton_quantize_into(x, cfg, codes, norms, 0, tuning=tuning)
@@ -64,10 +72,11 @@ def run_encode(base: TritonTuning, copy_bw: float, baseline: ModuleType | None) 
                 continue
             info = kernel_info(triton_encode.triton_quantize_kernel)
             frac = nbytes / (ms * 1e-3) / copy_bw
-            log(f"encode bits={bits} bt={bt} warps={warps} bucket={mode} per_sm={per_sm}: {ms * 1e3:8.1f} us "
+            log(f"encode bits={bits} bt={bt} warps={warps} bucket={mode} per_sm={per_sm} dots={dots}: {ms * 1e3:8.1f} us "
                 f"{nbytes / ms / 1e6:7.0f} GB/s ({frac:.0%} of copy) same={same:.6f} {info}")  # fmt: skip
             if best is None or ms < best["ms"]:
-                best = dict(ms=ms, block_t=bt, warps=warps, bucket=mode, programs_per_sm=per_sm, same_codes=same, frac_copy=frac)
+                best = dict(ms=ms, block_t=bt, warps=warps, bucket=mode, programs_per_sm=per_sm, dots=dots, same_codes=same, frac_copy=frac)
+            SWEEP.append(dict(bits=bits, ms=ms, block_t=bt, warps=warps, bucket=mode, programs_per_sm=per_sm, dots=dots, same_codes=same, frac_copy=frac))
         if best is None:
             continue
         row = dict(bits=bits, rows=ROWS, tokens=TOKENS, bytes=nbytes, **best)
@@ -94,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     results["copy_bw_gbps"] = copy_bandwidth() / 1e9
     sections = Sections(results, "gpu_encode.json", args.out)
     rows = sections.run("encode", lambda: run_encode(tuning, results["copy_bw_gbps"] * 1e9, baseline)) or []
-    cols = ["bits", "ms", "frac_copy", "same_codes", "block_t", "warps", "bucket", "programs_per_sm", "torch_quantize_ms"]
+    sections.run("sweep", lambda: SWEEP)
+    cols = ["bits", "ms", "frac_copy", "same_codes", "block_t", "warps", "bucket", "programs_per_sm", "dots", "torch_quantize_ms"]
     print(table([[r[c] for c in cols] for r in rows], cols))
     return 0
 

@@ -154,6 +154,28 @@ def test_layers_storage_and_nbytes() -> None:
     assert per_token == (32 + 2) + (20 + 2)
 
 
+def test_long_prompt_buffer_is_given_back() -> None:
+    """After a long prompt is compressed, the full-precision buffer shrinks to the window (memory = what nbytes reports)."""
+    cache = TurboQuantCache(_Cfg(), key_bits=4, value_bits=4, window=8, flush_every=4, sink_tokens=2)
+    layer = cache.layers[0]
+    k, v = _kv(2, 500)
+    layer.update(k, v)
+    assert layer._fk.data.shape[2] >= 500
+    window_before = k[:, :, -8:]
+    layer.update(*_kv(2, 1, seed=3))
+    spare = 8 + 4 + 1
+    assert layer._fk.data.shape[2] <= 2 + 8 + spare and layer._fv.data.shape[2] <= 2 + 8 + spare
+    assert layer.full_length == 2 + 9 and layer.get_seq_length() == 501
+    held = layer._fk.tokens  # [sink | window]
+    torch.testing.assert_close(held[:, :, 2:-1], window_before)  # the kept window moved intact
+    torch.testing.assert_close(held[:, :, :2], k[:, :, :2])  # the sink too
+    keys = layer.dequantized_history(layer._fk.tokens, layer._fv.tokens)[0]
+    assert keys.shape[-2] == 501 and torch.equal(keys[:, :, -9:-1], window_before)
+    for step in range(30):  # steady decoding stays within the small buffer
+        layer.update(*_kv(2, 1, seed=10 + step))
+    assert layer._fk.data.shape[2] <= 2 + 8 + spare and layer.get_seq_length() == 531
+
+
 def test_reorder_and_select_keep_rows_consistent() -> None:
     cache = TurboQuantCache(_Cfg(), key_bits=4, value_bits=4, window=4, flush_every=2, sink_tokens=2)
     layer = cache.layers[0]

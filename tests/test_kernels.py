@@ -164,10 +164,13 @@ def test_encode_matches_quantizer(d, bits, norm_dtype) -> None:
     assert torch.isnan(norms[:, :start].float()).all() and torch.isnan(norms[:, start + t :].float()).all()
 
 
-@pytest.mark.parametrize("variant", [{"encode_bucket": 0, "encode_programs_per_sm": 0}, {"encode_bucket": 1}, {"encode_bucket": 2, "encode_programs_per_sm": 1}])
+@pytest.mark.parametrize(
+    "variant",
+    [{"encode_bucket": 0, "encode_programs_per_sm": 0}, {"encode_bucket": 1}, {"encode_bucket": 2, "encode_programs_per_sm": 1}, {"encode_dots": 1}, {"encode_dots": 3}],
+)
 @pytest.mark.parametrize("bits", [4, 3, 2, 1, 2.5])
 def test_encode_variants_match_quantizer(bits, variant) -> None:
-    """Every bucketize mode and the persistent grid give the quantizer's codes (several token blocks per program)."""
+    """Every bucketize mode, rotation precision and the persistent grid give the quantizer's codes (several token blocks per program)."""
     tuning = dataclasses.replace(DEFAULT_TUNING, encode_block_t=16, **variant)
     cfg = QuantizerConfig(64, bits, seed=9)
     x = torch.randn(2, 70, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE)

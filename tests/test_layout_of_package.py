@@ -22,7 +22,7 @@ LAYERS = {
     "kernels": 5, "index_file": 5,
     "index": 6, "kvstore": 6,
     "cache": 7, "sharded": 7, "streaming": 7,
-    "cli": 8, "demo": 8,
+    "cli": 8, "demo": 8, "static_cache": 8,
 }  # fmt: skip
 
 

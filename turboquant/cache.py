@@ -291,8 +291,9 @@ class TurboQuantLayer(DynamicLayer):
         correct = self.settings.norm_correction
         self.key_codes.encode_append(k, self.settings.backend, correct.keys and self.key_codes.config.variant is Variant.MSE)
         self.value_codes.encode_append(v, self.settings.backend, correct.values)
-        self._fk.drop_oldest_window(excess)
-        self._fv.drop_oldest_window(excess)
+        spare = self.settings.window + self.settings.flush_every + 1  # as in update
+        self._fk.drop_oldest_window(excess, spare)
+        self._fv.drop_oldest_window(excess, spare)
 
     def _init_offsets(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         # Calibration-free: the per-head mean of the tokens seen so far (the prompt), fixed afterwards.
@@ -489,6 +490,8 @@ def turboquant_attention(
         )
     layer_idx = getattr(module, "layer_idx", None)
     layer = _PENDING.layers.pop(layer_idx, None) if layer_idx is not None else None
+    if layer is not None and not isinstance(layer, TurboQuantLayer):  # a layer with its own attention (static cache)
+        return layer.attention(query, key, value, attention_mask, scaling)
     if layer is not None and key.shape[-2] != layer.full_length:
         raise TurboQuantError(
             f"layer {layer_idx}: attention got {key.shape[-2]} full-precision keys, the cache layer holds "
@@ -506,7 +509,7 @@ def turboquant_attention(
         key = (key.float() / scale).to(key.dtype)
         key_offset = None if key_offset is None else key_offset / layer.key_scale
     n = layer.compressed_length
-    s = layer.sink_keys.shape[-2]
+    s = layer._fk.sink  # an int: a view's shape costs a few µs per layer and step
     mask = attention_mask
     if mask is None and query.shape[2] > 1:
         mask = _causal_mask(query.shape[2], n + key.shape[-2], query.device)

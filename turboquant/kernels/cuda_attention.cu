@@ -227,6 +227,19 @@ __device__ __forceinline__ int value_byte_offset(int gid) {
   return (VB == 6) ? ((6 * gid) & ~3) : VB * gid;
 }
 
+// Which code words go through the shared table (MIO pipe) and which through the prmt register
+// decoder (ALU pipe): DEC 0 all registers, 1 all table, 2 keys registers + values table, 3 keys
+// split (even words table) + values table, 4 keys table + values registers, 5 keys table + values
+// split, 6 both split. Splitting balances the two pipes.
+template <int DEC>
+__host__ __device__ constexpr bool key_table(int word) {
+  return DEC == 1 || DEC == 4 || DEC == 5 || ((DEC == 3 || DEC == 6) && word % 2 == 0);
+}
+template <int DEC>
+__host__ __device__ constexpr bool value_table(int block) {
+  return DEC == 1 || DEC == 2 || DEC == 3 || ((DEC == 5 || DEC == 6) && block % 2 == 0);
+}
+
 // Key fragments of one token: kp[s][h] = fp16 pair for k-step s, A-operand half h (see key_coord).
 template <int BITS, int D, int DEC>
 __device__ __forceinline__ void decode_key(const uint32_t (&w)[Geo<BITS, D>::KW], int t4, const uint32_t (&tab)[4],
@@ -260,7 +273,7 @@ __device__ __forceinline__ void decode_key(const uint32_t (&w)[Geo<BITS, D>::KW]
 #pragma unroll
     for (int i = 0; i < D / 32; ++i) {
       uint32_t o[4];
-      if constexpr (DEC == 1) {  // DEC 2: keys through the register decoder, values through the table
+      if (key_table<DEC>(i)) {
 #pragma unroll
         for (int k = 0; k < 4; ++k) o[k] = lut_byte(x[i], lane_off, k);
       } else if constexpr (BITS == 4) {
@@ -306,7 +319,7 @@ __device__ __forceinline__ void decode_value_pair(const uint32_t (&a)[Geo<BITS, 
     }
 #pragma unroll
     for (int i = 0; i < D / 64; ++i) {
-      if constexpr (DEC >= 1) {
+      if (value_table<DEC>(i)) {
         // byte m of E = (a_{2m}, b_{2m}) nibbles, of O = (a_{2m+1}, b_{2m+1})
         const uint32_t E = (xa[i] & 0x0F0F0F0Fu) | ((xb[i] << 4) & 0xF0F0F0F0u);
         const uint32_t O = ((xa[i] >> 4) & 0x0F0F0F0Fu) | (xb[i] & 0xF0F0F0F0u);
@@ -611,6 +624,12 @@ __host__ __device__ constexpr int main_bytes() {
   return (DEC >= 1 && 65536 > merge_bytes<D, NW>() + finish_bytes<D>()) ? 65536 : merge_bytes<D, NW>() + finish_bytes<D>();
 }
 
+// After the main region (and the cp.async stage): [2][8][D] fp32 raw and rotated query rows.
+template <int KB, int VB, int D, int NW, int T, int PF, int DEC>
+__host__ __device__ constexpr int qs_offset() {
+  return main_bytes<D, NW, DEC>() + ((PF == 2 && AsyncOK<KB, VB, D>::value) ? stage_bytes<KB, VB, D, T, NW * 32>() : 0);
+}
+
 // Last CTA of a (batch, kv head, row block): merge the partials of all splits (read through L2)
 // into fin_acc [8][D] (rotated domain, unnormalised) and fin_ml [8][2] (max base 2, sum).
 template <int D, int NW>
@@ -674,7 +693,7 @@ __device__ __forceinline__ void finish(const Params& p, int b, int h, int bh, in
   if (p.w > 0) {  // full-precision window: one warp per query row, 32 tokens (one per lane) at a time
     for (int row = warp; row < rows; row += NW) {
       const int qrow = rb * 8 + row;
-      const float* q = p.qf + ((long long)bh * p.m + qrow) * D;
+      const long long qo = ((long long)bh * p.m + qrow) * D;  // the unrotated query
       long long mrow = 0;
       if (MASK) mrow = b * p.sm_b + (long long)(h * p.g + qrow / p.l) * p.sm_h + (long long)(qrow % p.l) * p.sm_l;
       float m = fin_ml[2 * row], l = fin_ml[2 * row + 1];
@@ -689,7 +708,7 @@ __device__ __forceinline__ void finish(const Params& p, int b, int h, int bh, in
           float dot = 0.f;
           const long long ko = fkb + t * p.fk_sw;
 #pragma unroll 8
-          for (int c = 0; c < D; ++c) dot = fmaf(q[c], load_f(p.fk, ko + c, p.fk_kind), dot);
+          for (int c = 0; c < D; ++c) dot = fmaf(load_f(p.q, qo + c, p.q_kind), load_f(p.fk, ko + c, p.fk_kind), dot);
           sc = dot * p.scale2;
           if (MASK) sc += load_mask(p, mrow + (long long)(p.n + t) * p.sm_t, p.mask_kind);
         }
@@ -752,21 +771,37 @@ __global__ void __launch_bounds__(NW * 32) decode_kernel(const Params p) {
       reinterpret_cast<uint4*>(tq_smem)[i] = make_uint4(e, e, e, e);
     }
   }
+  // query rotation in the prologue (no separate launch): the CTA's 8 rows, q @ Pi_k^T * scale2
+  float* qs = reinterpret_cast<float*>(reinterpret_cast<char*>(tq_smem) + qs_offset<KBITS, VBITS, D, NW, T, PF, DEC>());
+  for (int i = threadIdx.x; i < 8 * D; i += NT) {
+    const int row = rb * 8 + i / D;
+    qs[i] = row < p.m ? load_f(p.q, ((long long)bh * p.m + row) * D + i % D, p.q_kind) : 0.f;
+  }
+  __syncthreads();
+  {
+    constexpr int RG = NT / D, RPT = 8 / RG;
+    const int j = threadIdx.x % D, rg = threadIdx.x / D;
+    float o[RPT];
+#pragma unroll
+    for (int r = 0; r < RPT; ++r) o[r] = 0.f;
+#pragma unroll 16
+    for (int c = 0; c < D; ++c) {
+      const float rt = __ldg(p.rt + c * D + j);
+#pragma unroll
+      for (int r = 0; r < RPT; ++r) o[r] = fmaf(qs[(rg * RPT + r) * D + c], rt, o[r]);
+    }
+#pragma unroll
+    for (int r = 0; r < RPT; ++r) qs[8 * D + (rg * RPT + r) * D + j] = o[r] * p.scale2;
+  }
+  __syncthreads();
   State<KBITS, D> st;
   {
-    const int row = rb * 8 + gid;
-    const float* qrow = p.q + ((long long)bh * p.m + row) * D;
+    const float* qrow = qs + 8 * D + gid * D;
 #pragma unroll
     for (int s = 0; s < KS; ++s)
 #pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        float x0 = 0.f, x1 = 0.f;
-        if (row < p.m) {
-          x0 = qrow[key_coord<KBITS, D>(t4, s, hh, 0)] * p.scale2;
-          x1 = qrow[key_coord<KBITS, D>(t4, s, hh, 1)] * p.scale2;
-        }
-        st.qf[s][hh] = pack_half2(x0, x1);
-      }
+      for (int hh = 0; hh < 2; ++hh)
+        st.qf[s][hh] = pack_half2(qrow[key_coord<KBITS, D>(t4, s, hh, 0)], qrow[key_coord<KBITS, D>(t4, s, hh, 1)]);
   }
   long long mrow[2] = {0, 0};
   bool rowok[2];
@@ -793,7 +828,6 @@ __global__ void __launch_bounds__(NW * 32) decode_kernel(const Params p) {
     ptr.kn = p.kn + b * p.kn_sb + h * p.kn_sh + k0;
     ptr.vn = p.vn + b * p.vn_sb + h * p.vn_sh + k0;
   }
-  if (DEC >= 1) __syncthreads();  // the table is written
   auto advance = [&]() {
     ptr.k += TOK * KROW;
     ptr.v += TOK * VROW;
@@ -974,7 +1008,7 @@ __global__ void __launch_bounds__(NW * 32) decode_kernel(const Params p) {
 namespace tq {
 template <int KB, int VB, int D, int NW, int T, int PF, int DEC>
 constexpr int smem_bytes() {
-  return main_bytes<D, NW, DEC>() + ((PF == 2 && AsyncOK<KB, VB, D>::value) ? stage_bytes<KB, VB, D, T, NW * 32>() : 0);
+  return qs_offset<KB, VB, D, NW, T, PF, DEC>() + 2 * 8 * D * 4;
 }
 }  // namespace tq
 
@@ -1021,8 +1055,8 @@ static cudaError_t tq_variant(const tq::Params& p, int bh, int rb, int nw, int t
     if constexpr (TWO) {
       TQ_V(4, 4, 2, 0) TQ_V(8, 2, 2, 0) TQ_V(8, 4, 2, 0) TQ_V(4, 2, 2, 0)
     } else {
-      TQ_V(8, 2, 2, 1) TQ_V(8, 2, 2, 2) TQ_V(8, 2, 2, 0) TQ_V(4, 4, 2, 1) TQ_V(4, 4, 2, 2) TQ_V(8, 4, 2, 1)
-      TQ_V(8, 4, 2, 2) TQ_V(4, 2, 2, 1)
+      TQ_V(8, 2, 0, 2) TQ_V(8, 2, 0, 3) TQ_V(8, 2, 0, 4) TQ_V(8, 2, 0, 5) TQ_V(8, 2, 0, 6)
+      TQ_V(8, 4, 0, 1) TQ_V(8, 4, 0, 3) TQ_V(8, 4, 0, 6)
     }
   }
 #endif

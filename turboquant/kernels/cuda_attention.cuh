@@ -6,7 +6,9 @@
 namespace tq {
 
 struct Params {
-  const float* q;      // [BH, M, D] fp32 rotated query (natural coordinate order), scale not applied
+  const void* q;       // [BH, M, D] query as given (kind q_kind), rotated in the kernel's prologue
+  int q_kind;          // 2 fp32, 3 fp16, 4 bf16
+  const float* rt;     // [D, D] fp32 Pi_k^T: q @ rt is the rotated query (natural coordinate order)
   const float* qoff;   // [BH, M] fp32 <q, mu_k> or nullptr
   float scale2;        // softmax scale * log2(e)
   const uint8_t* kc;   // key codes
@@ -33,7 +35,6 @@ struct Params {
   int* counter;        // [BH * row blocks] int32, zero between launches (the last CTA resets its entry)
   const float* pv;     // [D, D] fp32 Pi_v
   const float* voff;   // [BH, D] fp32 or nullptr
-  const float* qf;     // [BH, M, D] fp32 unrotated query (window scores), or nullptr when W = 0
   const void* fk;      // [B, Hkv, W, D] window keys (element strides, last stride 1)
   const void* fv;
   long long fk_sb, fk_sh, fk_sw, fv_sb, fv_sh, fv_sw;

@@ -12,11 +12,12 @@ compiles offline with plain ``nvcc -cubin`` for reading SASS between GPU runs.
 
 What runs (the design is in the ``.cu`` header comment and docs/kernel_notes.md):
 
-1. the wrapper rotates the query once (``q @ Π_kᵀ``, natural coordinate order);
+1. each CTA rotates its query rows in its prologue (``q @ Π_kᵀ``, natural coordinate order,
+   read in the query's own dtype: no separate launch);
 2. the warp-level kernel streams each (batch, kv head)'s codes split across CTAs
    (flash-decoding) and warps (optionally copied one iteration ahead with ``cp.async``,
-   ``prefetch = 2``; measured slower, kept as a variant); every warp keeps its own online
-   softmax; the CTA writes one partial ``(acc, max, sum)``;
+   ``prefetch = 2``); every warp keeps its own online softmax; the CTA writes one partial
+   ``(acc, max, sum)``;
 3. fused finish (``CudaTuning.fused``, the default): the last CTA of each (batch, kv head)
    to finish (an arrival counter) merges the partials, rotates the value accumulator
    back (``acc @ Π_v``), adds the value offset, attends over the full-precision window
@@ -50,7 +51,7 @@ from ..codec import code_bytes, layout
 from ..config import QuantizerConfig, Variant, cache_dir
 from ..quantizer import QuantizedVectors
 from ..rotation import make_rotation
-from .layout import expand_mask, num_sms
+from .layout import device_cached, expand_mask, num_sms, outside_graph_pool
 from .reference import DEFAULT_CHUNK, attention_shapes, torch_quantized_attention
 from .tuning import DEFAULT_CUDA_TUNING, DEFAULT_TUNING, CudaTuning
 
@@ -94,14 +95,14 @@ static tq::Params make_params(const std::vector<int64_t>& c) {
 }
 
 // v = {kbits, vbits, d, bh, rblocks, warps, tiles, prefetch, decoder}
+// q [BH, M, D] (fp32/fp16/bf16, contiguous) and rt = Pi_k^T [D, D] fp32: the kernel rotates the query.
 // fused finish when out is given: counter [BH * rblocks] int32 (zero), pv [D, D] fp32, voff [BH, D] fp32,
-// qf [BH, M, D] fp32 and fk / fv [B, Hkv, W, D] (W > 0 only), out [BH, M, D] in the query dtype.
+// fk / fv [B, Hkv, W, D] (W > 0 only), out [BH, M, D] in the query dtype.
 void decode(torch::Tensor q, c10::optional<torch::Tensor> qoff, torch::Tensor kc, torch::Tensor kn,
             torch::Tensor vc, torch::Tensor vn, c10::optional<torch::Tensor> mask, torch::Tensor part,
-            double scale2, std::vector<int64_t> c, std::vector<int64_t> v,
+            double scale2, std::vector<int64_t> c, std::vector<int64_t> v, torch::Tensor rt,
             c10::optional<torch::Tensor> out, c10::optional<torch::Tensor> counter, c10::optional<torch::Tensor> pv,
-            c10::optional<torch::Tensor> voff, c10::optional<torch::Tensor> qf, c10::optional<torch::Tensor> fk,
-            c10::optional<torch::Tensor> fv) {
+            c10::optional<torch::Tensor> voff, c10::optional<torch::Tensor> fk, c10::optional<torch::Tensor> fv) {
   const c10::cuda::CUDAGuard guard(q.device());
   tq::Params p = make_params(c);
   p.fused = out.has_value() ? 1 : 0;
@@ -113,7 +114,6 @@ void decode(torch::Tensor q, c10::optional<torch::Tensor> qoff, torch::Tensor kc
     p.voff = voff.has_value() ? voff->data_ptr<float>() : nullptr;
     p.w = 0;
     if (fk.has_value()) {
-      p.qf = qf->data_ptr<float>();
       p.fk = fk->data_ptr();
       p.fv = fv->data_ptr();
       p.fk_kind = float_kind(*fk);
@@ -123,7 +123,9 @@ void decode(torch::Tensor q, c10::optional<torch::Tensor> qoff, torch::Tensor kc
       p.w = (int)fk->size(2);
     }
   }
-  p.q = q.data_ptr<float>();
+  p.q = q.data_ptr();
+  p.q_kind = float_kind(q);
+  p.rt = rt.data_ptr<float>();
   p.qoff = qoff.has_value() ? qoff->data_ptr<float>() : nullptr;
   p.scale2 = (float)scale2;
   p.kc = kc.data_ptr<uint8_t>();
@@ -274,13 +276,13 @@ def cuda_supports(
     return True
 
 
-@lru_cache(maxsize=64)
+@device_cached(maxsize=64)
 def _rotation_t(config: QuantizerConfig, device: torch.device) -> torch.Tensor:
     """``Π_kᵀ`` (float32 ``[d, d]``): ``q @ this`` is the rotated query in natural coordinate order."""
     return make_rotation(config.rotation, config.dim, config.seed).matrix(device).T.contiguous()
 
 
-@lru_cache(maxsize=64)
+@device_cached(maxsize=64)
 def _rotation(config: QuantizerConfig, device: torch.device) -> torch.Tensor:
     """``Π_v`` (float32 ``[d, d]``, contiguous): the fused finish computes ``acc @ this``."""
     return make_rotation(config.rotation, config.dim, config.seed).matrix(device).float().contiguous()
@@ -302,7 +304,7 @@ def _counters(size: int, device: torch.device) -> torch.Tensor:
         return buf
     if torch.cuda.is_current_stream_capturing():
         return torch.zeros(size, dtype=torch.int32, device=device)
-    buf = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
+    buf = outside_graph_pool(device, lambda: torch.zeros(max(size, 4096), dtype=torch.int32, device=device))
     _COUNTERS[key] = buf
     return buf
 
@@ -415,13 +417,15 @@ def cuda_quantized_attention(
     kb, vb = _widths(kcfg), _widths(vcfg)
     assert kb is not None and vb is not None
 
-    qf = query.reshape(b, hkv, m, d).float()
-    if not qf.is_contiguous():
-        qf = qf.contiguous()
-    q_rot = (qf @ _rotation_t(kcfg, dev)).contiguous()
+    # the kernel reads the query as given (fp32/fp16/bf16) and rotates it in its prologue
+    qin = query.reshape(b, hkv, m, d)
+    if qin.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        qin = qin.float()
+    if not qin.is_contiguous():
+        qin = qin.contiguous()
     qoff = None
     if key_offset is not None:
-        qoff = (qf @ key_offset.float().unsqueeze(-1)).squeeze(-1).contiguous()
+        qoff = (qin.float() @ key_offset.float().unsqueeze(-1)).squeeze(-1).contiguous()
 
     mask4 = None
     ms = (0, 0, 0, 0)
@@ -459,6 +463,7 @@ def cuda_quantized_attention(
         *ktab, *vtab, *kcent, *vcent,
     ]  # fmt: skip
     v = [kb, vb, d, bh, rblocks, nw, tiles, pf, dec]
+    rt = _rotation_t(kcfg, dev)
     if tuning.fused:
         # one launch: the last CTA of each (batch, kv head, row block) merges the splits, rotates back,
         # adds the value offset and the full-precision window, and writes the output
@@ -467,7 +472,7 @@ def cuda_quantized_attention(
         if odt is None:  # other query dtypes: computed in float32, cast after
             out = _empty(b, hkv, m, d, dtype=torch.float32, device=dev)
         voff = value_offset.float().reshape(bh, d).contiguous() if value_offset is not None else None
-        fk = fv = qwin = None
+        fk = fv = None
         if w:
             assert full_keys is not None and full_values is not None
             fk, fv = full_keys, full_values
@@ -475,13 +480,13 @@ def cuda_quantized_attention(
                 fk = fk.float().contiguous()
             if fv.dtype not in (torch.float32, torch.float16, torch.bfloat16) or fv.stride(-1) != 1:
                 fv = fv.float().contiguous()
-            qwin = qf
         counter = _counters(bh * rblocks, dev) if splits > 1 else _counters(1, dev)
-        mod.decode(q_rot, qoff, kc, kn, vc, vn, mask4, parts, scale2, c, v, out, counter, _rotation(vcfg, dev), voff, qwin, fk, fv)
+        mod.decode(qin, qoff, kc, kn, vc, vn, mask4, parts, scale2, c, v, rt, out, counter, _rotation(vcfg, dev), voff, fk, fv)
         if odt is None:
             out = out.to(query.dtype)
         return out.reshape(b, hq, l, d)
-    mod.decode(q_rot, qoff, kc, kn, vc, vn, mask4, parts, scale2, c, v, None, None, None, None, None, None, None)
+    mod.decode(qin, qoff, kc, kn, vc, vn, mask4, parts, scale2, c, v, rt, None, None, None, None, None, None)
+    qf = qin.float()
 
     from .triton_combine import combine_partials
 

@@ -9,17 +9,67 @@ and width 3 as ``[groups of 3 bytes, 8 codes]``, zero-padded to a power of two �
 
 from __future__ import annotations
 
+import functools
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
-from ..codec import byte_table, layout
 from ..codebook import codebook_tensors
+from ..codec import byte_table, layout
 from ..config import QuantizerConfig, TurboQuantError, Variant
 from ..rotation import make_rotation
 
 SUPPORTED_WIDTHS = (1, 2, 3, 4, 8)
+
+
+_SIDE = threading.local()
+
+
+@lru_cache(maxsize=1)
+def _side_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="turboquant-alloc")
+
+
+def outside_graph_pool(device: torch.device, make: Callable[[], Any]) -> Any:
+    """``make()`` (long-lived tensors: cached tables, rotations, counters) where no CUDA-graph pool takes them.
+
+    CUDA-graph trees (``torch.compile(mode="reduce-overhead")``) run their warm-up call with the
+    allocations of the calling thread going to the graph's private pool; a cache entry made there
+    outlives the call and the trees refuse to record ("tensors in the cudagraph pool not tracked as
+    outputs"). So on CUDA ``make`` runs on a side thread (its own current stream, no pool), which
+    waits for its work before returning. Inside a capture nothing changes.
+    """
+    if device.type != "cuda" or getattr(_SIDE, "active", False) or torch.cuda.is_current_stream_capturing():
+        return make()
+
+    def run() -> Any:
+        _SIDE.active = True
+        with torch.cuda.device(device):
+            out = make()
+            torch.cuda.current_stream(device).synchronize()
+        return out
+
+    return _side_thread().submit(run).result()
+
+
+def device_cached(maxsize: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``lru_cache`` for functions that build device tensors from hashable arguments (one of them a
+    ``torch.device``): the tensors are made :func:`outside_graph_pool`."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @lru_cache(maxsize=maxsize)
+        @functools.wraps(fn)
+        def cached(*args: Any) -> Any:
+            device = next((a for a in args if isinstance(a, torch.device)), torch.device("cpu"))
+            return outside_graph_pool(device, lambda: fn(*args))
+
+        return cached
+
+    return wrap
 
 
 def next_pow2(x: int) -> int:
@@ -63,7 +113,7 @@ def config_supported(config: QuantizerConfig) -> bool:
     return all(s.width in (0,) + SUPPORTED_WIDTHS for s in (hi, lo)) and lo.width != 0
 
 
-@lru_cache(maxsize=256)
+@device_cached(maxsize=256)
 def lookup_table(dim: int, width: int, lut: int, device: torch.device) -> torch.Tensor:
     """fp16 centroids (``lut=0``) or the byte-indexed table ``[slot, byte] → centroid`` (``lut=1``, flat)."""
     if lut == 1 and 8 % width == 0:
@@ -79,7 +129,7 @@ def stream_table(config: QuantizerConfig, stream: KernelStream, lut: int, device
     return lookup_table(config.dim, stream.width, 0 if lut == 2 else lut, device)
 
 
-@lru_cache(maxsize=64)
+@device_cached(maxsize=64)
 def unrotation_blocks(config: QuantizerConfig, d_out: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of ``Π`` for each stream's columns, zero-padded: ``[cols_hi, d_out]``, ``[cols_lo, d_out]``."""
     pi = make_rotation(config.rotation, config.dim, config.seed).matrix(device)
@@ -94,7 +144,7 @@ def unrotation_blocks(config: QuantizerConfig, d_out: int, device: torch.device)
     return blocks[0], blocks[1]
 
 
-@lru_cache(maxsize=64)
+@device_cached(maxsize=64)
 def query_rotation(config: QuantizerConfig, device: torch.device) -> torch.Tensor:
     """``[d, QC]``: ``q @ this`` is the rotated query ``Π q`` in the kernel's column order (zero pad columns)."""
     hi, lo = unrotation_blocks(config, config.dim, device)

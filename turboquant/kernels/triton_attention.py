@@ -45,7 +45,16 @@ import triton
 import triton.language as tl
 
 from ..quantizer import QuantizedVectors
-from .layout import KernelStream, expand_mask, config_supported, next_pow2, num_sms, query_rotation, stream_layout, stream_table
+from .layout import (
+    KernelStream,
+    config_supported,
+    expand_mask,
+    next_pow2,
+    num_sms,
+    query_rotation,
+    stream_layout,
+    stream_table,
+)
 from .ptx import REG_WIDTHS, reg_asm
 from .reference import DEFAULT_CHUNK, attention_shapes, torch_quantized_attention
 from .triton_combine import _VARYING, _dummy, _empty, combine_partials

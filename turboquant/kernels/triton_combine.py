@@ -6,20 +6,18 @@ the full-precision window and writes the output.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 import triton
 import triton.language as tl
 
 from ..config import QuantizerConfig
-from .layout import next_pow2, unrotation_blocks
+from .layout import device_cached, next_pow2, unrotation_blocks
 from .triton_device import _masked, _online_softmax
 
 _VARYING = ["N", "TPS", "S", "M", "L", "s_m_b", "s_m_h", "s_m_l", "s_m_t"]
 
 
-@lru_cache(maxsize=16)
+@device_cached(maxsize=16)
 def _dummy(device: torch.device) -> torch.Tensor:
     return torch.zeros(16, dtype=torch.float32, device=device)
 
@@ -61,7 +59,7 @@ def triton_attention_combine_kernel(
     out = tl.zeros([BM, DP], tl.float32)
     if S > 0:
         # pass 1: overall max and softmax mass of the compressed tokens
-        for s in range(0, S):
+        for s in range(S):
             a_base = part_ptr + (bh * S + s) * M * (AC + 2) + rows * (AC + 2)
             m_s = tl.load(a_base + AC, mask=row_ok, other=float("-inf"))
             l_s = tl.load(a_base + AC + 1, mask=row_ok, other=0.0)
@@ -74,7 +72,7 @@ def triton_attention_combine_kernel(
         # (a [CK, DP] slice of Π_v keeps shared memory small for head_dim 256)
         for c0 in tl.static_range(0, VLO_C, CK_LO):
             acc = tl.zeros([BM, CK_LO], tl.float32)
-            for s in range(0, S):
+            for s in range(S):
                 a_base = part_ptr + (bh * S + s) * M * (AC + 2) + rows * (AC + 2)
                 w_s = tl.exp2(tl.load(a_base + AC, mask=row_ok, other=float("-inf")) - m_ref)
                 a_s = tl.load(a_base[:, None] + VHI_C + c0 + tl.arange(0, CK_LO)[None, :], mask=row_ok[:, None], other=0.0)
@@ -84,7 +82,7 @@ def triton_attention_combine_kernel(
         if HAS_HI:
             for c0 in tl.static_range(0, VHI_C, CK_HI):
                 acc = tl.zeros([BM, CK_HI], tl.float32)
-                for s in range(0, S):
+                for s in range(S):
                     a_base = part_ptr + (bh * S + s) * M * (AC + 2) + rows * (AC + 2)
                     w_s = tl.exp2(tl.load(a_base + AC, mask=row_ok, other=float("-inf")) - m_ref)
                     a_s = tl.load(a_base[:, None] + c0 + tl.arange(0, CK_HI)[None, :], mask=row_ok[:, None], other=0.0)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-from functools import lru_cache
 
 import torch
 import triton
@@ -25,7 +24,7 @@ from ..codec import code_bytes
 from ..config import QuantizerConfig, TurboQuantError
 from ..quantizer import QuantizedVectors
 from .encode import torch_quantize_into
-from .layout import config_supported, next_pow2, num_sms, stream_layout, unrotation_blocks
+from .layout import config_supported, device_cached, next_pow2, num_sms, stream_layout, unrotation_blocks
 from .tuning import DEFAULT_TUNING, TritonTuning
 
 
@@ -85,13 +84,15 @@ def _rotation_operands(pit_ptr, DP: tl.constexpr, COLS: tl.constexpr):
 def _encode_stream(
     u_hi, u_lo, p_hi, p_lo, bnd_ptr, out_rows, row_ok,
     DP: tl.constexpr, W: tl.constexpr, N: tl.constexpr, NB: tl.constexpr, COLS: tl.constexpr,
-    MODE: tl.constexpr, BT: tl.constexpr,
+    MODE: tl.constexpr, BT: tl.constexpr, DOTS: tl.constexpr,
 ):
     """Rotate (products with this stream's columns of Πᵀ), bucketize, pack and store one stream."""
     c = tl.arange(0, COLS)
     y = tl.dot(u_hi, p_hi)
-    y = tl.dot(u_hi, p_lo, y)
-    y = tl.dot(u_lo, p_hi, y)
+    if DOTS >= 3:
+        y = tl.dot(u_hi, p_lo, y)
+    if DOTS >= 2:
+        y = tl.dot(u_lo, p_hi, y)
     idx = _bucketize(y, bnd_ptr, W, MODE)
     idx = tl.where(c[None, :] < N, idx, 0)  # pad bits are zero
     if 8 % W == 0:
@@ -125,7 +126,7 @@ def triton_quantize_kernel(
     DP: tl.constexpr,
     HI_W: tl.constexpr, HI_N: tl.constexpr, HI_NB: tl.constexpr, HI_C: tl.constexpr,
     LO_W: tl.constexpr, LO_N: tl.constexpr, LO_NB: tl.constexpr, LO_OFF: tl.constexpr, LO_C: tl.constexpr,
-    MODE_HI: tl.constexpr, MODE_LO: tl.constexpr, BT: tl.constexpr, NPT: tl.constexpr,
+    MODE_HI: tl.constexpr, MODE_LO: tl.constexpr, BT: tl.constexpr, NPT: tl.constexpr, DOTS: tl.constexpr,
 ):
     """One (row, every NPT-th block of BT tokens): norm, rotation, Lloyd-Max codes, packing, stores at START + t.
 
@@ -151,11 +152,11 @@ def triton_quantize_kernel(
         tl.store(norms_ptr + r * s_n_r + pos * s_n_t, norm.to(norms_ptr.dtype.element_ty), mask=t_ok)
         out_rows = codes_ptr + r * s_c_r + pos * s_c_t
         if HI_W > 0:
-            _encode_stream(u_hi, u_lo, ph_hi, ph_lo, bnd_hi, out_rows, t_ok, DP, HI_W, HI_N, HI_NB, HI_C, MODE_HI, BT)
-        _encode_stream(u_hi, u_lo, pl_hi, pl_lo, bnd_lo, out_rows + LO_OFF, t_ok, DP, LO_W, LO_N, LO_NB, LO_C, MODE_LO, BT)
+            _encode_stream(u_hi, u_lo, ph_hi, ph_lo, bnd_hi, out_rows, t_ok, DP, HI_W, HI_N, HI_NB, HI_C, MODE_HI, BT, DOTS)
+        _encode_stream(u_hi, u_lo, pl_hi, pl_lo, bnd_lo, out_rows + LO_OFF, t_ok, DP, LO_W, LO_N, LO_NB, LO_C, MODE_LO, BT, DOTS)
 
 
-@lru_cache(maxsize=64)
+@device_cached(maxsize=64)
 def _rotation_columns(config: QuantizerConfig, dp: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Columns of ``Πᵀ`` for each stream, zero-padded, as fp16 ``(hi, lo)``: ``[2, dp, cols_hi]``, ``[2, dp, cols_lo]``."""
 
@@ -167,7 +168,7 @@ def _rotation_columns(config: QuantizerConfig, dp: int, device: torch.device) ->
     return split(hi.T), split(lo.T)
 
 
-@lru_cache(maxsize=64)
+@device_cached(maxsize=64)
 def _boundaries(dim: int, width: int, device: torch.device) -> torch.Tensor:
     if width == 0:
         return torch.zeros(1, dtype=torch.float32, device=device)
@@ -256,7 +257,7 @@ def triton_quantize_into(
                 HI_W=hi[0], HI_N=hi[1], HI_NB=hi[2], HI_C=hi[4],
                 LO_W=lo[0], LO_N=lo[1], LO_NB=lo[2], LO_OFF=lo[3], LO_C=lo[4],
                 MODE_HI=stream_mode(hi[0]), MODE_LO=stream_mode(lo[0]),
-                BT=bt, NPT=npt, num_warps=tuning.encode_num_warps,
+                BT=bt, NPT=npt, DOTS=tuning.encode_dots, num_warps=tuning.encode_num_warps,
             )  # fmt: skip
             break
         except triton.runtime.errors.OutOfResources:

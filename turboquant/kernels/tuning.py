@@ -1,6 +1,6 @@
 """Launch parameters of the Triton kernels, as one frozen value passed to the wrappers.
 
-Defaults are the best of the sweeps on an H200 (benchmarks/results/gpu_decode_h200.json,
+Defaults are the best of the sweeps on an H200 (benchmarks/results/gpu_decode_h200.json, gpu_encode_h200.json,
 docs/kernel_notes.md). Benchmarks sweep by passing ``dataclasses.replace(DEFAULT_TUNING, ...)``;
 nothing is mutated globally.
 """
@@ -32,6 +32,9 @@ class TritonTuning:
         encode_block_t, encode_num_warps: encode kernel tokens per block and warps.
         encode_bucket: 0 compare-sum over boundaries, 1 binary search, 2 symmetric search on ``|y|``.
         encode_programs_per_sm: persistent encode programs per SM (0: one program per block).
+        encode_dots: fp16 products of the encode rotation: 3 = hi·hi + hi·lo + lo·hi (≈ fp32), 2 drops
+            the rounding of ``Πᵀ`` (hi·hi + lo·hi), 1 = one fp16 product (more codes differ from the
+            fp32 reference near a boundary).
     """
 
     block_n: int = 64
@@ -46,10 +49,11 @@ class TritonTuning:
     prefetch: bool = False
     programs_per_sm: int = 8
     max_block_m: int = 32
-    encode_block_t: int = 128
-    encode_num_warps: int = 8
+    encode_block_t: int = 64
+    encode_num_warps: int = 4
     encode_bucket: int = 2
-    encode_programs_per_sm: int = 2
+    encode_programs_per_sm: int = 4
+    encode_dots: int = 2
 
     def __post_init__(self) -> None:
         for name in ("block_n", "num_warps", "num_stages", "programs_per_sm", "max_block_m", "encode_block_t", "encode_num_warps", "width3_num_stages"):
@@ -60,7 +64,7 @@ class TritonTuning:
             value = getattr(self, name)
             if value & (value - 1) or value < 16:
                 raise TurboQuantError(f"TritonTuning.{name} must be a power of two >= 16, got {value}")
-        for name, allowed in (("lut", (0, 1, 2)), ("encode_bucket", (0, 1, 2))):
+        for name, allowed in (("lut", (0, 1, 2)), ("encode_bucket", (0, 1, 2)), ("encode_dots", (1, 2, 3))):
             if getattr(self, name) not in allowed:
                 raise TurboQuantError(f"TritonTuning.{name}={getattr(self, name)!r} is not supported; choose one of {allowed}")
         for name in ("maxnreg", "width3_maxnreg", "encode_programs_per_sm"):
