@@ -18,10 +18,10 @@ For every rate it measures recall 1@1, 1@10 and 10@10, queries per second for on
 all queries and for single queries issued one by one, build time (training included for FAISS
 PQ) and stored bytes per vector (codes + per-vector scalars, ids excluded), for:
 
-* ``tq``            TurboQuantIndex (auto engine: fast-scan shortlist + exact corrected re-rank)
+* ``tq``            TurboQuantIndex (auto engine: C fast-scan shortlist + exact corrected re-rank)
 * ``tq-plain``      the same codes scored with the uncorrected ``‖x‖·<Πq, ŷ>`` (ablation)
-* ``tq-1thread``    ``search_threads=1``, which is now the default: an independent second timing of
-  ``tq``'s configuration, i.e. a read-out of the run-to-run noise on a shared machine
+* ``tq-1thread``    ``search_threads=1``: the C scan on one thread while ``tq`` uses torch's thread
+  count (only in rows with more than one thread)
 * ``tq-torch``      the same index with the exact block-decode + matmul engine
 * ``faiss-flat``    IndexFlatIP, fp32
 * ``faiss-tq-mse``  random rotation + ScalarQuantizer ``QT_{b}bit_tqmse``

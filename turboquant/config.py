@@ -368,8 +368,10 @@ class IndexConfig:
         norm_dtype: storage dtype of the norms (``"float16"`` saves 2 bytes per vector).
         engine: :class:`Engine`.
         correction: score with ``‖x‖·<Πq, ŷ>/‖ŷ‖`` (default) instead of ``‖x‖·<Πq, ŷ>``.
-        search_threads: fast-scan shards searched concurrently by single queries (FAISS
-            parallelises over queries only); ``None`` = 1.
+        search_threads: threads of the C fast scan (a batch splits over queries; a single query
+            over vector ranges once it scans more than 32 MiB of codes); ``None`` =
+            ``torch.get_num_threads()``, the library's thread policy. The FAISS fallback uses it
+            as its shard count (``None`` = 1).
         scan_bits: bits per coordinate the fast-scan stage reads (1, 2 or 4).
     """
 

@@ -5,11 +5,14 @@ The mirror is a FAISS ``IndexPQFastScan`` whose sub-quantizer ``m`` reads one 4-
 re-packed code stream: the top ``scan_bits`` bits of each coordinate's Lloyd-Max code. Its 16
 "centroids" are fixed by the codebook, so nothing is trained; FAISS then scans 32 vectors at a
 time with SIMD shuffles of 8-bit lookup tables. The index re-ranks the shortlist exactly.
+
+The index's own scan (:mod:`turboquant.kernels.cpu_scan`, C) reads the same nibble plan
+(:func:`nibble_plan`, :func:`nibble_bytes`) and also applies each vector's norm in the scan;
+the FAISS mirror is its fallback when no C compiler is available.
 """
 
 from __future__ import annotations
 
-import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -99,73 +102,74 @@ def _msb_byte_table() -> np.ndarray:
     return (((b >> 2) & 3) | (((b >> 6) & 3) << 2)).astype(np.uint8)
 
 
+def nibble_bytes(codes: np.ndarray, config: QuantizerConfig, plan: _NibblePlan) -> np.ndarray:
+    """Stored codes ``(n, code_bytes)`` -> the plan's nibbles, two per byte ``(n, ceil(M/2))`` uint8.
+
+    Nibble ``m`` is ``(out[:, m // 2] >> 4 * (m % 2)) & 15``; it holds the top bits of the
+    coordinates ``plan.coords[m]`` at ``plan.shifts[m]``.
+    """
+    if plan.identity:
+        return codes
+    streams = layout(config).streams
+    if len(streams) == 1 and streams[0].width == 4 and plan.drop[0] == 2:  # common case: one table lookup per byte
+        nib = np.take(_msb_byte_table(), codes)
+        if nib.shape[1] % 2:
+            nib = np.concatenate([nib, np.zeros((nib.shape[0], 1), np.uint8)], axis=1)
+        return nib[:, 0::2] | (nib[:, 1::2] << 4)
+    # unpack every stream to one code per coordinate, then rebuild nibbles in plan order
+    t = torch.from_numpy(np.ascontiguousarray(codes))
+    parts = [unpack_codes(t[:, s.offset : s.offset + s.nbytes].contiguous(), s.width, s.count) for s in streams]
+    per_coord = torch.cat(parts, dim=1).numpy() >> plan.drop.astype(np.uint8)
+    nib = np.zeros((len(codes), len(plan.coords)), np.uint8)
+    for slot in range(plan.coords.shape[1]):  # dsub passes of one gather each
+        coords, valid = plan.coords[:, slot], plan.coords[:, slot] >= 0
+        part = np.take(per_coord, np.where(valid, coords, 0), axis=1) * valid.astype(np.uint8)
+        nib |= part << plan.shifts[:, slot].astype(np.uint8)
+    if nib.shape[1] % 2:
+        nib = np.concatenate([nib, np.zeros((nib.shape[0], 1), np.uint8)], axis=1)
+    return nib[:, 0::2] | (nib[:, 1::2] << 4)
+
+
 @dataclass
 class _Shard:
-    """One FAISS index of the mirror; ``positions`` maps its rows to stored positions (None: ``start + row``)."""
+    """One FAISS index of the mirror, holding stored positions ``start ..``."""
 
     index: Any
     start: int = 0
-    positions: list[np.ndarray] | None = None
-
-    def global_positions(self, local: np.ndarray) -> np.ndarray:
-        if self.positions is None:
-            return local + self.start
-        return np.take(self.position_array(), local)
-
-    def position_array(self) -> np.ndarray:
-        assert self.positions is not None
-        if len(self.positions) > 1:  # appended in pieces while streaming: join once
-            self.positions[:] = [np.concatenate(self.positions)]
-        return self.positions[0]
-
-
-def norm_edges(norms: np.ndarray, spread: float, max_groups: int, min_group: int) -> np.ndarray | None:
-    """Boundaries splitting stored norms into groups of about equal size whose max/min is near ``spread``.
-
-    ``None`` when all norms are within ``spread`` (one group: the scan ranks by ``<Πq, ŷ>`` alone).
-    A lookup table cannot apply a per-vector norm, but inside a group of nearly equal norms the
-    order by ``<Πq, ŷ>`` is the order by ``‖x‖<Πq, ŷ>``; each group yields its own shortlist and
-    the groups' shortlists are merged by ``‖x‖ × scan score``. Groups are capped (each costs a
-    lookup-table pass per query): log-normal norms with sigma 0.15 keep recall within 0.005 of the
-    exact scan; far wider spreads (max/min norm ≫ 2 among the best matches) lose more.
-    """
-    lo, hi = float(norms.min()), float(norms.max())
-    if lo > 0 and hi / lo <= spread:
-        return None
-    wanted = math.ceil(math.log(hi / max(lo, hi * 1e-3)) / math.log(spread)) if hi > 0 else 1
-    groups = max(2, min(max_groups, wanted, len(norms) // max(1, min_group)))
-    edges = np.quantile(norms, np.linspace(0, 1, groups + 1)[1:-1]).astype(np.float32)
-    return np.unique(edges)
 
 
 class FastScan:
     """FAISS ``IndexPQFastScan`` shards over the stored codes with fixed TurboQuant codebooks (no training).
 
-    FAISS parallelises a search over queries only, so a single query runs on one core. The mirror
-    is therefore split into about one shard per thread, searched concurrently for small query
-    batches (FAISS releases the GIL) and one after another, each multi-threaded, for large ones.
-    With ``edges`` (see :func:`norm_edges`) vectors are first grouped by stored norm, each group
-    in its own shards, so that indexes of unnormalised vectors keep the fast scan.
+    The fallback of the C scan (:mod:`turboquant.kernels.cpu_scan`) where no C compiler is
+    available. A lookup table cannot apply a per-vector norm, so the index uses it only when all
+    stored norms are equal (``cosine``, or unit vectors). FAISS parallelises a search over
+    queries only, so the mirror is split into about one shard per thread, searched concurrently
+    for small query batches (FAISS releases the GIL) and one after another, each multi-threaded,
+    for large ones.
     """
 
-    def __init__(
-        self, config: QuantizerConfig, plan: _NibblePlan, shard_size: int, threads: int, edges: np.ndarray | None = None
-    ) -> None:
+    def __init__(self, config: QuantizerConfig, plan: _NibblePlan, shard_size: int, threads: int) -> None:
         import faiss
 
-        self.faiss, self.config, self.plan, self.threads, self.edges = faiss, config, plan, threads, edges
+        self.faiss, self.config, self.plan, self.threads = faiss, config, plan, threads
         self.shard_size = max(32, -(-shard_size // 32) * 32)
-        self.groups: list[list[_Shard]] = [[] for _ in range(1 if edges is None else len(edges) + 1)]
-        self.tails: list[np.ndarray] = [np.zeros((0, 0), np.uint8) for _ in self.groups]  # last shard's partial block
+        self.shards: list[_Shard] = []
+        self.tail = np.zeros((0, 0), np.uint8)  # last shard's partial block
         self.count = 0
-        # per-group shortlist multiplier: inside a group norms still differ by up to its spread;
-        # 8 groups x 3 keep recall 10@10 within 0.001-0.005 of the exact scan (lognormal norms, sigma 0.15, d=576)
-        self.group_k = 3.0
-        self.norm_range = (1.0, 1.0)  # min/max norm seen (kept by the index)
         self.query_index = np.where(plan.coords >= 0, plan.coords, 0).ravel()
         self.query_mask = (plan.coords >= 0).ravel().astype(np.float32)
         # the usual plans read the rotated query as it is: skip the gather
         self.query_identity = bool(np.array_equal(self.query_index, np.arange(config.dim)) and self.query_mask.all())
+
+    @classmethod
+    def build(cls, config: QuantizerConfig, plan: _NibblePlan, codes: np.ndarray, threads: int) -> FastScan:
+        """A mirror of the stored ``codes`` in about one shard per thread (shards of at least 8,192 vectors)."""
+        shard = max(8192, -(-len(codes) // threads)) if threads > 1 else 1 << 62
+        fs = cls(config, plan, shard, threads)
+        for start in range(0, len(codes), 1 << 18):
+            fs.append(codes[start : start + (1 << 18)])
+        return fs
 
     def _new_index(self) -> Any:
         m, dsub = self.plan.coords.shape
@@ -176,76 +180,32 @@ class FastScan:
         return index
 
     @property
-    def shards(self) -> list[_Shard]:
-        return [s for group in self.groups for s in group]
-
-    @property
     def ntotal(self) -> int:
         return sum(int(s.index.ntotal) for s in self.shards)
 
     @property
     def nbytes(self) -> int:
-        return sum(int(s.index.codes.size()) + sum(p.nbytes for p in s.positions or []) for s in self.shards)
+        return sum(int(s.index.codes.size()) for s in self.shards)
 
-    def _nibble_bytes(self, codes: np.ndarray) -> np.ndarray:
-        if self.plan.identity:
-            return codes
-        streams = layout(self.config).streams
-        if len(streams) == 1 and streams[0].width == 4 and self.plan.drop[0] == 2:  # common case: one table lookup per byte
-            nib = np.take(_msb_byte_table(), codes)
-            if nib.shape[1] % 2:
-                nib = np.concatenate([nib, np.zeros((nib.shape[0], 1), np.uint8)], axis=1)
-            return nib[:, 0::2] | (nib[:, 1::2] << 4)
-        # unpack every stream to one code per coordinate, then rebuild nibbles in plan order
-        t = torch.from_numpy(codes)
-        parts = [unpack_codes(t[:, s.offset : s.offset + s.nbytes].contiguous(), s.width, s.count) for s in layout(self.config).streams]
-        per_coord = torch.cat(parts, dim=1).numpy() >> self.plan.drop.astype(np.uint8)
-        nib = np.zeros((len(codes), len(self.plan.coords)), np.uint8)
-        for slot in range(self.plan.coords.shape[1]):  # dsub passes of one gather each
-            coords, valid = self.plan.coords[:, slot], self.plan.coords[:, slot] >= 0
-            part = np.take(per_coord, np.where(valid, coords, 0), axis=1) * valid.astype(np.uint8)
-            nib |= part << self.plan.shifts[:, slot].astype(np.uint8)
-        if nib.shape[1] % 2:
-            nib = np.concatenate([nib, np.zeros((nib.shape[0], 1), np.uint8)], axis=1)
-        return nib[:, 0::2] | (nib[:, 1::2] << 4)
-
-    def append(self, codes: np.ndarray, norms: np.ndarray | None = None) -> None:
-        """Pack ``codes`` (stored layout, positions ``ntotal..``) after the current vectors; shards are packed in parallel.
-
-        ``norms`` (float32, one per row) is required when the mirror groups by norm.
-        """
-        nib = self._nibble_bytes(codes)
+    def append(self, codes: np.ndarray) -> None:
+        """Pack ``codes`` (stored layout, positions ``ntotal..``) after the current vectors; shards are packed in parallel."""
+        nib = nibble_bytes(codes, self.config, self.plan)
         jobs: list[tuple[Any, np.ndarray, np.ndarray]] = []  # (shard, its tail, new codes)
-        last: list[tuple[int, int]] = []  # (group, job index) of each group's last job: its tail is kept
-        if self.edges is None:
-            parts = [(0, nib, None)]
-        else:
-            assert norms is not None and len(norms) == len(nib)
-            group = np.searchsorted(self.edges, norms, side="right")
-            parts = [(g, nib[rows], rows + self.count) for g in range(len(self.groups)) if (rows := np.flatnonzero(group == g)).size]
-        for g, rows_nib, positions in parts:
-            shards, done = self.groups[g], 0
-            if shards and shards[-1].index.ntotal < self.shard_size:
-                room = self.shard_size - int(shards[-1].index.ntotal)
-                jobs.append((shards[-1].index, self.tails[g], rows_nib[:room]))
-                if positions is not None:
-                    shards[-1].positions.append(positions[:room])  # type: ignore[union-attr]
-                done = room
-            while done < len(rows_nib):
-                index = self._new_index()
-                if self.tails[g].shape[1] != self.packer.code_size:
-                    self.tails[g] = np.zeros((0, self.packer.code_size), np.uint8)
-                pos = None if positions is None else [positions[done : done + self.shard_size]]
-                shards.append(_Shard(index, self.count + done, pos))
-                jobs.append((index, self.tails[g][:0], rows_nib[done : done + self.shard_size]))
-                done += self.shard_size
-            last.append((g, len(jobs) - 1))
+        done = 0
+        if self.shards and self.shards[-1].index.ntotal < self.shard_size:
+            room = self.shard_size - int(self.shards[-1].index.ntotal)
+            jobs.append((self.shards[-1].index, self.tail, nib[:room]))
+            done = room
+        while done < len(nib):
+            index = self._new_index()
+            if self.tail.shape[1] != self.packer.code_size:
+                self.tail = np.zeros((0, self.packer.code_size), np.uint8)
+            self.shards.append(_Shard(index, self.count + done))
+            jobs.append((index, self.tail[:0], nib[done : done + self.shard_size]))
+            done += self.shard_size
         self.count += len(nib)
-        if not jobs:
-            return
-        tails = list(thread_pool(self.threads).map(lambda job: self._pack_into(*job), jobs))
-        for g, j in last:
-            self.tails[g] = tails[j]
+        if jobs:
+            self.tail = list(thread_pool(self.threads).map(lambda job: self._pack_into(*job), jobs))[-1]
 
     def _pack_into(self, index: Any, tail: np.ndarray, nib: np.ndarray) -> np.ndarray:
         """Append ``nib`` to one shard; only its last, partial 32-vector block is re-packed. Returns the new tail."""
@@ -266,12 +226,8 @@ class FastScan:
         index.ntotal2 = (first + n_blocks) * bbs
         return flat[(n_blocks - 1) * bbs :].copy() if len(flat) % bbs else flat[:0]
 
-    def search(self, q_rot: np.ndarray, k: int, norms: np.ndarray | None = None, l2: bool = False) -> np.ndarray:
-        """Positions of the approximate top-``k``, ``(nq, k)`` (unordered).
-
-        Ranks by the scan's ``<Πq, ŷ>``; a norm-grouped mirror ranks the merged group shortlists
-        by ``‖x‖<Πq, ŷ>`` (``2‖x‖<Πq, ŷ> − ‖x‖²`` when ``l2``), ``norms`` being the stored norms.
-        """
+    def search(self, q_rot: np.ndarray, k: int) -> np.ndarray:
+        """Positions of the approximate top-``k`` by the scan's ``<Πq, ŷ>``, ``(nq, k)`` (unordered)."""
         if self.query_identity:
             q_virtual = np.ascontiguousarray(q_rot, dtype=np.float32)
         else:
@@ -279,19 +235,11 @@ class FastScan:
         nq, swig = len(q_virtual), self.faiss.swig_ptr
         shards = [s for s in self.shards if s.index.ntotal]
 
-        group_k = k if self.edges is None else int(k * self.group_k)
-
         def one(shard: _Shard) -> tuple[np.ndarray, np.ndarray]:
-            kk = min(group_k, int(shard.index.ntotal))
+            kk = min(k, int(shard.index.ntotal))
             dist, pos = np.empty((nq, kk), np.float32), np.empty((nq, kk), np.int64)
             shard.index.search_c(nq, swig(q_virtual), kk, swig(dist), swig(pos))  # skips the wrapper's checks
-            if self.edges is not None:
-                pos = shard.global_positions(pos)
-                scale = np.take(norms, pos)  # type: ignore[arg-type]
-                dist = 2 * scale * dist - np.square(scale) if l2 else dist * scale
-            elif shard.start:
-                pos += shard.start
-            return dist, pos
+            return dist, pos + shard.start
 
         if len(shards) > 1 and len(q_rot) < self.threads:
             results = list(thread_pool(self.threads).map(one, shards))

@@ -9,15 +9,16 @@ Ranking estimator: ``‖x‖·<Πq, ŷ>/‖ŷ‖`` (default; ``correction=False`
 reconstruction rescaled to its stored norm (:func:`turboquant.codec.reconstruction_norms`): no
 stored byte, no calibration; on all-MiniLM-L6-v2 (d=384, 4 bits) recall 10@10 0.933 → 0.947.
 
-Engines, picked per call: ``fastscan`` (CPU with FAISS, :mod:`turboquant.fastscan`) scans the
-top ``scan_bits`` bits of every code with a FAISS ``IndexPQFastScan`` whose sub-quantizers are
-fixed nested TurboQuant codebooks (nothing trained; the mirror lives in RAM only), then re-scores
-a shortlist exactly from the stored codes; ``torch`` (any device, any width) decodes blocks of
-codes and multiplies them with the query batch. ``auto`` picks fast-scan on CPU whenever FAISS is
-installed. A lookup table cannot apply a per-vector norm, so a mirror of unequal norms is split
-into groups of near-equal norms whose shortlists merge by ``‖x‖ × scan score``
-(:func:`turboquant.fastscan.norm_edges`); before, such indexes fell back to the torch engine
-(2-3x slower in batch, 100x for single queries).
+Engines, picked per call: ``fastscan`` (CPU) scans the top ``scan_bits`` bits of every code
+(fixed nested TurboQuant codebooks, nothing trained; the mirror lives in RAM only) with 8-bit
+lookup tables, then re-scores a shortlist exactly from the stored codes; ``torch`` (any device,
+any width) decodes blocks of codes and multiplies them with the query batch. The scan is the C
+kernel of :mod:`turboquant.kernels.cpu_scan`, which applies each vector's scale
+(``‖x‖/‖ŷ‖``, and ``−‖x‖²`` for L2) inside the scan, so one pass per query ranks vectors of any
+norm. Without a C compiler the FAISS ``IndexPQFastScan`` mirror (:mod:`turboquant.fastscan`)
+stands in, for indexes whose stored norms are all equal (its tables cannot apply a per-vector
+norm); others then use the torch engine. ``auto`` picks fast-scan on CPU whenever one of the two
+is available.
 
 Thread safety: every public method takes the index's re-entrant lock, so a search running
 while another thread adds or removes vectors sees the index either before or after the change.
@@ -25,7 +26,6 @@ while another thread adds or removes vectors sees the index either before or aft
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 from typing import Any
@@ -36,29 +36,18 @@ import torch
 from .buffers import GrowableBuffer
 from .codec import bytes_per_vector, code_bytes, decode_mse, encode, reconstruction_norms
 from .config import Engine, IndexConfig, Metric, QuantizerConfig, TurboQuantError, replace_fields
-from .inputs import ArrayLike, as_ids, as_matrix, to_numpy32, to_torch
-from .fastscan import FastScan, faiss_available, nibble_plan, norm_edges, rescore, rotate_queries, thread_pool
+from .fastscan import FastScan, faiss_available, nibble_plan, rescore, rotate_queries, thread_pool
 from .index_file import MAX_ID, IndexHeader, read_index_file, write_index_file
+from .inputs import ArrayLike, as_ids, as_matrix, to_numpy32, to_torch
+from .kernels.cpu_scan import ScanMirror, default_shortlist, load_scan_library
 from .rotation import make_rotation
 
-_MIN_SHARD = 8192  # fast-scan shard size floor: smaller shards cost more per-call overhead than they save
 _CHUNK = 16384  # vectors encoded / decoded at a time: bounds temporary memory
-_NORM_SPREAD = {Metric.IP: 1.02, Metric.COSINE: 1.02, Metric.L2: 1.002}  # max/min stored norm of one fast-scan group
-_MAX_GROUPS = 8  # norm groups of the fast-scan mirror (each costs a lookup-table pass per query)
+_NORM_SPREAD = {Metric.IP: 1.02, Metric.COSINE: 1.02, Metric.L2: 1.002}  # max/min norm the FAISS fallback accepts
 
 
 def _shown(ids: np.ndarray) -> str:
     return ", ".join(str(int(i)) for i in ids[:10]) + (" ..." if ids.size > 10 else "")
-
-
-def _default_rerank(k: int, exact_scan: bool, n: int) -> int:
-    # Fast-scan shortlist size. Full codes: the corrected exact top-10 is reached with 14 (4 bits)
-    # to 18 (2 bits) candidates (Brown/MiniLM). Coarse 2-bit scan of 3/4-bit codes: 64 candidates
-    # hold 99.9% of the exact top-10 at 54k vectors, but more vectors crowd the coarse scores near
-    # the top, so the shortlist grows with sqrt(n): at 1M (d=384, 4 bits) 64 candidates gave
-    # R10@10 0.864 and 256 gave 0.907 (exact engine 0.909) at the same QPS (docs/index_notes.md).
-    base = k + max(8, k // 2) if exact_scan else 4 * k + 24
-    return int(base * max(1.0, math.sqrt(n / 65536)))
 
 
 # --------------------------------------------------------------------------- the index
@@ -109,7 +98,7 @@ class TurboQuantIndex:
         self._device = None if device is None else torch.device(device)
         self._norm_dtype = getattr(torch, config.norm_dtype)
         self._lock = threading.RLock()
-        self._fastscan: FastScan | None = None
+        self._fastscan: ScanMirror | FastScan | None = None  # the scan mirror (C kernel, else FAISS)
         self._rot_t: np.ndarray | None = None  # Π.T as numpy, for the fast-scan path
         self._reset_storage(self._device or torch.device("cpu"))
         if config.engine is Engine.FASTSCAN:
@@ -418,8 +407,8 @@ class TurboQuantIndex:
         return q / torch.where(qn > 0, qn, torch.ones_like(qn)) if self.metric == "cosine" else q
 
     def _check_fastscan_possible(self) -> None:
-        if not faiss_available():
-            raise TurboQuantError("engine='fastscan' needs FAISS: pip install faiss-cpu")
+        if load_scan_library() is None and not faiss_available():
+            raise TurboQuantError("engine='fastscan' needs a C compiler (the scan kernel) or FAISS: pip install faiss-cpu")
         if nibble_plan(self._qcfg, self.config.scan_bits) is None:
             raise TurboQuantError(f"scan_bits=4 needs code widths up to 4 bits, not bits={self.bits}; use scan_bits=2")
         if self.device.type != "cpu":
@@ -430,24 +419,22 @@ class TurboQuantIndex:
             return False
         if self.config.engine is Engine.FASTSCAN:
             self._check_fastscan_possible()
-        elif self.device.type != "cpu" or nibble_plan(self._qcfg, self.config.scan_bits) is None or not faiss_available():
+        elif self.device.type != "cpu" or nibble_plan(self._qcfg, self.config.scan_bits) is None:
             return False
-        if self._fastscan is None:
-            plan = nibble_plan(self._qcfg, self.config.scan_bits)
-            assert plan is not None
-            threads = max(1, self.config.search_threads or 1)
-            norms = None if self.metric == "cosine" or not len(self) else self._norms_f32()
-            # unequal norms: one shortlist per group of near-equal norms (fastscan.norm_edges)
-            edges = None if norms is None else norm_edges(norms, _NORM_SPREAD[self.metric], _MAX_GROUPS, 256)
-            if edges is not None and self.metric == "l2" and self.config.engine is Engine.AUTO:
-                return False  # -‖x‖² varies inside a group as much as the scan score: exact torch scan
-            shard = max(_MIN_SHARD, -(-len(self) // threads)) if threads > 1 else 1 << 62
-            fs = FastScan(self._qcfg, plan, shard, threads, edges)
-            step = 1 << 18
-            for start in range(0, len(self), step):
-                fs.append(self._codes[start : start + step].numpy(), None if norms is None else norms[start : start + step])
-            fs.norm_range = (float(norms.min()), float(norms.max())) if norms is not None else (1.0, 1.0)
-            self._fastscan = fs
+        if self._fastscan is not None:
+            return True
+        plan = nibble_plan(self._qcfg, self.config.scan_bits)
+        assert plan is not None
+        lib = load_scan_library()
+        if lib is not None:
+            self._fastscan = ScanMirror(self._qcfg, plan, self.metric == "l2", lib)
+            self._fastscan.reserve(len(self))
+            self._mirror_fill()
+            return True
+        # FAISS fallback: its tables cannot apply a per-vector norm, so only for (nearly) equal norms
+        if not faiss_available() or not self._norms_equal():
+            return False
+        self._fastscan = FastScan.build(self._qcfg, plan, self._store.numpy("codes"), max(1, self.config.search_threads or 1))
         return True
 
     def _norms_f32(self) -> np.ndarray:
@@ -458,21 +445,28 @@ class TurboQuantIndex:
             self._norms32 = self._norms.float().cpu().numpy()
         return self._norms32
 
+    def _norms_equal(self) -> bool:
+        """All stored norms within ``_NORM_SPREAD`` (then ranking by ``<Πq, ŷ>`` is ranking by score)."""
+        norms = self._norms_f32()
+        return self.metric == "cosine" or not len(norms) or 0 < norms.min() * _NORM_SPREAD[self.metric] >= norms.max()
+
+    def _mirror_fill(self) -> None:
+        """Bring the C scan mirror up to the stored vectors (appends those it lacks, with their factors)."""
+        assert isinstance(self._fastscan, ScanMirror)
+        self._fastscan.sync(self._store.numpy("codes"), self._norms_f32(), self.config.correction, torch.get_num_threads())
+
     def _mirror_append(self, codes: torch.Tensor) -> None:
         """Extend the fast-scan mirror by the last ``len(codes)`` stored vectors (or drop it to rebuild)."""
         fs = self._fastscan
+        if isinstance(fs, ScanMirror):
+            return self._mirror_fill()
         assert fs is not None
-        norms = self._norms_f32()[len(self) - len(codes) :]
-        if self.metric != "cosine" and len(norms):
-            lo, hi = min(fs.norm_range[0], float(norms.min())), max(fs.norm_range[1], float(norms.max()))
-            fs.norm_range = (lo, hi)
-            if fs.edges is None and (lo <= 0 or hi / lo > _NORM_SPREAD[self.metric]):  # noqa: SIM102
-                self._fastscan = None  # the norms now spread: regroup
-        if self._fastscan is not None:
-            fs.append(codes.cpu().numpy(), None if fs.edges is None else norms)
-            if len(fs.shards) > 4 * max(fs.threads, len(fs.groups)):  # grown by streaming: re-split
-                self._fastscan = None
-        if self._fastscan is None:
+        if not self._norms_equal():
+            self._fastscan = None  # the FAISS mirror needs equal norms: torch engine from now on
+            return
+        fs.append(codes.cpu().numpy())
+        if len(fs.shards) > 4 * fs.threads:  # grown by streaming: re-split
+            self._fastscan = None
             self._use_fastscan()
 
     def _scale(self, norms: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
@@ -497,7 +491,7 @@ class TurboQuantIndex:
         q_sq = q.square().sum(1, keepdim=True)
         nq, n = q.shape[0], len(self)
         chunk = max(1024, min(_CHUNK * 4, (1 << 24) // max(nq, 1)))
-        best_keys = torch.full((nq, 0), -math.inf, device=q.device)
+        best_keys = torch.full((nq, 0), -float("inf"), device=q.device)
         best_pos = torch.zeros((nq, 0), dtype=torch.int64, device=q.device)
         for start in range(0, n, chunk):
             y_hat = decode_mse(self._codes[start : start + chunk], self._qcfg)
@@ -511,7 +505,8 @@ class TurboQuantIndex:
         return self._scores_out(best_keys), best_pos
 
     def _search_fastscan(self, q: np.ndarray, k: int, rerank: int | None) -> tuple[np.ndarray, np.ndarray]:
-        assert self._fastscan is not None
+        fs = self._fastscan
+        assert fs is not None
         cfg = self._qcfg
         q = q.astype(np.float32, copy=False)
         q_sq = np.square(q).sum(1)
@@ -522,9 +517,17 @@ class TurboQuantIndex:
         if self._rot_t is None:
             self._rot_t = self.rotation.matrix().T.contiguous().numpy()
         q_rot = rotate_queries(q, self._rot_t)
-        shortlist = min(len(self), max(k, rerank if rerank is not None else _default_rerank(k, self._fastscan.plan.exact, len(self))))
+        n = len(self)
+        if rerank is None:
+            rerank = default_shortlist(k, fs.plan.exact, n, self.dim, self.metric == "l2")
+        shortlist = min(n, max(k, rerank))
         norms = self._norms_f32()
-        cand = self._fastscan.search(q_rot, shortlist, norms if self._fastscan.edges is not None else None, self.metric == "l2")
+        if isinstance(fs, ScanMirror):  # threads: search_threads, else torch's count (the library's policy)
+            keys, cand = fs.search(q_rot, shortlist, self.config.search_threads or torch.get_num_threads(), self._store.numpy("codes"))
+            if fs.exact_plan is not None:  # scanned and exactly re-scored in C
+                return self._top(keys - q_sq[:, None] if self.metric == "l2" else keys, cand, k)
+        else:
+            cand = fs.search(q_rot, shortlist)
         dots, scale = np.empty(cand.shape, np.float32), np.empty(cand.shape, np.float32)
         step = max(1, (1 << 18) // (shortlist * cfg.dim))  # queries per step: decoded block stays in cache (3x faster)
         for s0 in range(0, len(q), step):
@@ -532,10 +535,13 @@ class TurboQuantIndex:
             dots[sl], scale[sl] = rescore(self._store.numpy("codes"), norms, cfg, self.config.correction, cand[sl], q_rot[sl])
         keys = dots * scale
         if self.metric == "l2":  # -(‖q‖² + ‖x‖² − 2<q, x>), largest first
-            norms = np.take(self._norms_f32(), cand)
-            keys = 2 * keys - np.square(norms) - q_sq[:, None]
+            keys = 2 * keys - np.square(np.take(norms, cand)) - q_sq[:, None]
+        return self._top(keys, cand, k)
+
+    def _top(self, keys: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` largest ``keys`` ``(nq, L)`` per row in order, as output scores, and their positions."""
         order = np.argsort(-keys, axis=1, kind="stable")[:, :k]
-        rows = np.arange(len(q))[:, None]
+        rows = np.arange(len(keys))[:, None]
         top = keys[rows, order]
         return (-top if self.metric == "l2" else top), cand[rows, order]
 

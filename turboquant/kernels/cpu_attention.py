@@ -38,14 +38,6 @@ from __future__ import annotations
 
 import array
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -53,15 +45,13 @@ import torch
 
 from ..codebook import codebook_tensors
 from ..codec import byte_table, layout
-from ..config import QuantizerConfig, Variant, cache_dir
+from ..config import QuantizerConfig, Variant
 from ..quantizer import QuantizedVectors
 from ..rotation import make_rotation
+from .cbuild import build_error, load_c_library
 from .reference import DEFAULT_CHUNK, attention_shapes, torch_quantized_attention
 
-logger = logging.getLogger(__name__)
-
 _SOURCE = Path(__file__).with_name("_cpu_attention.c")
-_CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fPIC", "-shared", "-pthread")
 #: Query rows per kv head (G·L) above which the reference (BLAS matrix products) is faster.
 MAX_ROWS = 64
 _MAX_DIM = 1024
@@ -79,72 +69,27 @@ P_PK = 47
 P_KOFF, P_VOFF, P_FK, P_FV, P_MASK = 49, 50, 51, 52, 53  # P_MASK + 1..5: type, strides
 P_COUNT = 59
 
-_lib_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
+
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.tq_decode_attention.argtypes = [ctypes.c_void_p, ctypes.c_double]
+    lib.tq_decode_attention.restype = ctypes.c_int
+
+
+_lib: ctypes.CDLL | None = None  # module attributes: tests and benchmarks set them to force the reference
 _lib_error: str | None = None
 
 
-def _machine_key() -> str:
-    """Identifies the instruction set the library is built for (``-march=native``)."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    flags = line
-                    break
-    except OSError:
-        pass
-    return f"{platform.machine()}|{flags}"
-
-
-def _compile(target: Path) -> None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
-        raise OSError("no C compiler found (cc, gcc or clang)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        cmd = [compiler, *_CFLAGS, str(_SOURCE), "-o", tmp, "-lm"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0:
-            raise OSError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-        os.replace(tmp, target)  # atomic: concurrent processes never load a half-written file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def load_library() -> ctypes.CDLL | None:
-    """The compiled kernel (built once per source/machine into ``~/.cache/turboquant``), or None.
+    """The compiled kernel (built once per source/machine by :func:`~turboquant.kernels.cbuild.load_c_library`), or None.
 
     None when ``TURBOQUANT_NO_CEXT=1`` or compiling fails (the reason is logged once and kept in
     :func:`library_error`).
     """
     global _lib, _lib_error
-    if _lib is not None or _lib_error is not None:
-        return _lib
-    with _lib_lock:
-        if _lib is not None or _lib_error is not None:
-            return _lib
-        if os.environ.get("TURBOQUANT_NO_CEXT") == "1":
-            _lib_error = "disabled by TURBOQUANT_NO_CEXT=1"
-            return None
-        try:
-            digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + _machine_key().encode())
-            target = cache_dir() / "cpu_kernels" / f"cpu_attention_{digest.hexdigest()[:16]}.so"
-            if not target.exists():
-                _compile(target)
-            lib = ctypes.CDLL(str(target))
-            fn = lib.tq_decode_attention
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_double]
-            fn.restype = ctypes.c_int
-            _lib = lib
-        except (OSError, subprocess.SubprocessError) as exc:
-            _lib_error = str(exc)
-            logger.warning("turboquant: CPU attention kernel unavailable, using the torch reference (%s)", exc)
-        return _lib
+    if _lib is None and _lib_error is None:
+        _lib = load_c_library(_SOURCE, _declare, what="CPU attention kernel (torch reference used)")
+        _lib_error = None if _lib is not None else build_error(_SOURCE)
+    return _lib
 
 
 def library_error() -> str | None:

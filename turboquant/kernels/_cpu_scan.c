@@ -1,0 +1,542 @@
+/* Fast-scan of 4-bit nibble codes with 8-bit lookup tables and a per-vector factor.
+ *
+ * Layout (built by tq_scan_pack): vectors in blocks of 64; a block holds Mp/2 rows of 64 bytes
+ * (Mp even, padding nibbles 0). Row p holds positions 2p (low nibbles) and 2p+1 (high nibbles)
+ * of the block's 64 vectors, one byte per vector, in the order the SIMD fold emits them (see
+ * slot_of): four 16-byte lanes of 16 vectors each. One byte shuffle with a lane-broadcast table
+ * then does 64 (AVX2: two lanes) or 128 (AVX-512: four lanes, two nibbles) lookups of different
+ * vectors, so no lanes need to be summed at the end of a block.
+ *
+ * Per query, a table LUT[m][v] (16 entries per position) is quantized to uint8 with one scale
+ * per query and a bias per position (tq_scan_luts); lookups are summed in uint16 (even and odd
+ * bytes: a0 += r, a1 += r >> 8, even = a0 - (a1 << 8)) and folded into uint32 every 256
+ * positions, so sums never overflow at any M. The score of vector i is
+ *     s_i = alpha_i * (sum_i * inv_a + bias) + beta_i
+ * (alpha: the stored norm, or norm/||y_hat||; beta: -||x||^2 for L2, else absent), applied in the
+ * scan, so one pass over all vectors yields the top-L by the norm-aware score. Floating-point
+ * operations are plain IEEE float ops (the file is built with -ffp-contract=off): the scalar and
+ * SIMD paths give bit-identical scores, and a numpy reference can reproduce them exactly.
+ * Ties are broken towards the smaller vector index, so splitting the vectors into ranges and
+ * merging gives the same result as one pass. Selection: candidates at or above the current
+ * threshold are buffered and the buffer cut back to the best L by quickselect when full.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <alloca.h>
+
+#if defined(TQ_SCALAR)
+#undef __AVX2__
+#undef __AVX512BW__
+#endif
+#if defined(__AVX2__) || defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
+
+#define BV 64      /* vectors per block */
+#define FLUSH 256  /* positions summed in uint16 before folding into uint32 */
+#define PREFETCH 4096 /* bytes ahead: a single query streams the codes from L3 (d=384: 2x faster) */
+
+int tq_scan_isa(void) {
+#if defined(__AVX512BW__)
+    return 512;
+#elif defined(__AVX2__)
+    return 256;
+#else
+    return 0;
+#endif
+}
+
+/* Byte of a 64-byte row that holds vector v of the block: vector v = 16q + 8h + i comes out of
+ * the fold's u32 register q from (q odd: high, even: low) unpacked words of lane 2*(q/2) + h. */
+static inline int slot_of(int v) {
+    int q = v >> 4, h = (v >> 3) & 1, i = v & 7;
+    return 16 * (2 * (q >> 1) + h) + 8 * (q & 1) + i;
+}
+
+/* Write vectors first..first+rows-1 (nibble m of row r: (nib[r*row_bytes + m/2] >> 4*(m&1)) & 15)
+ * into the blocked layout. Blocks touched must exist; their other vectors are left as they are. */
+void tq_scan_pack(const uint8_t *nib, int64_t rows, int64_t row_bytes, int64_t M, int64_t Mp, int64_t first,
+                  uint8_t *blocks) {
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t g = first + r;
+        uint8_t *blk = blocks + (g / BV) * (Mp / 2) * BV + slot_of((int)(g % BV));
+        const uint8_t *src = nib + r * row_bytes;
+        for (int64_t p = 0; p < Mp / 2; p++) /* positions 2p, 2p+1 are exactly source byte p */
+            blk[p * BV] = 2 * p < M ? (2 * p + 1 < M ? src[p] : (uint8_t)(src[p] & 15)) : 0;
+    }
+}
+
+/* Quantized tables of nq queries: lutf[m][v] = sum_s q[coords[m,s]] * cent[m,v,s] (coords -1: none),
+ * qlut = round((lutf - min_v lutf[m]) * a) with a = 255 / max_m(range of lutf[m]),
+ * inv_a = 1/a as range/255, bias = sum_m min_v lutf[m]. qlut: (nq, Mp, 16); rows m >= M are 0. */
+int tq_scan_luts(const float *q, int64_t nq, int64_t d, const int32_t *coords, const float *cent, int64_t M,
+                 int64_t dsub, int64_t Mp, uint8_t *qlut, float *inv_a, float *bias) {
+    float *lutf = (float *)malloc(sizeof(float) * (size_t)(M * 16 + 2 * M));
+    if (!lutf) return 1;
+    float *mn = lutf + M * 16, *mx = mn + M;
+    for (int64_t iq = 0; iq < nq; iq++) {
+        const float *qq = q + iq * d;
+        float range = 0.0f;
+        for (int64_t m = 0; m < M; m++) {
+            float *row = lutf + m * 16;
+            for (int v = 0; v < 16; v++) row[v] = 0.0f;
+            for (int64_t s = 0; s < dsub; s++) {
+                int32_t c = coords[m * dsub + s];
+                if (c < 0) continue;
+                float x = qq[c];
+                const float *ce = cent + (m * 16) * dsub + s;
+                for (int v = 0; v < 16; v++) {
+                    float p = x * ce[v * dsub];
+                    row[v] = row[v] + p;
+                }
+            }
+            float lo = row[0], hi = row[0];
+            for (int v = 1; v < 16; v++) {
+                lo = row[v] < lo ? row[v] : lo;
+                hi = row[v] > hi ? row[v] : hi;
+            }
+            mn[m] = lo;
+            mx[m] = hi;
+            float r = hi - lo;
+            range = r > range ? r : range;
+        }
+        float a = range > 0.0f ? 255.0f / range : 1.0f;
+        inv_a[iq] = range > 0.0f ? range / 255.0f : 1.0f;
+        double b = 0.0;
+        uint8_t *out = qlut + iq * Mp * 16;
+        for (int64_t m = 0; m < M; m++) {
+            b += mn[m];
+            for (int v = 0; v < 16; v++) {
+                float t = (lutf[m * 16 + v] - mn[m]) * a;
+                t = t + 0.5f;
+                int u = (int)t;
+                out[m * 16 + v] = (uint8_t)(u > 255 ? 255 : (u < 0 ? 0 : u));
+            }
+        }
+        memset(out + M * 16, 0, (size_t)((Mp - M) * 16));
+        bias[iq] = (float)b;
+    }
+    free(lutf);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ sums of one block */
+
+#if defined(__AVX512BW__)
+#define QB 4 /* queries per pass over a block: the code nibbles are extracted once for all */
+/* u16 even/odd accumulators of 64 vectors -> u32 sums in vector order, added to out[0..64) */
+static inline void fold512(__m512i a0, __m512i a1, __m512i *t) {
+    __m512i e = _mm512_sub_epi16(a0, _mm512_slli_epi16(a1, 8));
+    __m512i lo = _mm512_unpacklo_epi16(e, a1), hi = _mm512_unpackhi_epi16(e, a1);
+    t[0] = _mm512_add_epi32(t[0], _mm512_cvtepu16_epi32(_mm512_castsi512_si256(lo)));
+    t[1] = _mm512_add_epi32(t[1], _mm512_cvtepu16_epi32(_mm512_castsi512_si256(hi)));
+    t[2] = _mm512_add_epi32(t[2], _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(lo, 1)));
+    t[3] = _mm512_add_epi32(t[3], _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(hi, 1)));
+}
+
+static inline __attribute__((always_inline)) void block_sums(const uint8_t *blk, const uint8_t *const *lut,
+                                                             int64_t Mp, uint32_t *out, const int nqg) {
+    const __m512i mask = _mm512_set1_epi8(0x0f);
+    __m512i tot[QB][4];
+    for (int k = 0; k < nqg; k++) tot[k][0] = tot[k][1] = tot[k][2] = tot[k][3] = _mm512_setzero_si512();
+    for (int64_t p0 = 0; p0 < Mp / 2; p0 += FLUSH / 2) {
+        int64_t p1 = p0 + FLUSH / 2 < Mp / 2 ? p0 + FLUSH / 2 : Mp / 2;
+        __m512i a0[QB], a1[QB];
+        for (int k = 0; k < nqg; k++) a0[k] = a1[k] = _mm512_setzero_si512();
+        for (int64_t p = p0; p < p1; p++) {
+            _mm_prefetch((const char *)(blk + p * BV + PREFETCH), _MM_HINT_T0);
+            __m512i c = _mm512_loadu_si512((const void *)(blk + p * BV));
+            __m512i lo = _mm512_and_si512(c, mask), hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), mask);
+#pragma GCC unroll 4
+            for (int k = 0; k < nqg; k++) {
+                __m512i tl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(lut[k] + p * 32)));
+                __m512i th = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(lut[k] + p * 32 + 16)));
+                __m512i rl = _mm512_shuffle_epi8(tl, lo), rh = _mm512_shuffle_epi8(th, hi);
+                a0[k] = _mm512_add_epi16(a0[k], _mm512_add_epi16(rl, rh));
+                a1[k] = _mm512_add_epi16(a1[k], _mm512_add_epi16(_mm512_srli_epi16(rl, 8), _mm512_srli_epi16(rh, 8)));
+            }
+        }
+        for (int k = 0; k < nqg; k++) fold512(a0[k], a1[k], tot[k]);
+    }
+    for (int k = 0; k < nqg; k++)
+        for (int r = 0; r < 4; r++) _mm512_storeu_si512((void *)(out + BV * k + 16 * r), tot[k][r]);
+}
+#elif defined(__AVX2__)
+#define QB 2
+/* u16 accumulators of 32 vectors (one 32-byte half row) -> u32 sums added to out[0..32) */
+static inline void fold256(__m256i a0, __m256i a1, uint32_t *out) {
+    __m256i e = _mm256_sub_epi16(a0, _mm256_slli_epi16(a1, 8));
+    __m256i lo = _mm256_unpacklo_epi16(e, a1), hi = _mm256_unpackhi_epi16(e, a1);
+    __m256i parts[4] = {_mm256_cvtepu16_epi32(_mm256_castsi256_si128(lo)),
+                        _mm256_cvtepu16_epi32(_mm256_extracti128_si256(lo, 1)),
+                        _mm256_cvtepu16_epi32(_mm256_castsi256_si128(hi)),
+                        _mm256_cvtepu16_epi32(_mm256_extracti128_si256(hi, 1))};
+    for (int r = 0; r < 4; r++)
+        _mm256_storeu_si256((__m256i *)(out + 8 * r),
+                            _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)(out + 8 * r)), parts[r]));
+}
+
+static inline __attribute__((always_inline)) void block_sums(const uint8_t *blk, const uint8_t *const *lut,
+                                                             int64_t Mp, uint32_t *out, const int nqg) {
+    const __m256i mask = _mm256_set1_epi8(0x0f);
+    memset(out, 0, (size_t)nqg * BV * sizeof(uint32_t));
+    for (int half = 0; half < 2; half++) { /* vectors 0..31 in bytes 0..31, 32..63 in bytes 32..63 */
+        for (int64_t p0 = 0; p0 < Mp / 2; p0 += FLUSH / 2) {
+            int64_t p1 = p0 + FLUSH / 2 < Mp / 2 ? p0 + FLUSH / 2 : Mp / 2;
+            __m256i a0[QB], a1[QB];
+            for (int k = 0; k < nqg; k++) a0[k] = a1[k] = _mm256_setzero_si256();
+            for (int64_t p = p0; p < p1; p++) {
+                _mm_prefetch((const char *)(blk + p * BV + 32 * half + PREFETCH), _MM_HINT_T0);
+                __m256i c = _mm256_loadu_si256((const __m256i *)(blk + p * BV + 32 * half));
+                __m256i lo = _mm256_and_si256(c, mask), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), mask);
+#pragma GCC unroll 2
+                for (int k = 0; k < nqg; k++) {
+                    __m256i tl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut[k] + p * 32)));
+                    __m256i th = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut[k] + p * 32 + 16)));
+                    __m256i rl = _mm256_shuffle_epi8(tl, lo), rh = _mm256_shuffle_epi8(th, hi);
+                    a0[k] = _mm256_add_epi16(a0[k], _mm256_add_epi16(rl, rh));
+                    a1[k] = _mm256_add_epi16(a1[k], _mm256_add_epi16(_mm256_srli_epi16(rl, 8), _mm256_srli_epi16(rh, 8)));
+                }
+            }
+            for (int k = 0; k < nqg; k++) fold256(a0[k], a1[k], out + BV * k + 32 * half);
+        }
+    }
+}
+#else
+#define QB 1
+static inline __attribute__((always_inline)) void block_sums(const uint8_t *blk, const uint8_t *const *lut,
+                                                             int64_t Mp, uint32_t *out, const int nqg) {
+    (void)nqg; /* QB = 1 */
+    memset(out, 0, BV * sizeof(uint32_t));
+    for (int64_t p = 0; p < Mp / 2; p++) {
+        const uint8_t *row = blk + p * BV, *t = lut[0] + p * 32;
+        for (int v = 0; v < BV; v++) {
+            uint8_t b = row[slot_of(v)];
+            out[v] += (uint32_t)t[b & 15] + t[16 + (b >> 4)];
+        }
+    }
+}
+#endif
+
+/* Sums of a group of nqg <= QB queries, with the group size a compile-time constant in each branch. */
+static void group_sums(const uint8_t *blk, const uint8_t *const *lut, int64_t Mp, uint32_t *out, int nqg) {
+    switch (nqg) {
+#if QB >= 4
+    case 4: block_sums(blk, lut, Mp, out, 4); break;
+    case 3: block_sums(blk, lut, Mp, out, 3); break;
+#endif
+#if QB >= 2
+    case 2: block_sums(blk, lut, Mp, out, 2); break;
+#endif
+    default: block_sums(blk, lut, Mp, out, 1); break;
+    }
+}
+
+/* Tables of queries g..g+QB-1 (a last, smaller group repeats query nq-1 in unused slots). */
+static inline void group_luts(const uint8_t *qlut, int64_t g, int64_t nq, int64_t lut_bytes, const uint8_t **lut) {
+    for (int k = 0; k < QB; k++) lut[k] = qlut + (g + k < nq ? g + k : nq - 1) * lut_bytes;
+}
+
+/* Raw uint32 sums of nq queries over nblocks blocks, out (nq, nblocks*BV) (tests compare them with
+ * integer references). */
+void tq_scan_sums(const uint8_t *blocks, int64_t nblocks, int64_t Mp, const uint8_t *qlut, int64_t nq, uint32_t *out) {
+    uint32_t sums[QB * BV];
+    const uint8_t *lut[QB];
+    for (int64_t g = 0; g < nq; g += QB) {
+        group_luts(qlut, g, nq, Mp * 16, lut);
+        int nqg = nq - g < QB ? (int)(nq - g) : QB;
+        for (int64_t b = 0; b < nblocks; b++) {
+            group_sums(blocks + b * (Mp / 2) * BV, lut, Mp, sums, nqg);
+            for (int k = 0; k < nqg; k++) memcpy(out + (g + k) * nblocks * BV + b * BV, sums + BV * k, BV * 4);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ scores of one block */
+
+/* sc[j] = al[j] * ((float)sums[j] * ia + bs) (+ be[j]) for j < 64; returns the mask of sc[j] >= thr.
+ * Every path does the same IEEE float operations in the same order (no FMA contraction). */
+static inline uint64_t block_scores(const uint32_t *sums, const float *al, const float *be, float ia, float bs, float thr,
+                                    float *sc) {
+    uint64_t mask = 0;
+#if defined(__AVX512BW__)
+    for (int h = 0; h < BV / 16; h++) {
+        __m512 t = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(sums + 16 * h)));
+        t = _mm512_add_ps(_mm512_mul_ps(t, _mm512_set1_ps(ia)), _mm512_set1_ps(bs));
+        t = _mm512_mul_ps(_mm512_loadu_ps(al + 16 * h), t);
+        if (be) t = _mm512_add_ps(t, _mm512_loadu_ps(be + 16 * h));
+        _mm512_storeu_ps(sc + 16 * h, t);
+        mask |= (uint64_t)_mm512_cmp_ps_mask(t, _mm512_set1_ps(thr), _CMP_GE_OQ) << (16 * h);
+    }
+#elif defined(__AVX2__)
+    for (int h = 0; h < BV / 8; h++) {
+        __m256 t = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(sums + 8 * h)));
+        t = _mm256_add_ps(_mm256_mul_ps(t, _mm256_set1_ps(ia)), _mm256_set1_ps(bs));
+        t = _mm256_mul_ps(_mm256_loadu_ps(al + 8 * h), t);
+        if (be) t = _mm256_add_ps(t, _mm256_loadu_ps(be + 8 * h));
+        _mm256_storeu_ps(sc + 8 * h, t);
+        mask |= (uint64_t)(uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(t, _mm256_set1_ps(thr), _CMP_GE_OQ)) << (8 * h);
+    }
+#else
+    for (int j = 0; j < BV; j++) {
+        float t = (float)(int32_t)sums[j] * ia;
+        t = t + bs;
+        t = al[j] * t;
+        if (be) t = t + be[j];
+        sc[j] = t;
+        mask |= (uint64_t)(t >= thr) << j;
+    }
+#endif
+    return mask;
+}
+
+/* ------------------------------------------------------------------ top-L selection */
+
+/* Candidates above the current threshold go to a buffer of 2L; a full buffer is cut back to its
+ * best L by quickselect, whose L-th entry becomes the threshold. Order: higher score first, then
+ * smaller index, so the kept set is exactly the top-L of one pass in index order. */
+typedef struct {
+    float s;
+    int64_t i;
+} cand_t;
+
+static inline int better(cand_t a, cand_t b) { return a.s > b.s || (a.s == b.s && a.i < b.i); }
+
+/* The k-th largest of x[0..n) (1 <= k <= n), by quickselect with branchless partitions (random
+ * scores make a branchy partition mispredict on every other element). x and y (scratch, n) are
+ * both overwritten. */
+static float kth_largest(float *x, float *y, int64_t n, int64_t k) {
+    for (;;) {
+        if (n <= 8) { /* selection sort of the few left, descending */
+            for (int64_t i = 0; i < k; i++)
+                for (int64_t j = i + 1; j < n; j++)
+                    if (x[j] > x[i]) {
+                        float t = x[i];
+                        x[i] = x[j];
+                        x[j] = t;
+                    }
+            return x[k - 1];
+        }
+        float a = x[0], b = x[n / 2], c = x[n - 1]; /* median of three */
+        float p = a > b ? (b > c ? b : (a > c ? c : a)) : (a > c ? a : (b > c ? c : b));
+        int64_t lo = 0, hi = n; /* y[0..lo): > p, y[hi..n): < p */
+        for (int64_t i = 0; i < n; i++) {
+            float v = x[i];
+            y[lo] = v;
+            y[hi - 1] = v;
+            lo += v > p;
+            hi -= v < p;
+        }
+        if (k <= lo) {
+            n = lo;
+        } else if (k <= hi) {
+            return p;
+        } else {
+            k -= hi;
+            n -= hi;
+            y += hi;
+        }
+        float *t = x;
+        x = y;
+        y = t;
+    }
+}
+
+typedef struct {
+    cand_t *buf; /* 2L */
+    float *tmp;  /* 4L scratch */
+    int64_t size, L;
+    cand_t worst; /* the L-th best once the buffer was cut (threshold), else -inf */
+} topl_t;
+
+/* Keep the best L of the buffer: those scoring above the L-th largest score, then those equal to
+ * it by smallest index. Branchless compaction. */
+static void topl_cut(topl_t *t) {
+    int64_t n = t->size, L = t->L;
+    for (int64_t k = 0; k < n; k++) t->tmp[k] = t->buf[k].s;
+    float thr = kth_largest(t->tmp, t->tmp + n, n, L);
+    int64_t kept = 0, nt = 0;
+    cand_t *tie = (cand_t *)alloca(sizeof(cand_t) * (size_t)n);
+    for (int64_t k = 0; k < n; k++) {
+        cand_t c = t->buf[k];
+        t->buf[kept] = c;
+        tie[nt] = c;
+        kept += c.s > thr;
+        nt += c.s == thr;
+    }
+    /* ties at the threshold: the smallest indices win (few in practice: repeated minimum) */
+    int64_t worst_i = INT64_MIN;
+    for (int64_t r = 0; kept < L; r++) {
+        int64_t best = r;
+        for (int64_t k = r + 1; k < nt; k++)
+            if (tie[k].i < tie[best].i) best = k;
+        cand_t x = tie[best];
+        tie[best] = tie[r];
+        tie[r] = x;
+        t->buf[kept++] = x;
+        worst_i = x.i;
+    }
+    t->size = kept;
+    t->worst.s = thr;
+    t->worst.i = worst_i; /* the last tie taken is the worst kept; none taken: any index loses to thr's */
+}
+
+static inline void topl_push(topl_t *t, float s, int64_t i) {
+    cand_t c = {s, i};
+    if (!better(c, t->worst)) return;
+    t->buf[t->size++] = c;
+    if (t->size == 2 * t->L) topl_cut(t);
+}
+
+/* Top-L of vectors [v0, v1) (v0 a multiple of BV) for nq queries with tables qlut (nq, Mp, 16).
+ * Output (nq, L) scores and indices, unordered; slots beyond the range size hold -inf / -1.
+ * Blocks are visited in chunks that stay in cache while every query scans them. */
+int tq_scan_search(const uint8_t *blocks, int64_t v0, int64_t v1, int64_t Mp, const float *alpha, const float *beta,
+                   const uint8_t *qlut, const float *inv_a, const float *bias, int64_t nq, int64_t L, float *out_s,
+                   int64_t *out_i) {
+    if (v0 % BV) return 2;
+    topl_t *tops = (topl_t *)calloc((size_t)(nq > 0 ? nq : 1), sizeof(topl_t));
+    cand_t *bufs = (cand_t *)malloc(sizeof(cand_t) * (size_t)(nq > 0 ? nq : 1) * 2 * (size_t)L);
+    float *tmps = (float *)malloc(sizeof(float) * (size_t)(nq > 0 ? nq : 1) * 4 * (size_t)L);
+    if (!tops || !bufs || !tmps) {
+        free(tops);
+        free(bufs);
+        free(tmps);
+        return 1;
+    }
+    for (int64_t q = 0; q < nq; q++) {
+        tops[q].buf = bufs + q * 2 * L;
+        tops[q].tmp = tmps + q * 4 * L;
+        tops[q].L = L;
+        tops[q].worst.s = -INFINITY;
+        tops[q].worst.i = INT64_MAX;
+    }
+    int64_t block_bytes = (Mp / 2) * BV, lut_bytes = Mp * 16;
+    int64_t chunk = (1 << 17) / block_bytes;
+    if (chunk < 1) chunk = 1;
+    int64_t b_first = v0 / BV, b_end = (v1 + BV - 1) / BV;
+    uint32_t sums[QB * BV] __attribute__((aligned(64)));
+    float sc[BV] __attribute__((aligned(64)));
+    float al_tail[BV], be_tail[BV];
+    const uint8_t *lut[QB];
+    for (int64_t c0 = b_first; c0 < b_end; c0 += chunk) {
+        int64_t c1 = c0 + chunk < b_end ? c0 + chunk : b_end;
+        for (int64_t g = 0; g < nq; g += QB) {
+            group_luts(qlut, g, nq, lut_bytes, lut);
+            int nqg = nq - g < QB ? (int)(nq - g) : QB;
+            for (int64_t b = c0; b < c1; b++) {
+                group_sums(blocks + b * block_bytes, lut, Mp, sums, nqg);
+                int64_t base = b * BV, cnt = v1 - base < BV ? v1 - base : BV;
+                const float *al = alpha + base, *be = beta ? beta + base : NULL;
+                if (cnt < BV) { /* last partial block: factors padded so the vector code reads BV */
+                    for (int j = 0; j < BV; j++) {
+                        al_tail[j] = j < cnt ? al[j] : 0.0f;
+                        be_tail[j] = j < cnt && be ? be[j] : 0.0f;
+                    }
+                    al = al_tail;
+                    be = be ? be_tail : NULL;
+                }
+                for (int k = 0; k < QB && g + k < nq; k++) {
+                    topl_t *t = tops + g + k;
+                    uint64_t hit = block_scores(sums + BV * k, al, be, inv_a[g + k], bias[g + k], t->worst.s, sc);
+                    if (cnt < BV) hit &= (1ull << cnt) - 1;
+                    while (hit) {
+                        int j = __builtin_ctzll(hit);
+                        hit &= hit - 1;
+                        topl_push(t, sc[j], base + j);
+                    }
+                }
+            }
+        }
+    }
+    for (int64_t q = 0; q < nq; q++) {
+        topl_t *t = tops + q;
+        if (t->size > L) topl_cut(t);
+        for (int64_t k = 0; k < L; k++) {
+            out_s[q * L + k] = k < t->size ? t->buf[k].s : -INFINITY;
+            out_i[q * L + k] = k < t->size ? t->buf[k].i : -1;
+        }
+    }
+    free(tops);
+    free(bufs);
+    free(tmps);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ exact re-scoring */
+
+/* Exact scores of shortlisted rows: out[q,c] = alpha_i * sum_m lutf[m][nibble_im] + beta_i, i = cand[q,c]
+ * (skipped when i < 0), where rows (n, row_bytes) hold the nibbles of an exact plan (no bits dropped,
+ * e.g. the stored 4-bit codes themselves) and lutf is the float table of that plan (no quantization). */
+int tq_rescore(const uint8_t *rows, int64_t row_bytes, const int32_t *coords, const float *cent, int64_t M,
+               int64_t dsub, const float *q, int64_t nq, int64_t d, const int64_t *cand, int64_t L,
+               const float *alpha, const float *beta, float *out) {
+    float *lutf = (float *)malloc(sizeof(float) * (size_t)(M * 16));
+    if (!lutf) return 1;
+    for (int64_t iq = 0; iq < nq; iq++) {
+        const float *qq = q + iq * d;
+        for (int64_t m = 0; m < M; m++) {
+            float *row = lutf + m * 16;
+            for (int v = 0; v < 16; v++) row[v] = 0.0f;
+            for (int64_t s = 0; s < dsub; s++) {
+                int32_t c = coords[m * dsub + s];
+                if (c < 0) continue;
+                float x = qq[c];
+                const float *ce = cent + (m * 16) * dsub + s;
+                for (int v = 0; v < 16; v++) row[v] = row[v] + x * ce[v * dsub];
+            }
+        }
+        for (int64_t k = 0; k < L; k++) {
+            int64_t i = cand[iq * L + k];
+            if (i < 0) {
+                out[iq * L + k] = -INFINITY;
+                continue;
+            }
+            const uint8_t *r = rows + i * row_bytes;
+            float acc0 = 0.0f, acc1 = 0.0f;
+            int64_t m = 0;
+            for (; m + 1 < M; m += 2) {
+                uint8_t b = r[m >> 1];
+                acc0 += lutf[m * 16 + (b & 15)];
+                acc1 += lutf[(m + 1) * 16 + (b >> 4)];
+            }
+            if (m < M) acc0 += lutf[m * 16 + (r[m >> 1] & 15)];
+            float s = alpha[i] * (acc0 + acc1);
+            out[iq * L + k] = beta ? s + beta[i] : s;
+        }
+    }
+    free(lutf);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ one call per query chunk */
+
+/* Fields of the context array (kept by the Python wrapper, refreshed when the mirror grows). */
+enum { C_BLOCKS, C_MP, C_M, C_DSUB, C_COORDS, C_CENT, C_ALPHA, C_BETA, C_D, C_XM, C_XDSUB, C_XCOORDS, C_XCENT, C_COUNT };
+
+/* Tables, scan of [v0, v1) and (with codes: the stored rows of the exact plan) exact re-scoring of
+ * nq queries q (nq, d): out (nq, L) scores and positions, unordered. */
+int tq_scan_topl(const int64_t *ctx, const float *q, int64_t nq, int64_t L, int64_t v0, int64_t v1,
+                 const uint8_t *codes, int64_t row_bytes, float *out_s, int64_t *out_i) {
+    int64_t Mp = ctx[C_MP], d = ctx[C_D];
+    uint8_t *lut = (uint8_t *)malloc((size_t)(nq * Mp * 16));
+    float *ia = (float *)malloc(sizeof(float) * (size_t)(2 * nq));
+    if (!lut || !ia) {
+        free(lut);
+        free(ia);
+        return 1;
+    }
+    int rc = tq_scan_luts(q, nq, d, (const int32_t *)ctx[C_COORDS], (const float *)ctx[C_CENT], ctx[C_M], ctx[C_DSUB], Mp,
+                          lut, ia, ia + nq);
+    if (!rc)
+        rc = tq_scan_search((const uint8_t *)ctx[C_BLOCKS], v0, v1, Mp, (const float *)ctx[C_ALPHA],
+                            (const float *)ctx[C_BETA], lut, ia, ia + nq, nq, L, out_s, out_i);
+    if (!rc && codes)
+        rc = tq_rescore(codes, row_bytes, (const int32_t *)ctx[C_XCOORDS], (const float *)ctx[C_XCENT], ctx[C_XM],
+                        ctx[C_XDSUB], q, nq, d, out_i, L, (const float *)ctx[C_ALPHA], (const float *)ctx[C_BETA], out_s);
+    free(lut);
+    free(ia);
+    return rc;
+}

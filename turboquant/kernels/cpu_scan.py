@@ -1,0 +1,314 @@
+"""The index's fast scan in C: 8-bit lookup tables over 4-bit nibbles, the per-vector norm applied in the scan.
+
+:class:`ScanMirror` holds the nibbles of :func:`turboquant.fastscan.nibble_plan` (the top
+``scan_bits`` bits of every stored code, or the codes themselves) in blocks of 64 vectors with
+the nibbles of one position adjacent (``_cpu_scan.c`` documents the layout), plus one float
+``alpha_i`` (and ``beta_i`` for L2) per vector. A query's tables
+``LUT[m][v] = Σ_s (Πq)[coords[m,s]]·centroids[m,v,s]`` are quantized to uint8 with one scale per
+query; one byte shuffle then looks up 32-128 entries, and the score
+``alpha_i·(Σ_m LUT[m][nibble_im]) + beta_i`` is formed inside the scan, so vectors of any norm
+are ranked in one pass per query (no norm groups, one table build per query). The result is a
+shortlist that the index re-scores exactly from the stored codes.
+
+Threads (the library's policy, :mod:`turboquant.threads`): a batch is split into chunks of
+queries over ``threads`` workers (``ctypes`` releases the GIL), each chunk scanning the vectors
+block range by block range so that a range stays in cache for all its queries; a single query
+(fewer queries than threads) splits the vectors into ``threads`` ranges whose shortlists merge
+(ties go to the smaller position, so any split gives the same result).
+
+Built at first use with the system C compiler (:mod:`turboquant.kernels.cbuild`; AVX-512BW,
+AVX2 or portable scalar code, whatever ``-march=native`` offers). Without a compiler
+(or with ``TURBOQUANT_NO_CEXT=1``) :func:`load_scan_library` returns None and the index falls
+back to the FAISS mirror (:mod:`turboquant.fastscan`).
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..codec import decode_mse_numpy, reconstruction_norms
+from ..config import QuantizerConfig
+from ..fastscan import _NibblePlan, nibble_bytes, nibble_plan, thread_pool
+from .cbuild import build_error, load_c_library
+
+_SOURCE = Path(__file__).with_name("_cpu_scan.c")
+_FLAGS = ("-ffp-contract=off",)  # plain IEEE float ops: SIMD, scalar and numpy give identical scores
+#: builds of the kernel: what ``-march=native`` offers, and (for tests) AVX2 only or no intrinsics
+_VARIANTS = {"native": _FLAGS, "avx2": (*_FLAGS, "-mno-avx512f"), "scalar": (*_FLAGS, "-DTQ_SCALAR")}
+_CTX_FIELDS = 13  # the C_* enum of _cpu_scan.c
+_BV = 64  # vectors per block (BV of _cpu_scan.c)
+# A single query's scan splits over threads only above this many scanned bytes: on the shared
+# 2-core test machine a 5-20 MB scan split over 2 threads was 10-35% slower than on one
+# (benchmarks/ann.py grid, d = 384..1024), the second core being busy with other work.
+_SPLIT_BYTES = 1 << 25
+_LUT_BYTES = 1 << 18  # tables of one query chunk: with the scanned block range they stay in L2
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.tq_scan_isa.argtypes, lib.tq_scan_isa.restype = [], ctypes.c_int
+    lib.tq_scan_pack.argtypes, lib.tq_scan_pack.restype = [_P, _I, _I, _I, _I, _I, _P], None
+    lib.tq_scan_luts.argtypes = [_P, _I, _I, _P, _P, _I, _I, _I, _P, _P, _P]
+    lib.tq_scan_luts.restype = ctypes.c_int
+    lib.tq_scan_sums.argtypes, lib.tq_scan_sums.restype = [_P, _I, _I, _P, _I, _P], None
+    lib.tq_scan_search.argtypes = [_P, _I, _I, _I, _P, _P, _P, _P, _P, _I, _I, _P, _P]
+    lib.tq_scan_search.restype = ctypes.c_int
+    lib.tq_rescore.argtypes = [_P, _I, _P, _P, _I, _I, _P, _I, _I, _P, _I, _P, _P, _P]
+    lib.tq_rescore.restype = ctypes.c_int
+    lib.tq_scan_topl.argtypes = [_P, _P, _I, _I, _I, _I, _P, _I, _P, _P]
+    lib.tq_scan_topl.restype = ctypes.c_int
+
+
+def load_scan_library(variant: str = "native") -> ctypes.CDLL | None:
+    """The compiled scan kernel, or None (no compiler, ``TURBOQUANT_NO_CEXT=1``).
+
+    ``variant``: ``"native"`` (the index's), ``"avx2"`` (AVX-512 disabled) or ``"scalar"`` (the
+    portable path without intrinsics); tests check that all give identical results.
+    """
+    return load_c_library(_SOURCE, _declare, _VARIANTS[variant], what="C fast-scan kernel")
+
+
+def scan_library_error(variant: str = "native") -> str | None:
+    """Why :func:`load_scan_library` returned None (None when loaded or not tried yet)."""
+    return build_error(_SOURCE, _VARIANTS[variant])
+
+
+def default_shortlist(k: int, exact_scan: bool, n: int, dim: int, l2: bool = False) -> int:
+    """Candidates the scan passes to the exact re-score for a top-``k`` over ``n`` vectors of ``dim``.
+
+    Full codes in the scan (2-bit codes, ``scan_bits=4``): only the uint8 rounding of the tables
+    separates scan and exact scores; 12 candidates held the exact top-10 (agreement ≥ 0.991) on
+    Brown/MiniLM (d=384) and synthetic sets at d=96..1536, and ``k + max(8, k/2)`` is kept.
+    A coarse 2-bit scan of 3/4-bit codes errs more at small ``d`` (fewer coordinates average out
+    the dropped bits): agreement ≥ 0.995 took 64 candidates at d=96, 30 at d=256, 40 on Brown,
+    20-30 on synthetic d=384 and 15 at d=1536, hence ``k + 3k·sqrt(384/d) + 8``. More vectors
+    crowd the coarse scores near the top, so the shortlist grows with ``sqrt(n)`` past 65,536 (at
+    1M, d=384, 4 bits: 64 candidates gave R10@10 0.864, 256 gave 0.907 of the exact 0.909). L2
+    doubles it: its key ``2‖x‖<q, ŷ> − ‖x‖²`` carries twice the scan error of the inner product
+    while its top differences are not larger (docs/index_notes.md).
+    """
+    base = k + max(8, k // 2) if exact_scan else k + 3 * k * math.sqrt(384 / max(dim, 1)) + 8
+    return int(base * max(1.0, math.sqrt(n / 65536)) * (2 if l2 else 1))
+
+
+def _ptr(a: np.ndarray | None) -> int | None:
+    return None if a is None else a.ctypes.data
+
+
+class ScanMirror:
+    """Blocked nibble codes of every stored vector plus their scan factors; grows with :meth:`append`.
+
+    Args:
+        config: the stored codes' quantizer.
+        plan: which coordinates each nibble holds (:func:`turboquant.fastscan.nibble_plan`).
+        l2: keep ``beta_i`` (the L2 offset ``−‖x_i‖²``).
+        lib: the library from :func:`load_scan_library`.
+    """
+
+    def __init__(self, config: QuantizerConfig, plan: _NibblePlan, l2: bool, lib: ctypes.CDLL) -> None:
+        self.config, self.plan, self.l2, self.lib = config, plan, l2, lib
+        self.M = len(plan.coords)
+        self.Mp = -(-self.M // 2) * 2  # positions, padded to whole bytes
+        self.coords = np.ascontiguousarray(plan.coords, dtype=np.int32)
+        self.centroids = np.ascontiguousarray(plan.centroids, dtype=np.float32)
+        self.count = 0
+        self.blocks = np.zeros((0, self.Mp * _BV // 2), np.uint8)
+        self.alpha = np.zeros(0, np.float32)
+        self.beta: np.ndarray | None = np.zeros(0, np.float32) if l2 else None
+        # exact re-scoring in C reads the stored code bytes as nibbles: possible when they are
+        # exactly the nibbles of the full-precision plan (widths 1, 2, 4)
+        full = nibble_plan(config, 4)
+        self.exact_plan = full if full is not None and full.identity else None
+        if self.exact_plan is not None:
+            self.exact_coords = np.ascontiguousarray(self.exact_plan.coords, dtype=np.int32)
+            self.exact_centroids = np.ascontiguousarray(self.exact_plan.centroids, dtype=np.float32)
+        self._ctx: array.array | None = None  # pointers for tq_scan_topl, rebuilt when arrays move
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (capacity included)."""
+        return self.blocks.nbytes + self.alpha.nbytes + (self.beta.nbytes if self.beta is not None else 0)
+
+    def _context(self) -> int:
+        if self._ctx is None:
+            m, dsub = self.coords.shape
+            xm, xdsub = self.exact_coords.shape if self.exact_plan is not None else (0, 0)
+            ctx = [_ptr(self.blocks), self.Mp, m, dsub, _ptr(self.coords), _ptr(self.centroids), _ptr(self.alpha),
+                   _ptr(self.beta) or 0, self.config.dim, xm, xdsub,
+                   _ptr(self.exact_coords) if xm else 0, _ptr(self.exact_centroids) if xm else 0]  # fmt: skip
+            assert len(ctx) == _CTX_FIELDS
+            self._ctx = array.array("q", ctx)
+        return self._ctx.buffer_info()[0]
+
+    def _grow(self, n: int) -> None:
+        self._ctx = None
+        blocks = -(-n // _BV)
+        if blocks > len(self.blocks):
+            cap = max(blocks, len(self.blocks) + len(self.blocks) // 4) if len(self.blocks) else blocks
+            grown = np.zeros((cap, self.Mp * _BV // 2), np.uint8)
+            grown[: len(self.blocks)] = self.blocks
+            self.blocks = grown
+        if n > len(self.alpha):
+            cap = max(-(-n // _BV) * _BV, len(self.alpha) + len(self.alpha) // 4)
+            for name in ("alpha", "beta"):
+                old = getattr(self, name)
+                if old is not None:
+                    new = np.zeros(cap, np.float32)
+                    new[: len(old)] = old
+                    setattr(self, name, new)
+
+    def reserve(self, n: int) -> None:
+        """Room for ``n`` vectors in total (one allocation for a known final size)."""
+        self._grow(n)
+
+    def append(self, codes: np.ndarray, alpha: np.ndarray, beta: np.ndarray | None = None) -> None:
+        """Append stored codes ``(r, code_bytes)`` with their factors ``alpha`` (and ``beta`` for L2), ``(r,)`` float32."""
+        r = len(codes)
+        if not r:
+            return
+        self._grow(self.count + r)
+        nib = np.ascontiguousarray(nibble_bytes(codes, self.config, self.plan))
+        self.lib.tq_scan_pack(_ptr(nib), r, nib.shape[1], self.M, self.Mp, self.count, _ptr(self.blocks))
+        self.alpha[self.count : self.count + r] = alpha
+        if self.beta is not None:
+            assert beta is not None
+            self.beta[self.count : self.count + r] = beta
+        self.count += r
+
+    def sync(self, codes: np.ndarray, norms: np.ndarray, correction: bool, threads: int = 1) -> None:
+        """Append the stored vectors ``count..len(codes)`` with their scan factors.
+
+        ``codes`` ``(n, code_bytes)`` and ``norms`` ``(n,)`` float32 are the index's stored data.
+        ``alpha = ‖x‖/‖ŷ‖`` (``‖x‖`` without ``correction``; doubled for L2) and ``beta = −‖x‖²``
+        (L2): the scan ranks by ``alpha·<Πq, ŷ_scan> + beta``, the corrected estimate of
+        ``<q, x>`` (or of ``‖q‖² − ‖q − x‖²``). ``‖ŷ‖`` is decoded in chunks over ``threads``.
+        """
+        start, n = self.count, len(codes)
+        step = 1 << 14
+        alpha = np.empty(n - start, np.float32)
+
+        def factors(s0: int) -> None:
+            s1 = min(n, s0 + step)
+            a = norms[s0:s1].copy()
+            if correction:
+                a /= reconstruction_norms(decode_mse_numpy(codes[s0:s1], self.config))
+            alpha[s0 - start : s1 - start] = 2 * a if self.l2 else a
+
+        starts = range(start, n, step)
+        if threads > 1 and len(starts) > 1:
+            list(thread_pool(threads).map(factors, starts))
+        else:
+            for s0 in starts:
+                factors(s0)
+        self.append(codes[start:n], alpha, -np.square(norms[start:n]) if self.l2 else None)
+
+    def luts(self, q_rot: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Quantized tables ``(nq, Mp, 16)`` uint8, ``inv_a`` and ``bias`` ``(nq,)`` float32 of rotated queries ``(nq, dim)``.
+
+        The scan estimates ``<Πq, ŷ_scan> ≈ Σ_m lut[m][nibble_m] · inv_a + bias``.
+        """
+        q = np.ascontiguousarray(q_rot, dtype=np.float32)
+        nq = len(q)
+        lut = np.empty((nq, self.Mp, 16), np.uint8)
+        inv_a, bias = np.empty(nq, np.float32), np.empty(nq, np.float32)
+        m, dsub = self.coords.shape
+        if self.lib.tq_scan_luts(_ptr(q), nq, q.shape[1], _ptr(self.coords), _ptr(self.centroids), m, dsub, self.Mp,
+                                 _ptr(lut), _ptr(inv_a), _ptr(bias)):  # fmt: skip
+            raise MemoryError("turboquant fast scan: out of memory")
+        return lut, inv_a, bias
+
+    def sums(self, lut: np.ndarray) -> np.ndarray:
+        """Raw integer sums ``Σ_m lut[q, m][nibble_im]`` over all vectors, ``(nq, count)`` uint32, for tables ``(nq, Mp, 16)`` (tests)."""
+        nblocks = -(-self.count // _BV)
+        lut = np.ascontiguousarray(lut, dtype=np.uint8)
+        out = np.zeros((len(lut), nblocks * _BV), np.uint32)
+        self.lib.tq_scan_sums(_ptr(self.blocks), nblocks, self.Mp, _ptr(lut), len(lut), _ptr(out))
+        return out[:, : self.count]
+
+    def _scan(
+        self, q: np.ndarray, v0: int, v1: int, length: int, codes: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Tables, scan of positions ``[v0, v1)`` and (with ``codes``) exact re-scoring, in one C call."""
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        nq = len(q)
+        scores, pos = np.empty((nq, length), np.float32), np.empty((nq, length), np.int64)
+        rc = self.lib.tq_scan_topl(self._context(), q.ctypes.data, nq, length, v0, v1, None if codes is None else codes.ctypes.data,
+                                   0 if codes is None else codes.shape[1], scores.ctypes.data, pos.ctypes.data)  # fmt: skip
+        if rc:
+            raise MemoryError("turboquant fast scan: out of memory")
+        return scores, pos
+
+    def rescore(self, codes: np.ndarray, q_rot: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        """Exact ``alpha_i·<Πq, ŷ_i> (+ beta_i)`` of positions ``cand`` ``(nq, L)`` from the stored ``codes``.
+
+        Needs :attr:`exact_plan` (stored bytes = full-precision nibbles); ``-inf`` where ``cand < 0``.
+        """
+        assert self.exact_plan is not None
+        q = np.ascontiguousarray(q_rot, dtype=np.float32)
+        cand = np.ascontiguousarray(cand, dtype=np.int64)
+        out = np.empty(cand.shape, np.float32)
+        m, dsub = self.exact_coords.shape
+        if self.lib.tq_rescore(_ptr(codes), codes.shape[1], _ptr(self.exact_coords), _ptr(self.exact_centroids), m, dsub,
+                               _ptr(q), len(q), q.shape[1], _ptr(cand), cand.shape[1], _ptr(self.alpha), _ptr(self.beta),
+                               _ptr(out)):  # fmt: skip
+            raise MemoryError("turboquant fast scan: out of memory")
+        return out
+
+    def search(
+        self, q_rot: np.ndarray, length: int, threads: int = 1, codes: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and positions of the ``length`` best vectors per query, ``(nq, length)`` each, unordered.
+
+        ``threads``: a batch splits over queries; fewer queries than threads split the vectors
+        into ranges, but only when the scan reads more than 32 MiB (on a shared machine waking a
+        thread can cost more than a small scan).
+
+        ``length`` must not exceed :attr:`count`. Ranking: ``alpha_i·<Πq, ŷ_scan,i> (+ beta_i)``.
+        With the stored ``codes`` (and an :attr:`exact_plan`) the returned scores are the exact
+        ones of :meth:`rescore`, computed in the same worker threads as the scan.
+        """
+        exact = codes if codes is not None and self.exact_plan is not None else None
+        nq, n = len(q_rot), self.count
+        assert 1 <= length <= n
+        threads = max(1, min(threads, -(-n // _BV)))
+        if nq < threads and n * self.Mp // 2 < _SPLIT_BYTES:
+            threads = 1  # a small single-query scan: waking threads costs more than it saves
+        if nq >= threads:  # chunks of queries, one worker each
+            per = max(1, min(64, _LUT_BYTES // (self.Mp * 16), -(-nq // threads)))
+            if per >= nq:
+                return self._scan(q_rot, 0, n, length, exact)
+            scores, pos = np.empty((nq, length), np.float32), np.empty((nq, length), np.int64)
+
+            def job(s0: int) -> None:
+                sl = slice(s0, min(nq, s0 + per))
+                scores[sl], pos[sl] = self._scan(q_rot[sl], 0, n, length, exact)
+
+            starts = range(0, nq, per)
+            if threads == 1:
+                for s0 in starts:
+                    job(s0)
+            else:
+                list(thread_pool(threads).map(job, starts))
+            return scores, pos
+        # few queries: split the vectors into block-aligned ranges, merge the shortlists
+        blocks = -(-n // _BV)
+        step = -(-blocks // threads) * _BV
+        ranges = [(v0, min(n, v0 + step)) for v0 in range(0, n, step)]
+        parts = list(
+            thread_pool(threads).map(lambda r: self._scan(q_rot, r[0], r[1], min(length, r[1] - r[0]), None), ranges)
+        )
+        all_s = np.concatenate([s for s, _ in parts], axis=1)
+        all_p = np.concatenate([p for _, p in parts], axis=1)
+        # best `length` by (score desc, position asc), as one pass would keep them
+        order = np.lexsort((all_p, -all_s))[:, :length]
+        scores, pos = np.take_along_axis(all_s, order, 1), np.take_along_axis(all_p, order, 1)
+        return (self.rescore(exact, q_rot, pos) if exact is not None else scores), pos
+
+
+__all__ = ["ScanMirror", "load_scan_library", "scan_library_error"]
