@@ -59,9 +59,8 @@ TRANSFORMERS_RANGE = ("5.4", "6")
 
 def transformers_supported(version: str | None = None) -> bool:
     """Whether ``version`` (default: the installed transformers) lies in :data:`TRANSFORMERS_RANGE`."""
-    from packaging.version import Version
-
     import transformers
+    from packaging.version import Version
 
     v = Version(version or transformers.__version__)
     return Version(TRANSFORMERS_RANGE[0]) <= Version(v.base_version) < Version(TRANSFORMERS_RANGE[1])
@@ -102,7 +101,7 @@ class TurboQuantLayer(DynamicLayer):
     is_sliding = False
     is_croppable = True
 
-    def __init__(self, settings: KVCacheConfig, owner: "TurboQuantCache | None" = None, layer_idx: int | None = None) -> None:
+    def __init__(self, settings: KVCacheConfig, owner: TurboQuantCache | None = None, layer_idx: int | None = None) -> None:
         super().__init__()
         self.settings = settings
         self.owner = owner
@@ -354,29 +353,13 @@ class TurboQuantCache(Cache):
     """
 
     def __init__(self, config: Any, cache_config: KVCacheConfig | None = None, **overrides: Any) -> None:
-        settings = cache_config or KVCacheConfig()
-        if not isinstance(settings, KVCacheConfig):
-            raise TurboQuantError(f"cache_config must be a KVCacheConfig, got {type(settings).__name__}")
-        if overrides:
-            settings = replace_fields(settings, overrides)
-        text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        n_layers = getattr(text_config, "num_hidden_layers", None)
-        if not n_layers:
-            raise TurboQuantError("the model config has no num_hidden_layers; cannot build a per-layer cache")
-        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-        settings.quantizer_configs(head_dim)  # validate bits/rotation for this head_dim now, not mid-generation
-        bad = [i for i in settings.full_precision_layers if not 0 <= i < n_layers]
-        if bad:
-            raise TurboQuantError(f"full_precision_layers {bad} out of range for {n_layers} layers")
-        layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * n_layers
-        sliding_window = getattr(text_config, "sliding_window", None)
+        settings = cache_settings(cache_config, overrides)
+        text_config, n_layers, head_dim, layer_types, sliding_window = model_layers(config, settings)
         layers: list[CacheLayerMixin] = []
         for idx, kind in enumerate(layer_types):
             if kind in ("sliding_attention", "chunked_attention") and sliding_window:
                 # Sliding-window layers hold at most `sliding_window` tokens: keep them exact.
                 layers.append(DynamicSlidingWindowLayer(sliding_window=sliding_window))
-            elif kind not in ("full_attention", "sliding_attention", "chunked_attention"):
-                raise TurboQuantError(f"layer {idx} has type {kind!r}, which TurboQuantCache does not support")
             elif idx in settings.full_precision_layers:
                 layers.append(DynamicLayer())
             else:
@@ -543,6 +526,32 @@ def _device_scope(device: torch.device) -> Any:
     layer's cache and query can sit on ``cuda:1`` while ``cuda:0`` is current.
     """
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def cache_settings(cache_config: KVCacheConfig | None, overrides: dict[str, Any]) -> KVCacheConfig:
+    """A cache's :class:`KVCacheConfig`: ``cache_config`` (default: the defaults) with ``overrides`` applied."""
+    settings = cache_config or KVCacheConfig()
+    if not isinstance(settings, KVCacheConfig):
+        raise TurboQuantError(f"cache_config must be a KVCacheConfig, got {type(settings).__name__}")
+    return replace_fields(settings, overrides) if overrides else settings
+
+
+def model_layers(config: Any, settings: KVCacheConfig) -> tuple[Any, int, int, list[str], int | None]:
+    """``(text_config, layers, head_dim, layer_types, sliding_window)`` of a model config, checked against ``settings``."""
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    n_layers = getattr(text_config, "num_hidden_layers", None)
+    if not n_layers:
+        raise TurboQuantError("the model config has no num_hidden_layers; cannot build a per-layer cache")
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    settings.quantizer_configs(head_dim)  # validate bits/rotation for this head_dim now, not mid-generation
+    bad = [i for i in settings.full_precision_layers if not 0 <= i < n_layers]
+    if bad:
+        raise TurboQuantError(f"full_precision_layers {bad} out of range for {n_layers} layers")
+    layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * n_layers
+    for idx, kind in enumerate(layer_types):
+        if kind not in ("full_attention", "sliding_attention", "chunked_attention"):
+            raise TurboQuantError(f"layer {idx} has type {kind!r}, which the TurboQuant caches do not support")
+    return text_config, n_layers, head_dim, list(layer_types), getattr(text_config, "sliding_window", None)
 
 
 def _config_kv_heads(text_config: Any, n_layers: int) -> list[int] | None:

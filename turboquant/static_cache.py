@@ -48,9 +48,17 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, StaticLayer, StaticSlidingWindowLayer
 
-from .cache import _PENDING, ATTENTION_NAME, _device_scope, _sdpa, enable_turboquant_attention
+from .cache import (
+    _PENDING,
+    ATTENTION_NAME,
+    _device_scope,
+    _sdpa,
+    cache_settings,
+    enable_turboquant_attention,
+    model_layers,
+)
 from .codec import bytes_per_vector, code_bytes
-from .config import KVCacheConfig, TurboQuantError, Variant, replace_fields
+from .config import KVCacheConfig, TurboQuantError, Variant
 from .kernels import quantized_attention
 from .kernels.ops import config_key, corrected_norms, encode_op, quantized_attention_op, squared_norm_table
 from .kvstore import outlier_scale
@@ -404,32 +412,16 @@ class TurboQuantStaticCache(Cache):
     """
 
     def __init__(self, config: Any, max_cache_len: int, cache_config: KVCacheConfig | None = None, **overrides: Any) -> None:
-        settings = cache_config or KVCacheConfig()
-        if not isinstance(settings, KVCacheConfig):
-            raise TurboQuantError(f"cache_config must be a KVCacheConfig, got {type(settings).__name__}")
-        if overrides:
-            settings = replace_fields(settings, overrides)
+        settings = cache_settings(cache_config, overrides)
         if settings.key_variant is not Variant.MSE:
             raise TurboQuantError("TurboQuantStaticCache stores MSE keys only (key_variant='mse')")
         if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise TurboQuantError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
-        text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        n_layers = getattr(text_config, "num_hidden_layers", None)
-        if not n_layers:
-            raise TurboQuantError("the model config has no num_hidden_layers; cannot build a per-layer cache")
-        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-        settings.quantizer_configs(head_dim)  # validate bits/rotation for this head_dim now
-        bad = [i for i in settings.full_precision_layers if not 0 <= i < n_layers]
-        if bad:
-            raise TurboQuantError(f"full_precision_layers {bad} out of range for {n_layers} layers")
-        layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * n_layers
-        sliding_window = getattr(text_config, "sliding_window", None)
+        _, _, head_dim, layer_types, sliding_window = model_layers(config, settings)
         layers: list[CacheLayerMixin] = []
         for idx, kind in enumerate(layer_types):
             if kind in ("sliding_attention", "chunked_attention") and sliding_window:
                 layers.append(StaticSlidingWindowLayer(max_cache_len=max_cache_len, sliding_window=sliding_window))
-            elif kind not in ("full_attention", "sliding_attention", "chunked_attention"):
-                raise TurboQuantError(f"layer {idx} has type {kind!r}, which TurboQuantStaticCache does not support")
             elif idx in settings.full_precision_layers:
                 layers.append(StaticLayer(max_cache_len=max_cache_len))
             else:
