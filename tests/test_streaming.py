@@ -53,3 +53,19 @@ def test_streamed_build_with_ids_and_a_bad_file(tmp_path: Path) -> None:
     truncated.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(TurboQuantError, match="cut.npy"):
         list(iter_npy_rows(truncated, 64))
+
+
+def test_default_batch_bounds_the_chunk_and_equals_any_batch(tmp_path: Path) -> None:
+    """The default chunk holds ~8 MiB of float32 rows (1,024-65,536 rows); the index does not depend on it."""
+    from turboquant.streaming import _default_batch
+
+    assert _default_batch(384) == (8 << 20) // (4 * 384) and _default_batch(8) == 65536 and _default_batch(8192) == 1024
+    x = np.random.default_rng(2).standard_normal((3_000, 2048)).astype(np.float32)  # default: 1,024 rows, 3 chunks
+    path = tmp_path / "x.npy"
+    _write(path, x)
+    a = build_index(path, 4, engine="torch")
+    b = build_index(x, 4, engine="torch", batch=3_000)
+    assert torch.equal(a._codes, b._codes) and torch.equal(a._norms, b._norms)
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(TurboQuantError, match="batch must be a positive int"):
+            build_index(x, 4, batch=bad)
