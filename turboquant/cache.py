@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from .codec import bytes_per_vector
-from .config import KVCacheConfig, TurboQuantError, Variant, replace_fields
+from .config import KVCacheConfig, TurboQuantError, Variant, cache_settings
 from .kernels import quantized_attention
 from .kvstore import FullPrecisionKV, KVCodes, outlier_scale
 from .quantizer import QuantizedVectors, TurboQuantizer
@@ -526,14 +526,6 @@ def _device_scope(device: torch.device) -> Any:
     layer's cache and query can sit on ``cuda:1`` while ``cuda:0`` is current.
     """
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def cache_settings(cache_config: KVCacheConfig | None, overrides: dict[str, Any]) -> KVCacheConfig:
-    """A cache's :class:`KVCacheConfig`: ``cache_config`` (default: the defaults) with ``overrides`` applied."""
-    settings = cache_config or KVCacheConfig()
-    if not isinstance(settings, KVCacheConfig):
-        raise TurboQuantError(f"cache_config must be a KVCacheConfig, got {type(settings).__name__}")
-    return replace_fields(settings, overrides) if overrides else settings
 
 
 def model_layers(config: Any, settings: KVCacheConfig) -> tuple[Any, int, int, list[str], int | None]:

@@ -348,6 +348,14 @@ class KVCacheConfig:
         return key, value
 
 
+def cache_settings(cache_config: KVCacheConfig | None, overrides: dict[str, Any]) -> KVCacheConfig:
+    """A cache's :class:`KVCacheConfig`: ``cache_config`` (default: the defaults) with ``overrides`` applied."""
+    settings = cache_config or KVCacheConfig()
+    if not isinstance(settings, KVCacheConfig):
+        raise TurboQuantError(f"cache_config must be a KVCacheConfig, got {type(settings).__name__}")
+    return replace_fields(settings, overrides) if overrides else settings
+
+
 @dataclass(frozen=True)
 class IndexConfig:
     """Settings of a :class:`~turboquant.index.TurboQuantIndex` (everything but the device).

@@ -53,12 +53,11 @@ from .cache import (
     ATTENTION_NAME,
     _device_scope,
     _sdpa,
-    cache_settings,
     enable_turboquant_attention,
     model_layers,
 )
 from .codec import bytes_per_vector, code_bytes
-from .config import KVCacheConfig, TurboQuantError, Variant
+from .config import KVCacheConfig, TurboQuantError, Variant, cache_settings
 from .kernels import quantized_attention
 from .kernels.ops import config_key, corrected_norms, encode_op, quantized_attention_op, squared_norm_table
 from .kvstore import outlier_scale
