@@ -68,12 +68,9 @@ class KVCodes:
     def _fit_norms(self, x: torch.Tensor) -> None:
         if self.config.norm_dtype != "float16":
             return
-        # ‖x‖/‖ŷ‖ (norm correction) can exceed ‖x‖ by the reconstruction's shrinkage: keep 4x headroom
-        norms = torch.linalg.vector_norm(x.float(), dim=-1)
-        limit = torch.finfo(torch.float16).max / 4
-        if not bool((norms[torch.isfinite(norms)] > limit).any()):
+        if not norms_overflow_float16(x):
             return
-        logger.warning("turboquant: KV norms above %.0f do not fit float16; storing this layer's norms in float32", limit)
+        logger.warning("turboquant: KV norms above %.0f do not fit float16; storing this layer's norms in float32", FLOAT16_NORM_LIMIT)
         self.config = replace(self.config, norm_dtype="float32")
         self.buffer.apply(lambda t: t.float() if t.is_floating_point() else t)
 
@@ -171,6 +168,16 @@ class FullPrecisionKV:
         return self.tokens.numel() * self.data.element_size()
 
 
+# ‖x‖/‖ŷ‖ (norm correction) can exceed ‖x‖ by the reconstruction's shrinkage: float16 norms keep 4x headroom
+FLOAT16_NORM_LIMIT = torch.finfo(torch.float16).max / 4
+
+
+def norms_overflow_float16(x: torch.Tensor) -> bool:
+    """Whether a finite row norm of ``x [..., d]`` exceeds :data:`FLOAT16_NORM_LIMIT` (store the norms in float32)."""
+    norms = torch.linalg.vector_norm(x.float(), dim=-1)
+    return bool((norms[torch.isfinite(norms)] > FLOAT16_NORM_LIMIT).any())
+
+
 def outlier_scale(keys: torch.Tensor, ratio: float) -> torch.Tensor | None:
     """Per-channel key divisors ``[B, H, d]`` from prompt keys ``[B, H, T, d]`` (see ``KVCacheConfig.key_outlier_ratio``).
 
@@ -191,4 +198,4 @@ def outlier_scale(keys: torch.Tensor, ratio: float) -> torch.Tensor | None:
     return torch.cat([scale, scale], dim=-1).contiguous()
 
 
-__all__ = ["FullPrecisionKV", "KVCodes", "outlier_scale"]
+__all__ = ["FLOAT16_NORM_LIMIT", "FullPrecisionKV", "KVCodes", "norms_overflow_float16", "outlier_scale"]

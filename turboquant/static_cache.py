@@ -60,7 +60,7 @@ from .codec import bytes_per_vector, code_bytes
 from .config import KVCacheConfig, TurboQuantError, Variant, cache_settings
 from .kernels import quantized_attention
 from .kernels.ops import config_key, corrected_norms, encode_op, quantized_attention_op, squared_norm_table
-from .kvstore import outlier_scale
+from .kvstore import FLOAT16_NORM_LIMIT, norms_overflow_float16, outlier_scale
 from .quantizer import QuantizedVectors
 
 logger = logging.getLogger(__name__)
@@ -254,14 +254,13 @@ class TurboQuantStaticLayer(CacheLayerMixin):
         self._fit_norms(body_k, body_v)
 
     def _fit_norms(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        # float16 norms overflow past 65504 (norm correction adds up to ~4x): promote to float32 once, at prefill
-        limit = torch.finfo(torch.float16).max / 4
+        # float16 norms overflow (kvstore.FLOAT16_NORM_LIMIT): promote to float32 once, at prefill
         for name, x in (("key", (keys - self.key_offset.unsqueeze(-2)) / self.key_scale.unsqueeze(-2)), ("value", values)):
             cfg = getattr(self, f"{name}_config")
-            norms = torch.linalg.vector_norm(x, dim=-1)
-            if cfg.norm_dtype != "float16" or not bool((norms[torch.isfinite(norms)] > limit).any()):
+            if cfg.norm_dtype != "float16" or not norms_overflow_float16(x):
                 continue
-            logger.warning("turboquant: %s norms above %.0f do not fit float16; layer %s stores them in float32", name, limit, self.layer_idx)
+            logger.warning("turboquant: %s norms above %.0f do not fit float16; layer %s stores them in float32", name,
+                           FLOAT16_NORM_LIMIT, self.layer_idx)  # fmt: skip
             setattr(self, f"{name}_config", replace(cfg, norm_dtype="float32"))
             setattr(self, f"{name}_norms", getattr(self, f"{name}_norms").float())
             torch._dynamo.mark_static_address(getattr(self, f"{name}_norms"))
@@ -292,21 +291,23 @@ class TurboQuantStaticLayer(CacheLayerMixin):
 
     def _decode_attention(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
         length = self.cumulative_length  # the query's own token is already written
-        if not self.padded:  # the codes of positions [sink, length - ring) as a count the kernel reads on the device
-            return self._decode_attention_counted(query, attention_mask, scaling)
-        compressed = (self.positions >= self.sink) & (self.positions < length - self.ring)
         filled = self.slot_positions >= 0
         if attention_mask is not None:
-            compressed = attention_mask[..., : self.max_cache_len] & compressed
             filled = attention_mask.index_select(-1, self.slot_positions.clamp_min(0)) & filled
         else:
-            compressed, filled = compressed.view(1, 1, 1, -1), filled.view(1, 1, 1, -1)
-        mask = torch.cat([compressed.expand(*filled.shape[:-1], -1), filled.expand(*compressed.shape[:-1], -1)], dim=-1)
+            filled = filled.view(1, 1, 1, -1)
+        if not self.padded:  # the codes of positions [sink, length - ring): a count the kernel reads on the device
+            first, mask, count = self.sink, filled, (length - self.ring - self.sink).clamp_min(0)
+        else:  # padding: every code slot masked by position, ANDed with transformers' mask
+            compressed = (self.positions >= self.sink) & (self.positions < length - self.ring)
+            compressed = compressed.view(1, 1, 1, -1) if attention_mask is None else attention_mask[..., : self.max_cache_len] & compressed
+            mask = torch.cat([compressed.expand(*filled.shape[:-1], -1), filled.expand(*compressed.shape[:-1], -1)], dim=-1)
+            first, count = 0, None
         q, k, koff = self._scaled(query, self.keys)
         return quantized_attention_op(
-            q, self.key_codes, self.key_norms, self.value_codes, self.value_norms, k, self.values, mask, koff,
-            self.value_offset if self.settings.center_values else None, float(scaling), self.key_key, self.value_key,
-            self.settings.backend.value, self.settings.chunk,
+            q, self.key_codes[:, :, first:], self.key_norms[:, :, first:], self.value_codes[:, :, first:],
+            self.value_norms[:, :, first:], k, self.values, mask, koff, self.value_offset if self.settings.center_values else None,
+            float(scaling), self.key_key, self.value_key, self.settings.backend.value, self.settings.chunk, count,
         )  # fmt: skip
 
     @torch.compiler.disable
@@ -334,22 +335,6 @@ class TurboQuantStaticLayer(CacheLayerMixin):
                 value_offset=self.value_offset if self.settings.center_values else None,
                 chunk=self.settings.chunk, backend=self.settings.backend,
             )  # fmt: skip
-
-    def _decode_attention_counted(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
-        # no padding: the compressed tokens to attend are exactly the first `count` codes after the sinks
-        count = (self.cumulative_length - self.ring - self.sink).clamp_min(0)
-        filled = self.slot_positions >= 0
-        if attention_mask is not None:
-            filled = attention_mask.index_select(-1, self.slot_positions.clamp_min(0)) & filled
-        else:
-            filled = filled.view(1, 1, 1, -1)
-        q, k, koff = self._scaled(query, self.keys)
-        s = self.sink
-        return quantized_attention_op(
-            q, self.key_codes[:, :, s:], self.key_norms[:, :, s:], self.value_codes[:, :, s:], self.value_norms[:, :, s:],
-            k, self.values, filled, koff, self.value_offset if self.settings.center_values else None, float(scaling),
-            self.key_key, self.value_key, self.settings.backend.value, self.settings.chunk, count,
-        )  # fmt: skip
 
     # ------------------------------------------------------------------ bookkeeping
     def get_seq_length(self) -> Any:

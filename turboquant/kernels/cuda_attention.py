@@ -406,24 +406,15 @@ def cuda_quantized_attention(
     the kernel reads on the device; ``mask`` then covers the full-precision tokens only). Inputs
     the kernel does not cover (see :func:`cuda_supports`) go to the Triton kernel.
     """
-    args = (query, keys, values, full_keys, full_values, scaling, mask, key_offset, value_offset, chunk)
-    if compressed_length is not None and keys is not None and keys.shape[-1] and (
-        not tuning.fused or not cuda_supports(query, keys, values, full_keys, full_values)
-    ):  # only the fused kernel reads the count: the others get the equivalent full mask
-        w = 0 if full_keys is None else full_keys.shape[-2]
-        full = length_mask(keys.shape[-1], compressed_length, mask, w)
-        return cuda_quantized_attention(*args[:6], full, *args[7:], tuning=tuning)
-    if not cuda_supports(query, keys, values, full_keys, full_values):
-        return _fallback(*args)
-    tune = tuning.variant is not None
-    mod = _module(query.device, tune)
-    if mod is None:
-        if compressed_length is not None:
-            w = 0 if full_keys is None else full_keys.shape[-2]
-            args = (*args[:6], length_mask(keys.shape[-1], compressed_length, mask, w), *args[7:])  # type: ignore[union-attr]
-        return _fallback(*args)
-    assert keys is not None and values is not None
     b, hq, l, d, n, w, hkv = attention_shapes(query, keys, values, full_keys, None)
+    tune = tuning.variant is not None
+    mod = _module(query.device, tune) if cuda_supports(query, keys, values, full_keys, full_values) else None
+    if compressed_length is not None and (mod is None or not tuning.fused):
+        # only the fused kernel reads the count: every other path gets the equivalent full mask
+        mask, compressed_length = length_mask(n, compressed_length, mask, w), None
+    if mod is None:
+        return _fallback(query, keys, values, full_keys, full_values, scaling, mask, key_offset, value_offset, chunk)
+    assert keys is not None and values is not None
     g = hq // hkv
     m = g * l
     bh = b * hkv
