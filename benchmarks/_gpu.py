@@ -47,6 +47,28 @@ def tuning_from(overrides: str | dict[str, Any]) -> TritonTuning:
     return dataclasses.replace(DEFAULT_TUNING, **fields)
 
 
+def random_llama(tiny: bool, device: str, **shape: Any) -> Any:
+    """A Llama with random bf16 weights built on ``device``; ``shape``: LlamaConfig fields (layers, widths, heads).
+
+    ``tiny``: 2 narrow layers (hidden 256, vocab 1,000) with the same head shapes and GQA group, a smoke test.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128256, rope_theta=500000.0, **shape)
+    if tiny:
+        group = cfg.num_attention_heads // cfg.num_key_value_heads
+        cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size = 2, 256, 512, 1000
+        cfg.num_attention_heads = group * cfg.num_key_value_heads
+    cfg._attn_implementation = "sdpa"
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16: no fp32 copy of the weights on the card
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def device_info() -> dict[str, Any]:
     """The card (name, SM count) and the library versions, next to :func:`_common.machine_info`."""
     import triton

@@ -25,7 +25,7 @@ from turboquant import KVCacheConfig
 from turboquant.codec import bytes_per_vector
 
 from _common import log, machine_info, table
-from _gpu import Sections, gpu_parser
+from _gpu import Sections, gpu_parser, random_llama
 
 KV_HEADS, HEAD_DIM = 8, 128
 BUDGET_GIB = 16
@@ -34,24 +34,10 @@ WINDOW_TOKENS = 128 + 32  # the cache's full-precision window + flush slack
 
 def llama_3b(tiny: bool, device: str) -> Any:
     """Llama-3.2-3B shapes with random bf16 weights (``tiny``: 2 narrow layers, same head shapes)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-        num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, vocab_size=128256, max_position_embeddings=131072,
-        rope_theta=500000.0, tie_word_embeddings=True,
+    return random_llama(
+        tiny, device, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+        num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, max_position_embeddings=131072, tie_word_embeddings=True,
     )  # fmt: skip
-    if tiny:
-        cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size = 2, 256, 512, 1000
-        cfg.num_attention_heads = 2 * KV_HEADS
-    cfg._attn_implementation = "sdpa"
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # built in bf16: no fp32 copy of 3B weights on the card
-    try:
-        with torch.device(device):
-            return LlamaForCausalLM(cfg).eval()
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def decode_speed(model: Any, cache: Any, batch: int, context: int, steps: int, device: str) -> dict[str, float]:

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from _common import log, machine_info, table
-from _gpu import Sections, gpu_parser
+from _gpu import Sections, gpu_parser, random_llama
 
 KV_HEADS, HEAD_DIM, LAYERS = 8, 128, 32
 GROUPED = "sdpa_grouped"
@@ -46,24 +46,10 @@ GROUPED = "sdpa_grouped"
 
 def llama_8b(tiny: bool, device: str) -> Any:
     """Llama-3.1-8B shapes with random bf16 weights (``tiny``: 2 narrow layers, same head shapes)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=LAYERS, num_attention_heads=32,
-        num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, vocab_size=128256, max_position_embeddings=1 << 20,
-        rope_theta=500000.0, tie_word_embeddings=False,
+    return random_llama(
+        tiny, device, hidden_size=4096, intermediate_size=14336, num_hidden_layers=LAYERS, num_attention_heads=32,
+        num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, max_position_embeddings=1 << 20, tie_word_embeddings=False,
     )  # fmt: skip
-    if tiny:
-        cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size = 2, 256, 512, 1000
-        cfg.num_attention_heads = 4 * KV_HEADS
-    cfg._attn_implementation = "sdpa"
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # built in bf16: no fp32 copy of the weights on the card
-    try:
-        with torch.device(device):
-            return LlamaForCausalLM(cfg).eval()
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def grouped_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
