@@ -127,6 +127,26 @@ def test_many_splits_window_offsets_fully_masked(ca, poisoned):
         assert relative_error(out, ref) < TOL
 
 
+@pytest.mark.parametrize("bits", [4, 3, 2])
+@pytest.mark.parametrize("d", [128, 64])
+def test_long_window_in_chunks(ca, poisoned, bits, d):
+    """A window longer than one finish chunk (300 tokens = 128 + 128 + 44), 8 query rows per kv head,
+    under a full mask, under a window-only mask with a device count, and with no compressed mass at all."""
+    from turboquant.kernels.layout import length_mask
+
+    b, hq, hkv, l, n, w = 2, 8, 2, 2, 3000, 300
+    q, k, v, fk, fv = _inputs(bits, d, b, hq, hkv, l, n, w, seed=11)
+    mask = torch.rand(b, 1, l, n + w, device="cuda") > 0.25
+    voff = torch.randn(b, hkv, d, device="cuda") * 0.3
+    _check(ca, q, k, v, fk, fv, mask, None, voff)
+    wm = torch.rand(b, 1, 1, w, device="cuda") > 0.4
+    for count in (2500, 0):
+        n_t = torch.tensor(count, device="cuda")
+        out = ca.cuda_quantized_attention(q, k, v, fk, fv, d**-0.5, wm, None, voff, compressed_length=n_t)
+        ref = float64_attention(q, k, v, fk, fv, d**-0.5, length_mask(n, n_t, wm, w), None, voff)
+        assert relative_error(out, ref) < TOL, count
+
+
 def test_per_head_mask_and_fully_masked_rows(ca, poisoned):
     b, hq, hkv, l, n = 1, 8, 2, 2, 300
     q, k, v, fk, fv = _inputs(4, 128, b, hq, hkv, l, n, 0)

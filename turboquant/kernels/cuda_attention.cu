@@ -633,19 +633,20 @@ __host__ __device__ constexpr int qs_offset() {
 // Last CTA of a (batch, kv head, row block): merge the partials of all splits (read through L2)
 // into fin_acc [8][D] (rotated domain, unnormalised) and fin_ml [8][2] (max base 2, sum).
 template <int D, int NW>
-__device__ __forceinline__ void merge_splits(const Params& p, int bh, int rb, int rows, float* fin_acc, float* fin_ml) {
+__device__ __forceinline__ void merge_splits(const Params& p, int bh, int rb, int rows, int first, int count, float* fin_acc,
+                                             float* fin_ml) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const long long rs = p.ac + 2;
   const long long ss = (long long)p.m * rs;
-  const float* base = p.part + (long long)bh * p.splits * ss + (long long)(rb * 8) * rs;
+  const float* base = p.part + ((long long)bh * (p.splits + p.wsplits) + first) * ss + (long long)(rb * 8) * rs;
   for (int row = warp; row < rows; row += NW) {
     const float* pr = base + row * rs + p.ac;
     float mt = -INFINITY;
-    for (int s = lane; s < p.splits; s += 32) mt = fmaxf(mt, __ldcg(pr + s * ss));
+    for (int s = lane; s < count; s += 32) mt = fmaxf(mt, __ldcg(pr + s * ss));
     mt = warp_max(mt);
     const float ms = (mt == -INFINITY) ? 0.f : mt;
     float l = 0.f;
-    for (int s = lane; s < p.splits; s += 32) l += ex2(__ldcg(pr + s * ss) - ms) * __ldcg(pr + s * ss + 1);
+    for (int s = lane; s < count; s += 32) l += ex2(__ldcg(pr + s * ss) - ms) * __ldcg(pr + s * ss + 1);
     l = warp_sum(l);
     if (lane == 0) { fin_ml[2 * row] = mt; fin_ml[2 * row + 1] = l; }
   }
@@ -657,20 +658,121 @@ __device__ __forceinline__ void merge_splits(const Params& p, int bh, int rb, in
     const float* pr = base + row * rs;
     float a = 0.f;
 #pragma unroll 8
-    for (int s = 0; s < p.splits; ++s) a += ex2(__ldcg(pr + s * ss + p.ac) - ms) * __ldcg(pr + s * ss + p.ac - D + col);
+    for (int s = 0; s < count; ++s) a += ex2(__ldcg(pr + s * ss + p.ac) - ms) * __ldcg(pr + s * ss + p.ac - D + col);
     fin_acc[row * D + col] = a;
   }
 }
 
-// Fused finish of one (batch, kv head, row block) from fin_acc / fin_ml: out = (acc @ Pi_v + l * voff
-// + window) / l, written in the query dtype. Rows with no mass (fully masked) give 0.
+// Window chunk ``wi`` (done by compressed split ``wi % splits`` before its own tokens): attention of the
+// CTA's query rows over WINDOW_TOKENS full-precision tokens, written as one more partial after the splits'
+// (unrotated domain: merged after the finish rotates the compressed mass back). Keys, values and the mask
+// are all requested before the first is used (one memory round trip).
 template <int D, int NW, bool MASK>
-__device__ __forceinline__ void finish(const Params& p, int b, int h, int bh, int rb, int rows, float* fin_acc,
-                                    float* fin_ml, float* fin_out) {
+__device__ __noinline__ void window_chunk(const Params& p, int b, int h, int bh, int rb, int rows, int wi, float* smem) {
+  constexpr int NT = NW * 32, WT = WINDOW_TOKENS, DL = D / 32, TPW = WT / NW, TG = NT / D, TPT = WT / TG;
+  static_assert(WT == 32 && NT % D == 0 && WT % TG == 0 && NW <= WT, "window split mapping");
+  static_assert((8 * D + 8 * WT + 16 + TG * 8 * D) * 4 <= merge_bytes<D, NW>(), "below the finish's buffers");
+  float* qraw = smem;                // [8][D]
+  float* wsc = qraw + 8 * D;         // [8][WT] mask, then scores, then probabilities
+  float* wml = wsc + 8 * WT;         // [8][2] max (base 2), sum
+  float* wpart = wml + 16;           // [TG][8][D] value partials of the token groups
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int w0 = wi * WT, cnt = min(WT, p.w - w0);
+  const bool wm = MASK || p.wmask;  // wmask: the mask covers the window tokens only
+  const long long fkb = b * p.fk_sb + h * p.fk_sh + (long long)w0 * p.fk_sw;
+  const long long fvb = b * p.fv_sb + h * p.fv_sh + (long long)w0 * p.fv_sw;
+  for (int i = threadIdx.x; i < 8 * D; i += NT) {
+    const int row = rb * 8 + i / D;
+    qraw[i] = row < p.m ? load_f(p.q, ((long long)bh * p.m + row) * D + i % D, p.q_kind) : 0.f;
+  }
+  float kv[TPW][DL];
+#pragma unroll
+  for (int u = 0; u < TPW; ++u)
+#pragma unroll
+    for (int k = 0; k < DL; ++k) {
+      const int t = warp + u * NW;
+      kv[u][k] = t < cnt ? load_f(p.fk, fkb + (long long)t * p.fk_sw + lane + 32 * k, p.fk_kind) : 0.f;
+    }
+  const int j = threadIdx.x % D, tg = threadIdx.x / D;  // the value pass: one column, every TG-th token
+  float v[TPT];
+#pragma unroll
+  for (int u = 0; u < TPT; ++u) {
+    const int t = tg + u * TG;
+    v[u] = t < cnt ? load_f(p.fv, fvb + (long long)t * p.fv_sw + j, p.fv_kind) : 0.f;
+  }
+  for (int i = threadIdx.x; i < 8 * WT; i += NT) {  // the mask (0 without one, -inf past the window)
+    const int r = i / WT, t = i % WT, qrow = rb * 8 + r;
+    float x = (t < cnt && r < rows) ? 0.f : -INFINITY;
+    if (wm && t < cnt && r < rows) {
+      const long long mrow = b * p.sm_b + (long long)(h * p.g + qrow / p.l) * p.sm_h + (long long)(qrow % p.l) * p.sm_l;
+      x = load_mask(p, mrow + (long long)((MASK ? p.n : 0) + w0 + t) * p.sm_t, p.mask_kind);
+    }
+    wsc[i] = x;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int u = 0; u < TPW; ++u) {
+    const int t = warp + u * NW;
+#pragma unroll
+    for (int r = 0; r < 8; ++r) {
+      if (r >= rows) break;
+      float d = 0.f;
+#pragma unroll
+      for (int k = 0; k < DL; ++k) d = fmaf(qraw[r * D + lane + 32 * k], kv[u][k], d);
+      d = warp_sum(d);
+      if (lane == 0 && t < cnt) wsc[r * WT + t] += d * p.scale2;
+    }
+  }
+  __syncthreads();
+  for (int r = warp; r < 8; r += NW) {  // WT == 32: one token per lane
+    const float x = wsc[r * WT + lane];
+    const float mx = warp_max(x), ms = (mx == -INFINITY) ? 0.f : mx;
+    const float e = ex2(x - ms);
+    wsc[r * WT + lane] = e;
+    const float l = warp_sum(e);
+    if (lane == 0) {
+      wml[2 * r] = mx;
+      wml[2 * r + 1] = l;
+    }
+  }
+  __syncthreads();
+  {
+    float a[8];
+#pragma unroll
+    for (int r = 0; r < 8; ++r) a[r] = 0.f;
+#pragma unroll
+    for (int u = 0; u < TPT; ++u)
+#pragma unroll
+      for (int r = 0; r < 8; ++r) a[r] = fmaf(wsc[r * WT + tg + u * TG], v[u], a[r]);
+#pragma unroll
+    for (int r = 0; r < 8; ++r) wpart[(tg * 8 + r) * D + j] = a[r];
+  }
+  __syncthreads();
+  float* out = p.part + ((long long)bh * (p.splits + p.wsplits) + p.splits + wi) * p.m * (p.ac + 2);
+  for (int idx = threadIdx.x; idx < rows * (D + 2); idx += NT) {
+    const int r = idx / (D + 2), col = idx % (D + 2);
+    float* o = out + (long long)(rb * 8 + r) * (p.ac + 2);
+    if (col < D) {
+      float a = 0.f;
+#pragma unroll
+      for (int g = 0; g < TG; ++g) a += wpart[(g * 8 + r) * D + col];
+      o[p.ac - D + col] = a;
+    } else {
+      o[p.ac + col - D] = wml[2 * r + col - D];
+    }
+  }
+}
+
+// Fused finish of one (batch, kv head, row block) from fin_acc / fin_ml: out = (acc @ Pi_v + l * voff,
+// merged with the window partials) / l, written in the query dtype. Rows with no mass (fully masked) give 0.
+template <int D, int NW>
+__device__ __forceinline__ void finish(const Params& p, int bh, int rb, int rows, float* fin_acc, float* fin_ml,
+                                       float* fin_out, float* scratch) {
   constexpr int NT = NW * 32;
   constexpr int RG = NT / D, RPT = 8 / RG;  // row groups of D threads (one output column each), rows per thread
   static_assert(NT % D == 0 && RG >= 1 && RG <= 8, "finish mapping");
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  static_assert((8 * D + 16) * 4 <= merge_bytes<D, NW>(), "window merge fits the merge area");
+  if (p.wsplits > 0) merge_splits<D, NW>(p, bh, rb, rows, p.splits, p.wsplits, scratch, scratch + 8 * D);
   {
     const int j = threadIdx.x % D, rg = threadIdx.x / D;
     float o[RPT];
@@ -690,61 +792,46 @@ __device__ __forceinline__ void finish(const Params& p, int b, int h, int bh, in
     }
   }
   __syncthreads();
-  if (p.w > 0) {  // full-precision window: one warp per query row, 32 tokens (one per lane) at a time
-    for (int row = warp; row < rows; row += NW) {
-      const int qrow = rb * 8 + row;
-      const long long qo = ((long long)bh * p.m + qrow) * D;  // the unrotated query
-      long long mrow = 0;
-      const bool wm = MASK || p.wmask;  // wmask: a mask over the window tokens only
-      if (wm) mrow = b * p.sm_b + (long long)(h * p.g + qrow / p.l) * p.sm_h + (long long)(qrow % p.l) * p.sm_l;
-      float m = fin_ml[2 * row], l = fin_ml[2 * row + 1];
-      float acc[D / 32];
-#pragma unroll
-      for (int k = 0; k < D / 32; ++k) acc[k] = fin_out[row * D + lane + 32 * k];
-      const long long fkb = b * p.fk_sb + h * p.fk_sh, fvb = b * p.fv_sb + h * p.fv_sh;
-      for (int w0 = 0; w0 < p.w; w0 += 32) {
-        const int t = w0 + lane;
-        float sc = -INFINITY;
-        if (t < p.w) {
-          float dot = 0.f;
-          const long long ko = fkb + t * p.fk_sw;
-#pragma unroll 8
-          for (int c = 0; c < D; ++c) dot = fmaf(load_f(p.q, qo + c, p.q_kind), load_f(p.fk, ko + c, p.fk_kind), dot);
-          sc = dot * p.scale2;
-          if (wm) sc += load_mask(p, mrow + (long long)((MASK ? p.n : 0) + t) * p.sm_t, p.mask_kind);
-        }
-        const float mn = fmaxf(m, warp_max(sc));
-        const float msafe = (mn == -INFINITY) ? 0.f : mn;
-        const float alpha = ex2(m - msafe);
-        const float pr = ex2(sc - msafe);
-        l = l * alpha + warp_sum(pr);
-#pragma unroll
-        for (int k = 0; k < D / 32; ++k) acc[k] *= alpha;
-        const int cnt = min(32, p.w - w0);
-        for (int u = 0; u < cnt; ++u) {
-          const float pu = __shfl_sync(0xffffffffu, pr, u);
-          const long long vo = fvb + (w0 + u) * p.fv_sw;
-#pragma unroll
-          for (int k = 0; k < D / 32; ++k) acc[k] = fmaf(pu, load_f(p.fv, vo + lane + 32 * k, p.fv_kind), acc[k]);
-        }
-        m = mn;
-      }
-#pragma unroll
-      for (int k = 0; k < D / 32; ++k) fin_out[row * D + lane + 32 * k] = acc[k];
-      if (lane == 0) fin_ml[2 * row + 1] = l;
-    }
-    __syncthreads();
-  }
   for (int idx = threadIdx.x; idx < rows * D; idx += NT) {
-    const int row = idx / D, col = idx % D;
-    const float l = fin_ml[2 * row + 1];
-    store_f(p.out, ((long long)bh * p.m + rb * 8 + row) * D + col, p.out_kind, fin_out[idx] / (l > 0.f ? l : 1.f));
+    const int row = idx / D;
+    float a = fin_out[idx], l = fin_ml[2 * row + 1];
+    if (p.wsplits > 0) {  // two partials (compressed, window), each with its own maximum
+      const float* wml = scratch + 8 * D;
+      const float mc = fin_ml[2 * row], mw = wml[2 * row], mt = fmaxf(mc, mw), ms = (mt == -INFINITY) ? 0.f : mt;
+      const float fc = ex2(mc - ms), fw = ex2(mw - ms);
+      a = a * fc + scratch[idx] * fw;
+      l = l * fc + wml[2 * row + 1] * fw;
+    }
+    store_f(p.out, ((long long)bh * p.m + rb * 8) * D + idx, p.out_kind, a / (l > 0.f ? l : 1.f));
   }
+}
+
+// After a CTA wrote its partial: the last CTA of its (batch, kv head, row block) merges and finishes.
+template <int D, int NW>
+__device__ __forceinline__ void arrive_and_finish(const Params& p, int bh, int rb, int rows, bool direct) {
+  float* fin_acc = reinterpret_cast<float*>(reinterpret_cast<char*>(tq_smem) + merge_bytes<D, NW>());  // [8][D]
+  float* fin_out = fin_acc + 8 * D;                                                                     // [8][D]
+  float* fin_ml = fin_out + 8 * D;                                                                      // [8][2]
+  if (!direct) {
+    // threadfence reduction: the last CTA to arrive reads every partial (through L2)
+    __shared__ int is_last;
+    __threadfence();
+    __syncthreads();
+    int* cnt = p.counter + (long long)bh * gridDim.z + rb;
+    if (threadIdx.x == 0) is_last = atomicAdd(cnt, 1) == p.splits - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    merge_splits<D, NW>(p, bh, rb, rows, 0, p.splits, fin_acc, fin_ml);
+    if (threadIdx.x == 0) *cnt = 0;  // ready for the next launch (and the next graph replay)
+  }
+  __syncthreads();
+  finish<D, NW>(p, bh, rb, rows, fin_acc, fin_ml, fin_out, reinterpret_cast<float*>(tq_smem));
 }
 
 // PF: 0 plain loads, 1 two register buffers, 2 cp.async one iteration ahead (AsyncOK configs; else 0).
 template <int KBITS, int VBITS, int D, int NW, int T, bool MASK, int PF_, int DEC>
-__global__ void __launch_bounds__(NW * 32) decode_kernel(const Params p) {
+__global__ void __launch_bounds__(NW * 32) decode_kernel(const __grid_constant__ Params p) {
   constexpr int PF = (PF_ == 2 && !AsyncOK<KBITS, VBITS, D>::value) ? 0 : PF_;
   constexpr int KS = Geo<KBITS, D>::KS;
   constexpr int VT = D / 16;
@@ -754,6 +841,11 @@ __global__ void __launch_bounds__(NW * 32) decode_kernel(const Params p) {
   const int gid = lane >> 2, t4 = lane & 3;
   const int split = blockIdx.x, bh = blockIdx.y, rb = blockIdx.z;
   const int b = bh / p.hkv, h = bh % p.hkv;
+  // this split's share of the window partials, first: the decode table then takes the shared memory
+  for (int wi = split; wi < p.wsplits; wi += p.splits) {
+    window_chunk<D, NW, MASK>(p, b, h, bh, rb, min(8, p.m - rb * 8), wi, reinterpret_cast<float*>(tq_smem));
+    __syncthreads();
+  }
   const int start = split * p.tps;
   const int nval = p.n_dev != nullptr ? max(0, min(*p.n_dev, p.n)) : p.n;  // a CUDA graph replays with the current count
   const int stop = min(start + p.tps, nval);
@@ -961,7 +1053,7 @@ __global__ void __launch_bounds__(NW * 32) decode_kernel(const Params p) {
   __syncthreads();
   const int rows = min(8, p.m - rb * 8);
   const bool direct = p.fused && p.splits == 1;  // one split: finish straight from shared memory
-  float* out = p.part + ((long long)bh * p.splits + split) * p.m * (p.ac + 2);
+  float* out = p.part + ((long long)bh * (p.splits + p.wsplits) + split) * p.m * (p.ac + 2);
   for (int idx = threadIdx.x; idx < rows * (D + 2); idx += NT) {
     const int row = idx / (D + 2), col = idx % (D + 2);
     float mt = -INFINITY;
@@ -987,21 +1079,7 @@ __global__ void __launch_bounds__(NW * 32) decode_kernel(const Params p) {
     }
   }
   if (!p.fused) return;
-  if (!direct) {
-    // last CTA of this (batch, kv head, row block) to finish does the merge (threadfence reduction)
-    __shared__ int is_last;
-    __threadfence();
-    __syncthreads();
-    int* cnt = p.counter + (long long)bh * gridDim.z + rb;
-    if (threadIdx.x == 0) is_last = atomicAdd(cnt, 1) == p.splits - 1;
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    merge_splits<D, NW>(p, bh, rb, rows, fin_acc, fin_ml);
-    if (threadIdx.x == 0) *cnt = 0;  // ready for the next launch (and the next graph replay)
-  }
-  __syncthreads();
-  finish<D, NW, MASK>(p, b, h, bh, rb, rows, fin_acc, fin_ml, fin_out);
+  arrive_and_finish<D, NW>(p, bh, rb, rows, direct);
 }
 
 }  // namespace tq

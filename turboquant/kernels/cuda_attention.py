@@ -61,6 +61,7 @@ _SOURCE = _HERE / "cuda_attention.cu"
 _HEADER = _HERE / "cuda_attention.cuh"
 _WIDTHS = ((4, 4), (3, 3), (2, 2))
 _DIMS = (64, 128)
+WINDOW_TOKENS = 32  # full-precision tokens per window chunk: tq::WINDOW_TOKENS (cuda_attention.cuh)
 
 
 _BINDING = r"""
@@ -91,6 +92,8 @@ static tq::Params make_params(const std::vector<int64_t>& c) {
   p.tps = (int)c[23]; p.splits = (int)c[24];
   for (int i = 0; i < 4; ++i) { p.ktab[i] = (uint32_t)c[25 + i]; p.vtab[i] = (uint32_t)c[29 + i]; }
   for (int i = 0; i < 16; ++i) { p.kcent[i] = (unsigned short)c[33 + i]; p.vcent[i] = (unsigned short)c[49 + i]; }
+  TORCH_CHECK(c.size() == 67 && c[66] == tq::WINDOW_TOKENS, "turboquant CUDA decode: window split size mismatch");
+  p.wsplits = (int)c[65];
   return p;
 }
 
@@ -461,8 +464,12 @@ def cuda_quantized_attention(
     tps = _cdiv(_cdiv(n, splits), per_cta) * per_cta  # whole iterations for every warp
     splits = _cdiv(n, tps)
     ac = 16 + d
-    # partials of the splits (not written when the fused finish runs on a single split)
-    parts = _empty(*((1,) if tuning.fused and splits == 1 else (bh, splits, m, ac + 2)), dtype=torch.float32, device=dev)
+    # fused: the window in chunks of WINDOW_TOKENS, chunk i attended by split i % splits before its tokens
+    wsplits = _cdiv(w, WINDOW_TOKENS) if tuning.fused else 0
+    # partials of the splits (none when one split finishes from its shared memory), then of the window chunks
+    direct = tuning.fused and splits == 1
+    nparts = (0 if direct else splits) + wsplits
+    parts = _empty(*((bh, splits + wsplits, m, ac + 2) if nparts else (1,)), dtype=torch.float32, device=dev)
 
     ktab, kcent = _tables(d, kb)
     vtab, vcent = _tables(d, vb)
@@ -473,13 +480,13 @@ def cuda_quantized_attention(
         vc.stride(0), vc.stride(1), vc.stride(2),
         vn.stride(0), vn.stride(1), vn.stride(2),
         *ms, kind, ac, n, hkv, m, l, g, tps, splits,
-        *ktab, *vtab, *kcent, *vcent,
+        *ktab, *vtab, *kcent, *vcent, wsplits, WINDOW_TOKENS,
     ]  # fmt: skip
     v = [kb, vb, d, bh, rblocks, nw, tiles, pf, dec]
     rt = _rotation_t(kcfg, dev)
     if tuning.fused:
         # one launch: the last CTA of each (batch, kv head, row block) merges the splits, rotates back,
-        # adds the value offset and the full-precision window, and writes the output
+        # adds the value offset, merges the window chunks and writes the output
         out = _empty(b, hkv, m, d, dtype=query.dtype, device=dev)
         odt = out if out.dtype in (torch.float32, torch.float16, torch.bfloat16) else None
         if odt is None:  # other query dtypes: computed in float32, cast after
@@ -493,7 +500,7 @@ def cuda_quantized_attention(
                 fk = fk.float().contiguous()
             if fv.dtype not in (torch.float32, torch.float16, torch.bfloat16) or fv.stride(-1) != 1:
                 fv = fv.float().contiguous()
-        counter = _counters(bh * rblocks, dev) if splits > 1 else _counters(1, dev)
+        counter = _counters(bh * rblocks, dev) if not direct else _counters(1, dev)
         mod.decode(qin, qoff, kc, kn, vc, vn, mask4, parts, scale2, c, v, rt, out, counter, _rotation(vcfg, dev), voff, fk, fv,
                    ndev, wmask)  # fmt: skip
         if odt is None:
