@@ -174,6 +174,28 @@ def test_static_matches_dynamic_cache(model, ids, extra) -> None:
     torch.testing.assert_close(logits, dyn_logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "head_dim,heads,kv_heads,key_bits,value_bits",
+    [(80, 4, 4, 2.5, 2), (96, 8, 1, 3, 3), (256, 2, 2, 1, 8), (64, 8, 2, 1.5, 5)],
+    ids=["d80-gqa1-frac", "d96-gqa8", "d256-w1w8", "d64-gqa4-frac-w5"],
+)
+def test_static_matches_dynamic_cache_other_shapes(head_dim, heads, kv_heads, key_bits, value_bits) -> None:
+    """Head dims, GQA groups 1..8, fractional and generic widths: the static cache attends exactly as the dynamic one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    cfg = LlamaConfig(hidden_size=heads * head_dim, intermediate_size=256, num_hidden_layers=2, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=300, max_position_embeddings=512)  # fmt: skip
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 300, (2, PROMPT), generator=torch.Generator().manual_seed(4))
+    settings = dict(SETTINGS, key_bits=key_bits, value_bits=value_bits)
+    dyn_tokens, dyn_logits = _greedy(model, ids, TurboQuantCache(model.config, flush_every=0, **settings), steps=6)
+    tokens, logits = _greedy(model, ids, TurboQuantStaticCache(model.config, max_cache_len=CAP, **settings), steps=6)
+    assert torch.equal(tokens, dyn_tokens)
+    torch.testing.assert_close(logits, dyn_logits, rtol=1e-4, atol=1e-4)
+
+
 def test_chunked_prefill_leaves_the_same_decode_state() -> None:
     """Without prompt statistics (no centering/scale), chunked and one-shot prefill of the same
     keys/values write the same codes and window slots; decode steps then keep the ring right."""
