@@ -665,8 +665,7 @@ __device__ __forceinline__ void merge_splits(const Params& p, int bh, int rb, in
 
 // Window chunk ``wi`` (done by compressed split ``wi % splits`` before its own tokens): attention of the
 // CTA's query rows over WINDOW_TOKENS full-precision tokens, written as one more partial after the splits'
-// (unrotated domain: merged after the finish rotates the compressed mass back). Keys, values and the mask
-// are all requested before the first is used (one memory round trip).
+// (unrotated domain: merged after the finish rotates the compressed mass back).
 template <int D, int NW, bool MASK>
 __device__ __noinline__ void window_chunk(const Params& p, int b, int h, int bh, int rb, int rows, int wi, float* smem) {
   constexpr int NT = NW * 32, WT = WINDOW_TOKENS, DL = D / 32, TPW = WT / NW, TG = NT / D, TPT = WT / TG;
@@ -681,9 +680,15 @@ __device__ __noinline__ void window_chunk(const Params& p, int b, int h, int bh,
   const bool wm = MASK || p.wmask;  // wmask: the mask covers the window tokens only
   const long long fkb = b * p.fk_sb + h * p.fk_sh + (long long)w0 * p.fk_sw;
   const long long fvb = b * p.fv_sb + h * p.fv_sh + (long long)w0 * p.fv_sw;
-  for (int i = threadIdx.x; i < 8 * D; i += NT) {
-    const int row = rb * 8 + i / D;
-    qraw[i] = row < p.m ? load_f(p.q, ((long long)bh * p.m + row) * D + i % D, p.q_kind) : 0.f;
+  // every global load into registers first, the shared stores after: nothing orders a load behind a
+  // store, so the whole chunk costs one memory round trip
+  constexpr int QPT = 8 * D / NT, MPT = 8 * WT / NT;
+  static_assert(8 * D % NT == 0 && 8 * WT % NT == 0, "window chunk loads");
+  float qv[QPT];
+#pragma unroll
+  for (int u = 0; u < QPT; ++u) {
+    const int i = threadIdx.x + u * NT, row = rb * 8 + i / D;
+    qv[u] = row < p.m ? load_f(p.q, ((long long)bh * p.m + row) * D + i % D, p.q_kind) : 0.f;
   }
   float kv[TPW][DL];
 #pragma unroll
@@ -700,15 +705,21 @@ __device__ __noinline__ void window_chunk(const Params& p, int b, int h, int bh,
     const int t = tg + u * TG;
     v[u] = t < cnt ? load_f(p.fv, fvb + (long long)t * p.fv_sw + j, p.fv_kind) : 0.f;
   }
-  for (int i = threadIdx.x; i < 8 * WT; i += NT) {  // the mask (0 without one, -inf past the window)
-    const int r = i / WT, t = i % WT, qrow = rb * 8 + r;
-    float x = (t < cnt && r < rows) ? 0.f : -INFINITY;
-    if (wm && t < cnt && r < rows) {
+  float mv[MPT];  // the mask (0 without one, -inf past the window or the CTA's rows)
+#pragma unroll
+  for (int u = 0; u < MPT; ++u) {
+    const int i = threadIdx.x + u * NT, r = i / WT, t = i % WT, qrow = rb * 8 + r;
+    const bool in = t < cnt && r < rows;
+    mv[u] = in ? 0.f : -INFINITY;
+    if (wm && in) {
       const long long mrow = b * p.sm_b + (long long)(h * p.g + qrow / p.l) * p.sm_h + (long long)(qrow % p.l) * p.sm_l;
-      x = load_mask(p, mrow + (long long)((MASK ? p.n : 0) + w0 + t) * p.sm_t, p.mask_kind);
+      mv[u] = load_mask(p, mrow + (long long)((MASK ? p.n : 0) + w0 + t) * p.sm_t, p.mask_kind);
     }
-    wsc[i] = x;
   }
+#pragma unroll
+  for (int u = 0; u < QPT; ++u) qraw[threadIdx.x + u * NT] = qv[u];
+#pragma unroll
+  for (int u = 0; u < MPT; ++u) wsc[threadIdx.x + u * NT] = mv[u];
   __syncthreads();
 #pragma unroll
   for (int u = 0; u < TPW; ++u) {
