@@ -18,7 +18,8 @@ Random bf16 weights (32 layers, hidden 4096, 32 query / 8 KV heads, head_dim 128
   ``TurboQuantStaticCache``; the ratio is the claim (target >= 3.8x).
 * ``eager`` — the plain eager loop (``model(...)`` per token, host-bound like ``generate``):
   ``TurboQuantCache`` vs ``DynamicCache`` at the same batch/context, ``--eager-steps`` steps,
-  interleaved runs.
+  interleaved runs, then ``--runs × --eager-steps`` paired steps (the sides take turns every step,
+  order alternating; median ms per step each, ``paired_speedup``).
 
     PYTHONPATH=. python benchmarks/gpu_e2e_static.py --out $OUT                          # everything
     PYTHONPATH=. python benchmarks/gpu_e2e_static.py --sections compiled --out $OUT      # one part
@@ -319,6 +320,25 @@ def run_eager(model: Any, args: Any) -> dict[str, Any]:
     a, b = res["dynamic_bf16"]["tokens_per_s"], res["turboquant_k4v4"]["tokens_per_s"]
     res["speedup_per_run"] = [y / x for x, y in zip(a, b)]
     res["speedup_median"] = statistics.median(res["speedup_per_run"])
+    # paired steps: the sides take turns one step at a time (order alternating), so host drift hits both alike
+    ids = {name: torch.zeros(args.batch, 1, dtype=torch.long, device=dev) for name in sides}
+    paired: dict[str, list[float]] = {name: [] for name in sides}
+    names = list(sides)
+    for i in range(args.eager_steps * args.runs):
+        for name in names if i % 2 == 0 else names[::-1]:
+            cache, attn = sides[name]
+            set_attention(model, attn)
+            pos = torch.full((args.batch, 1), args.context + steps_done[name], device=dev, dtype=torch.long)
+            sync(dev)
+            t0 = time.perf_counter()
+            ids[name] = _eager_step(model, cache)(ids[name], pos)
+            sync(dev)
+            paired[name].append((time.perf_counter() - t0) * 1e3)
+            steps_done[name] += 1
+    for name in names:
+        res[name]["paired_ms_per_step_median"] = statistics.median(paired[name])
+    res["paired_speedup"] = res["dynamic_bf16"]["paired_ms_per_step_median"] / res["turboquant_k4v4"]["paired_ms_per_step_median"]
+    log(f"eager paired steps ({len(paired[names[0]])} each): {res['paired_speedup']:.2f}x")
     sides.clear()
     if dev == "cuda":
         torch.cuda.empty_cache()
@@ -396,9 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         if sec in results:
             r = results[sec]
             rows.append([sec, *(", ".join(f"{x:.0f}" for x in r[k]["tokens_per_s"]) for k in (base, tq)),
-                         ", ".join(f"{x:.2f}" for x in r["speedup_per_run"]), r["speedup_median"]])  # fmt: skip
+                         ", ".join(f"{x:.2f}" for x in r["speedup_per_run"]), r["speedup_median"], r.get("paired_speedup", "")])  # fmt: skip
     if rows:
-        print(table(rows, ["section", "bf16 tokens/s", "turboquant tokens/s", "speedup per run", "median"]))
+        print(table(rows, ["section", "bf16 tokens/s", "turboquant tokens/s", "speedup per run", "median", "paired steps"]))
     if "budget" in results:
         b = results["budget"]
         print(f"longest context in {b['budget_gib']} GiB (batch {b['batch']}): bf16 {b['bf16_static']['max_context']}, "
