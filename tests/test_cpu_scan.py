@@ -115,7 +115,7 @@ def test_ties_go_to_the_smaller_position_for_any_split(monkeypatch: pytest.Monke
             np.testing.assert_array_equal(np.sort(pos, 1), _reference_top(expected[rows], 50))
 
 
-@pytest.mark.parametrize("variant", ["avx2", "scalar"])
+@pytest.mark.parametrize("variant", ["avx512bw", "avx2", "scalar"])
 def test_simd_and_portable_builds_agree(variant: str) -> None:
     other = load_scan_library(variant)
     if other is None:
@@ -123,10 +123,14 @@ def test_simd_and_portable_builds_agree(variant: str) -> None:
     for dim, bits, scan_bits in CASES:
         *_, a = _mirror(dim, bits, scan_bits, 555, l2=True)
         *_, b = _mirror(dim, bits, scan_bits, 555, lib=other, l2=True)
-        np.testing.assert_array_equal(a.blocks, b.blocks)
+        if LIB.tq_scan_mpad() == other.tq_scan_mpad():  # same layout (else the VNNI rows differ by design)
+            np.testing.assert_array_equal(a.blocks, b.blocks)
         q = np.random.default_rng(6).standard_normal((9, dim)).astype(np.float32)
         lut, *_ = a.luts(q)
-        np.testing.assert_array_equal(a.sums(lut), b.sums(lut))
+        lut_b, *_ = b.luts(q)
+        m = min(lut.shape[1], lut_b.shape[1])  # padding positions differ with the layout, and are 0
+        np.testing.assert_array_equal(lut[:, :m], lut_b[:, :m])
+        np.testing.assert_array_equal(a.sums(lut), b.sums(lut_b))
         for x, y in zip(a.search(q, 25), b.search(q, 25)):
             np.testing.assert_array_equal(np.sort(x, 1), np.sort(y, 1))
 

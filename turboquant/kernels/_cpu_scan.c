@@ -33,13 +33,29 @@
 #if defined(__AVX2__) || defined(__AVX512BW__)
 #include <immintrin.h>
 #endif
+/* Layout 1 (AVX-512 VBMI + VNNI; TQ_NO_VNNI keeps layout 0 for tests): 16-vector sub-blocks whose
+ * 64-byte rows hold 8 positions of 16 vectors (byte 4i + t: vector i, low nibble position 8r + t,
+ * high nibble 8r + 4 + t). One vpermb with a 64-byte table (4 positions x 16 entries) looks up 64
+ * nibbles of 16 vectors at 4 positions, and vpdpbusd adds each vector's 4 bytes into its uint32
+ * sum: 4 ops per 128 lookups instead of 8, no uint16 flushes, no even/odd fold. */
+#if defined(__AVX512VBMI__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(TQ_NO_VNNI)
+#define TQ_VNNI 1
+#define MPAD 8 /* positions padded to whole rows of 8 */
+#else
+#define MPAD 2
+#endif
 
 #define BV 64      /* vectors per block */
 #define FLUSH 256  /* positions summed in uint16 before folding into uint32 */
 #define PREFETCH 4096 /* bytes ahead: a single query streams the codes from L3 (d=384: 2x faster) */
 
+/* Positions per row of the layout: the caller pads M to a multiple of it (zero tables). */
+int tq_scan_mpad(void) { return MPAD; }
+
 int tq_scan_isa(void) {
-#if defined(__AVX512BW__)
+#if defined(TQ_VNNI)
+    return 513;
+#elif defined(__AVX512BW__)
     return 512;
 #elif defined(__AVX2__)
     return 256;
@@ -59,6 +75,21 @@ static inline int slot_of(int v) {
  * into the blocked layout. Blocks touched must exist; their other vectors are left as they are. */
 void tq_scan_pack(const uint8_t *nib, int64_t rows, int64_t row_bytes, int64_t M, int64_t Mp, int64_t first,
                   uint8_t *blocks) {
+#if defined(TQ_VNNI)
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t g = first + r, v = g % BV;
+        uint8_t *sub = blocks + (g / BV) * (Mp / 2) * BV + (v / 16) * (Mp / 8) * 64 + 4 * (v % 16);
+        const uint8_t *src = nib + r * row_bytes;
+        for (int64_t row = 0; row < Mp / 8; row++)
+            for (int t = 0; t < 4; t++) {
+                int64_t ml = 8 * row + t, mh = ml + 4;
+                uint8_t lo = ml < M ? (uint8_t)((src[ml >> 1] >> (4 * (ml & 1))) & 15) : 0;
+                uint8_t hi = mh < M ? (uint8_t)((src[mh >> 1] >> (4 * (mh & 1))) & 15) : 0;
+                sub[row * 64 + t] = (uint8_t)(lo | (hi << 4));
+            }
+    }
+    return;
+#endif
     for (int64_t r = 0; r < rows; r++) {
         int64_t g = first + r;
         uint8_t *blk = blocks + (g / BV) * (Mp / 2) * BV + slot_of((int)(g % BV));
@@ -124,7 +155,64 @@ int tq_scan_luts(const float *q, int64_t nq, int64_t d, const int32_t *coords, c
 
 /* ------------------------------------------------------------------ sums of one block */
 
-#if defined(__AVX512BW__)
+#if defined(TQ_VNNI)
+#define QB 4
+/* Sums of the 64 vectors of a block (4 sub-blocks of 16) for nqg queries: out[64k + v]. Rows
+ * outer, sub-blocks inner: 4·nqg independent accumulators hide vpdpbusd's latency. */
+static inline __attribute__((always_inline)) void block_sums(const uint8_t *blk, const uint8_t *const *lut,
+                                                             int64_t Mp, uint32_t *out, const int nqg) {
+    const __m512i mask = _mm512_set1_epi8(0x0f), tsel = _mm512_set1_epi32(0x30201000), ones = _mm512_set1_epi8(1);
+    const int64_t rows = Mp / 8, sub = rows * 64;
+    if (nqg == 1) { /* one query streams the codes (from L3): read them in order, 4 chains per sub-block */
+        for (int s = 0; s < 4; s++) {
+            __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                            _mm512_setzero_si512()};
+            const uint8_t *sb = blk + s * sub;
+            int64_t r = 0;
+            for (; r < rows; r++) {
+                _mm_prefetch((const char *)(sb + r * 64 + PREFETCH), _MM_HINT_T0);
+                __m512i c = _mm512_loadu_si512((const void *)(sb + r * 64));
+                __m512i lo = _mm512_ternarylogic_epi32(c, mask, tsel, 0xEA);
+                __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(c, 4), mask, tsel, 0xEA);
+                __m512i tl = _mm512_loadu_si512((const void *)(lut[0] + r * 128));
+                __m512i th = _mm512_loadu_si512((const void *)(lut[0] + r * 128 + 64));
+                a[2 * (r & 1)] = _mm512_dpbusd_epi32(a[2 * (r & 1)], _mm512_permutexvar_epi8(lo, tl), ones);
+                a[2 * (r & 1) + 1] = _mm512_dpbusd_epi32(a[2 * (r & 1) + 1], _mm512_permutexvar_epi8(hi, th), ones);
+            }
+            __m512i t = _mm512_add_epi32(_mm512_add_epi32(a[0], a[1]), _mm512_add_epi32(a[2], a[3]));
+            _mm512_storeu_si512((void *)(out + 16 * s), t);
+        }
+        return;
+    }
+    __m512i acc[QB][4], acc2[4];
+    for (int k = 0; k < nqg; k++) acc[k][0] = acc[k][1] = acc[k][2] = acc[k][3] = _mm512_setzero_si512();
+    acc2[0] = acc2[1] = acc2[2] = acc2[3] = _mm512_setzero_si512();
+    for (int64_t r = 0; r < rows; r++) {
+#pragma GCC unroll 4
+        for (int s = 0; s < 4; s++) {
+            const uint8_t *row = blk + s * sub + r * 64;
+            _mm_prefetch((const char *)(row + PREFETCH), _MM_HINT_T0);
+            __m512i c = _mm512_loadu_si512((const void *)row);
+            __m512i lo = _mm512_ternarylogic_epi32(c, mask, tsel, 0xEA); /* (c & 15) | 16t */
+            __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(c, 4), mask, tsel, 0xEA);
+#pragma GCC unroll 4
+            for (int k = 0; k < nqg; k++) {
+                __m512i tl = _mm512_loadu_si512((const void *)(lut[k] + r * 128));
+                __m512i th = _mm512_loadu_si512((const void *)(lut[k] + r * 128 + 64));
+                acc[k][s] = _mm512_dpbusd_epi32(acc[k][s], _mm512_permutexvar_epi8(lo, tl), ones);
+                if (nqg == 1) /* one query: a second chain per sub-block */
+                    acc2[s] = _mm512_dpbusd_epi32(acc2[s], _mm512_permutexvar_epi8(hi, th), ones);
+                else
+                    acc[k][s] = _mm512_dpbusd_epi32(acc[k][s], _mm512_permutexvar_epi8(hi, th), ones);
+            }
+        }
+    }
+    if (nqg == 1)
+        for (int s = 0; s < 4; s++) acc[0][s] = _mm512_add_epi32(acc[0][s], acc2[s]);
+    for (int k = 0; k < nqg; k++)
+        for (int s = 0; s < 4; s++) _mm512_storeu_si512((void *)(out + BV * k + 16 * s), acc[k][s]);
+}
+#elif defined(__AVX512BW__)
 #define QB 4 /* queries per pass over a block: the code nibbles are extracted once for all */
 /* u16 even/odd accumulators of 64 vectors -> u32 sums in vector order, added to out[0..64) */
 static inline void fold512(__m512i a0, __m512i a1, __m512i *t) {

@@ -39,7 +39,8 @@ from .cbuild import build_error, load_c_library
 _SOURCE = Path(__file__).with_name("_cpu_scan.c")
 _FLAGS = ("-ffp-contract=off",)  # plain IEEE float ops: SIMD, scalar and numpy give identical scores
 #: builds of the kernel: what ``-march=native`` offers, and (for tests) AVX2 only or no intrinsics
-_VARIANTS = {"native": _FLAGS, "avx2": (*_FLAGS, "-mno-avx512f"), "scalar": (*_FLAGS, "-DTQ_SCALAR")}
+_VARIANTS = {"native": _FLAGS, "avx512bw": (*_FLAGS, "-DTQ_NO_VNNI"), "avx2": (*_FLAGS, "-mno-avx512f"),
+             "scalar": (*_FLAGS, "-DTQ_SCALAR")}
 _CTX_FIELDS = 13  # the C_* enum of _cpu_scan.c
 _BV = 64  # vectors per block (BV of _cpu_scan.c)
 # A single query's scan splits over threads only above this many scanned bytes: on the shared
@@ -53,6 +54,7 @@ _I = ctypes.c_int64
 
 def _declare(lib: ctypes.CDLL) -> None:
     lib.tq_scan_isa.argtypes, lib.tq_scan_isa.restype = [], ctypes.c_int
+    lib.tq_scan_mpad.argtypes, lib.tq_scan_mpad.restype = [], ctypes.c_int
     lib.tq_scan_pack.argtypes, lib.tq_scan_pack.restype = [_P, _I, _I, _I, _I, _I, _P], None
     lib.tq_scan_luts.argtypes = [_P, _I, _I, _P, _P, _I, _I, _I, _P, _P, _P]
     lib.tq_scan_luts.restype = ctypes.c_int
@@ -68,8 +70,9 @@ def _declare(lib: ctypes.CDLL) -> None:
 def load_scan_library(variant: str = "native") -> ctypes.CDLL | None:
     """The compiled scan kernel, or None (no compiler, ``TURBOQUANT_NO_CEXT=1``).
 
-    ``variant``: ``"native"`` (the index's), ``"avx2"`` (AVX-512 disabled) or ``"scalar"`` (the
-    portable path without intrinsics); tests check that all give identical results.
+    ``variant``: ``"native"`` (the index's), ``"avx512bw"`` (AVX-512 without the VBMI/VNNI
+    layout), ``"avx2"`` (AVX-512 disabled) or ``"scalar"`` (the portable path without
+    intrinsics); tests check that all give identical results.
     """
     return load_c_library(_SOURCE, _declare, _VARIANTS[variant], what="C fast-scan kernel")
 
@@ -118,7 +121,8 @@ class ScanMirror:
     def __init__(self, config: QuantizerConfig, plan: _NibblePlan, l2: bool, lib: ctypes.CDLL) -> None:
         self.config, self.plan, self.l2, self.lib = config, plan, l2, lib
         self.M = len(plan.coords)
-        self.Mp = -(-self.M // 2) * 2  # positions, padded to whole bytes
+        pad = int(lib.tq_scan_mpad())  # whole bytes (2), or whole rows of the VNNI layout (8)
+        self.Mp = -(-self.M // pad) * pad  # positions, padded
         self.coords = np.ascontiguousarray(plan.coords, dtype=np.int32)
         self.centroids = np.ascontiguousarray(plan.centroids, dtype=np.float32)
         self.count = 0
