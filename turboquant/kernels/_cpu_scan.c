@@ -163,30 +163,28 @@ static inline __attribute__((always_inline)) void block_sums(const uint8_t *blk,
                                                              int64_t Mp, uint32_t *out, const int nqg) {
     const __m512i mask = _mm512_set1_epi8(0x0f), tsel = _mm512_set1_epi32(0x30201000), ones = _mm512_set1_epi8(1);
     const int64_t rows = Mp / 8, sub = rows * 64;
-    if (nqg == 1) { /* one query streams the codes (from L3): read them in order, 4 chains per sub-block */
-        for (int s = 0; s < 4; s++) {
-            __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
-                            _mm512_setzero_si512()};
-            const uint8_t *sb = blk + s * sub;
-            int64_t r = 0;
-            for (; r < rows; r++) {
-                _mm_prefetch((const char *)(sb + r * 64 + PREFETCH), _MM_HINT_T0);
-                __m512i c = _mm512_loadu_si512((const void *)(sb + r * 64));
+    if (nqg == 1) { /* one query: 8 accumulators (sub-block x lo/hi), rows in order within each sub-block */
+        __m512i a[4][2];
+        for (int s = 0; s < 4; s++) a[s][0] = a[s][1] = _mm512_setzero_si512();
+        for (int64_t r = 0; r < rows; r++) {
+            __m512i tl = _mm512_loadu_si512((const void *)(lut[0] + r * 128));
+            __m512i th = _mm512_loadu_si512((const void *)(lut[0] + r * 128 + 64));
+#pragma GCC unroll 4
+            for (int s = 0; s < 4; s++) {
+                const uint8_t *row = blk + s * sub + r * 64;
+                _mm_prefetch((const char *)(row + PREFETCH), _MM_HINT_T0);
+                __m512i c = _mm512_loadu_si512((const void *)row);
                 __m512i lo = _mm512_ternarylogic_epi32(c, mask, tsel, 0xEA);
                 __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(c, 4), mask, tsel, 0xEA);
-                __m512i tl = _mm512_loadu_si512((const void *)(lut[0] + r * 128));
-                __m512i th = _mm512_loadu_si512((const void *)(lut[0] + r * 128 + 64));
-                a[2 * (r & 1)] = _mm512_dpbusd_epi32(a[2 * (r & 1)], _mm512_permutexvar_epi8(lo, tl), ones);
-                a[2 * (r & 1) + 1] = _mm512_dpbusd_epi32(a[2 * (r & 1) + 1], _mm512_permutexvar_epi8(hi, th), ones);
+                a[s][0] = _mm512_dpbusd_epi32(a[s][0], _mm512_permutexvar_epi8(lo, tl), ones);
+                a[s][1] = _mm512_dpbusd_epi32(a[s][1], _mm512_permutexvar_epi8(hi, th), ones);
             }
-            __m512i t = _mm512_add_epi32(_mm512_add_epi32(a[0], a[1]), _mm512_add_epi32(a[2], a[3]));
-            _mm512_storeu_si512((void *)(out + 16 * s), t);
         }
+        for (int s = 0; s < 4; s++) _mm512_storeu_si512((void *)(out + 16 * s), _mm512_add_epi32(a[s][0], a[s][1]));
         return;
     }
-    __m512i acc[QB][4], acc2[4];
+    __m512i acc[QB][4];
     for (int k = 0; k < nqg; k++) acc[k][0] = acc[k][1] = acc[k][2] = acc[k][3] = _mm512_setzero_si512();
-    acc2[0] = acc2[1] = acc2[2] = acc2[3] = _mm512_setzero_si512();
     for (int64_t r = 0; r < rows; r++) {
 #pragma GCC unroll 4
         for (int s = 0; s < 4; s++) {
@@ -200,15 +198,10 @@ static inline __attribute__((always_inline)) void block_sums(const uint8_t *blk,
                 __m512i tl = _mm512_loadu_si512((const void *)(lut[k] + r * 128));
                 __m512i th = _mm512_loadu_si512((const void *)(lut[k] + r * 128 + 64));
                 acc[k][s] = _mm512_dpbusd_epi32(acc[k][s], _mm512_permutexvar_epi8(lo, tl), ones);
-                if (nqg == 1) /* one query: a second chain per sub-block */
-                    acc2[s] = _mm512_dpbusd_epi32(acc2[s], _mm512_permutexvar_epi8(hi, th), ones);
-                else
-                    acc[k][s] = _mm512_dpbusd_epi32(acc[k][s], _mm512_permutexvar_epi8(hi, th), ones);
+                acc[k][s] = _mm512_dpbusd_epi32(acc[k][s], _mm512_permutexvar_epi8(hi, th), ones);
             }
         }
     }
-    if (nqg == 1)
-        for (int s = 0; s < 4; s++) acc[0][s] = _mm512_add_epi32(acc[0][s], acc2[s]);
     for (int k = 0; k < nqg; k++)
         for (int s = 0; s < 4; s++) _mm512_storeu_si512((void *)(out + BV * k + 16 * s), acc[k][s]);
 }
