@@ -17,7 +17,8 @@ LIB = load_scan_library()
 pytestmark = pytest.mark.skipif(LIB is None, reason=f"no compiled scan kernel: {scan_library_error()}")
 
 # (dim, bits, scan_bits): d not a multiple of 4, 2/3/4-bit codes, a fractional rate, M > 256 (uint16 flushes)
-CASES = [(96, 4, 2), (96, 4, 4), (50, 2, 2), (37, 3, 2), (42, 2.5, 2), (30, 1, 2), (1100, 4, 4)]
+# and the 1-bit scan of 2-bit codes (4 coordinates per nibble)
+CASES = [(96, 4, 2), (96, 4, 4), (50, 2, 2), (37, 3, 2), (42, 2.5, 2), (30, 1, 2), (1100, 4, 4), (70, 2, 1)]
 
 
 def _mirror(dim: int, bits: float, scan_bits: int, n: int, lib=LIB, l2: bool = False, seed: int = 0):
@@ -161,6 +162,63 @@ def test_exact_rescore_matches_float64_decode(bits: int, l2: bool) -> None:
     dots = np.einsum("qd,qcd->qc", q.astype(np.float64), y[cand])
     expected = alpha[cand] * dots + (beta[cand] if l2 else 0.0)
     np.testing.assert_allclose(mirror.rescore(codes, q, cand), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dim,bits", [(70, 1), (70, 2), (70, 4), (36, 2), (8, 4)])  # code bytes % 4 = 1, 2, 3, 1, 0
+@pytest.mark.parametrize("l2", [False, True])
+def test_vector_rescore_is_bit_identical_to_scalar(dim: int, bits: int, l2: bool) -> None:
+    """16 candidates per SIMD pass, a scalar tail, invalid (-1) slots, a last overlapping dword."""
+    scalar = load_scan_library("scalar")
+    if scalar is None:
+        pytest.skip(f"scalar build unavailable: {scan_library_error('scalar')}")
+    cfg, _, codes, alpha, beta, mirror = _mirror(dim, bits, 2, 300, l2=l2)
+    *_, ref = _mirror(dim, bits, 2, 300, lib=scalar, l2=l2)
+    rng = np.random.default_rng(9)
+    q = rng.standard_normal((3, dim)).astype(np.float32)
+    cand = rng.integers(0, 300, (3, 37))
+    cand[0, [0, 17, 36]] = -1
+    cand[1, :] = 299  # the last stored row: reads must stay inside the codes
+    got = mirror.rescore(codes, q, cand)
+    np.testing.assert_array_equal(got, ref.rescore(codes, q, cand))
+    assert np.isneginf(got[0, [0, 17, 36]]).all()
+    y = decode_mse_numpy(codes, cfg).astype(np.float64)
+    ok = cand >= 0
+    expected = alpha[cand] * np.einsum("qd,qcd->qc", q.astype(np.float64), y[cand]) + (beta[cand] if l2 else 0.0)
+    np.testing.assert_allclose(got[ok], expected[ok], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dim", [1, 7, 96, 300])
+def test_query_rotation_matches_float64(dim: int) -> None:
+    *_, mirror = _mirror(64, 4, 2, 10)
+    rng = np.random.default_rng(10)
+    rot_t = rng.standard_normal((dim, dim)).astype(np.float32)
+    for nq in (1, 4, 9):  # C for up to 4 queries, BLAS beyond
+        q = rng.standard_normal((nq, dim)).astype(np.float32)
+        np.testing.assert_allclose(mirror.rotate(q, rot_t), q.astype(np.float64) @ rot_t, rtol=1e-4, atol=1e-4 * dim)
+
+
+def test_auto_scan_bits_reads_one_bit_of_wide_enough_2_bit_codes() -> None:
+    cfg = lambda d, b: QuantizerConfig(d, b, Variant.MSE)  # noqa: E731
+    assert cpu_scan.auto_scan_bits(cfg(384, 2), 50_000) == 1  # scan bytes halve, shortlist 18 -> 128
+    assert cpu_scan.auto_scan_bits(cfg(96, 2), 50_000) == 2  # small d: the longer shortlist costs more
+    assert cpu_scan.auto_scan_bits(cfg(384, 2), 2_000) == 2  # few vectors: likewise
+    assert all(cpu_scan.auto_scan_bits(cfg(384, b), 10**6) == 2 for b in (1, 2.5, 3, 4))
+    assert nibble_plan(cfg(384, 2), 1).coords.shape[1] == 4  # 4 coordinates per nibble
+    one = cpu_scan.default_shortlist(10, False, 50_000, 384, scan_width=1)
+    assert one > cpu_scan.default_shortlist(10, False, 50_000, 384) > cpu_scan.default_shortlist(10, True, 50_000, 384)
+
+
+def test_index_one_bit_scan_keeps_recall_of_the_exact_engine() -> None:
+    x, q = _vectors(6000, 256, 0.2)
+    fast = TurboQuantIndex(256, 2, engine="fastscan", scan_bits=1)
+    exact = TurboQuantIndex(256, 2, engine="torch")
+    fast.add(x)
+    exact.add(x)
+    _, ids_f = fast.search(q, 10)
+    _, ids_e = exact.search(q, 10)
+    assert fast._fastscan.plan.coords.shape[1] == 4  # really the 1-bit scan
+    agree = np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(ids_f, ids_e)])
+    assert agree >= 0.99, agree
 
 
 # --------------------------------------------------------------------------- through the index

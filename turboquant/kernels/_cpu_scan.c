@@ -551,6 +551,40 @@ int tq_scan_search(const uint8_t *blocks, int64_t v0, int64_t v1, int64_t Mp, co
 /* Exact scores of shortlisted rows: out[q,c] = alpha_i * sum_m lutf[m][nibble_im] + beta_i, i = cand[q,c]
  * (skipped when i < 0), where rows (n, row_bytes) hold the nibbles of an exact plan (no bits dropped,
  * e.g. the stored 4-bit codes themselves) and lutf is the float table of that plan (no quantization). */
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && !defined(TQ_SCALAR)
+/* Nibble n of byte b of a gathered dword (one candidate per lane) as a vpermps index (low 4 bits). */
+#define NIB(g, b, n) _mm512_srli_epi32((g), 8 * (b) + 4 * (n))
+
+/* The scalar loop below for 16 candidates at once (lanes = candidates, M = 2 * row_bytes): the
+ * same float additions in the same order (acc0: even positions, acc1: odd), so the scores are
+ * bit-identical; vpermps looks a position's 16-float table up for all 16 candidates. */
+static void rescore16(const uint8_t *rows, int64_t row_bytes, const float *lutf, const int64_t *cand,
+                      const float *alpha, const float *beta, float *out) {
+    __m512i c0 = _mm512_loadu_si512((const void *)cand), c1 = _mm512_loadu_si512((const void *)(cand + 8));
+    __mmask8 v0 = _mm512_cmpge_epi64_mask(c0, _mm512_setzero_si512()), v1 = _mm512_cmpge_epi64_mask(c1, _mm512_setzero_si512());
+    c0 = _mm512_maskz_mov_epi64(v0, c0); /* invalid (-1) candidates read row 0, their score is -inf */
+    c1 = _mm512_maskz_mov_epi64(v1, c1);
+    __m512i o0 = _mm512_mullo_epi64(c0, _mm512_set1_epi64(row_bytes)), o1 = _mm512_mullo_epi64(c1, _mm512_set1_epi64(row_bytes));
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (int64_t p = 0; p < row_bytes; p += 4) {
+        int64_t at = p + 4 <= row_bytes ? p : row_bytes - 4, skip = p - at; /* a last dword overlaps: skip done bytes */
+        __m512i off0 = _mm512_add_epi64(o0, _mm512_set1_epi64(at)), off1 = _mm512_add_epi64(o1, _mm512_set1_epi64(at));
+        __m512i g = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_i64gather_epi32(off0, (const void *)rows, 1)),
+                                       _mm512_i64gather_epi32(off1, (const void *)rows, 1), 1);
+        for (int64_t b = skip; b < 4; b++) {
+            const float *t = lutf + 2 * (at + b) * 16;
+            acc0 = _mm512_add_ps(acc0, _mm512_permutexvar_ps(NIB(g, b, 0), _mm512_loadu_ps(t)));
+            acc1 = _mm512_add_ps(acc1, _mm512_permutexvar_ps(NIB(g, b, 1), _mm512_loadu_ps(t + 16)));
+        }
+    }
+    __mmask16 valid = (__mmask16)(v0 | ((unsigned)v1 << 8));
+    __m512i ids = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(c0)), _mm512_cvtepi64_epi32(c1), 1);
+    __m512 sc = _mm512_mul_ps(_mm512_i32gather_ps(ids, alpha, 4), _mm512_add_ps(acc0, acc1));
+    if (beta) sc = _mm512_add_ps(sc, _mm512_i32gather_ps(ids, beta, 4));
+    _mm512_storeu_ps(out, _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), sc));
+}
+#endif
+
 int tq_rescore(const uint8_t *rows, int64_t row_bytes, const int32_t *coords, const float *cent, int64_t M,
                int64_t dsub, const float *q, int64_t nq, int64_t d, const int64_t *cand, int64_t L,
                const float *alpha, const float *beta, float *out) {
@@ -569,7 +603,12 @@ int tq_rescore(const uint8_t *rows, int64_t row_bytes, const int32_t *coords, co
                 for (int v = 0; v < 16; v++) row[v] = row[v] + x * ce[v * dsub];
             }
         }
-        for (int64_t k = 0; k < L; k++) {
+        int64_t k = 0;
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && !defined(TQ_SCALAR)
+        if (M == 2 * row_bytes && row_bytes >= 4)
+            for (; k + 16 <= L; k += 16) rescore16(rows, row_bytes, lutf, cand + iq * L + k, alpha, beta, out + iq * L + k);
+#endif
+        for (; k < L; k++) {
             int64_t i = cand[iq * L + k];
             if (i < 0) {
                 out[iq * L + k] = -INFINITY;
@@ -590,6 +629,21 @@ int tq_rescore(const uint8_t *rows, int64_t row_bytes, const int32_t *coords, co
     }
     free(lutf);
     return 0;
+}
+
+/* ------------------------------------------------------------------ query rotation */
+
+/* out (nq, d) = q (nq, d) @ rt (d, d) for a few queries, on the calling thread: a threaded BLAS
+ * GEMV stalls on a busy machine, and a blocked one copies strided column blocks. */
+void tq_rotate(const float *q, int64_t nq, int64_t d, const float *rt, float *out) {
+    memset(out, 0, sizeof(float) * (size_t)(nq * d));
+    for (int64_t i = 0; i < d; i++) {
+        const float *row = rt + i * d;
+        for (int64_t iq = 0; iq < nq; iq++) {
+            float x = q[iq * d + i], *o = out + iq * d;
+            for (int64_t j = 0; j < d; j++) o[j] = o[j] + x * row[j];
+        }
+    }
 }
 
 /* ------------------------------------------------------------------ one call per query chunk */

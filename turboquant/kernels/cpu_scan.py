@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..codec import decode_mse_numpy, reconstruction_norms
+from ..codec import decode_mse_numpy, layout, reconstruction_norms
 from ..config import QuantizerConfig
 from ..fastscan import _NibblePlan, nibble_bytes, nibble_plan, thread_pool
 from .cbuild import build_error, load_c_library
@@ -65,6 +65,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tq_rescore.restype = ctypes.c_int
     lib.tq_scan_topl.argtypes = [_P, _P, _I, _I, _I, _I, _P, _I, _P, _P]
     lib.tq_scan_topl.restype = ctypes.c_int
+    lib.tq_rotate.argtypes, lib.tq_rotate.restype = [_P, _I, _I, _P, _P], None
 
 
 def load_scan_library(variant: str = "native") -> ctypes.CDLL | None:
@@ -82,7 +83,7 @@ def scan_library_error(variant: str = "native") -> str | None:
     return build_error(_SOURCE, _VARIANTS[variant])
 
 
-def default_shortlist(k: int, exact_scan: bool, n: int, dim: int, l2: bool = False) -> int:
+def default_shortlist(k: int, exact_scan: bool, n: int, dim: int, l2: bool = False, scan_width: int = 2) -> int:
     """Candidates the scan passes to the exact re-score for a top-``k`` over ``n`` vectors of ``dim``.
 
     Full codes in the scan (2-bit codes, ``scan_bits=4``): only the uint8 rounding of the tables
@@ -96,16 +97,52 @@ def default_shortlist(k: int, exact_scan: bool, n: int, dim: int, l2: bool = Fal
     256 gave 0.907 of the exact 0.909; FAISS RaBitQ 0.889). L2
     doubles it: its key ``2‖x‖<q, ŷ> − ‖x‖²`` carries twice the scan error of the inner product
     while its top differences are not larger (docs/index_notes.md).
+
+    ``scan_width=1``: a 1-bit (sign) scan of 2-bit codes errs about 3x more; agreement ≥ 0.997
+    took 192 candidates at d=96, 128 at d=128 and on Brown (d=384), 48 at d=256 and 32 at
+    d ≥ 768 (synthetic sets), hence ``k + 11k·sqrt(384/d) + 8``.
     """
-    base = k + max(8, k // 2) if exact_scan else k + 3 * k * math.sqrt(384 / max(dim, 1)) + 8
+    spread = 11 if scan_width == 1 else 3
+    base = k + max(8, k // 2) if exact_scan else k + spread * k * math.sqrt(384 / max(dim, 1)) + 8
     crowd = max(1.0, math.sqrt(n / 65536))
     if crowd > 1 and not exact_scan:  # the growth was calibrated from 4k + 24 (R10@10 0.907 at 1M, above RaBitQ's 0.889)
         base = max(base, 4 * k + 24)
     return int(base * crowd * (2 if l2 else 1))
 
 
+# Cost model of auto_scan_bits, measured on the 2-core test machine (AVX-512 VNNI build, 50k
+# vectors): a batch scan costs ~22 ps per scanned byte and query, each extra shortlisted
+# candidate ~0.2 µs (selection + exact re-score); docs/index_notes.md.
+_BYTES_PER_CANDIDATE = 9000
+
+
+def auto_scan_bits(config: QuantizerConfig, n: int) -> int:
+    """Scan width for ``scan_bits=None``: 1 for 2-bit codes when it pays, else 2.
+
+    A 1-bit scan of 2-bit codes reads half the bytes of the full 2-bit scan but needs a longer
+    shortlist (:func:`default_shortlist`, ``scan_width=1``); it is chosen when the scan bytes it
+    saves over ``n`` vectors outweigh the extra candidates (k = 10): at 50k vectors from d ≈ 200.
+    Wider codes keep the 2-bit coarse scan, narrower ones are scanned whole either way.
+    """
+    if max(s.width for s in layout(config).streams) != 2:
+        return 2
+    extra = default_shortlist(10, False, n, config.dim, scan_width=1) - default_shortlist(10, True, n, config.dim)
+    return 1 if n * config.dim / 8 > extra * _BYTES_PER_CANDIDATE else 2
+
+
+def scan_plan(config: QuantizerConfig, scan_bits: int | None, n: int) -> _NibblePlan | None:
+    """The nibble plan of the fast scan: ``scan_bits`` (``None``: :func:`auto_scan_bits` for ``n`` vectors)."""
+    return nibble_plan(config, auto_scan_bits(config, n) if scan_bits is None else scan_bits)
+
+
 def _ptr(a: np.ndarray | None) -> int | None:
-    return None if a is None else a.ctypes.data
+    """Address of a contiguous array's data (``ndarray.ctypes`` costs ~2 µs a call, this ~0.4 µs)."""
+    if a is None:
+        return None
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(a))
+    except (TypeError, ValueError, BufferError):  # read-only or empty
+        return a.ctypes.data
 
 
 class ScanMirror:
@@ -216,6 +253,15 @@ class ScanMirror:
                 factors(s0)
         self.append(codes[start:n], alpha, -np.square(norms[start:n]) if self.l2 else None)
 
+    def rotate(self, q: np.ndarray, rot_t: np.ndarray) -> np.ndarray:
+        """``q @ rot_t`` for queries ``(nq, dim)`` float32: in C on this thread for up to 4 queries, else BLAS."""
+        if len(q) > 4:
+            return q @ rot_t
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        out = np.empty((len(q), rot_t.shape[1]), np.float32)
+        self.lib.tq_rotate(_ptr(q), len(q), q.shape[1], _ptr(rot_t), _ptr(out))
+        return out
+
     def luts(self, q_rot: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Quantized tables ``(nq, Mp, 16)`` uint8, ``inv_a`` and ``bias`` ``(nq,)`` float32 of rotated queries ``(nq, dim)``.
 
@@ -246,8 +292,8 @@ class ScanMirror:
         q = np.ascontiguousarray(q, dtype=np.float32)
         nq = len(q)
         scores, pos = np.empty((nq, length), np.float32), np.empty((nq, length), np.int64)
-        rc = self.lib.tq_scan_topl(self._context(), q.ctypes.data, nq, length, v0, v1, None if codes is None else codes.ctypes.data,
-                                   0 if codes is None else codes.shape[1], scores.ctypes.data, pos.ctypes.data)  # fmt: skip
+        rc = self.lib.tq_scan_topl(self._context(), _ptr(q), nq, length, v0, v1, _ptr(codes),
+                                   0 if codes is None else codes.shape[1], _ptr(scores), _ptr(pos))  # fmt: skip
         if rc:
             raise MemoryError("turboquant fast scan: out of memory")
         return scores, pos
@@ -319,4 +365,4 @@ class ScanMirror:
         return (self.rescore(exact, q_rot, pos) if exact is not None else scores), pos
 
 
-__all__ = ["ScanMirror", "load_scan_library", "scan_library_error"]
+__all__ = ["ScanMirror", "auto_scan_bits", "default_shortlist", "load_scan_library", "scan_library_error", "scan_plan"]
