@@ -652,10 +652,18 @@ void tq_rotate(const float *q, int64_t nq, int64_t d, const float *rt, float *ou
 enum { C_BLOCKS, C_MP, C_M, C_DSUB, C_COORDS, C_CENT, C_ALPHA, C_BETA, C_D, C_XM, C_XDSUB, C_XCOORDS, C_XCENT, C_COUNT };
 
 /* Tables, scan of [v0, v1) and (with codes: the stored rows of the exact plan) exact re-scoring of
- * nq queries q (nq, d): out (nq, L) scores and positions, unordered. */
+ * nq queries q (nq, d), rotated first by rot_t (d, d) when given: out (nq, L) scores and positions, unordered. */
 int tq_scan_topl(const int64_t *ctx, const float *q, int64_t nq, int64_t L, int64_t v0, int64_t v1,
-                 const uint8_t *codes, int64_t row_bytes, float *out_s, int64_t *out_i) {
+                 const uint8_t *codes, int64_t row_bytes, float *out_s, int64_t *out_i, const float *rot_t) {
     int64_t Mp = ctx[C_MP], d = ctx[C_D];
+    if (rot_t) { /* q not rotated yet (a few queries): rotate here, saving a call per query */
+        float *qr = (float *)malloc(sizeof(float) * (size_t)(nq * d));
+        if (!qr) return 1;
+        tq_rotate(q, nq, d, rot_t, qr);
+        int rc = tq_scan_topl(ctx, qr, nq, L, v0, v1, codes, row_bytes, out_s, out_i, NULL);
+        free(qr);
+        return rc;
+    }
     uint8_t *lut = (uint8_t *)malloc((size_t)(nq * Mp * 16));
     float *ia = (float *)malloc(sizeof(float) * (size_t)(2 * nq));
     if (!lut || !ia) {

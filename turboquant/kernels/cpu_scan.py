@@ -63,7 +63,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tq_scan_search.restype = ctypes.c_int
     lib.tq_rescore.argtypes = [_P, _I, _P, _P, _I, _I, _P, _I, _I, _P, _I, _P, _P, _P]
     lib.tq_rescore.restype = ctypes.c_int
-    lib.tq_scan_topl.argtypes = [_P, _P, _I, _I, _I, _I, _P, _I, _P, _P]
+    lib.tq_scan_topl.argtypes = [_P, _P, _I, _I, _I, _I, _P, _I, _P, _P, _P]
     lib.tq_scan_topl.restype = ctypes.c_int
     lib.tq_rotate.argtypes, lib.tq_rotate.restype = [_P, _I, _I, _P, _P], None
 
@@ -133,6 +133,18 @@ def auto_scan_bits(config: QuantizerConfig, n: int) -> int:
 def scan_plan(config: QuantizerConfig, scan_bits: int | None, n: int) -> _NibblePlan | None:
     """The nibble plan of the fast scan: ``scan_bits`` (``None``: :func:`auto_scan_bits` for ``n`` vectors)."""
     return nibble_plan(config, auto_scan_bits(config, n) if scan_bits is None else scan_bits)
+
+
+def top_k(keys: np.ndarray, cand: np.ndarray, k: int, negate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest ``keys`` ``(nq, L)`` per row in order (negated for L2 distances) and their ``cand``."""
+    if len(keys) == 1:  # a single query: 1-D sorts skip the row bookkeeping (µs per query)
+        order = np.argsort(-keys[0], kind="stable")[:k]
+        top = keys[0, order][None]
+        return (-top if negate else top), cand[0, order][None]
+    order = np.argsort(-keys, axis=1, kind="stable")[:, :k]
+    rows = np.arange(len(keys))[:, None]
+    top = keys[rows, order]
+    return (-top if negate else top), cand[rows, order]
 
 
 def _ptr(a: np.ndarray | None) -> int | None:
@@ -286,14 +298,14 @@ class ScanMirror:
         return out[:, : self.count]
 
     def _scan(
-        self, q: np.ndarray, v0: int, v1: int, length: int, codes: np.ndarray | None
+        self, q: np.ndarray, v0: int, v1: int, length: int, codes: np.ndarray | None, rot_t: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Tables, scan of positions ``[v0, v1)`` and (with ``codes``) exact re-scoring, in one C call."""
+        """(Rotation by ``rot_t``,) tables, scan of ``[v0, v1)`` and (with ``codes``) exact re-scoring, in one C call."""
         q = np.ascontiguousarray(q, dtype=np.float32)
         nq = len(q)
         scores, pos = np.empty((nq, length), np.float32), np.empty((nq, length), np.int64)
         rc = self.lib.tq_scan_topl(self._context(), _ptr(q), nq, length, v0, v1, _ptr(codes),
-                                   0 if codes is None else codes.shape[1], _ptr(scores), _ptr(pos))  # fmt: skip
+                                   0 if codes is None else codes.shape[1], _ptr(scores), _ptr(pos), _ptr(rot_t))  # fmt: skip
         if rc:
             raise MemoryError("turboquant fast scan: out of memory")
         return scores, pos
@@ -315,7 +327,8 @@ class ScanMirror:
         return out
 
     def search(
-        self, q_rot: np.ndarray, length: int, threads: int = 1, codes: np.ndarray | None = None
+        self, q_rot: np.ndarray, length: int, threads: int = 1, codes: np.ndarray | None = None,
+        rot_t: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Scores and positions of the ``length`` best vectors per query, ``(nq, length)`` each, unordered.
 
@@ -325,7 +338,9 @@ class ScanMirror:
 
         ``length`` must not exceed :attr:`count`. Ranking: ``alpha_i·<Πq, ŷ_scan,i> (+ beta_i)``.
         With the stored ``codes`` (and an :attr:`exact_plan`) the returned scores are the exact
-        ones of :meth:`rescore`, computed in the same worker threads as the scan.
+        ones of :meth:`rescore`, computed in the same worker threads as the scan. With ``rot_t``
+        (``Π.T``, ``(dim, dim)``) the queries are not rotated yet: up to 4 queries scanned in one
+        call are rotated inside it (one C call per single query).
         """
         exact = codes if codes is not None and self.exact_plan is not None else None
         nq, n = len(q_rot), self.count
@@ -333,10 +348,14 @@ class ScanMirror:
         threads = max(1, min(threads, -(-n // _BV)))
         if nq < threads and n * self.Mp // 2 < _SPLIT_BYTES:
             threads = 1  # a small single-query scan: waking threads costs more than it saves
+        per = max(1, min(64, _LUT_BYTES // (self.Mp * 16), -(-nq // threads)))
+        if nq >= threads and per >= nq:  # one call
+            if rot_t is not None and nq > 4:
+                q_rot, rot_t = self.rotate(q_rot, rot_t), None
+            return self._scan(q_rot, 0, n, length, exact, rot_t)
+        if rot_t is not None:
+            q_rot = self.rotate(q_rot, rot_t)
         if nq >= threads:  # chunks of queries, one worker each
-            per = max(1, min(64, _LUT_BYTES // (self.Mp * 16), -(-nq // threads)))
-            if per >= nq:
-                return self._scan(q_rot, 0, n, length, exact)
             scores, pos = np.empty((nq, length), np.float32), np.empty((nq, length), np.int64)
 
             def job(s0: int) -> None:
@@ -365,4 +384,4 @@ class ScanMirror:
         return (self.rescore(exact, q_rot, pos) if exact is not None else scores), pos
 
 
-__all__ = ["ScanMirror", "auto_scan_bits", "default_shortlist", "load_scan_library", "scan_library_error", "scan_plan"]
+__all__ = ["ScanMirror", "auto_scan_bits", "default_shortlist", "load_scan_library", "scan_library_error", "scan_plan", "top_k"]
