@@ -99,7 +99,25 @@ void tq_scan_pack(const uint8_t *nib, int64_t rows, int64_t row_bytes, int64_t M
     }
 }
 
-/* Quantized tables of nq queries: lutf[m][v] = sum_s q[coords[m,s]] * cent[m,v,s] (coords -1: none),
+/* Float tables of one query: lutf[m][v] = sum_s q[coords[m,s]] * cent[m,s,v] (coords -1: none), added
+ * in s order. cent is (M, dsub, 16): a position's 16 entries are contiguous, so the loops vectorize. */
+static void float_tables(const float *qq, const int32_t *coords, const float *cent, int64_t M, int64_t dsub,
+                         float *lutf) {
+    for (int64_t m = 0; m < M; m++) {
+        float row[16];
+        for (int v = 0; v < 16; v++) row[v] = 0.0f;
+        for (int64_t s = 0; s < dsub; s++) {
+            int32_t c = coords[m * dsub + s];
+            if (c < 0) continue;
+            float x = qq[c];
+            const float *ce = cent + (m * dsub + s) * 16;
+            for (int v = 0; v < 16; v++) row[v] = row[v] + x * ce[v];
+        }
+        memcpy(lutf + m * 16, row, sizeof(row));
+    }
+}
+
+/* Quantized tables of nq queries: lutf[m][v] = sum_s q[coords[m,s]] * cent[m,s,v] (coords -1: none),
  * qlut = round((lutf - min_v lutf[m]) * a) with a = 255 / max_m(range of lutf[m]),
  * inv_a = 1/a as range/255, bias = sum_m min_v lutf[m]. qlut: (nq, Mp, 16); rows m >= M are 0. */
 int tq_scan_luts(const float *q, int64_t nq, int64_t d, const int32_t *coords, const float *cent, int64_t M,
@@ -110,19 +128,9 @@ int tq_scan_luts(const float *q, int64_t nq, int64_t d, const int32_t *coords, c
     for (int64_t iq = 0; iq < nq; iq++) {
         const float *qq = q + iq * d;
         float range = 0.0f;
+        float_tables(qq, coords, cent, M, dsub, lutf);
         for (int64_t m = 0; m < M; m++) {
-            float *row = lutf + m * 16;
-            for (int v = 0; v < 16; v++) row[v] = 0.0f;
-            for (int64_t s = 0; s < dsub; s++) {
-                int32_t c = coords[m * dsub + s];
-                if (c < 0) continue;
-                float x = qq[c];
-                const float *ce = cent + (m * 16) * dsub + s;
-                for (int v = 0; v < 16; v++) {
-                    float p = x * ce[v * dsub];
-                    row[v] = row[v] + p;
-                }
-            }
+            const float *row = lutf + m * 16;
             float lo = row[0], hi = row[0];
             for (int v = 1; v < 16; v++) {
                 lo = row[v] < lo ? row[v] : lo;
@@ -591,18 +599,7 @@ int tq_rescore(const uint8_t *rows, int64_t row_bytes, const int32_t *coords, co
     float *lutf = (float *)malloc(sizeof(float) * (size_t)(M * 16));
     if (!lutf) return 1;
     for (int64_t iq = 0; iq < nq; iq++) {
-        const float *qq = q + iq * d;
-        for (int64_t m = 0; m < M; m++) {
-            float *row = lutf + m * 16;
-            for (int v = 0; v < 16; v++) row[v] = 0.0f;
-            for (int64_t s = 0; s < dsub; s++) {
-                int32_t c = coords[m * dsub + s];
-                if (c < 0) continue;
-                float x = qq[c];
-                const float *ce = cent + (m * 16) * dsub + s;
-                for (int v = 0; v < 16; v++) row[v] = row[v] + x * ce[v * dsub];
-            }
-        }
+        float_tables(q + iq * d, coords, cent, M, dsub, lutf);
         int64_t k = 0;
 #if defined(__AVX512F__) && defined(__AVX512DQ__) && !defined(TQ_SCALAR)
         if (M == 2 * row_bytes && row_bytes >= 4)
@@ -637,7 +634,16 @@ int tq_rescore(const uint8_t *rows, int64_t row_bytes, const int32_t *coords, co
  * GEMV stalls on a busy machine, and a blocked one copies strided column blocks. */
 void tq_rotate(const float *q, int64_t nq, int64_t d, const float *rt, float *out) {
     memset(out, 0, sizeof(float) * (size_t)(nq * d));
-    for (int64_t i = 0; i < d; i++) {
+    int64_t i = 0;
+    for (; i + 4 <= d; i += 4) { /* four rows per pass: a quarter of the output loads and stores */
+        const float *r0 = rt + i * d, *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;
+        for (int64_t iq = 0; iq < nq; iq++) {
+            const float *x = q + iq * d + i;
+            float *o = out + iq * d;
+            for (int64_t j = 0; j < d; j++) o[j] = o[j] + (((x[0] * r0[j] + x[1] * r1[j]) + x[2] * r2[j]) + x[3] * r3[j]);
+        }
+    }
+    for (; i < d; i++) {
         const float *row = rt + i * d;
         for (int64_t iq = 0; iq < nq; iq++) {
             float x = q[iq * d + i], *o = out + iq * d;

@@ -173,7 +173,7 @@ class ScanMirror:
         pad = int(lib.tq_scan_mpad())  # whole bytes (2), or whole rows of the VNNI layout (8)
         self.Mp = -(-self.M // pad) * pad  # positions, padded
         self.coords = np.ascontiguousarray(plan.coords, dtype=np.int32)
-        self.centroids = np.ascontiguousarray(plan.centroids, dtype=np.float32)
+        self.centroids = np.ascontiguousarray(plan.centroids.transpose(0, 2, 1), dtype=np.float32)  # (M, dsub, 16) for C
         self.count = 0
         self.blocks = np.zeros((0, self.Mp * _BV // 2), np.uint8)
         self.alpha = np.zeros(0, np.float32)
@@ -184,7 +184,7 @@ class ScanMirror:
         self.exact_plan = full if full is not None and full.identity else None
         if self.exact_plan is not None:
             self.exact_coords = np.ascontiguousarray(self.exact_plan.coords, dtype=np.int32)
-            self.exact_centroids = np.ascontiguousarray(self.exact_plan.centroids, dtype=np.float32)
+            self.exact_centroids = np.ascontiguousarray(self.exact_plan.centroids.transpose(0, 2, 1), dtype=np.float32)
         self._ctx: array.array | None = None  # pointers for tq_scan_topl, rebuilt when arrays move
 
     @property
