@@ -198,7 +198,9 @@ def test_query_rotation_matches_float64(dim: int) -> None:
 
 
 def test_auto_scan_bits_reads_one_bit_of_wide_enough_2_bit_codes() -> None:
-    cfg = lambda d, b: QuantizerConfig(d, b, Variant.MSE)  # noqa: E731
+    def cfg(d: int, b: float) -> QuantizerConfig:
+        return QuantizerConfig(d, b, Variant.MSE)
+
     assert cpu_scan.auto_scan_bits(cfg(384, 2), 50_000) == 1  # scan bytes halve, shortlist 18 -> 128
     assert cpu_scan.auto_scan_bits(cfg(96, 2), 50_000) == 2  # small d: the longer shortlist costs more
     assert cpu_scan.auto_scan_bits(cfg(384, 2), 2_000) == 2  # few vectors: likewise
@@ -321,3 +323,14 @@ def test_library_is_built_once_per_variant() -> None:
     assert load_scan_library() is LIB
     assert cpu_scan.load_scan_library("native") is LIB
     assert torch.get_num_threads() >= 1
+
+
+def test_a_header_edit_changes_the_build_digest(tmp_path) -> None:
+    from turboquant.kernels.cbuild import _source_bytes
+
+    (tmp_path / "k.c").write_text('#include <stdint.h>\n#include "k_part.h"\nint f(void) { return g(); }\n')
+    (tmp_path / "k_part.h").write_text("static int g(void) { return 1; }\n")
+    before = _source_bytes(tmp_path / "k.c")
+    (tmp_path / "k_part.h").write_text("static int g(void) { return 2; }\n")
+    assert _source_bytes(tmp_path / "k.c") != before  # the cached library is rebuilt
+    assert b"return 2" in _source_bytes(tmp_path / "k.c")

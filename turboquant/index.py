@@ -522,8 +522,8 @@ class TurboQuantIndex:
         shortlist = min(n, max(k, rerank))
         threads = self.config.search_threads or torch.get_num_threads()  # the library's thread policy
         if isinstance(fs, ScanMirror) and fs.exact_plan is not None:  # rotated (few queries), scanned, re-scored in C
-            keys, cand = fs.search(q, shortlist, threads, self._store.numpy("codes"), rot_t=self._rot_t)
-            return top_k(keys - q_sq[:, None] if self.metric == "l2" else keys, cand, k, self.metric == "l2")
+            keys, cand = fs.search(q, shortlist, threads, self._store.numpy("codes"), rot_t=self._rot_t, k=k)  # sorted
+            return (q_sq[:, None] - keys if self.metric == "l2" else keys), cand
         q_rot = fs.rotate(q, self._rot_t) if isinstance(fs, ScanMirror) else rotate_queries(q, self._rot_t)
         cand = fs.search(q_rot, shortlist, threads)[1] if isinstance(fs, ScanMirror) else fs.search(q_rot, shortlist)
         norms = self._norms_f32()

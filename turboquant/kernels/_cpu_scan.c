@@ -163,151 +163,7 @@ int tq_scan_luts(const float *q, int64_t nq, int64_t d, const int32_t *coords, c
 
 /* ------------------------------------------------------------------ sums of one block */
 
-#if defined(TQ_VNNI)
-#define QB 4
-/* Sums of the 64 vectors of a block (4 sub-blocks of 16) for nqg queries: out[64k + v]. Rows
- * outer, sub-blocks inner: 4·nqg independent accumulators hide vpdpbusd's latency. */
-static inline __attribute__((always_inline)) void block_sums(const uint8_t *blk, const uint8_t *const *lut,
-                                                             int64_t Mp, uint32_t *out, const int nqg) {
-    const __m512i mask = _mm512_set1_epi8(0x0f), tsel = _mm512_set1_epi32(0x30201000), ones = _mm512_set1_epi8(1);
-    const int64_t rows = Mp / 8, sub = rows * 64;
-    if (nqg == 1) { /* one query: 8 accumulators (sub-block x lo/hi), rows in order within each sub-block */
-        __m512i a[4][2];
-        for (int s = 0; s < 4; s++) a[s][0] = a[s][1] = _mm512_setzero_si512();
-        for (int64_t r = 0; r < rows; r++) {
-            __m512i tl = _mm512_loadu_si512((const void *)(lut[0] + r * 128));
-            __m512i th = _mm512_loadu_si512((const void *)(lut[0] + r * 128 + 64));
-#pragma GCC unroll 4
-            for (int s = 0; s < 4; s++) {
-                const uint8_t *row = blk + s * sub + r * 64;
-                _mm_prefetch((const char *)(row + PREFETCH), _MM_HINT_T0);
-                __m512i c = _mm512_loadu_si512((const void *)row);
-                __m512i lo = _mm512_ternarylogic_epi32(c, mask, tsel, 0xEA);
-                __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(c, 4), mask, tsel, 0xEA);
-                a[s][0] = _mm512_dpbusd_epi32(a[s][0], _mm512_permutexvar_epi8(lo, tl), ones);
-                a[s][1] = _mm512_dpbusd_epi32(a[s][1], _mm512_permutexvar_epi8(hi, th), ones);
-            }
-        }
-        for (int s = 0; s < 4; s++) _mm512_storeu_si512((void *)(out + 16 * s), _mm512_add_epi32(a[s][0], a[s][1]));
-        return;
-    }
-    __m512i acc[QB][4];
-    for (int k = 0; k < nqg; k++) acc[k][0] = acc[k][1] = acc[k][2] = acc[k][3] = _mm512_setzero_si512();
-    for (int64_t r = 0; r < rows; r++) {
-#pragma GCC unroll 4
-        for (int s = 0; s < 4; s++) {
-            const uint8_t *row = blk + s * sub + r * 64;
-            _mm_prefetch((const char *)(row + PREFETCH), _MM_HINT_T0);
-            __m512i c = _mm512_loadu_si512((const void *)row);
-            __m512i lo = _mm512_ternarylogic_epi32(c, mask, tsel, 0xEA); /* (c & 15) | 16t */
-            __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(c, 4), mask, tsel, 0xEA);
-#pragma GCC unroll 4
-            for (int k = 0; k < nqg; k++) {
-                __m512i tl = _mm512_loadu_si512((const void *)(lut[k] + r * 128));
-                __m512i th = _mm512_loadu_si512((const void *)(lut[k] + r * 128 + 64));
-                acc[k][s] = _mm512_dpbusd_epi32(acc[k][s], _mm512_permutexvar_epi8(lo, tl), ones);
-                acc[k][s] = _mm512_dpbusd_epi32(acc[k][s], _mm512_permutexvar_epi8(hi, th), ones);
-            }
-        }
-    }
-    for (int k = 0; k < nqg; k++)
-        for (int s = 0; s < 4; s++) _mm512_storeu_si512((void *)(out + BV * k + 16 * s), acc[k][s]);
-}
-#elif defined(__AVX512BW__)
-#define QB 4 /* queries per pass over a block: the code nibbles are extracted once for all */
-/* u16 even/odd accumulators of 64 vectors -> u32 sums in vector order, added to out[0..64) */
-static inline void fold512(__m512i a0, __m512i a1, __m512i *t) {
-    __m512i e = _mm512_sub_epi16(a0, _mm512_slli_epi16(a1, 8));
-    __m512i lo = _mm512_unpacklo_epi16(e, a1), hi = _mm512_unpackhi_epi16(e, a1);
-    t[0] = _mm512_add_epi32(t[0], _mm512_cvtepu16_epi32(_mm512_castsi512_si256(lo)));
-    t[1] = _mm512_add_epi32(t[1], _mm512_cvtepu16_epi32(_mm512_castsi512_si256(hi)));
-    t[2] = _mm512_add_epi32(t[2], _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(lo, 1)));
-    t[3] = _mm512_add_epi32(t[3], _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(hi, 1)));
-}
-
-static inline __attribute__((always_inline)) void block_sums(const uint8_t *blk, const uint8_t *const *lut,
-                                                             int64_t Mp, uint32_t *out, const int nqg) {
-    const __m512i mask = _mm512_set1_epi8(0x0f);
-    __m512i tot[QB][4];
-    for (int k = 0; k < nqg; k++) tot[k][0] = tot[k][1] = tot[k][2] = tot[k][3] = _mm512_setzero_si512();
-    for (int64_t p0 = 0; p0 < Mp / 2; p0 += FLUSH / 2) {
-        int64_t p1 = p0 + FLUSH / 2 < Mp / 2 ? p0 + FLUSH / 2 : Mp / 2;
-        __m512i a0[QB], a1[QB];
-        for (int k = 0; k < nqg; k++) a0[k] = a1[k] = _mm512_setzero_si512();
-        for (int64_t p = p0; p < p1; p++) {
-            _mm_prefetch((const char *)(blk + p * BV + PREFETCH), _MM_HINT_T0);
-            __m512i c = _mm512_loadu_si512((const void *)(blk + p * BV));
-            __m512i lo = _mm512_and_si512(c, mask), hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), mask);
-#pragma GCC unroll 4
-            for (int k = 0; k < nqg; k++) {
-                __m512i tl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(lut[k] + p * 32)));
-                __m512i th = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(lut[k] + p * 32 + 16)));
-                __m512i rl = _mm512_shuffle_epi8(tl, lo), rh = _mm512_shuffle_epi8(th, hi);
-                a0[k] = _mm512_add_epi16(a0[k], _mm512_add_epi16(rl, rh));
-                a1[k] = _mm512_add_epi16(a1[k], _mm512_add_epi16(_mm512_srli_epi16(rl, 8), _mm512_srli_epi16(rh, 8)));
-            }
-        }
-        for (int k = 0; k < nqg; k++) fold512(a0[k], a1[k], tot[k]);
-    }
-    for (int k = 0; k < nqg; k++)
-        for (int r = 0; r < 4; r++) _mm512_storeu_si512((void *)(out + BV * k + 16 * r), tot[k][r]);
-}
-#elif defined(__AVX2__)
-#define QB 2
-/* u16 accumulators of 32 vectors (one 32-byte half row) -> u32 sums added to out[0..32) */
-static inline void fold256(__m256i a0, __m256i a1, uint32_t *out) {
-    __m256i e = _mm256_sub_epi16(a0, _mm256_slli_epi16(a1, 8));
-    __m256i lo = _mm256_unpacklo_epi16(e, a1), hi = _mm256_unpackhi_epi16(e, a1);
-    __m256i parts[4] = {_mm256_cvtepu16_epi32(_mm256_castsi256_si128(lo)),
-                        _mm256_cvtepu16_epi32(_mm256_extracti128_si256(lo, 1)),
-                        _mm256_cvtepu16_epi32(_mm256_castsi256_si128(hi)),
-                        _mm256_cvtepu16_epi32(_mm256_extracti128_si256(hi, 1))};
-    for (int r = 0; r < 4; r++)
-        _mm256_storeu_si256((__m256i *)(out + 8 * r),
-                            _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)(out + 8 * r)), parts[r]));
-}
-
-static inline __attribute__((always_inline)) void block_sums(const uint8_t *blk, const uint8_t *const *lut,
-                                                             int64_t Mp, uint32_t *out, const int nqg) {
-    const __m256i mask = _mm256_set1_epi8(0x0f);
-    memset(out, 0, (size_t)nqg * BV * sizeof(uint32_t));
-    for (int half = 0; half < 2; half++) { /* vectors 0..31 in bytes 0..31, 32..63 in bytes 32..63 */
-        for (int64_t p0 = 0; p0 < Mp / 2; p0 += FLUSH / 2) {
-            int64_t p1 = p0 + FLUSH / 2 < Mp / 2 ? p0 + FLUSH / 2 : Mp / 2;
-            __m256i a0[QB], a1[QB];
-            for (int k = 0; k < nqg; k++) a0[k] = a1[k] = _mm256_setzero_si256();
-            for (int64_t p = p0; p < p1; p++) {
-                _mm_prefetch((const char *)(blk + p * BV + 32 * half + PREFETCH), _MM_HINT_T0);
-                __m256i c = _mm256_loadu_si256((const __m256i *)(blk + p * BV + 32 * half));
-                __m256i lo = _mm256_and_si256(c, mask), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), mask);
-#pragma GCC unroll 2
-                for (int k = 0; k < nqg; k++) {
-                    __m256i tl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut[k] + p * 32)));
-                    __m256i th = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut[k] + p * 32 + 16)));
-                    __m256i rl = _mm256_shuffle_epi8(tl, lo), rh = _mm256_shuffle_epi8(th, hi);
-                    a0[k] = _mm256_add_epi16(a0[k], _mm256_add_epi16(rl, rh));
-                    a1[k] = _mm256_add_epi16(a1[k], _mm256_add_epi16(_mm256_srli_epi16(rl, 8), _mm256_srli_epi16(rh, 8)));
-                }
-            }
-            for (int k = 0; k < nqg; k++) fold256(a0[k], a1[k], out + BV * k + 32 * half);
-        }
-    }
-}
-#else
-#define QB 1
-static inline __attribute__((always_inline)) void block_sums(const uint8_t *blk, const uint8_t *const *lut,
-                                                             int64_t Mp, uint32_t *out, const int nqg) {
-    (void)nqg; /* QB = 1 */
-    memset(out, 0, BV * sizeof(uint32_t));
-    for (int64_t p = 0; p < Mp / 2; p++) {
-        const uint8_t *row = blk + p * BV, *t = lut[0] + p * 32;
-        for (int v = 0; v < BV; v++) {
-            uint8_t b = row[slot_of(v)];
-            out[v] += (uint32_t)t[b & 15] + t[16 + (b >> 4)];
-        }
-    }
-}
-#endif
+#include "_cpu_scan_sums.h"
 
 /* Sums of a group of nqg <= QB queries, with the group size a compile-time constant in each branch. */
 static void group_sums(const uint8_t *blk, const uint8_t *const *lut, int64_t Mp, uint32_t *out, int nqg) {
@@ -657,35 +513,66 @@ void tq_rotate(const float *q, int64_t nq, int64_t d, const float *rt, float *ou
 /* Fields of the context array (kept by the Python wrapper, refreshed when the mirror grows). */
 enum { C_BLOCKS, C_MP, C_M, C_DSUB, C_COORDS, C_CENT, C_ALPHA, C_BETA, C_D, C_XM, C_XDSUB, C_XCOORDS, C_XCENT, C_COUNT };
 
-/* Tables, scan of [v0, v1) and (with codes: the stored rows of the exact plan) exact re-scoring of
- * nq queries q (nq, d), rotated first by rot_t (d, d) when given: out (nq, L) scores and positions, unordered. */
+/* The best k of n (score, index) pairs, sorted (higher score first, then smaller index): insertion
+ * into a sorted prefix, n * k steps at most (n: a shortlist, k: the results asked for). -inf /
+ * -1 fill slots beyond n. */
+static void best_sorted(const float *s, const int64_t *idx, int64_t n, int64_t k, float *out_s, int64_t *out_i) {
+    int64_t kept = 0;
+    for (int64_t c = 0; c < n; c++) {
+        cand_t x = {s[c], idx[c]};
+        if (x.i < 0 || (kept == k && !better(x, (cand_t){out_s[k - 1], out_i[k - 1]}))) continue;
+        int64_t at = kept < k ? kept++ : k - 1;
+        while (at > 0 && better(x, (cand_t){out_s[at - 1], out_i[at - 1]})) {
+            out_s[at] = out_s[at - 1];
+            out_i[at] = out_i[at - 1];
+            at--;
+        }
+        out_s[at] = x.s;
+        out_i[at] = x.i;
+    }
+    for (; kept < k; kept++) {
+        out_s[kept] = -INFINITY;
+        out_i[kept] = -1;
+    }
+}
+
+/* Tables, scan of [v0, v1) and (with codes: the stored rows of the exact plan) exact re-scoring of nq
+ * queries q (nq, d), rotated first by rot_t (d, d) when given. kout = 0: out (nq, L) scores and
+ * positions, unordered; kout > 0 (with codes): the best kout of the L re-scored, sorted, out (nq, kout). */
 int tq_scan_topl(const int64_t *ctx, const float *q, int64_t nq, int64_t L, int64_t v0, int64_t v1,
-                 const uint8_t *codes, int64_t row_bytes, float *out_s, int64_t *out_i, const float *rot_t) {
+                 const uint8_t *codes, int64_t row_bytes, float *out_s, int64_t *out_i, const float *rot_t, int64_t kout) {
     int64_t Mp = ctx[C_MP], d = ctx[C_D];
     if (rot_t) { /* q not rotated yet (a few queries): rotate here, saving a call per query */
         float *qr = (float *)malloc(sizeof(float) * (size_t)(nq * d));
         if (!qr) return 1;
         tq_rotate(q, nq, d, rot_t, qr);
-        int rc = tq_scan_topl(ctx, qr, nq, L, v0, v1, codes, row_bytes, out_s, out_i, NULL);
+        int rc = tq_scan_topl(ctx, qr, nq, L, v0, v1, codes, row_bytes, out_s, out_i, NULL, kout);
         free(qr);
         return rc;
     }
+    if (kout > 0 && !codes) return 2;
     uint8_t *lut = (uint8_t *)malloc((size_t)(nq * Mp * 16));
     float *ia = (float *)malloc(sizeof(float) * (size_t)(2 * nq));
-    if (!lut || !ia) {
-        free(lut);
-        free(ia);
-        return 1;
-    }
-    int rc = tq_scan_luts(q, nq, d, (const int32_t *)ctx[C_COORDS], (const float *)ctx[C_CENT], ctx[C_M], ctx[C_DSUB], Mp,
+    float *sl_s = kout > 0 ? (float *)malloc(sizeof(float) * (size_t)(nq * L)) : out_s;
+    int64_t *sl_i = kout > 0 ? (int64_t *)malloc(sizeof(int64_t) * (size_t)(nq * L)) : out_i;
+    int rc = !lut || !ia || !sl_s || !sl_i;
+    if (!rc)
+        rc = tq_scan_luts(q, nq, d, (const int32_t *)ctx[C_COORDS], (const float *)ctx[C_CENT], ctx[C_M], ctx[C_DSUB], Mp,
                           lut, ia, ia + nq);
     if (!rc)
         rc = tq_scan_search((const uint8_t *)ctx[C_BLOCKS], v0, v1, Mp, (const float *)ctx[C_ALPHA],
-                            (const float *)ctx[C_BETA], lut, ia, ia + nq, nq, L, out_s, out_i);
+                            (const float *)ctx[C_BETA], lut, ia, ia + nq, nq, L, sl_s, sl_i);
     if (!rc && codes)
         rc = tq_rescore(codes, row_bytes, (const int32_t *)ctx[C_XCOORDS], (const float *)ctx[C_XCENT], ctx[C_XM],
-                        ctx[C_XDSUB], q, nq, d, out_i, L, (const float *)ctx[C_ALPHA], (const float *)ctx[C_BETA], out_s);
+                        ctx[C_XDSUB], q, nq, d, sl_i, L, (const float *)ctx[C_ALPHA], (const float *)ctx[C_BETA], sl_s);
+    if (!rc && kout > 0)
+        for (int64_t iq = 0; iq < nq; iq++)
+            best_sorted(sl_s + iq * L, sl_i + iq * L, L, kout, out_s + iq * kout, out_i + iq * kout);
     free(lut);
     free(ia);
+    if (kout > 0) {
+        free(sl_s);
+        free(sl_i);
+    }
     return rc;
 }

@@ -63,7 +63,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tq_scan_search.restype = ctypes.c_int
     lib.tq_rescore.argtypes = [_P, _I, _P, _P, _I, _I, _P, _I, _I, _P, _I, _P, _P, _P]
     lib.tq_rescore.restype = ctypes.c_int
-    lib.tq_scan_topl.argtypes = [_P, _P, _I, _I, _I, _I, _P, _I, _P, _P, _P]
+    lib.tq_scan_topl.argtypes = [_P, _P, _I, _I, _I, _I, _P, _I, _P, _P, _P, _I]
     lib.tq_scan_topl.restype = ctypes.c_int
     lib.tq_rotate.argtypes, lib.tq_rotate.restype = [_P, _I, _I, _P, _P], None
 
@@ -298,14 +298,18 @@ class ScanMirror:
         return out[:, : self.count]
 
     def _scan(
-        self, q: np.ndarray, v0: int, v1: int, length: int, codes: np.ndarray | None, rot_t: np.ndarray | None = None
+        self, q: np.ndarray, v0: int, v1: int, length: int, codes: np.ndarray | None, rot_t: np.ndarray | None = None,
+        k: int = 0,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(Rotation by ``rot_t``,) tables, scan of ``[v0, v1)`` and (with ``codes``) exact re-scoring, in one C call."""
+        """(Rotation by ``rot_t``,) tables, scan of ``[v0, v1)`` and (with ``codes``) exact re-scoring, in one C call.
+
+        ``k > 0`` (with ``codes``): the best ``k`` re-scored, sorted, ``(nq, k)``; else ``(nq, length)`` unordered.
+        """
         q = np.ascontiguousarray(q, dtype=np.float32)
-        nq = len(q)
-        scores, pos = np.empty((nq, length), np.float32), np.empty((nq, length), np.int64)
+        nq, width = len(q), k or length
+        scores, pos = np.empty((nq, width), np.float32), np.empty((nq, width), np.int64)
         rc = self.lib.tq_scan_topl(self._context(), _ptr(q), nq, length, v0, v1, _ptr(codes),
-                                   0 if codes is None else codes.shape[1], _ptr(scores), _ptr(pos), _ptr(rot_t))  # fmt: skip
+                                   0 if codes is None else codes.shape[1], _ptr(scores), _ptr(pos), _ptr(rot_t), k)  # fmt: skip
         if rc:
             raise MemoryError("turboquant fast scan: out of memory")
         return scores, pos
@@ -328,9 +332,12 @@ class ScanMirror:
 
     def search(
         self, q_rot: np.ndarray, length: int, threads: int = 1, codes: np.ndarray | None = None,
-        rot_t: np.ndarray | None = None,
+        rot_t: np.ndarray | None = None, k: int = 0,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Scores and positions of the ``length`` best vectors per query, ``(nq, length)`` each, unordered.
+
+        With ``k`` and exact re-scoring (``codes`` and an :attr:`exact_plan`): only the ``k`` best
+        re-scored per query, sorted (higher score first, then smaller position), ``(nq, k)``.
 
         ``threads``: a batch splits over queries; fewer queries than threads split the vectors
         into ranges, but only when the scan reads more than 32 MiB (on a shared machine waking a
@@ -344,7 +351,8 @@ class ScanMirror:
         """
         exact = codes if codes is not None and self.exact_plan is not None else None
         nq, n = len(q_rot), self.count
-        assert 1 <= length <= n
+        assert 1 <= length <= n and 0 <= k <= length
+        k = k if exact is not None else 0
         threads = max(1, min(threads, -(-n // _BV)))
         if nq < threads and n * self.Mp // 2 < _SPLIT_BYTES:
             threads = 1  # a small single-query scan: waking threads costs more than it saves
@@ -352,15 +360,15 @@ class ScanMirror:
         if nq >= threads and per >= nq:  # one call
             if rot_t is not None and nq > 4:
                 q_rot, rot_t = self.rotate(q_rot, rot_t), None
-            return self._scan(q_rot, 0, n, length, exact, rot_t)
+            return self._scan(q_rot, 0, n, length, exact, rot_t, k)
         if rot_t is not None:
             q_rot = self.rotate(q_rot, rot_t)
         if nq >= threads:  # chunks of queries, one worker each
-            scores, pos = np.empty((nq, length), np.float32), np.empty((nq, length), np.int64)
+            scores, pos = np.empty((nq, k or length), np.float32), np.empty((nq, k or length), np.int64)
 
             def job(s0: int) -> None:
                 sl = slice(s0, min(nq, s0 + per))
-                scores[sl], pos[sl] = self._scan(q_rot[sl], 0, n, length, exact)
+                scores[sl], pos[sl] = self._scan(q_rot[sl], 0, n, length, exact, None, k)
 
             starts = range(0, nq, per)
             if threads == 1:
@@ -381,7 +389,11 @@ class ScanMirror:
         # best `length` by (score desc, position asc), as one pass would keep them
         order = np.lexsort((all_p, -all_s))[:, :length]
         scores, pos = np.take_along_axis(all_s, order, 1), np.take_along_axis(all_p, order, 1)
-        return (self.rescore(exact, q_rot, pos) if exact is not None else scores), pos
+        scores = self.rescore(exact, q_rot, pos) if exact is not None else scores
+        if k:  # as one call returns them: the best k re-scored, (score desc, position asc)
+            order = np.lexsort((pos, -scores))[:, :k]
+            return np.take_along_axis(scores, order, 1), np.take_along_axis(pos, order, 1)
+        return scores, pos
 
 
 __all__ = ["ScanMirror", "auto_scan_bits", "default_shortlist", "load_scan_library", "scan_library_error", "scan_plan", "top_k"]
