@@ -98,6 +98,30 @@ def test_shortlist_is_the_exact_top_of_the_reproduced_scores(dim: int, bits: flo
         np.testing.assert_array_equal(scores, np.take_along_axis(expected, pos, 1))  # bit-identical scores
 
 
+@pytest.mark.parametrize("skewed", [False, True])
+def test_sampled_threshold_keeps_the_exact_top(skewed: bool) -> None:
+    """Long ranges start from a threshold estimated on every 16th block; a sample that overshoots
+    (skewed: the sampled blocks hold the largest factors) falls back to a full scan."""
+    n = 64 * 16 * 10
+    cfg = QuantizerConfig(40, 2, Variant.MSE)
+    plan = nibble_plan(cfg, 2)
+    rng = np.random.default_rng(11)
+    codes = rng.integers(0, 256, (n, code_bytes(cfg)), dtype=np.uint8)
+    alpha = rng.uniform(0.5, 2.0, n).astype(np.float32)
+    if skewed:
+        alpha[(np.arange(n) // 64) % 16 == 0] *= 50.0
+    mirror = ScanMirror(cfg, plan, False, LIB)
+    mirror.append(codes, alpha)
+    q = rng.standard_normal((6, 40)).astype(np.float32)
+    lut, inv_a, bias = mirror.luts(q)
+    expected = _reference_scores(_reference_sums(lut, _nibbles(codes, cfg, plan)), inv_a, bias, alpha, None)
+    for length in (10, 128, 160):  # L >= 128 and 64 L <= n: the sampled start
+        for rows in (slice(0, 6), slice(0, 1)):
+            scores, pos = mirror.search(q[rows], length)
+            np.testing.assert_array_equal(np.sort(pos, 1), _reference_top(expected[rows], length))
+            np.testing.assert_array_equal(scores, np.take_along_axis(expected[rows], pos, 1))
+
+
 def test_ties_go_to_the_smaller_position_for_any_split(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cpu_scan, "_SPLIT_BYTES", 0)  # single queries split over vector ranges
     cfg = QuantizerConfig(64, 2, Variant.MSE)

@@ -239,108 +239,24 @@ static inline uint64_t block_scores(const uint32_t *sums, const float *al, const
 
 /* ------------------------------------------------------------------ top-L selection */
 
-/* Candidates above the current threshold go to a buffer of 2L; a full buffer is cut back to its
- * best L by quickselect, whose L-th entry becomes the threshold. Order: higher score first, then
- * smaller index, so the kept set is exactly the top-L of one pass in index order. */
-typedef struct {
-    float s;
-    int64_t i;
-} cand_t;
+#include "_cpu_scan_select.h"
 
-static inline int better(cand_t a, cand_t b) { return a.s > b.s || (a.s == b.s && a.i < b.i); }
-
-/* The k-th largest of x[0..n) (1 <= k <= n), by quickselect with branchless partitions (random
- * scores make a branchy partition mispredict on every other element). x and y (scratch, n) are
- * both overwritten. */
-static float kth_largest(float *x, float *y, int64_t n, int64_t k) {
-    for (;;) {
-        if (n <= 8) { /* selection sort of the few left, descending */
-            for (int64_t i = 0; i < k; i++)
-                for (int64_t j = i + 1; j < n; j++)
-                    if (x[j] > x[i]) {
-                        float t = x[i];
-                        x[i] = x[j];
-                        x[j] = t;
-                    }
-            return x[k - 1];
-        }
-        float a = x[0], b = x[n / 2], c = x[n - 1]; /* median of three */
-        float p = a > b ? (b > c ? b : (a > c ? c : a)) : (a > c ? a : (b > c ? c : b));
-        int64_t lo = 0, hi = n; /* y[0..lo): > p, y[hi..n): < p */
-        for (int64_t i = 0; i < n; i++) {
-            float v = x[i];
-            y[lo] = v;
-            y[hi - 1] = v;
-            lo += v > p;
-            hi -= v < p;
-        }
-        if (k <= lo) {
-            n = lo;
-        } else if (k <= hi) {
-            return p;
-        } else {
-            k -= hi;
-            n -= hi;
-            y += hi;
-        }
-        float *t = x;
-        x = y;
-        y = t;
-    }
-}
-
-typedef struct {
-    cand_t *buf; /* 2L */
-    float *tmp;  /* 4L scratch */
-    int64_t size, L;
-    cand_t worst; /* the L-th best once the buffer was cut (threshold), else -inf */
-} topl_t;
-
-/* Keep the best L of the buffer: those scoring above the L-th largest score, then those equal to
- * it by smallest index. Branchless compaction. */
-static void topl_cut(topl_t *t) {
-    int64_t n = t->size, L = t->L;
-    for (int64_t k = 0; k < n; k++) t->tmp[k] = t->buf[k].s;
-    float thr = kth_largest(t->tmp, t->tmp + n, n, L);
-    int64_t kept = 0, nt = 0;
-    cand_t *tie = (cand_t *)alloca(sizeof(cand_t) * (size_t)n);
-    for (int64_t k = 0; k < n; k++) {
-        cand_t c = t->buf[k];
-        t->buf[kept] = c;
-        tie[nt] = c;
-        kept += c.s > thr;
-        nt += c.s == thr;
-    }
-    /* ties at the threshold: the smallest indices win (few in practice: repeated minimum) */
-    int64_t worst_i = INT64_MIN;
-    for (int64_t r = 0; kept < L; r++) {
-        int64_t best = r;
-        for (int64_t k = r + 1; k < nt; k++)
-            if (tie[k].i < tie[best].i) best = k;
-        cand_t x = tie[best];
-        tie[best] = tie[r];
-        tie[r] = x;
-        t->buf[kept++] = x;
-        worst_i = x.i;
-    }
-    t->size = kept;
-    t->worst.s = thr;
-    t->worst.i = worst_i; /* the last tie taken is the worst kept; none taken: any index loses to thr's */
-}
-
-static inline void topl_push(topl_t *t, float s, int64_t i) {
-    cand_t c = {s, i};
-    if (!better(c, t->worst)) return;
-    t->buf[t->size++] = c;
-    if (t->size == 2 * t->L) topl_cut(t);
-}
+#define SAMPLE_STEP 16   /* every 16th block of a long range is scored first to estimate the threshold */
+#define SAMPLE_MIN_L 128 /* below, the running threshold's cuts cost less than the sample (50k vectors, d = 96) */
 
 /* Top-L of vectors [v0, v1) (v0 a multiple of BV) for nq queries with tables qlut (nq, Mp, 16).
  * Output (nq, L) scores and indices, unordered; slots beyond the range size hold -inf / -1.
- * Blocks are visited in chunks that stay in cache while every query scans them. */
-int tq_scan_search(const uint8_t *blocks, int64_t v0, int64_t v1, int64_t Mp, const float *alpha, const float *beta,
-                   const uint8_t *qlut, const float *inv_a, const float *bias, int64_t nq, int64_t L, float *out_s,
-                   int64_t *out_i) {
+ * Blocks are visited in chunks that stay in cache while every query scans them.
+ *
+ * With sample (L >= SAMPLE_MIN_L, ranges of at least 64 L vectors): every SAMPLE_STEP-th block is scored first and
+ * the r-th best sampled score, r set so that ~3L vectors of the range are expected above it,
+ * becomes the starting threshold. Without it the running threshold starts at -inf and the buffer
+ * is cut ~L ln(n / L) / L times (for L = 250 over 50k vectors that selection cost as much as the
+ * scan). The result is still the exact top-L: at least L vectors at or above the estimate mean
+ * the L-th best is above it too; a query with fewer (an unlucky sample) is scanned again from -inf. */
+static int scan_search(const uint8_t *blocks, int64_t v0, int64_t v1, int64_t Mp, const float *alpha, const float *beta,
+                       const uint8_t *qlut, const float *inv_a, const float *bias, int64_t nq, int64_t L, float *out_s,
+                       int64_t *out_i, int sample) {
     if (v0 % BV) return 2;
     topl_t *tops = (topl_t *)calloc((size_t)(nq > 0 ? nq : 1), sizeof(topl_t));
     cand_t *bufs = (cand_t *)malloc(sizeof(cand_t) * (size_t)(nq > 0 ? nq : 1) * 2 * (size_t)L);
@@ -366,6 +282,37 @@ int tq_scan_search(const uint8_t *blocks, int64_t v0, int64_t v1, int64_t Mp, co
     float sc[BV] __attribute__((aligned(64)));
     float al_tail[BV], be_tail[BV];
     const uint8_t *lut[QB];
+    int64_t ns_blocks = (b_end - b_first - 1) / SAMPLE_STEP; /* full blocks only: the last one may be partial */
+    sample = sample && L >= SAMPLE_MIN_L && v1 - v0 >= 64 * L && ns_blocks >= 4;
+    if (sample) {
+        int64_t ns = ns_blocks * BV, r = (3 * L * ns + (v1 - v0) - 1) / (v1 - v0);
+        r = r < 1 ? 1 : (r > ns ? ns : r);
+        float *smp = (float *)malloc(sizeof(float) * (size_t)(2 * ns));
+        if (!smp) {
+            sample = 0;
+        } else {
+            for (int64_t g = 0; g < nq; g += QB) {
+                group_luts(qlut, g, nq, lut_bytes, lut);
+                int nqg = nq - g < QB ? (int)(nq - g) : QB;
+                /* one pass over the sampled blocks per group of queries, scores kept per query */
+                float *per = (float *)malloc(sizeof(float) * (size_t)(nqg * ns));
+                if (!per) continue;
+                for (int64_t sbk = 0; sbk < ns_blocks; sbk++) {
+                    int64_t b = b_first + sbk * SAMPLE_STEP;
+                    group_sums(blocks + b * block_bytes, lut, Mp, sums, nqg);
+                    for (int k = 0; k < nqg; k++)
+                        block_scores(sums + BV * k, alpha + b * BV, beta ? beta + b * BV : NULL, inv_a[g + k], bias[g + k],
+                                     -INFINITY, per + k * ns + sbk * BV);
+                }
+                for (int k = 0; k < nqg; k++) {
+                    memcpy(smp, per + k * ns, sizeof(float) * (size_t)ns);
+                    tops[g + k].worst.s = kth_largest(smp, smp + ns, ns, r);
+                }
+                free(per);
+            }
+            free(smp);
+        }
+    }
     for (int64_t c0 = b_first; c0 < b_end; c0 += chunk) {
         int64_t c1 = c0 + chunk < b_end ? c0 + chunk : b_end;
         for (int64_t g = 0; g < nq; g += QB) {
@@ -396,9 +343,15 @@ int tq_scan_search(const uint8_t *blocks, int64_t v0, int64_t v1, int64_t Mp, co
             }
         }
     }
+    int rc = 0;
     for (int64_t q = 0; q < nq; q++) {
         topl_t *t = tops + q;
         if (t->size > L) topl_cut(t);
+        if (sample && t->size < L) { /* fewer than L at or above the estimate: scan this query from -inf */
+            rc |= scan_search(blocks, v0, v1, Mp, alpha, beta, qlut + q * lut_bytes, inv_a + q, bias + q, 1, L,
+                              out_s + q * L, out_i + q * L, 0);
+            continue;
+        }
         for (int64_t k = 0; k < L; k++) {
             out_s[q * L + k] = k < t->size ? t->buf[k].s : -INFINITY;
             out_i[q * L + k] = k < t->size ? t->buf[k].i : -1;
@@ -407,7 +360,13 @@ int tq_scan_search(const uint8_t *blocks, int64_t v0, int64_t v1, int64_t Mp, co
     free(tops);
     free(bufs);
     free(tmps);
-    return 0;
+    return rc;
+}
+
+int tq_scan_search(const uint8_t *blocks, int64_t v0, int64_t v1, int64_t Mp, const float *alpha, const float *beta,
+                   const uint8_t *qlut, const float *inv_a, const float *bias, int64_t nq, int64_t L, float *out_s,
+                   int64_t *out_i, int64_t sample) {
+    return scan_search(blocks, v0, v1, Mp, alpha, beta, qlut, inv_a, bias, nq, L, out_s, out_i, (int)sample);
 }
 
 /* ------------------------------------------------------------------ exact re-scoring */
@@ -561,7 +520,7 @@ int tq_scan_topl(const int64_t *ctx, const float *q, int64_t nq, int64_t L, int6
                           lut, ia, ia + nq);
     if (!rc)
         rc = tq_scan_search((const uint8_t *)ctx[C_BLOCKS], v0, v1, Mp, (const float *)ctx[C_ALPHA],
-                            (const float *)ctx[C_BETA], lut, ia, ia + nq, nq, L, sl_s, sl_i);
+                            (const float *)ctx[C_BETA], lut, ia, ia + nq, nq, L, sl_s, sl_i, 1);
     if (!rc && codes)
         rc = tq_rescore(codes, row_bytes, (const int32_t *)ctx[C_XCOORDS], (const float *)ctx[C_XCENT], ctx[C_XM],
                         ctx[C_XDSUB], q, nq, d, sl_i, L, (const float *)ctx[C_ALPHA], (const float *)ctx[C_BETA], sl_s);

@@ -59,7 +59,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tq_scan_luts.argtypes = [_P, _I, _I, _P, _P, _I, _I, _I, _P, _P, _P]
     lib.tq_scan_luts.restype = ctypes.c_int
     lib.tq_scan_sums.argtypes, lib.tq_scan_sums.restype = [_P, _I, _I, _P, _I, _P], None
-    lib.tq_scan_search.argtypes = [_P, _I, _I, _I, _P, _P, _P, _P, _P, _I, _I, _P, _P]
+    lib.tq_scan_search.argtypes = [_P, _I, _I, _I, _P, _P, _P, _P, _P, _I, _I, _P, _P, _I]
     lib.tq_scan_search.restype = ctypes.c_int
     lib.tq_rescore.argtypes = [_P, _I, _P, _P, _I, _I, _P, _I, _I, _P, _I, _P, _P, _P]
     lib.tq_rescore.restype = ctypes.c_int
