@@ -380,7 +380,9 @@ class IndexConfig:
             over vector ranges once it scans more than 32 MiB of codes); ``None`` =
             ``torch.get_num_threads()``, the library's thread policy. The FAISS fallback uses it
             as its shard count (``None`` = 1).
-        scan_bits: bits per coordinate the fast-scan stage reads (1, 2 or 4).
+        scan_bits: bits per coordinate the fast-scan stage reads (1, 2 or 4); ``None`` (default):
+            2, or 1 for 2-bit codes where the scan bytes it saves outweigh its longer shortlist
+            (:func:`turboquant.kernels.cpu_scan.auto_scan_bits`, decided when the scan mirror is built).
     """
 
     dim: int
@@ -392,7 +394,7 @@ class IndexConfig:
     engine: Engine = Engine.AUTO
     correction: bool = True
     search_threads: int | None = None
-    scan_bits: int = 2
+    scan_bits: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metric", _enum_value(Metric, self.metric, "metric"))
@@ -402,7 +404,7 @@ class IndexConfig:
             raise TurboQuantError(f"correction must be a bool, got {self.correction!r}")
         if self.search_threads is not None:
             _check_int(self.search_threads, "search_threads", 1)
-        if self.scan_bits not in (1, 2, 4) or isinstance(self.scan_bits, bool):
+        if self.scan_bits is not None and (self.scan_bits not in (1, 2, 4) or isinstance(self.scan_bits, bool)):
             raise TurboQuantError(f"scan_bits={self.scan_bits!r} is not supported; choose 1, 2 or 4")
         self.quantizer  # validates dim, bits, seed, norm_dtype with the quantizer's messages
 

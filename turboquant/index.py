@@ -36,10 +36,10 @@ import torch
 from .buffers import GrowableBuffer
 from .codec import bytes_per_vector, code_bytes, decode_mse, encode, reconstruction_norms
 from .config import Engine, IndexConfig, Metric, QuantizerConfig, TurboQuantError, replace_fields
-from .fastscan import FastScan, faiss_available, nibble_plan, rescore, rotate_queries, thread_pool
+from .fastscan import FastScan, faiss_available, rescore, rotate_queries, thread_pool
 from .index_file import MAX_ID, IndexHeader, read_index_file, write_index_file
 from .inputs import ArrayLike, as_ids, as_matrix, to_numpy32, to_torch
-from .kernels.cpu_scan import ScanMirror, default_shortlist, load_scan_library
+from .kernels.cpu_scan import ScanMirror, default_shortlist, load_scan_library, scan_plan, top_k
 from .rotation import make_rotation
 
 _CHUNK = 16384  # vectors encoded / decoded at a time: bounds temporary memory
@@ -409,7 +409,7 @@ class TurboQuantIndex:
     def _check_fastscan_possible(self) -> None:
         if load_scan_library() is None and not faiss_available():
             raise TurboQuantError("engine='fastscan' needs a C compiler (the scan kernel) or FAISS: pip install faiss-cpu")
-        if nibble_plan(self._qcfg, self.config.scan_bits) is None:
+        if scan_plan(self._qcfg, self.config.scan_bits, len(self)) is None:
             raise TurboQuantError(f"scan_bits=4 needs code widths up to 4 bits, not bits={self.bits}; use scan_bits=2")
         if self.device.type != "cpu":
             raise TurboQuantError("engine='fastscan' runs on CPU; this index lives on " + str(self.device))
@@ -417,13 +417,13 @@ class TurboQuantIndex:
     def _use_fastscan(self) -> bool:
         if self.config.engine is Engine.TORCH:
             return False
+        if self._fastscan is not None and self.device.type == "cpu":  # built, so possible: no per-search checks
+            return True
         if self.config.engine is Engine.FASTSCAN:
             self._check_fastscan_possible()
-        elif self.device.type != "cpu" or nibble_plan(self._qcfg, self.config.scan_bits) is None:
+        elif self.device.type != "cpu" or scan_plan(self._qcfg, self.config.scan_bits, len(self)) is None:
             return False
-        if self._fastscan is not None:
-            return True
-        plan = nibble_plan(self._qcfg, self.config.scan_bits)
+        plan = scan_plan(self._qcfg, self.config.scan_bits, len(self))
         assert plan is not None
         lib = load_scan_library()
         if lib is not None:
@@ -516,18 +516,17 @@ class TurboQuantIndex:
             q = q / np.sqrt(np.where(q_sq > 0, q_sq, 1.0))[:, None]
         if self._rot_t is None:
             self._rot_t = self.rotation.matrix().T.contiguous().numpy()
-        q_rot = rotate_queries(q, self._rot_t)
         n = len(self)
         if rerank is None:
-            rerank = default_shortlist(k, fs.plan.exact, n, self.dim, self.metric == "l2")
+            rerank = default_shortlist(k, fs.plan.exact, n, self.dim, self.metric == "l2", 4 // fs.plan.coords.shape[1])
         shortlist = min(n, max(k, rerank))
+        threads = self.config.search_threads or torch.get_num_threads()  # the library's thread policy
+        if isinstance(fs, ScanMirror) and fs.exact_plan is not None:  # rotated (few queries), scanned, re-scored in C
+            keys, cand = fs.search(q, shortlist, threads, self._store.numpy("codes"), rot_t=self._rot_t, k=k)  # sorted
+            return (q_sq[:, None] - keys if self.metric == "l2" else keys), cand
+        q_rot = fs.rotate(q, self._rot_t) if isinstance(fs, ScanMirror) else rotate_queries(q, self._rot_t)
+        cand = fs.search(q_rot, shortlist, threads)[1] if isinstance(fs, ScanMirror) else fs.search(q_rot, shortlist)
         norms = self._norms_f32()
-        if isinstance(fs, ScanMirror):  # threads: search_threads, else torch's count (the library's policy)
-            keys, cand = fs.search(q_rot, shortlist, self.config.search_threads or torch.get_num_threads(), self._store.numpy("codes"))
-            if fs.exact_plan is not None:  # scanned and exactly re-scored in C
-                return self._top(keys - q_sq[:, None] if self.metric == "l2" else keys, cand, k)
-        else:
-            cand = fs.search(q_rot, shortlist)
         dots, scale = np.empty(cand.shape, np.float32), np.empty(cand.shape, np.float32)
         step = max(1, (1 << 18) // (shortlist * cfg.dim))  # queries per step: decoded block stays in cache (3x faster)
         for s0 in range(0, len(q), step):
@@ -536,14 +535,7 @@ class TurboQuantIndex:
         keys = dots * scale
         if self.metric == "l2":  # -(‖q‖² + ‖x‖² − 2<q, x>), largest first
             keys = 2 * keys - np.square(np.take(norms, cand)) - q_sq[:, None]
-        return self._top(keys, cand, k)
-
-    def _top(self, keys: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` largest ``keys`` ``(nq, L)`` per row in order, as output scores, and their positions."""
-        order = np.argsort(-keys, axis=1, kind="stable")[:, :k]
-        rows = np.arange(len(keys))[:, None]
-        top = keys[rows, order]
-        return (-top if self.metric == "l2" else top), cand[rows, order]
+        return top_k(keys, cand, k, self.metric == "l2")
 
     # ----------------------------------------------------------------- persistence
 

@@ -33,13 +33,29 @@
 #if defined(__AVX2__) || defined(__AVX512BW__)
 #include <immintrin.h>
 #endif
+/* Layout 1 (AVX-512 VBMI + VNNI; TQ_NO_VNNI keeps layout 0 for tests): 16-vector sub-blocks whose
+ * 64-byte rows hold 8 positions of 16 vectors (byte 4i + t: vector i, low nibble position 8r + t,
+ * high nibble 8r + 4 + t). One vpermb with a 64-byte table (4 positions x 16 entries) looks up 64
+ * nibbles of 16 vectors at 4 positions, and vpdpbusd adds each vector's 4 bytes into its uint32
+ * sum: 4 ops per 128 lookups instead of 8, no uint16 flushes, no even/odd fold. */
+#if defined(__AVX512VBMI__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(TQ_NO_VNNI)
+#define TQ_VNNI 1
+#define MPAD 8 /* positions padded to whole rows of 8 */
+#else
+#define MPAD 2
+#endif
 
 #define BV 64      /* vectors per block */
 #define FLUSH 256  /* positions summed in uint16 before folding into uint32 */
 #define PREFETCH 4096 /* bytes ahead: a single query streams the codes from L3 (d=384: 2x faster) */
 
+/* Positions per row of the layout: the caller pads M to a multiple of it (zero tables). */
+int tq_scan_mpad(void) { return MPAD; }
+
 int tq_scan_isa(void) {
-#if defined(__AVX512BW__)
+#if defined(TQ_VNNI)
+    return 513;
+#elif defined(__AVX512BW__)
     return 512;
 #elif defined(__AVX2__)
     return 256;
@@ -59,6 +75,21 @@ static inline int slot_of(int v) {
  * into the blocked layout. Blocks touched must exist; their other vectors are left as they are. */
 void tq_scan_pack(const uint8_t *nib, int64_t rows, int64_t row_bytes, int64_t M, int64_t Mp, int64_t first,
                   uint8_t *blocks) {
+#if defined(TQ_VNNI)
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t g = first + r, v = g % BV;
+        uint8_t *sub = blocks + (g / BV) * (Mp / 2) * BV + (v / 16) * (Mp / 8) * 64 + 4 * (v % 16);
+        const uint8_t *src = nib + r * row_bytes;
+        for (int64_t row = 0; row < Mp / 8; row++)
+            for (int t = 0; t < 4; t++) {
+                int64_t ml = 8 * row + t, mh = ml + 4;
+                uint8_t lo = ml < M ? (uint8_t)((src[ml >> 1] >> (4 * (ml & 1))) & 15) : 0;
+                uint8_t hi = mh < M ? (uint8_t)((src[mh >> 1] >> (4 * (mh & 1))) & 15) : 0;
+                sub[row * 64 + t] = (uint8_t)(lo | (hi << 4));
+            }
+    }
+    return;
+#endif
     for (int64_t r = 0; r < rows; r++) {
         int64_t g = first + r;
         uint8_t *blk = blocks + (g / BV) * (Mp / 2) * BV + slot_of((int)(g % BV));
@@ -68,7 +99,25 @@ void tq_scan_pack(const uint8_t *nib, int64_t rows, int64_t row_bytes, int64_t M
     }
 }
 
-/* Quantized tables of nq queries: lutf[m][v] = sum_s q[coords[m,s]] * cent[m,v,s] (coords -1: none),
+/* Float tables of one query: lutf[m][v] = sum_s q[coords[m,s]] * cent[m,s,v] (coords -1: none), added
+ * in s order. cent is (M, dsub, 16): a position's 16 entries are contiguous, so the loops vectorize. */
+static void float_tables(const float *qq, const int32_t *coords, const float *cent, int64_t M, int64_t dsub,
+                         float *lutf) {
+    for (int64_t m = 0; m < M; m++) {
+        float row[16];
+        for (int v = 0; v < 16; v++) row[v] = 0.0f;
+        for (int64_t s = 0; s < dsub; s++) {
+            int32_t c = coords[m * dsub + s];
+            if (c < 0) continue;
+            float x = qq[c];
+            const float *ce = cent + (m * dsub + s) * 16;
+            for (int v = 0; v < 16; v++) row[v] = row[v] + x * ce[v];
+        }
+        memcpy(lutf + m * 16, row, sizeof(row));
+    }
+}
+
+/* Quantized tables of nq queries: lutf[m][v] = sum_s q[coords[m,s]] * cent[m,s,v] (coords -1: none),
  * qlut = round((lutf - min_v lutf[m]) * a) with a = 255 / max_m(range of lutf[m]),
  * inv_a = 1/a as range/255, bias = sum_m min_v lutf[m]. qlut: (nq, Mp, 16); rows m >= M are 0. */
 int tq_scan_luts(const float *q, int64_t nq, int64_t d, const int32_t *coords, const float *cent, int64_t M,
@@ -79,19 +128,9 @@ int tq_scan_luts(const float *q, int64_t nq, int64_t d, const int32_t *coords, c
     for (int64_t iq = 0; iq < nq; iq++) {
         const float *qq = q + iq * d;
         float range = 0.0f;
+        float_tables(qq, coords, cent, M, dsub, lutf);
         for (int64_t m = 0; m < M; m++) {
-            float *row = lutf + m * 16;
-            for (int v = 0; v < 16; v++) row[v] = 0.0f;
-            for (int64_t s = 0; s < dsub; s++) {
-                int32_t c = coords[m * dsub + s];
-                if (c < 0) continue;
-                float x = qq[c];
-                const float *ce = cent + (m * 16) * dsub + s;
-                for (int v = 0; v < 16; v++) {
-                    float p = x * ce[v * dsub];
-                    row[v] = row[v] + p;
-                }
-            }
+            const float *row = lutf + m * 16;
             float lo = row[0], hi = row[0];
             for (int v = 1; v < 16; v++) {
                 lo = row[v] < lo ? row[v] : lo;
@@ -124,101 +163,7 @@ int tq_scan_luts(const float *q, int64_t nq, int64_t d, const int32_t *coords, c
 
 /* ------------------------------------------------------------------ sums of one block */
 
-#if defined(__AVX512BW__)
-#define QB 4 /* queries per pass over a block: the code nibbles are extracted once for all */
-/* u16 even/odd accumulators of 64 vectors -> u32 sums in vector order, added to out[0..64) */
-static inline void fold512(__m512i a0, __m512i a1, __m512i *t) {
-    __m512i e = _mm512_sub_epi16(a0, _mm512_slli_epi16(a1, 8));
-    __m512i lo = _mm512_unpacklo_epi16(e, a1), hi = _mm512_unpackhi_epi16(e, a1);
-    t[0] = _mm512_add_epi32(t[0], _mm512_cvtepu16_epi32(_mm512_castsi512_si256(lo)));
-    t[1] = _mm512_add_epi32(t[1], _mm512_cvtepu16_epi32(_mm512_castsi512_si256(hi)));
-    t[2] = _mm512_add_epi32(t[2], _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(lo, 1)));
-    t[3] = _mm512_add_epi32(t[3], _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(hi, 1)));
-}
-
-static inline __attribute__((always_inline)) void block_sums(const uint8_t *blk, const uint8_t *const *lut,
-                                                             int64_t Mp, uint32_t *out, const int nqg) {
-    const __m512i mask = _mm512_set1_epi8(0x0f);
-    __m512i tot[QB][4];
-    for (int k = 0; k < nqg; k++) tot[k][0] = tot[k][1] = tot[k][2] = tot[k][3] = _mm512_setzero_si512();
-    for (int64_t p0 = 0; p0 < Mp / 2; p0 += FLUSH / 2) {
-        int64_t p1 = p0 + FLUSH / 2 < Mp / 2 ? p0 + FLUSH / 2 : Mp / 2;
-        __m512i a0[QB], a1[QB];
-        for (int k = 0; k < nqg; k++) a0[k] = a1[k] = _mm512_setzero_si512();
-        for (int64_t p = p0; p < p1; p++) {
-            _mm_prefetch((const char *)(blk + p * BV + PREFETCH), _MM_HINT_T0);
-            __m512i c = _mm512_loadu_si512((const void *)(blk + p * BV));
-            __m512i lo = _mm512_and_si512(c, mask), hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), mask);
-#pragma GCC unroll 4
-            for (int k = 0; k < nqg; k++) {
-                __m512i tl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(lut[k] + p * 32)));
-                __m512i th = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(lut[k] + p * 32 + 16)));
-                __m512i rl = _mm512_shuffle_epi8(tl, lo), rh = _mm512_shuffle_epi8(th, hi);
-                a0[k] = _mm512_add_epi16(a0[k], _mm512_add_epi16(rl, rh));
-                a1[k] = _mm512_add_epi16(a1[k], _mm512_add_epi16(_mm512_srli_epi16(rl, 8), _mm512_srli_epi16(rh, 8)));
-            }
-        }
-        for (int k = 0; k < nqg; k++) fold512(a0[k], a1[k], tot[k]);
-    }
-    for (int k = 0; k < nqg; k++)
-        for (int r = 0; r < 4; r++) _mm512_storeu_si512((void *)(out + BV * k + 16 * r), tot[k][r]);
-}
-#elif defined(__AVX2__)
-#define QB 2
-/* u16 accumulators of 32 vectors (one 32-byte half row) -> u32 sums added to out[0..32) */
-static inline void fold256(__m256i a0, __m256i a1, uint32_t *out) {
-    __m256i e = _mm256_sub_epi16(a0, _mm256_slli_epi16(a1, 8));
-    __m256i lo = _mm256_unpacklo_epi16(e, a1), hi = _mm256_unpackhi_epi16(e, a1);
-    __m256i parts[4] = {_mm256_cvtepu16_epi32(_mm256_castsi256_si128(lo)),
-                        _mm256_cvtepu16_epi32(_mm256_extracti128_si256(lo, 1)),
-                        _mm256_cvtepu16_epi32(_mm256_castsi256_si128(hi)),
-                        _mm256_cvtepu16_epi32(_mm256_extracti128_si256(hi, 1))};
-    for (int r = 0; r < 4; r++)
-        _mm256_storeu_si256((__m256i *)(out + 8 * r),
-                            _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)(out + 8 * r)), parts[r]));
-}
-
-static inline __attribute__((always_inline)) void block_sums(const uint8_t *blk, const uint8_t *const *lut,
-                                                             int64_t Mp, uint32_t *out, const int nqg) {
-    const __m256i mask = _mm256_set1_epi8(0x0f);
-    memset(out, 0, (size_t)nqg * BV * sizeof(uint32_t));
-    for (int half = 0; half < 2; half++) { /* vectors 0..31 in bytes 0..31, 32..63 in bytes 32..63 */
-        for (int64_t p0 = 0; p0 < Mp / 2; p0 += FLUSH / 2) {
-            int64_t p1 = p0 + FLUSH / 2 < Mp / 2 ? p0 + FLUSH / 2 : Mp / 2;
-            __m256i a0[QB], a1[QB];
-            for (int k = 0; k < nqg; k++) a0[k] = a1[k] = _mm256_setzero_si256();
-            for (int64_t p = p0; p < p1; p++) {
-                _mm_prefetch((const char *)(blk + p * BV + 32 * half + PREFETCH), _MM_HINT_T0);
-                __m256i c = _mm256_loadu_si256((const __m256i *)(blk + p * BV + 32 * half));
-                __m256i lo = _mm256_and_si256(c, mask), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), mask);
-#pragma GCC unroll 2
-                for (int k = 0; k < nqg; k++) {
-                    __m256i tl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut[k] + p * 32)));
-                    __m256i th = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut[k] + p * 32 + 16)));
-                    __m256i rl = _mm256_shuffle_epi8(tl, lo), rh = _mm256_shuffle_epi8(th, hi);
-                    a0[k] = _mm256_add_epi16(a0[k], _mm256_add_epi16(rl, rh));
-                    a1[k] = _mm256_add_epi16(a1[k], _mm256_add_epi16(_mm256_srli_epi16(rl, 8), _mm256_srli_epi16(rh, 8)));
-                }
-            }
-            for (int k = 0; k < nqg; k++) fold256(a0[k], a1[k], out + BV * k + 32 * half);
-        }
-    }
-}
-#else
-#define QB 1
-static inline __attribute__((always_inline)) void block_sums(const uint8_t *blk, const uint8_t *const *lut,
-                                                             int64_t Mp, uint32_t *out, const int nqg) {
-    (void)nqg; /* QB = 1 */
-    memset(out, 0, BV * sizeof(uint32_t));
-    for (int64_t p = 0; p < Mp / 2; p++) {
-        const uint8_t *row = blk + p * BV, *t = lut[0] + p * 32;
-        for (int v = 0; v < BV; v++) {
-            uint8_t b = row[slot_of(v)];
-            out[v] += (uint32_t)t[b & 15] + t[16 + (b >> 4)];
-        }
-    }
-}
-#endif
+#include "_cpu_scan_sums.h"
 
 /* Sums of a group of nqg <= QB queries, with the group size a compile-time constant in each branch. */
 static void group_sums(const uint8_t *blk, const uint8_t *const *lut, int64_t Mp, uint32_t *out, int nqg) {
@@ -294,108 +239,24 @@ static inline uint64_t block_scores(const uint32_t *sums, const float *al, const
 
 /* ------------------------------------------------------------------ top-L selection */
 
-/* Candidates above the current threshold go to a buffer of 2L; a full buffer is cut back to its
- * best L by quickselect, whose L-th entry becomes the threshold. Order: higher score first, then
- * smaller index, so the kept set is exactly the top-L of one pass in index order. */
-typedef struct {
-    float s;
-    int64_t i;
-} cand_t;
+#include "_cpu_scan_select.h"
 
-static inline int better(cand_t a, cand_t b) { return a.s > b.s || (a.s == b.s && a.i < b.i); }
-
-/* The k-th largest of x[0..n) (1 <= k <= n), by quickselect with branchless partitions (random
- * scores make a branchy partition mispredict on every other element). x and y (scratch, n) are
- * both overwritten. */
-static float kth_largest(float *x, float *y, int64_t n, int64_t k) {
-    for (;;) {
-        if (n <= 8) { /* selection sort of the few left, descending */
-            for (int64_t i = 0; i < k; i++)
-                for (int64_t j = i + 1; j < n; j++)
-                    if (x[j] > x[i]) {
-                        float t = x[i];
-                        x[i] = x[j];
-                        x[j] = t;
-                    }
-            return x[k - 1];
-        }
-        float a = x[0], b = x[n / 2], c = x[n - 1]; /* median of three */
-        float p = a > b ? (b > c ? b : (a > c ? c : a)) : (a > c ? a : (b > c ? c : b));
-        int64_t lo = 0, hi = n; /* y[0..lo): > p, y[hi..n): < p */
-        for (int64_t i = 0; i < n; i++) {
-            float v = x[i];
-            y[lo] = v;
-            y[hi - 1] = v;
-            lo += v > p;
-            hi -= v < p;
-        }
-        if (k <= lo) {
-            n = lo;
-        } else if (k <= hi) {
-            return p;
-        } else {
-            k -= hi;
-            n -= hi;
-            y += hi;
-        }
-        float *t = x;
-        x = y;
-        y = t;
-    }
-}
-
-typedef struct {
-    cand_t *buf; /* 2L */
-    float *tmp;  /* 4L scratch */
-    int64_t size, L;
-    cand_t worst; /* the L-th best once the buffer was cut (threshold), else -inf */
-} topl_t;
-
-/* Keep the best L of the buffer: those scoring above the L-th largest score, then those equal to
- * it by smallest index. Branchless compaction. */
-static void topl_cut(topl_t *t) {
-    int64_t n = t->size, L = t->L;
-    for (int64_t k = 0; k < n; k++) t->tmp[k] = t->buf[k].s;
-    float thr = kth_largest(t->tmp, t->tmp + n, n, L);
-    int64_t kept = 0, nt = 0;
-    cand_t *tie = (cand_t *)alloca(sizeof(cand_t) * (size_t)n);
-    for (int64_t k = 0; k < n; k++) {
-        cand_t c = t->buf[k];
-        t->buf[kept] = c;
-        tie[nt] = c;
-        kept += c.s > thr;
-        nt += c.s == thr;
-    }
-    /* ties at the threshold: the smallest indices win (few in practice: repeated minimum) */
-    int64_t worst_i = INT64_MIN;
-    for (int64_t r = 0; kept < L; r++) {
-        int64_t best = r;
-        for (int64_t k = r + 1; k < nt; k++)
-            if (tie[k].i < tie[best].i) best = k;
-        cand_t x = tie[best];
-        tie[best] = tie[r];
-        tie[r] = x;
-        t->buf[kept++] = x;
-        worst_i = x.i;
-    }
-    t->size = kept;
-    t->worst.s = thr;
-    t->worst.i = worst_i; /* the last tie taken is the worst kept; none taken: any index loses to thr's */
-}
-
-static inline void topl_push(topl_t *t, float s, int64_t i) {
-    cand_t c = {s, i};
-    if (!better(c, t->worst)) return;
-    t->buf[t->size++] = c;
-    if (t->size == 2 * t->L) topl_cut(t);
-}
+#define SAMPLE_STEP 16   /* every 16th block of a long range is scored first to estimate the threshold */
+#define SAMPLE_MIN_L 128 /* below, the running threshold's cuts cost less than the sample (50k vectors, d = 96) */
 
 /* Top-L of vectors [v0, v1) (v0 a multiple of BV) for nq queries with tables qlut (nq, Mp, 16).
  * Output (nq, L) scores and indices, unordered; slots beyond the range size hold -inf / -1.
- * Blocks are visited in chunks that stay in cache while every query scans them. */
-int tq_scan_search(const uint8_t *blocks, int64_t v0, int64_t v1, int64_t Mp, const float *alpha, const float *beta,
-                   const uint8_t *qlut, const float *inv_a, const float *bias, int64_t nq, int64_t L, float *out_s,
-                   int64_t *out_i) {
+ * Blocks are visited in chunks that stay in cache while every query scans them.
+ *
+ * With sample (L >= SAMPLE_MIN_L, ranges of at least 64 L vectors): every SAMPLE_STEP-th block is scored first and
+ * the r-th best sampled score, r set so that ~3L vectors of the range are expected above it,
+ * becomes the starting threshold. Without it the running threshold starts at -inf and the buffer
+ * is cut ~L ln(n / L) / L times (for L = 250 over 50k vectors that selection cost as much as the
+ * scan). The result is still the exact top-L: at least L vectors at or above the estimate mean
+ * the L-th best is above it too; a query with fewer (an unlucky sample) is scanned again from -inf. */
+static int scan_search(const uint8_t *blocks, int64_t v0, int64_t v1, int64_t Mp, const float *alpha, const float *beta,
+                       const uint8_t *qlut, const float *inv_a, const float *bias, int64_t nq, int64_t L, float *out_s,
+                       int64_t *out_i, int sample) {
     if (v0 % BV) return 2;
     topl_t *tops = (topl_t *)calloc((size_t)(nq > 0 ? nq : 1), sizeof(topl_t));
     cand_t *bufs = (cand_t *)malloc(sizeof(cand_t) * (size_t)(nq > 0 ? nq : 1) * 2 * (size_t)L);
@@ -421,6 +282,37 @@ int tq_scan_search(const uint8_t *blocks, int64_t v0, int64_t v1, int64_t Mp, co
     float sc[BV] __attribute__((aligned(64)));
     float al_tail[BV], be_tail[BV];
     const uint8_t *lut[QB];
+    int64_t ns_blocks = (b_end - b_first - 1) / SAMPLE_STEP; /* full blocks only: the last one may be partial */
+    sample = sample && L >= SAMPLE_MIN_L && v1 - v0 >= 64 * L && ns_blocks >= 4;
+    if (sample) {
+        int64_t ns = ns_blocks * BV, r = (3 * L * ns + (v1 - v0) - 1) / (v1 - v0);
+        r = r < 1 ? 1 : (r > ns ? ns : r);
+        float *smp = (float *)malloc(sizeof(float) * (size_t)(2 * ns));
+        if (!smp) {
+            sample = 0;
+        } else {
+            for (int64_t g = 0; g < nq; g += QB) {
+                group_luts(qlut, g, nq, lut_bytes, lut);
+                int nqg = nq - g < QB ? (int)(nq - g) : QB;
+                /* one pass over the sampled blocks per group of queries, scores kept per query */
+                float *per = (float *)malloc(sizeof(float) * (size_t)(nqg * ns));
+                if (!per) continue;
+                for (int64_t sbk = 0; sbk < ns_blocks; sbk++) {
+                    int64_t b = b_first + sbk * SAMPLE_STEP;
+                    group_sums(blocks + b * block_bytes, lut, Mp, sums, nqg);
+                    for (int k = 0; k < nqg; k++)
+                        block_scores(sums + BV * k, alpha + b * BV, beta ? beta + b * BV : NULL, inv_a[g + k], bias[g + k],
+                                     -INFINITY, per + k * ns + sbk * BV);
+                }
+                for (int k = 0; k < nqg; k++) {
+                    memcpy(smp, per + k * ns, sizeof(float) * (size_t)ns);
+                    tops[g + k].worst.s = kth_largest(smp, smp + ns, ns, r);
+                }
+                free(per);
+            }
+            free(smp);
+        }
+    }
     for (int64_t c0 = b_first; c0 < b_end; c0 += chunk) {
         int64_t c1 = c0 + chunk < b_end ? c0 + chunk : b_end;
         for (int64_t g = 0; g < nq; g += QB) {
@@ -451,9 +343,15 @@ int tq_scan_search(const uint8_t *blocks, int64_t v0, int64_t v1, int64_t Mp, co
             }
         }
     }
+    int rc = 0;
     for (int64_t q = 0; q < nq; q++) {
         topl_t *t = tops + q;
         if (t->size > L) topl_cut(t);
+        if (sample && t->size < L) { /* fewer than L at or above the estimate: scan this query from -inf */
+            rc |= scan_search(blocks, v0, v1, Mp, alpha, beta, qlut + q * lut_bytes, inv_a + q, bias + q, 1, L,
+                              out_s + q * L, out_i + q * L, 0);
+            continue;
+        }
         for (int64_t k = 0; k < L; k++) {
             out_s[q * L + k] = k < t->size ? t->buf[k].s : -INFINITY;
             out_i[q * L + k] = k < t->size ? t->buf[k].i : -1;
@@ -462,7 +360,13 @@ int tq_scan_search(const uint8_t *blocks, int64_t v0, int64_t v1, int64_t Mp, co
     free(tops);
     free(bufs);
     free(tmps);
-    return 0;
+    return rc;
+}
+
+int tq_scan_search(const uint8_t *blocks, int64_t v0, int64_t v1, int64_t Mp, const float *alpha, const float *beta,
+                   const uint8_t *qlut, const float *inv_a, const float *bias, int64_t nq, int64_t L, float *out_s,
+                   int64_t *out_i, int64_t sample) {
+    return scan_search(blocks, v0, v1, Mp, alpha, beta, qlut, inv_a, bias, nq, L, out_s, out_i, (int)sample);
 }
 
 /* ------------------------------------------------------------------ exact re-scoring */
@@ -470,25 +374,53 @@ int tq_scan_search(const uint8_t *blocks, int64_t v0, int64_t v1, int64_t Mp, co
 /* Exact scores of shortlisted rows: out[q,c] = alpha_i * sum_m lutf[m][nibble_im] + beta_i, i = cand[q,c]
  * (skipped when i < 0), where rows (n, row_bytes) hold the nibbles of an exact plan (no bits dropped,
  * e.g. the stored 4-bit codes themselves) and lutf is the float table of that plan (no quantization). */
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && !defined(TQ_SCALAR)
+/* Nibble n of byte b of a gathered dword (one candidate per lane) as a vpermps index (low 4 bits). */
+#define NIB(g, b, n) _mm512_srli_epi32((g), 8 * (b) + 4 * (n))
+
+/* The scalar loop below for 16 candidates at once (lanes = candidates, M = 2 * row_bytes): the
+ * same float additions in the same order (acc0: even positions, acc1: odd), so the scores are
+ * bit-identical; vpermps looks a position's 16-float table up for all 16 candidates. */
+static void rescore16(const uint8_t *rows, int64_t row_bytes, const float *lutf, const int64_t *cand,
+                      const float *alpha, const float *beta, float *out) {
+    __m512i c0 = _mm512_loadu_si512((const void *)cand), c1 = _mm512_loadu_si512((const void *)(cand + 8));
+    __mmask8 v0 = _mm512_cmpge_epi64_mask(c0, _mm512_setzero_si512()), v1 = _mm512_cmpge_epi64_mask(c1, _mm512_setzero_si512());
+    c0 = _mm512_maskz_mov_epi64(v0, c0); /* invalid (-1) candidates read row 0, their score is -inf */
+    c1 = _mm512_maskz_mov_epi64(v1, c1);
+    __m512i o0 = _mm512_mullo_epi64(c0, _mm512_set1_epi64(row_bytes)), o1 = _mm512_mullo_epi64(c1, _mm512_set1_epi64(row_bytes));
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (int64_t p = 0; p < row_bytes; p += 4) {
+        int64_t at = p + 4 <= row_bytes ? p : row_bytes - 4, skip = p - at; /* a last dword overlaps: skip done bytes */
+        __m512i off0 = _mm512_add_epi64(o0, _mm512_set1_epi64(at)), off1 = _mm512_add_epi64(o1, _mm512_set1_epi64(at));
+        __m512i g = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_i64gather_epi32(off0, (const void *)rows, 1)),
+                                       _mm512_i64gather_epi32(off1, (const void *)rows, 1), 1);
+        for (int64_t b = skip; b < 4; b++) {
+            const float *t = lutf + 2 * (at + b) * 16;
+            acc0 = _mm512_add_ps(acc0, _mm512_permutexvar_ps(NIB(g, b, 0), _mm512_loadu_ps(t)));
+            acc1 = _mm512_add_ps(acc1, _mm512_permutexvar_ps(NIB(g, b, 1), _mm512_loadu_ps(t + 16)));
+        }
+    }
+    __mmask16 valid = (__mmask16)(v0 | ((unsigned)v1 << 8));
+    __m512i ids = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(c0)), _mm512_cvtepi64_epi32(c1), 1);
+    __m512 sc = _mm512_mul_ps(_mm512_i32gather_ps(ids, alpha, 4), _mm512_add_ps(acc0, acc1));
+    if (beta) sc = _mm512_add_ps(sc, _mm512_i32gather_ps(ids, beta, 4));
+    _mm512_storeu_ps(out, _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), sc));
+}
+#endif
+
 int tq_rescore(const uint8_t *rows, int64_t row_bytes, const int32_t *coords, const float *cent, int64_t M,
                int64_t dsub, const float *q, int64_t nq, int64_t d, const int64_t *cand, int64_t L,
                const float *alpha, const float *beta, float *out) {
     float *lutf = (float *)malloc(sizeof(float) * (size_t)(M * 16));
     if (!lutf) return 1;
     for (int64_t iq = 0; iq < nq; iq++) {
-        const float *qq = q + iq * d;
-        for (int64_t m = 0; m < M; m++) {
-            float *row = lutf + m * 16;
-            for (int v = 0; v < 16; v++) row[v] = 0.0f;
-            for (int64_t s = 0; s < dsub; s++) {
-                int32_t c = coords[m * dsub + s];
-                if (c < 0) continue;
-                float x = qq[c];
-                const float *ce = cent + (m * 16) * dsub + s;
-                for (int v = 0; v < 16; v++) row[v] = row[v] + x * ce[v * dsub];
-            }
-        }
-        for (int64_t k = 0; k < L; k++) {
+        float_tables(q + iq * d, coords, cent, M, dsub, lutf);
+        int64_t k = 0;
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && !defined(TQ_SCALAR)
+        if (M == 2 * row_bytes && row_bytes >= 4)
+            for (; k + 16 <= L; k += 16) rescore16(rows, row_bytes, lutf, cand + iq * L + k, alpha, beta, out + iq * L + k);
+#endif
+        for (; k < L; k++) {
             int64_t i = cand[iq * L + k];
             if (i < 0) {
                 out[iq * L + k] = -INFINITY;
@@ -511,32 +443,95 @@ int tq_rescore(const uint8_t *rows, int64_t row_bytes, const int32_t *coords, co
     return 0;
 }
 
+/* ------------------------------------------------------------------ query rotation */
+
+/* out (nq, d) = q (nq, d) @ rt (d, d) for a few queries, on the calling thread: a threaded BLAS
+ * GEMV stalls on a busy machine, and a blocked one copies strided column blocks. */
+void tq_rotate(const float *q, int64_t nq, int64_t d, const float *rt, float *out) {
+    memset(out, 0, sizeof(float) * (size_t)(nq * d));
+    int64_t i = 0;
+    for (; i + 4 <= d; i += 4) { /* four rows per pass: a quarter of the output loads and stores */
+        const float *r0 = rt + i * d, *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;
+        for (int64_t iq = 0; iq < nq; iq++) {
+            const float *x = q + iq * d + i;
+            float *o = out + iq * d;
+            for (int64_t j = 0; j < d; j++) o[j] = o[j] + (((x[0] * r0[j] + x[1] * r1[j]) + x[2] * r2[j]) + x[3] * r3[j]);
+        }
+    }
+    for (; i < d; i++) {
+        const float *row = rt + i * d;
+        for (int64_t iq = 0; iq < nq; iq++) {
+            float x = q[iq * d + i], *o = out + iq * d;
+            for (int64_t j = 0; j < d; j++) o[j] = o[j] + x * row[j];
+        }
+    }
+}
+
 /* ------------------------------------------------------------------ one call per query chunk */
 
 /* Fields of the context array (kept by the Python wrapper, refreshed when the mirror grows). */
 enum { C_BLOCKS, C_MP, C_M, C_DSUB, C_COORDS, C_CENT, C_ALPHA, C_BETA, C_D, C_XM, C_XDSUB, C_XCOORDS, C_XCENT, C_COUNT };
 
-/* Tables, scan of [v0, v1) and (with codes: the stored rows of the exact plan) exact re-scoring of
- * nq queries q (nq, d): out (nq, L) scores and positions, unordered. */
+/* The best k of n (score, index) pairs, sorted (higher score first, then smaller index): insertion
+ * into a sorted prefix, n * k steps at most (n: a shortlist, k: the results asked for). -inf /
+ * -1 fill slots beyond n. */
+static void best_sorted(const float *s, const int64_t *idx, int64_t n, int64_t k, float *out_s, int64_t *out_i) {
+    int64_t kept = 0;
+    for (int64_t c = 0; c < n; c++) {
+        cand_t x = {s[c], idx[c]};
+        if (x.i < 0 || (kept == k && !better(x, (cand_t){out_s[k - 1], out_i[k - 1]}))) continue;
+        int64_t at = kept < k ? kept++ : k - 1;
+        while (at > 0 && better(x, (cand_t){out_s[at - 1], out_i[at - 1]})) {
+            out_s[at] = out_s[at - 1];
+            out_i[at] = out_i[at - 1];
+            at--;
+        }
+        out_s[at] = x.s;
+        out_i[at] = x.i;
+    }
+    for (; kept < k; kept++) {
+        out_s[kept] = -INFINITY;
+        out_i[kept] = -1;
+    }
+}
+
+/* Tables, scan of [v0, v1) and (with codes: the stored rows of the exact plan) exact re-scoring of nq
+ * queries q (nq, d), rotated first by rot_t (d, d) when given. kout = 0: out (nq, L) scores and
+ * positions, unordered; kout > 0 (with codes): the best kout of the L re-scored, sorted, out (nq, kout). */
 int tq_scan_topl(const int64_t *ctx, const float *q, int64_t nq, int64_t L, int64_t v0, int64_t v1,
-                 const uint8_t *codes, int64_t row_bytes, float *out_s, int64_t *out_i) {
+                 const uint8_t *codes, int64_t row_bytes, float *out_s, int64_t *out_i, const float *rot_t, int64_t kout) {
     int64_t Mp = ctx[C_MP], d = ctx[C_D];
+    if (rot_t) { /* q not rotated yet (a few queries): rotate here, saving a call per query */
+        float *qr = (float *)malloc(sizeof(float) * (size_t)(nq * d));
+        if (!qr) return 1;
+        tq_rotate(q, nq, d, rot_t, qr);
+        int rc = tq_scan_topl(ctx, qr, nq, L, v0, v1, codes, row_bytes, out_s, out_i, NULL, kout);
+        free(qr);
+        return rc;
+    }
+    if (kout > 0 && !codes) return 2;
     uint8_t *lut = (uint8_t *)malloc((size_t)(nq * Mp * 16));
     float *ia = (float *)malloc(sizeof(float) * (size_t)(2 * nq));
-    if (!lut || !ia) {
-        free(lut);
-        free(ia);
-        return 1;
-    }
-    int rc = tq_scan_luts(q, nq, d, (const int32_t *)ctx[C_COORDS], (const float *)ctx[C_CENT], ctx[C_M], ctx[C_DSUB], Mp,
+    float *sl_s = kout > 0 ? (float *)malloc(sizeof(float) * (size_t)(nq * L)) : out_s;
+    int64_t *sl_i = kout > 0 ? (int64_t *)malloc(sizeof(int64_t) * (size_t)(nq * L)) : out_i;
+    int rc = !lut || !ia || !sl_s || !sl_i;
+    if (!rc)
+        rc = tq_scan_luts(q, nq, d, (const int32_t *)ctx[C_COORDS], (const float *)ctx[C_CENT], ctx[C_M], ctx[C_DSUB], Mp,
                           lut, ia, ia + nq);
     if (!rc)
         rc = tq_scan_search((const uint8_t *)ctx[C_BLOCKS], v0, v1, Mp, (const float *)ctx[C_ALPHA],
-                            (const float *)ctx[C_BETA], lut, ia, ia + nq, nq, L, out_s, out_i);
+                            (const float *)ctx[C_BETA], lut, ia, ia + nq, nq, L, sl_s, sl_i, 1);
     if (!rc && codes)
         rc = tq_rescore(codes, row_bytes, (const int32_t *)ctx[C_XCOORDS], (const float *)ctx[C_XCENT], ctx[C_XM],
-                        ctx[C_XDSUB], q, nq, d, out_i, L, (const float *)ctx[C_ALPHA], (const float *)ctx[C_BETA], out_s);
+                        ctx[C_XDSUB], q, nq, d, sl_i, L, (const float *)ctx[C_ALPHA], (const float *)ctx[C_BETA], sl_s);
+    if (!rc && kout > 0)
+        for (int64_t iq = 0; iq < nq; iq++)
+            best_sorted(sl_s + iq * L, sl_i + iq * L, L, kout, out_s + iq * kout, out_i + iq * kout);
     free(lut);
     free(ia);
+    if (kout > 0) {
+        free(sl_s);
+        free(sl_i);
+    }
     return rc;
 }

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -65,6 +66,13 @@ def _compile(source: Path, flags: tuple[str, ...], target: Path) -> None:
             os.unlink(tmp)
 
 
+def _source_bytes(source: Path) -> bytes:
+    """The source and the local headers it includes (``#include "x.h"``): editing a header rebuilds too."""
+    text = source.read_bytes()
+    local = re.findall(rb'^\s*#include\s+"([^"]+)"', text, flags=re.MULTILINE)
+    return text + b"".join((source.parent / name.decode()).read_bytes() for name in local)
+
+
 def load_c_library(
     source: Path, declare: Callable[[ctypes.CDLL], None], extra_flags: tuple[str, ...] = (), what: str = "C kernel"
 ) -> ctypes.CDLL | None:
@@ -86,7 +94,7 @@ def load_c_library(
         else:
             flags = (*CFLAGS, *extra_flags)
             try:
-                digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + machine_key().encode())
+                digest = hashlib.sha256(_source_bytes(source) + " ".join(flags).encode() + machine_key().encode())
                 target = cache_dir() / "cpu_kernels" / f"{source.stem.lstrip('_')}_{digest.hexdigest()[:16]}.so"
                 if not target.exists():
                     _compile(source, flags, target)

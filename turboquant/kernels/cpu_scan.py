@@ -30,8 +30,9 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from ..codec import decode_mse_numpy, reconstruction_norms
+from ..codec import decode_mse_numpy, layout, reconstruction_norms
 from ..config import QuantizerConfig
 from ..fastscan import _NibblePlan, nibble_bytes, nibble_plan, thread_pool
 from .cbuild import build_error, load_c_library
@@ -39,7 +40,8 @@ from .cbuild import build_error, load_c_library
 _SOURCE = Path(__file__).with_name("_cpu_scan.c")
 _FLAGS = ("-ffp-contract=off",)  # plain IEEE float ops: SIMD, scalar and numpy give identical scores
 #: builds of the kernel: what ``-march=native`` offers, and (for tests) AVX2 only or no intrinsics
-_VARIANTS = {"native": _FLAGS, "avx2": (*_FLAGS, "-mno-avx512f"), "scalar": (*_FLAGS, "-DTQ_SCALAR")}
+_VARIANTS = {"native": _FLAGS, "avx512bw": (*_FLAGS, "-DTQ_NO_VNNI"), "avx2": (*_FLAGS, "-mno-avx512f"),
+             "scalar": (*_FLAGS, "-DTQ_SCALAR")}
 _CTX_FIELDS = 13  # the C_* enum of _cpu_scan.c
 _BV = 64  # vectors per block (BV of _cpu_scan.c)
 # A single query's scan splits over threads only above this many scanned bytes: on the shared
@@ -53,23 +55,26 @@ _I = ctypes.c_int64
 
 def _declare(lib: ctypes.CDLL) -> None:
     lib.tq_scan_isa.argtypes, lib.tq_scan_isa.restype = [], ctypes.c_int
+    lib.tq_scan_mpad.argtypes, lib.tq_scan_mpad.restype = [], ctypes.c_int
     lib.tq_scan_pack.argtypes, lib.tq_scan_pack.restype = [_P, _I, _I, _I, _I, _I, _P], None
     lib.tq_scan_luts.argtypes = [_P, _I, _I, _P, _P, _I, _I, _I, _P, _P, _P]
     lib.tq_scan_luts.restype = ctypes.c_int
     lib.tq_scan_sums.argtypes, lib.tq_scan_sums.restype = [_P, _I, _I, _P, _I, _P], None
-    lib.tq_scan_search.argtypes = [_P, _I, _I, _I, _P, _P, _P, _P, _P, _I, _I, _P, _P]
+    lib.tq_scan_search.argtypes = [_P, _I, _I, _I, _P, _P, _P, _P, _P, _I, _I, _P, _P, _I]
     lib.tq_scan_search.restype = ctypes.c_int
     lib.tq_rescore.argtypes = [_P, _I, _P, _P, _I, _I, _P, _I, _I, _P, _I, _P, _P, _P]
     lib.tq_rescore.restype = ctypes.c_int
-    lib.tq_scan_topl.argtypes = [_P, _P, _I, _I, _I, _I, _P, _I, _P, _P]
+    lib.tq_scan_topl.argtypes = [_P, _P, _I, _I, _I, _I, _P, _I, _P, _P, _P, _I]
     lib.tq_scan_topl.restype = ctypes.c_int
+    lib.tq_rotate.argtypes, lib.tq_rotate.restype = [_P, _I, _I, _P, _P], None
 
 
 def load_scan_library(variant: str = "native") -> ctypes.CDLL | None:
     """The compiled scan kernel, or None (no compiler, ``TURBOQUANT_NO_CEXT=1``).
 
-    ``variant``: ``"native"`` (the index's), ``"avx2"`` (AVX-512 disabled) or ``"scalar"`` (the
-    portable path without intrinsics); tests check that all give identical results.
+    ``variant``: ``"native"`` (the index's), ``"avx512bw"`` (AVX-512 without the VBMI/VNNI
+    layout), ``"avx2"`` (AVX-512 disabled) or ``"scalar"`` (the portable path without
+    intrinsics); tests check that all give identical results.
     """
     return load_c_library(_SOURCE, _declare, _VARIANTS[variant], what="C fast-scan kernel")
 
@@ -79,7 +84,7 @@ def scan_library_error(variant: str = "native") -> str | None:
     return build_error(_SOURCE, _VARIANTS[variant])
 
 
-def default_shortlist(k: int, exact_scan: bool, n: int, dim: int, l2: bool = False) -> int:
+def default_shortlist(k: int, exact_scan: bool, n: int, dim: int, l2: bool = False, scan_width: int = 2) -> int:
     """Candidates the scan passes to the exact re-score for a top-``k`` over ``n`` vectors of ``dim``.
 
     Full codes in the scan (2-bit codes, ``scan_bits=4``): only the uint8 rounding of the tables
@@ -93,16 +98,64 @@ def default_shortlist(k: int, exact_scan: bool, n: int, dim: int, l2: bool = Fal
     256 gave 0.907 of the exact 0.909; FAISS RaBitQ 0.889). L2
     doubles it: its key ``2‖x‖<q, ŷ> − ‖x‖²`` carries twice the scan error of the inner product
     while its top differences are not larger (docs/index_notes.md).
+
+    ``scan_width=1``: a 1-bit (sign) scan of 2-bit codes errs about 3x more; agreement ≥ 0.997
+    took 192 candidates at d=96, 128 at d=128 and on Brown (d=384), 48 at d=256 and 32 at
+    d ≥ 768 (synthetic sets), hence ``k + 11k·sqrt(384/d) + 8``.
     """
-    base = k + max(8, k // 2) if exact_scan else k + 3 * k * math.sqrt(384 / max(dim, 1)) + 8
+    spread = 11 if scan_width == 1 else 3
+    base = k + max(8, k // 2) if exact_scan else k + spread * k * math.sqrt(384 / max(dim, 1)) + 8
     crowd = max(1.0, math.sqrt(n / 65536))
     if crowd > 1 and not exact_scan:  # the growth was calibrated from 4k + 24 (R10@10 0.907 at 1M, above RaBitQ's 0.889)
         base = max(base, 4 * k + 24)
     return int(base * crowd * (2 if l2 else 1))
 
 
+# Cost model of auto_scan_bits, measured on the 2-core test machine (AVX-512 VNNI build, 50k
+# vectors): a batch scan costs ~22 ps per scanned byte and query, each extra shortlisted
+# candidate ~0.2 µs (selection + exact re-score); docs/index_notes.md.
+_BYTES_PER_CANDIDATE = 9000
+
+
+def auto_scan_bits(config: QuantizerConfig, n: int) -> int:
+    """Scan width for ``scan_bits=None``: 1 for 2-bit codes when it pays, else 2.
+
+    A 1-bit scan of 2-bit codes reads half the bytes of the full 2-bit scan but needs a longer
+    shortlist (:func:`default_shortlist`, ``scan_width=1``); it is chosen when the scan bytes it
+    saves over ``n`` vectors outweigh the extra candidates (k = 10): at 50k vectors from d ≈ 200.
+    Wider codes keep the 2-bit coarse scan, narrower ones are scanned whole either way.
+    """
+    if max(s.width for s in layout(config).streams) != 2:
+        return 2
+    extra = default_shortlist(10, False, n, config.dim, scan_width=1) - default_shortlist(10, True, n, config.dim)
+    return 1 if n * config.dim / 8 > extra * _BYTES_PER_CANDIDATE else 2
+
+
+def scan_plan(config: QuantizerConfig, scan_bits: int | None, n: int) -> _NibblePlan | None:
+    """The nibble plan of the fast scan: ``scan_bits`` (``None``: :func:`auto_scan_bits` for ``n`` vectors)."""
+    return nibble_plan(config, auto_scan_bits(config, n) if scan_bits is None else scan_bits)
+
+
+def top_k(keys: np.ndarray, cand: np.ndarray, k: int, negate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest ``keys`` ``(nq, L)`` per row in order (negated for L2 distances) and their ``cand``."""
+    if len(keys) == 1:  # a single query: 1-D sorts skip the row bookkeeping (µs per query)
+        order = np.argsort(-keys[0], kind="stable")[:k]
+        top = keys[0, order][None]
+        return (-top if negate else top), cand[0, order][None]
+    order = np.argsort(-keys, axis=1, kind="stable")[:, :k]
+    rows = np.arange(len(keys))[:, None]
+    top = keys[rows, order]
+    return (-top if negate else top), cand[rows, order]
+
+
 def _ptr(a: np.ndarray | None) -> int | None:
-    return None if a is None else a.ctypes.data
+    """Address of a contiguous array's data (``ndarray.ctypes`` costs ~2 µs a call, this ~0.4 µs)."""
+    if a is None:
+        return None
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(a))
+    except (TypeError, ValueError, BufferError):  # read-only or empty
+        return a.ctypes.data
 
 
 class ScanMirror:
@@ -118,9 +171,10 @@ class ScanMirror:
     def __init__(self, config: QuantizerConfig, plan: _NibblePlan, l2: bool, lib: ctypes.CDLL) -> None:
         self.config, self.plan, self.l2, self.lib = config, plan, l2, lib
         self.M = len(plan.coords)
-        self.Mp = -(-self.M // 2) * 2  # positions, padded to whole bytes
+        pad = int(lib.tq_scan_mpad())  # whole bytes (2), or whole rows of the VNNI layout (8)
+        self.Mp = -(-self.M // pad) * pad  # positions, padded
         self.coords = np.ascontiguousarray(plan.coords, dtype=np.int32)
-        self.centroids = np.ascontiguousarray(plan.centroids, dtype=np.float32)
+        self.centroids = np.ascontiguousarray(plan.centroids.transpose(0, 2, 1), dtype=np.float32)  # (M, dsub, 16) for C
         self.count = 0
         self.blocks = np.zeros((0, self.Mp * _BV // 2), np.uint8)
         self.alpha = np.zeros(0, np.float32)
@@ -131,7 +185,7 @@ class ScanMirror:
         self.exact_plan = full if full is not None and full.identity else None
         if self.exact_plan is not None:
             self.exact_coords = np.ascontiguousarray(self.exact_plan.coords, dtype=np.int32)
-            self.exact_centroids = np.ascontiguousarray(self.exact_plan.centroids, dtype=np.float32)
+            self.exact_centroids = np.ascontiguousarray(self.exact_plan.centroids.transpose(0, 2, 1), dtype=np.float32)
         self._ctx: array.array | None = None  # pointers for tq_scan_topl, rebuilt when arrays move
 
     @property
@@ -212,6 +266,19 @@ class ScanMirror:
                 factors(s0)
         self.append(codes[start:n], alpha, -np.square(norms[start:n]) if self.l2 else None)
 
+    def rotate(self, q: np.ndarray, rot_t: np.ndarray) -> np.ndarray:
+        """``q @ rot_t`` for queries ``(nq, dim)`` float32: in C on this thread for up to 4 queries, else torch.
+
+        Not numpy's BLAS: OpenBLAS workers spin for ~0.1 s after a call, and on 2 cores that took
+        a core from the scan threads that follow (2-thread batch at d = 96: 28k vs 40k QPS).
+        """
+        if len(q) > 4:
+            return (torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)) @ torch.from_numpy(rot_t)).numpy()
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        out = np.empty((len(q), rot_t.shape[1]), np.float32)
+        self.lib.tq_rotate(_ptr(q), len(q), q.shape[1], _ptr(rot_t), _ptr(out))
+        return out
+
     def luts(self, q_rot: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Quantized tables ``(nq, Mp, 16)`` uint8, ``inv_a`` and ``bias`` ``(nq,)`` float32 of rotated queries ``(nq, dim)``.
 
@@ -236,14 +303,18 @@ class ScanMirror:
         return out[:, : self.count]
 
     def _scan(
-        self, q: np.ndarray, v0: int, v1: int, length: int, codes: np.ndarray | None
+        self, q: np.ndarray, v0: int, v1: int, length: int, codes: np.ndarray | None, rot_t: np.ndarray | None = None,
+        k: int = 0,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Tables, scan of positions ``[v0, v1)`` and (with ``codes``) exact re-scoring, in one C call."""
+        """(Rotation by ``rot_t``,) tables, scan of ``[v0, v1)`` and (with ``codes``) exact re-scoring, in one C call.
+
+        ``k > 0`` (with ``codes``): the best ``k`` re-scored, sorted, ``(nq, k)``; else ``(nq, length)`` unordered.
+        """
         q = np.ascontiguousarray(q, dtype=np.float32)
-        nq = len(q)
-        scores, pos = np.empty((nq, length), np.float32), np.empty((nq, length), np.int64)
-        rc = self.lib.tq_scan_topl(self._context(), q.ctypes.data, nq, length, v0, v1, None if codes is None else codes.ctypes.data,
-                                   0 if codes is None else codes.shape[1], scores.ctypes.data, pos.ctypes.data)  # fmt: skip
+        nq, width = len(q), k or length
+        scores, pos = np.empty((nq, width), np.float32), np.empty((nq, width), np.int64)
+        rc = self.lib.tq_scan_topl(self._context(), _ptr(q), nq, length, v0, v1, _ptr(codes),
+                                   0 if codes is None else codes.shape[1], _ptr(scores), _ptr(pos), _ptr(rot_t), k)  # fmt: skip
         if rc:
             raise MemoryError("turboquant fast scan: out of memory")
         return scores, pos
@@ -265,9 +336,13 @@ class ScanMirror:
         return out
 
     def search(
-        self, q_rot: np.ndarray, length: int, threads: int = 1, codes: np.ndarray | None = None
+        self, q_rot: np.ndarray, length: int, threads: int = 1, codes: np.ndarray | None = None,
+        rot_t: np.ndarray | None = None, k: int = 0,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Scores and positions of the ``length`` best vectors per query, ``(nq, length)`` each, unordered.
+
+        With ``k`` and exact re-scoring (``codes`` and an :attr:`exact_plan`): only the ``k`` best
+        re-scored per query, sorted (higher score first, then smaller position), ``(nq, k)``.
 
         ``threads``: a batch splits over queries; fewer queries than threads split the vectors
         into ranges, but only when the scan reads more than 32 MiB (on a shared machine waking a
@@ -275,23 +350,30 @@ class ScanMirror:
 
         ``length`` must not exceed :attr:`count`. Ranking: ``alpha_i·<Πq, ŷ_scan,i> (+ beta_i)``.
         With the stored ``codes`` (and an :attr:`exact_plan`) the returned scores are the exact
-        ones of :meth:`rescore`, computed in the same worker threads as the scan.
+        ones of :meth:`rescore`, computed in the same worker threads as the scan. With ``rot_t``
+        (``Π.T``, ``(dim, dim)``) the queries are not rotated yet: up to 4 queries scanned in one
+        call are rotated inside it (one C call per single query).
         """
         exact = codes if codes is not None and self.exact_plan is not None else None
         nq, n = len(q_rot), self.count
-        assert 1 <= length <= n
+        assert 1 <= length <= n and 0 <= k <= length
+        k = k if exact is not None else 0
         threads = max(1, min(threads, -(-n // _BV)))
         if nq < threads and n * self.Mp // 2 < _SPLIT_BYTES:
             threads = 1  # a small single-query scan: waking threads costs more than it saves
+        per = max(1, min(64, _LUT_BYTES // (self.Mp * 16), -(-nq // threads)))
+        if nq >= threads and per >= nq:  # one call
+            if rot_t is not None and nq > 4:
+                q_rot, rot_t = self.rotate(q_rot, rot_t), None
+            return self._scan(q_rot, 0, n, length, exact, rot_t, k)
+        if rot_t is not None:
+            q_rot = self.rotate(q_rot, rot_t)
         if nq >= threads:  # chunks of queries, one worker each
-            per = max(1, min(64, _LUT_BYTES // (self.Mp * 16), -(-nq // threads)))
-            if per >= nq:
-                return self._scan(q_rot, 0, n, length, exact)
-            scores, pos = np.empty((nq, length), np.float32), np.empty((nq, length), np.int64)
+            scores, pos = np.empty((nq, k or length), np.float32), np.empty((nq, k or length), np.int64)
 
             def job(s0: int) -> None:
                 sl = slice(s0, min(nq, s0 + per))
-                scores[sl], pos[sl] = self._scan(q_rot[sl], 0, n, length, exact)
+                scores[sl], pos[sl] = self._scan(q_rot[sl], 0, n, length, exact, None, k)
 
             starts = range(0, nq, per)
             if threads == 1:
@@ -312,7 +394,11 @@ class ScanMirror:
         # best `length` by (score desc, position asc), as one pass would keep them
         order = np.lexsort((all_p, -all_s))[:, :length]
         scores, pos = np.take_along_axis(all_s, order, 1), np.take_along_axis(all_p, order, 1)
-        return (self.rescore(exact, q_rot, pos) if exact is not None else scores), pos
+        scores = self.rescore(exact, q_rot, pos) if exact is not None else scores
+        if k:  # as one call returns them: the best k re-scored, (score desc, position asc)
+            order = np.lexsort((pos, -scores))[:, :k]
+            return np.take_along_axis(scores, order, 1), np.take_along_axis(pos, order, 1)
+        return scores, pos
 
 
-__all__ = ["ScanMirror", "load_scan_library", "scan_library_error"]
+__all__ = ["ScanMirror", "auto_scan_bits", "default_shortlist", "load_scan_library", "scan_library_error", "scan_plan", "top_k"]
