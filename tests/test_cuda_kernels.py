@@ -186,10 +186,8 @@ def test_dispatch_and_fallback(ca):
         assert relative_error(out, float64_attention(qq, keys, values, None, None, d**-0.5)) < TOL
 
 
-def test_cuda_graph_capture(ca):
-    q, k, v, fk, fv = _inputs(4, 128, 2, 32, 8, 1, 5000, 4)
-    f = lambda: ca.cuda_quantized_attention(q, k, v, fk, fv, 128**-0.5)  # noqa: E731
-    ref = f().clone()
+def _capture(f):
+    """``f`` warmed up on a side stream, then captured: ``(graph, the output tensor its replays write)``."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -198,6 +196,14 @@ def test_cuda_graph_capture(ca):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = f()
+    return graph, out
+
+
+def test_cuda_graph_capture(ca):
+    q, k, v, fk, fv = _inputs(4, 128, 2, 32, 8, 1, 5000, 4)
+    f = lambda: ca.cuda_quantized_attention(q, k, v, fk, fv, 128**-0.5)  # noqa: E731
+    ref = f().clone()
+    graph, out = _capture(f)
     for _ in range(3):  # the arrival counters must be back to zero after every replay
         out.fill_(float("nan"))
         graph.replay()
@@ -243,14 +249,7 @@ def test_compressed_length_replays_in_a_graph(ca):
     q, k, v, fk, fv = _inputs(4, 128, 2, 32, 8, 1, 8000, 4)
     n_t = torch.tensor(100, device="cuda")
     f = lambda: ca.cuda_quantized_attention(q, k, v, fk, fv, 128**-0.5, compressed_length=n_t)  # noqa: E731
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        f()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = f()
+    graph, out = _capture(f)
     for count in (100, 4321, 8000, 0):
         n_t.fill_(count)
         graph.replay()
