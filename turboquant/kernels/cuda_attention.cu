@@ -610,6 +610,22 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+// [8][D] rows x (shared) times a [D, D] fp32 matrix, one output column j = thread % D per thread:
+// o[r] = row (thread / D) * RPT + r of x @ mat. The prologue's query rotation and the finish's Pi_v.
+template <int D, int NT>
+__device__ __forceinline__ void rows_times_matrix(const float* x, const float* mat, float (&o)[8 / (NT / D)]) {
+  constexpr int RPT = 8 / (NT / D);
+  const int j = threadIdx.x % D, rg = threadIdx.x / D;
+#pragma unroll
+  for (int r = 0; r < RPT; ++r) o[r] = 0.f;
+#pragma unroll 16
+  for (int c = 0; c < D; ++c) {
+    const float m = __ldg(mat + c * D + j);
+#pragma unroll
+    for (int r = 0; r < RPT; ++r) o[r] = fmaf(x[(rg * RPT + r) * D + c], m, o[r]);
+  }
+}
+
 // Shared-memory bytes of the merge (per-warp partials) and of the fused finish ([8][D] acc, out, max/sum).
 template <int D, int NW>
 __host__ __device__ constexpr int merge_bytes() {
@@ -787,14 +803,7 @@ __device__ __forceinline__ void finish(const Params& p, int bh, int rb, int rows
   {
     const int j = threadIdx.x % D, rg = threadIdx.x / D;
     float o[RPT];
-#pragma unroll
-    for (int r = 0; r < RPT; ++r) o[r] = 0.f;
-#pragma unroll 16
-    for (int c = 0; c < D; ++c) {
-      const float pv = __ldg(p.pv + c * D + j);
-#pragma unroll
-      for (int r = 0; r < RPT; ++r) o[r] = fmaf(fin_acc[(rg * RPT + r) * D + c], pv, o[r]);
-    }
+    rows_times_matrix<D, NT>(fin_acc, p.pv, o);
     const float vo = p.voff != nullptr ? __ldg(p.voff + (long long)bh * D + j) : 0.f;
 #pragma unroll
     for (int r = 0; r < RPT; ++r) {
@@ -887,14 +896,7 @@ __global__ void __launch_bounds__(NW * 32) decode_kernel(const __grid_constant__
     constexpr int RG = NT / D, RPT = 8 / RG;
     const int j = threadIdx.x % D, rg = threadIdx.x / D;
     float o[RPT];
-#pragma unroll
-    for (int r = 0; r < RPT; ++r) o[r] = 0.f;
-#pragma unroll 16
-    for (int c = 0; c < D; ++c) {
-      const float rt = __ldg(p.rt + c * D + j);
-#pragma unroll
-      for (int r = 0; r < RPT; ++r) o[r] = fmaf(qs[(rg * RPT + r) * D + c], rt, o[r]);
-    }
+    rows_times_matrix<D, NT>(qs, p.rt, o);
 #pragma unroll
     for (int r = 0; r < RPT; ++r) qs[8 * D + (rg * RPT + r) * D + j] = o[r] * p.scale2;
   }
