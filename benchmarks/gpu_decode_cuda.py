@@ -3,7 +3,7 @@
 Llama-3.1-8B shapes (32 query / 8 kv heads, head_dim 128), one query token per sequence.
 Every time is a CUDA-graph replay median (``triton.testing.do_bench_cudagraph``) of the
 whole call (ours: query rotation + decode kernel + combine kernel; bf16: one SDPA call),
-and ours again with the cache's full-precision tokens (``WINDOW``: sinks + window) attended in the finish,
+and ours again with the cache's full-precision tokens (``WINDOW``: sinks + window) in the same launch,
 after an eager median (``do_bench``, L2 flushed) for reference. Bytes read: codes + fp16
 norms of every compressed key and value (ours), K + V in bf16 (SDPA). "% of copy" divides
 bytes read per second by the measured device-to-device copy rate (read + write).
@@ -144,11 +144,11 @@ def ours(b: int, n: int, bits: int, variant=None, parts: bool = False, fused: bo
         res["splits"] = a[9][24]
     from turboquant.kernels import triton_attention as ta
 
-    if parts:  # as the cache calls it: + the full-precision sinks and window (16 + 128 + 1 bf16 tokens)
+    if parts:
+        # as the cache calls it: + the full-precision sinks and window (16 + 128 + 1 bf16 tokens)
         fk = torch.randn(b, HKV, WINDOW, D, device="cuda", dtype=torch.bfloat16)
         fv = torch.randn_like(fk)
         res["window_graph_ms"] = graph_ms(lambda: ca.cuda_quantized_attention(q, keys, values, fk, fv, D**-0.5, tuning=tuning))
-    if parts:
         res["triton_v4_graph_ms"] = graph_ms(lambda: ta.triton_quantized_attention(q, keys, values, None, None, D**-0.5))
         # ablation: the same decode kernel with the Triton combine instead of the fused finish
         unfused = CudaTuning(variant=variant, fused=False)

@@ -654,7 +654,7 @@ __device__ __forceinline__ void merge_splits(const Params& p, int bh, int rb, in
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const long long rs = p.ac + 2;
   const long long ss = (long long)p.m * rs;
-  const float* base = p.part + ((long long)bh * (p.splits + p.wsplits) + first) * ss + (long long)(rb * 8) * rs;
+  const float* base = p.part + ((long long)bh * (p.splits + p.wchunks) + first) * ss + (long long)(rb * 8) * rs;
   for (int row = warp; row < rows; row += NW) {
     const float* pr = base + row * rs + p.ac;
     float mt = -INFINITY;
@@ -685,7 +685,7 @@ __device__ __forceinline__ void merge_splits(const Params& p, int bh, int rb, in
 template <int D, int NW, bool MASK>
 __device__ __noinline__ void window_chunk(const Params& p, int b, int h, int bh, int rb, int rows, int wi, float* smem) {
   constexpr int NT = NW * 32, WT = WINDOW_TOKENS, DL = D / 32, TPW = WT / NW, TG = NT / D, TPT = WT / TG;
-  static_assert(WT == 32 && NT % D == 0 && WT % TG == 0 && NW <= WT, "window split mapping");
+  static_assert(WT == 32 && NT % D == 0 && WT % TG == 0 && NW <= WT, "window chunk mapping");
   static_assert((8 * D + 8 * WT + 16 + TG * 8 * D) * 4 <= merge_bytes<D, NW>(), "below the finish's buffers");
   float* qraw = smem;                // [8][D]
   float* wsc = qraw + 8 * D;         // [8][WT] mask, then scores, then probabilities
@@ -775,7 +775,7 @@ __device__ __noinline__ void window_chunk(const Params& p, int b, int h, int bh,
     for (int r = 0; r < 8; ++r) wpart[(tg * 8 + r) * D + j] = a[r];
   }
   __syncthreads();
-  float* out = p.part + ((long long)bh * (p.splits + p.wsplits) + p.splits + wi) * p.m * (p.ac + 2);
+  float* out = p.part + ((long long)bh * (p.splits + p.wchunks) + p.splits + wi) * p.m * (p.ac + 2);
   for (int idx = threadIdx.x; idx < rows * (D + 2); idx += NT) {
     const int r = idx / (D + 2), col = idx % (D + 2);
     float* o = out + (long long)(rb * 8 + r) * (p.ac + 2);
@@ -799,7 +799,7 @@ __device__ __forceinline__ void finish(const Params& p, int bh, int rb, int rows
   constexpr int RG = NT / D, RPT = 8 / RG;  // row groups of D threads (one output column each), rows per thread
   static_assert(NT % D == 0 && RG >= 1 && RG <= 8, "finish mapping");
   static_assert((8 * D + 16) * 4 <= merge_bytes<D, NW>(), "window merge fits the merge area");
-  if (p.wsplits > 0) merge_splits<D, NW>(p, bh, rb, rows, p.splits, p.wsplits, scratch, scratch + 8 * D);
+  if (p.wchunks > 0) merge_splits<D, NW>(p, bh, rb, rows, p.splits, p.wchunks, scratch, scratch + 8 * D);
   {
     const int j = threadIdx.x % D, rg = threadIdx.x / D;
     float o[RPT];
@@ -815,7 +815,7 @@ __device__ __forceinline__ void finish(const Params& p, int bh, int rb, int rows
   for (int idx = threadIdx.x; idx < rows * D; idx += NT) {
     const int row = idx / D;
     float a = fin_out[idx], l = fin_ml[2 * row + 1];
-    if (p.wsplits > 0) {  // two partials (compressed, window), each with its own maximum
+    if (p.wchunks > 0) {  // two partials (compressed, window), each with its own maximum
       const float* wml = scratch + 8 * D;
       const float mc = fin_ml[2 * row], mw = wml[2 * row], mt = fmaxf(mc, mw), ms = (mt == -INFINITY) ? 0.f : mt;
       const float fc = ex2(mc - ms), fw = ex2(mw - ms);
@@ -862,7 +862,7 @@ __global__ void __launch_bounds__(NW * 32) decode_kernel(const __grid_constant__
   const int split = blockIdx.x, bh = blockIdx.y, rb = blockIdx.z;
   const int b = bh / p.hkv, h = bh % p.hkv;
   // this split's share of the window partials, first: the decode table then takes the shared memory
-  for (int wi = split; wi < p.wsplits; wi += p.splits) {
+  for (int wi = split; wi < p.wchunks; wi += p.splits) {
     window_chunk<D, NW, MASK>(p, b, h, bh, rb, min(8, p.m - rb * 8), wi, reinterpret_cast<float*>(tq_smem));
     __syncthreads();
   }
@@ -1066,7 +1066,7 @@ __global__ void __launch_bounds__(NW * 32) decode_kernel(const __grid_constant__
   __syncthreads();
   const int rows = min(8, p.m - rb * 8);
   const bool direct = p.fused && p.splits == 1;  // one split: finish straight from shared memory
-  float* out = p.part + ((long long)bh * (p.splits + p.wsplits) + split) * p.m * (p.ac + 2);
+  float* out = p.part + ((long long)bh * (p.splits + p.wchunks) + split) * p.m * (p.ac + 2);
   for (int idx = threadIdx.x; idx < rows * (D + 2); idx += NT) {
     const int row = idx / (D + 2), col = idx % (D + 2);
     float mt = -INFINITY;

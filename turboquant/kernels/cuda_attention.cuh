@@ -25,7 +25,7 @@ struct Params {
   const void* mask;    // [B, Hq, L, N + W] view (element strides), or nullptr
   long long sm_b, sm_h, sm_l, sm_t;
   int mask_kind;       // 0 none, 1 bool/uint8 (nonzero = attend), 2 fp32, 3 fp16, 4 bf16 (additive)
-  float* part;         // [BH, splits + wsplits, M, AC + 2]: acc columns (VHI_C offset), then max (base 2), then sum
+  float* part;         // [BH, splits + wchunks, M, AC + 2]: acc columns (VHI_C offset), then max (base 2), then sum
   int ac;              // AC = 16 + D (16 unused columns of the absent high-width stream)
   int n, hkv, m, l, g, tps, splits;
   const int* n_dev;    // device count of compressed tokens to attend (<= n; the rest of the buffer is ignored), or nullptr
@@ -44,7 +44,7 @@ struct Params {
   const void* fv;
   long long fk_sb, fk_sh, fk_sw, fv_sb, fv_sh, fv_sw;
   int w, fk_kind, fv_kind;  // window length; dtype kinds 2 fp32, 3 fp16, 4 bf16
-  int wsplits;         // window chunks: one partial each, after the splits' (fused only)
+  int wchunks;         // window chunks: one partial each, after the splits' (fused only)
   void* out;           // [BH, M, D] output
   int out_kind;
 };

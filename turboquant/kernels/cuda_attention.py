@@ -92,8 +92,8 @@ static tq::Params make_params(const std::vector<int64_t>& c) {
   p.tps = (int)c[23]; p.splits = (int)c[24];
   for (int i = 0; i < 4; ++i) { p.ktab[i] = (uint32_t)c[25 + i]; p.vtab[i] = (uint32_t)c[29 + i]; }
   for (int i = 0; i < 16; ++i) { p.kcent[i] = (unsigned short)c[33 + i]; p.vcent[i] = (unsigned short)c[49 + i]; }
-  TORCH_CHECK(c.size() == 67 && c[66] == tq::WINDOW_TOKENS, "turboquant CUDA decode: window split size mismatch");
-  p.wsplits = (int)c[65];
+  TORCH_CHECK(c.size() == 67 && c[66] == tq::WINDOW_TOKENS, "turboquant CUDA decode: window chunk size mismatch");
+  p.wchunks = (int)c[65];
   return p;
 }
 
@@ -465,11 +465,11 @@ def cuda_quantized_attention(
     splits = _cdiv(n, tps)
     ac = 16 + d
     # fused: the window in chunks of WINDOW_TOKENS, chunk i attended by split i % splits before its tokens
-    wsplits = _cdiv(w, WINDOW_TOKENS) if tuning.fused else 0
+    wchunks = _cdiv(w, WINDOW_TOKENS) if tuning.fused else 0
     # partials of the splits (none when one split finishes from its shared memory), then of the window chunks
     direct = tuning.fused and splits == 1
-    nparts = (0 if direct else splits) + wsplits
-    parts = _empty(*((bh, splits + wsplits, m, ac + 2) if nparts else (1,)), dtype=torch.float32, device=dev)
+    nparts = (0 if direct else splits) + wchunks
+    parts = _empty(*((bh, splits + wchunks, m, ac + 2) if nparts else (1,)), dtype=torch.float32, device=dev)
 
     ktab, kcent = _tables(d, kb)
     vtab, vcent = _tables(d, vb)
@@ -480,7 +480,7 @@ def cuda_quantized_attention(
         vc.stride(0), vc.stride(1), vc.stride(2),
         vn.stride(0), vn.stride(1), vn.stride(2),
         *ms, kind, ac, n, hkv, m, l, g, tps, splits,
-        *ktab, *vtab, *kcent, *vcent, wsplits, WINDOW_TOKENS,
+        *ktab, *vtab, *kcent, *vcent, wchunks, WINDOW_TOKENS,
     ]  # fmt: skip
     v = [kb, vb, d, bh, rblocks, nw, tiles, pf, dec]
     rt = _rotation_t(kcfg, dev)
