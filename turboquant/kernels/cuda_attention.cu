@@ -341,12 +341,29 @@ __device__ __forceinline__ void decode_value_pair(const uint32_t (&a)[Geo<BITS, 
   }
 }
 
+// Loads of read-only inputs given in several dtypes: the raw bits first, the conversion separate, so a run of
+// loads stays in flight together (a conversion inside the dtype branch would wait for each load in turn).
+// Tensor kinds 2 fp32, 3 fp16, 4 bf16; mask kinds add 1 bool/uint8 (nonzero = attend; the others are additive).
+__device__ __forceinline__ uint32_t load_bits(const void* ptr, long long off, int kind) {
+  if (kind == 2) return __ldg(reinterpret_cast<const unsigned int*>(ptr) + off);
+  if (kind == 1) return __ldg(reinterpret_cast<const unsigned char*>(ptr) + off);
+  return __ldg(reinterpret_cast<const unsigned short*>(ptr) + off);
+}
+
+__device__ __forceinline__ float bits_to_f(uint32_t r, int kind) {
+  if (kind == 2) return __uint_as_float(r);
+  if (kind == 3) return __half2float(__ushort_as_half((unsigned short)r));
+  return __uint_as_float(r << 16);
+}
+
+// A mask element as an additive base-2 logit term: 0 or -inf for a bool mask, x * log2(e) for a float one.
+__device__ __forceinline__ float mask_from_bits(uint32_t r, int kind) {
+  if (kind == 1) return r ? 0.f : -INFINITY;
+  return bits_to_f(r, kind) * 1.4426950408889634f;
+}
+
 __device__ __forceinline__ float load_mask(const Params& p, long long off, int kind) {
-  if (kind == 1) return reinterpret_cast<const uint8_t*>(p.mask)[off] ? 0.f : -INFINITY;
-  if (kind == 2) return reinterpret_cast<const float*>(p.mask)[off] * 1.4426950408889634f;
-  if (kind == 3) return __half2float(reinterpret_cast<const __half*>(p.mask)[off]) * 1.4426950408889634f;
-  const unsigned short raw = reinterpret_cast<const unsigned short*>(p.mask)[off];
-  return __uint_as_float(uint32_t(raw) << 16) * 1.4426950408889634f;
+  return mask_from_bits(load_bits(p.mask, off, kind), kind);
 }
 
 // Raw codes and norms of one iteration (16*T tokens) for one thread.
@@ -587,10 +604,15 @@ __device__ __forceinline__ void compute_iter(const Params& p, const Raw<KBITS, V
                                                     lane_v, none, none, none);
 }
 
-__device__ __forceinline__ float load_f(const void* ptr, long long off, int kind) {
-  if (kind == 2) return reinterpret_cast<const float*>(ptr)[off];
-  if (kind == 3) return __half2float(reinterpret_cast<const __half*>(ptr)[off]);
-  return __uint_as_float(uint32_t(reinterpret_cast<const unsigned short*>(ptr)[off]) << 16);
+// The CTA's 8 query rows (zero past the last), as raw bits: element threadIdx.x + u * NT of the [8][D] block.
+template <int D, int NT>
+__device__ __forceinline__ void load_query_rows(const void* q, int kind, int m, int bh, int rb, uint32_t (&bits)[8 * D / NT]) {
+  static_assert(8 * D % NT == 0, "query row load");
+#pragma unroll
+  for (int u = 0; u < 8 * D / NT; ++u) {
+    const int i = threadIdx.x + u * NT, row = rb * 8 + i / D;
+    bits[u] = row < m ? load_bits(q, ((long long)bh * m + row) * D + i % D, kind) : 0u;
+  }
 }
 
 __device__ __forceinline__ void store_f(void* ptr, long long off, int kind, float v) {
@@ -692,50 +714,61 @@ __device__ __noinline__ void window_chunk(const Params& p, int b, int h, int bh,
   float* wml = wsc + 8 * WT;         // [8][2] max (base 2), sum
   float* wpart = wml + 16;           // [TG][8][D] value partials of the token groups
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  // every Params field once, up front: p is reached through a generic pointer here, and a field read inside
+  // a conditional load would be one more dependent round trip per element
+  const void *const fk = p.fk, *const fv = p.fv, *const mask = p.mask;
+  const int q_kind = p.q_kind, fk_kind = p.fk_kind, fv_kind = p.fv_kind, mask_kind = p.mask_kind;
+  const long long fk_sw = p.fk_sw, fv_sw = p.fv_sw, sm_t = p.sm_t;
   const int w0 = wi * WT, cnt = min(WT, p.w - w0);
   const bool wm = MASK || p.wmask;  // wmask: the mask covers the window tokens only
-  const long long fkb = b * p.fk_sb + h * p.fk_sh + (long long)w0 * p.fk_sw;
-  const long long fvb = b * p.fv_sb + h * p.fv_sh + (long long)w0 * p.fv_sw;
-  // every global load into registers first, the shared stores after: nothing orders a load behind a
-  // store, so the whole chunk costs one memory round trip
+  const long long fkb = b * p.fk_sb + h * p.fk_sh + (long long)w0 * fk_sw;
+  const long long fvb = b * p.fv_sb + h * p.fv_sh + (long long)w0 * fv_sw;
+  const int qg = p.g, ql = p.l;
+  const long long sm_h = p.sm_h, sm_l = p.sm_l;
+  const long long mbase = b * p.sm_b + (long long)h * qg * sm_h + (long long)((MASK ? p.n : 0) + w0) * sm_t;
+  const float scale2 = p.scale2;
+  // every global load into registers first (raw bits), the conversions and shared stores after: the whole
+  // chunk costs one memory round trip
   constexpr int QPT = 8 * D / NT, MPT = 8 * WT / NT;
-  static_assert(8 * D % NT == 0 && 8 * WT % NT == 0, "window chunk loads");
-  float qv[QPT];
-#pragma unroll
-  for (int u = 0; u < QPT; ++u) {
-    const int i = threadIdx.x + u * NT, row = rb * 8 + i / D;
-    qv[u] = row < p.m ? load_f(p.q, ((long long)bh * p.m + row) * D + i % D, p.q_kind) : 0.f;
-  }
-  float kv[TPW][DL];
+  static_assert(8 * WT % NT == 0, "window chunk loads");
+  uint32_t qv[QPT];
+  load_query_rows<D, NT>(p.q, q_kind, p.m, bh, rb, qv);
+  uint32_t kv[TPW][DL];
 #pragma unroll
   for (int u = 0; u < TPW; ++u)
 #pragma unroll
     for (int k = 0; k < DL; ++k) {
       const int t = warp + u * NW;
-      kv[u][k] = t < cnt ? load_f(p.fk, fkb + (long long)t * p.fk_sw + lane + 32 * k, p.fk_kind) : 0.f;
+      kv[u][k] = t < cnt ? load_bits(fk, fkb + (long long)t * fk_sw + lane + 32 * k, fk_kind) : 0u;
     }
   const int j = threadIdx.x % D, tg = threadIdx.x / D;  // the value pass: one column, every TG-th token
-  float v[TPT];
+  uint32_t v[TPT];
+  auto load_values = [&] {
 #pragma unroll
-  for (int u = 0; u < TPT; ++u) {
-    const int t = tg + u * TG;
-    v[u] = t < cnt ? load_f(p.fv, fvb + (long long)t * p.fv_sw + j, p.fv_kind) : 0.f;
-  }
-  float mv[MPT];  // the mask (0 without one, -inf past the window or the CTA's rows)
+    for (int u = 0; u < TPT; ++u) {
+      const int t = tg + u * TG;
+      v[u] = t < cnt ? load_bits(fv, fvb + (long long)t * fv_sw + j, fv_kind) : 0u;
+    }
+  };
+  // with 4 warps a thread would hold 8 query, 32 key and 32 value elements at once: the values wait for the scores
+  constexpr bool EARLY_V = NW >= 8;
+  if (EARLY_V) load_values();
+  uint32_t mb[MPT];  // the mask's bits (in the window and the CTA's rows)
 #pragma unroll
   for (int u = 0; u < MPT; ++u) {
     const int i = threadIdx.x + u * NT, r = i / WT, t = i % WT, qrow = rb * 8 + r;
-    const bool in = t < cnt && r < rows;
-    mv[u] = in ? 0.f : -INFINITY;
-    if (wm && in) {
-      const long long mrow = b * p.sm_b + (long long)(h * p.g + qrow / p.l) * p.sm_h + (long long)(qrow % p.l) * p.sm_l;
-      mv[u] = load_mask(p, mrow + (long long)((MASK ? p.n : 0) + w0 + t) * p.sm_t, p.mask_kind);
-    }
+    mb[u] = 0u;
+    if (wm && t < cnt && r < rows)
+      mb[u] = load_bits(mask, mbase + (long long)(qrow / ql) * sm_h + (long long)(qrow % ql) * sm_l + t * sm_t, mask_kind);
   }
 #pragma unroll
-  for (int u = 0; u < QPT; ++u) qraw[threadIdx.x + u * NT] = qv[u];
+  for (int u = 0; u < QPT; ++u) qraw[threadIdx.x + u * NT] = bits_to_f(qv[u], q_kind);
 #pragma unroll
-  for (int u = 0; u < MPT; ++u) wsc[threadIdx.x + u * NT] = mv[u];
+  for (int u = 0; u < MPT; ++u) {  // 0 without a mask, -inf past the window or the CTA's rows
+    const int i = threadIdx.x + u * NT, r = i / WT, t = i % WT;
+    const bool in = t < cnt && r < rows;
+    wsc[i] = !in ? -INFINITY : wm ? mask_from_bits(mb[u], mask_kind) : 0.f;
+  }
   __syncthreads();
 #pragma unroll
   for (int u = 0; u < TPW; ++u) {
@@ -745,11 +778,12 @@ __device__ __noinline__ void window_chunk(const Params& p, int b, int h, int bh,
       if (r >= rows) break;
       float d = 0.f;
 #pragma unroll
-      for (int k = 0; k < DL; ++k) d = fmaf(qraw[r * D + lane + 32 * k], kv[u][k], d);
+      for (int k = 0; k < DL; ++k) d = fmaf(qraw[r * D + lane + 32 * k], bits_to_f(kv[u][k], fk_kind), d);
       d = warp_sum(d);
-      if (lane == 0 && t < cnt) wsc[r * WT + t] += d * p.scale2;
+      if (lane == 0 && t < cnt) wsc[r * WT + t] += d * scale2;
     }
   }
+  if (!EARLY_V) load_values();
   __syncthreads();
   for (int r = warp; r < 8; r += NW) {  // WT == 32: one token per lane
     const float x = wsc[r * WT + lane];
@@ -768,24 +802,27 @@ __device__ __noinline__ void window_chunk(const Params& p, int b, int h, int bh,
 #pragma unroll
     for (int r = 0; r < 8; ++r) a[r] = 0.f;
 #pragma unroll
-    for (int u = 0; u < TPT; ++u)
+    for (int u = 0; u < TPT; ++u) {
+      const float vu = bits_to_f(v[u], fv_kind);
 #pragma unroll
-      for (int r = 0; r < 8; ++r) a[r] = fmaf(wsc[r * WT + tg + u * TG], v[u], a[r]);
+      for (int r = 0; r < 8; ++r) a[r] = fmaf(wsc[r * WT + tg + u * TG], vu, a[r]);
+    }
 #pragma unroll
     for (int r = 0; r < 8; ++r) wpart[(tg * 8 + r) * D + j] = a[r];
   }
   __syncthreads();
-  float* out = p.part + ((long long)bh * (p.splits + p.wchunks) + p.splits + wi) * p.m * (p.ac + 2);
+  const int ac = p.ac;
+  float* out = p.part + ((long long)bh * (p.splits + p.wchunks) + p.splits + wi) * p.m * (ac + 2);
   for (int idx = threadIdx.x; idx < rows * (D + 2); idx += NT) {
     const int r = idx / (D + 2), col = idx % (D + 2);
-    float* o = out + (long long)(rb * 8 + r) * (p.ac + 2);
+    float* o = out + (long long)(rb * 8 + r) * (ac + 2);
     if (col < D) {
       float a = 0.f;
 #pragma unroll
       for (int g = 0; g < TG; ++g) a += wpart[(g * 8 + r) * D + col];
-      o[p.ac - D + col] = a;
+      o[ac - D + col] = a;
     } else {
-      o[p.ac + col - D] = wml[2 * r + col - D];
+      o[ac + col - D] = wml[2 * r + col - D];
     }
   }
 }
@@ -889,7 +926,7 @@ __global__ void __launch_bounds__(NW * 32) decode_kernel(const __grid_constant__
   float* qs = reinterpret_cast<float*>(reinterpret_cast<char*>(tq_smem) + qs_offset<KBITS, VBITS, D, NW, T, PF, DEC>());
   for (int i = threadIdx.x; i < 8 * D; i += NT) {
     const int row = rb * 8 + i / D;
-    qs[i] = row < p.m ? load_f(p.q, ((long long)bh * p.m + row) * D + i % D, p.q_kind) : 0.f;
+    qs[i] = row < p.m ? bits_to_f(load_bits(p.q, ((long long)bh * p.m + row) * D + i % D, p.q_kind), p.q_kind) : 0.f;
   }
   __syncthreads();
   {
