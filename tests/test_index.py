@@ -442,3 +442,26 @@ def test_cli_build_search_info(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert cli_main(["index", "search", "--index", str(out), "--queries", str(tmp_path / "q.npy"), "-k", "999"]) == 2
     assert "exceeds" in capsys.readouterr().err
     assert cli_main(["index", "build", "--input", str(tmp_path / "nope.npy"), "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2", "cosine"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_single_query_fast_path_checks_and_matches_the_batch(metric: str, bits: int) -> None:
+    """One query (its finiteness checked inside the C call for ``ip``) answers as its row of a batch,
+    and a NaN, an Inf or a norm that overflows float32 is refused, not ranked."""
+    x, q = _data(n=300)
+    index = TurboQuantIndex(64, bits, metric)  # type: ignore[arg-type]
+    index.add(x)
+    scores, ids = index.search(q, 7)
+    for i in range(len(q)):
+        s1, i1 = index.search(q[i], 7)
+        np.testing.assert_array_equal(i1[0], ids[i])
+        np.testing.assert_allclose(s1[0], scores[i], rtol=1e-6, atol=1e-6)
+    for bad_value in (np.nan, np.inf, -np.inf):
+        bad = q[:1].copy()
+        bad[0, 17] = bad_value
+        with pytest.raises(TurboQuantError, match="NaN or Inf"):
+            index.search(bad, 3)
+    huge = np.full((1, 64), 3e19, np.float32)  # finite elements, squared norm overflows float32
+    with pytest.raises(TurboQuantError, match="NaN or Inf"):
+        index.search(huge, 3)

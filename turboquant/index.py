@@ -509,19 +509,25 @@ class TurboQuantIndex:
         assert fs is not None
         cfg = self._qcfg
         q = q.astype(np.float32, copy=False)
-        q_sq = np.square(q).sum(1)
-        if not np.isfinite(q_sq).all():
-            raise TurboQuantError("queries contain NaN or Inf (or values whose norm overflows float32)")
-        if self.metric == "cosine":
-            q = q / np.sqrt(np.where(q_sq > 0, q_sq, 1.0))[:, None]
-        if self._rot_t is None:
-            self._rot_t = self.rotation.matrix().T.contiguous().numpy()
         n = len(self)
         if rerank is None:
             rerank = default_shortlist(k, fs.plan.exact, n, self.dim, self.metric == "l2", 4 // fs.plan.coords.shape[1])
         shortlist = min(n, max(k, rerank))
         threads = self.config.search_threads or torch.get_num_threads()  # the library's thread policy
-        if isinstance(fs, ScanMirror) and fs.exact_plan is not None:  # rotated (few queries), scanned, re-scored in C
+        if self._rot_t is None:
+            self._rot_t = self.rotation.matrix().T.contiguous().numpy()
+        exact_c = isinstance(fs, ScanMirror) and fs.exact_plan is not None  # re-scored in C
+        if isinstance(fs, ScanMirror) and len(q) == 1 and self.metric == "ip":
+            # one query: checked, rotated, scanned, re-scored and the best k sorted in one C call
+            found = fs.search_one(q, shortlist, threads, self._store.numpy("codes"), self._rot_t, k)
+            if found is not None:
+                return found
+        q_sq = np.square(q).sum(1)
+        if not np.isfinite(q_sq).all():
+            raise TurboQuantError("queries contain NaN or Inf (or values whose norm overflows float32)")
+        if self.metric == "cosine":
+            q = q / np.sqrt(np.where(q_sq > 0, q_sq, 1.0))[:, None]
+        if isinstance(fs, ScanMirror) and exact_c:  # rotated (few queries), scanned, re-scored in C
             keys, cand = fs.search(q, shortlist, threads, self._store.numpy("codes"), rot_t=self._rot_t, k=k)  # sorted
             return (q_sq[:, None] - keys if self.metric == "l2" else keys), cand
         q_rot = fs.rotate(q, self._rot_t) if isinstance(fs, ScanMirror) else rotate_queries(q, self._rot_t)

@@ -319,7 +319,10 @@ static int scan_search(const uint8_t *blocks, int64_t v0, int64_t v1, int64_t Mp
             group_luts(qlut, g, nq, lut_bytes, lut);
             int nqg = nq - g < QB ? (int)(nq - g) : QB;
             for (int64_t b = c0; b < c1; b++) {
-                group_sums(blocks + b * block_bytes, lut, Mp, sums, nqg);
+                if (nqg == 1) /* one query (the single-query search): inlined, no call per block */
+                    block_sums(blocks + b * block_bytes, lut, Mp, sums, 1);
+                else
+                    group_sums(blocks + b * block_bytes, lut, Mp, sums, nqg);
                 int64_t base = b * BV, cnt = v1 - base < BV ? v1 - base : BV;
                 const float *al = alpha + base, *be = beta ? beta + base : NULL;
                 if (cnt < BV) { /* last partial block: factors padded so the vector code reads BV */
@@ -497,11 +500,18 @@ static void best_sorted(const float *s, const int64_t *idx, int64_t n, int64_t k
 
 /* Tables, scan of [v0, v1) and (with codes: the stored rows of the exact plan) exact re-scoring of nq
  * queries q (nq, d), rotated first by rot_t (d, d) when given. kout = 0: out (nq, L) scores and
- * positions, unordered; kout > 0 (with codes): the best kout of the L re-scored, sorted, out (nq, kout). */
+ * positions, unordered; kout > 0 (with codes): the best kout of the L re-scored, sorted, out (nq, kout).
+ * With rot_t the queries are checked here too: returns 3 when one holds NaN/Inf or its squared norm
+ * overflows float32. */
 int tq_scan_topl(const int64_t *ctx, const float *q, int64_t nq, int64_t L, int64_t v0, int64_t v1,
                  const uint8_t *codes, int64_t row_bytes, float *out_s, int64_t *out_i, const float *rot_t, int64_t kout) {
     int64_t Mp = ctx[C_MP], d = ctx[C_D];
-    if (rot_t) { /* q not rotated yet (a few queries): rotate here, saving a call per query */
+    if (rot_t) { /* q not checked or rotated yet (a few queries): here, saving Python calls per query */
+        for (int64_t iq = 0; iq < nq; iq++) {
+            float s = 0.f;
+            for (int64_t j = 0; j < d; j++) s += q[iq * d + j] * q[iq * d + j];
+            if (!isfinite(s)) return 3;
+        }
         float *qr = (float *)malloc(sizeof(float) * (size_t)(nq * d));
         if (!qr) return 1;
         tq_rotate(q, nq, d, rot_t, qr);

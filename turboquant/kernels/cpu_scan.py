@@ -26,14 +26,16 @@ from __future__ import annotations
 
 import array
 import ctypes
+import functools
 import math
+import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..codec import decode_mse_numpy, layout, reconstruction_norms
-from ..config import QuantizerConfig
+from ..config import QuantizerConfig, TurboQuantError
 from ..fastscan import _NibblePlan, nibble_bytes, nibble_plan, thread_pool
 from .cbuild import build_error, load_c_library
 
@@ -69,6 +71,14 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tq_rotate.argtypes, lib.tq_rotate.restype = [_P, _I, _I, _P, _P], None
 
 
+def _check(rc: int) -> None:
+    """Raise for a non-zero return code of ``tq_scan_topl``."""
+    if rc == 3:
+        raise TurboQuantError("queries contain NaN or Inf (or values whose norm overflows float32)")
+    if rc:
+        raise MemoryError("turboquant fast scan: out of memory")
+
+
 def load_scan_library(variant: str = "native") -> ctypes.CDLL | None:
     """The compiled scan kernel, or None (no compiler, ``TURBOQUANT_NO_CEXT=1``).
 
@@ -84,6 +94,7 @@ def scan_library_error(variant: str = "native") -> str | None:
     return build_error(_SOURCE, _VARIANTS[variant])
 
 
+@functools.lru_cache(maxsize=1024)  # pure, and on every single-query search
 def default_shortlist(k: int, exact_scan: bool, n: int, dim: int, l2: bool = False, scan_width: int = 2) -> int:
     """Candidates the scan passes to the exact re-score for a top-``k`` over ``n`` vectors of ``dim``.
 
@@ -187,6 +198,8 @@ class ScanMirror:
             self.exact_coords = np.ascontiguousarray(self.exact_plan.coords, dtype=np.int32)
             self.exact_centroids = np.ascontiguousarray(self.exact_plan.centroids.transpose(0, 2, 1), dtype=np.float32)
         self._ctx: array.array | None = None  # pointers for tq_scan_topl, rebuilt when arrays move
+        # search_one's codes and Π.T (weakly) with their addresses: taken once, not per query
+        self._held: tuple[weakref.ref[np.ndarray], weakref.ref[np.ndarray], int, int] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -315,8 +328,34 @@ class ScanMirror:
         scores, pos = np.empty((nq, width), np.float32), np.empty((nq, width), np.int64)
         rc = self.lib.tq_scan_topl(self._context(), _ptr(q), nq, length, v0, v1, _ptr(codes),
                                    0 if codes is None else codes.shape[1], _ptr(scores), _ptr(pos), _ptr(rot_t), k)  # fmt: skip
-        if rc:
-            raise MemoryError("turboquant fast scan: out of memory")
+        _check(rc)
+        return scores, pos
+
+    def _threads(self, nq: int, threads: int) -> tuple[int, int]:
+        """``(threads, queries per call)`` for ``nq`` queries: one call when ``nq`` fits one worker's chunk."""
+        threads = max(1, min(threads, -(-self.count // _BV)))
+        if nq < threads and self.count * self.Mp // 2 < _SPLIT_BYTES:
+            threads = 1  # a small single-query scan: waking threads costs more than it saves
+        return threads, max(1, min(64, _LUT_BYTES // (self.Mp * 16), -(-nq // threads)))
+
+    def search_one(
+        self, q: np.ndarray, length: int, threads: int, codes: np.ndarray, rot_t: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """One unrotated query ``(1, dim)`` as :meth:`search` with ``codes``, ``rot_t`` and ``k`` returns it,
+        when that is one C call on this thread (which also checks the query for NaN/Inf); else None.
+
+        The single-query fast path: none of :meth:`search`'s planning runs per call.
+        """
+        if self.exact_plan is None or (threads > 1 and self.count * self.Mp // 2 >= _SPLIT_BYTES):
+            return None  # not one call: a large scan splits over threads (as in :meth:`_threads`)
+        held = self._held
+        if held is None or held[0]() is not codes or held[1]() is not rot_t:  # weak: a replaced array is freed
+            held = self._held = (weakref.ref(codes), weakref.ref(rot_t), _ptr(codes), _ptr(rot_t))
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        scores, pos = np.empty((1, k), np.float32), np.empty((1, k), np.int64)
+        rc = self.lib.tq_scan_topl(self._context(), _ptr(q), 1, length, 0, self.count, held[2], codes.shape[1],
+                                   _ptr(scores), _ptr(pos), held[3], k)  # fmt: skip
+        _check(rc)
         return scores, pos
 
     def rescore(self, codes: np.ndarray, q_rot: np.ndarray, cand: np.ndarray) -> np.ndarray:
@@ -358,10 +397,7 @@ class ScanMirror:
         nq, n = len(q_rot), self.count
         assert 1 <= length <= n and 0 <= k <= length
         k = k if exact is not None else 0
-        threads = max(1, min(threads, -(-n // _BV)))
-        if nq < threads and n * self.Mp // 2 < _SPLIT_BYTES:
-            threads = 1  # a small single-query scan: waking threads costs more than it saves
-        per = max(1, min(64, _LUT_BYTES // (self.Mp * 16), -(-nq // threads)))
+        threads, per = self._threads(nq, threads)
         if nq >= threads and per >= nq:  # one call
             if rot_t is not None and nq > 4:
                 q_rot, rot_t = self.rotate(q_rot, rot_t), None
