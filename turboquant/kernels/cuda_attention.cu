@@ -903,6 +903,11 @@ __global__ void __launch_bounds__(NW * 32) decode_kernel(const __grid_constant__
     window_chunk<D, NW, MASK>(p, b, h, bh, rb, min(8, p.m - rb * 8), wi, reinterpret_cast<float*>(tq_smem));
     __syncthreads();
   }
+  // the query rows' loads first, their latency hidden by the decode table
+  constexpr int QPT = 8 * D / NT;
+  constexpr bool EARLY_Q = QPT == 4;  // (at 2 per thread, d = 64, the early loads cost 33 registers)
+  uint32_t qb[EARLY_Q ? QPT : 1];
+  if constexpr (EARLY_Q) load_query_rows<D, NT>(p.q, p.q_kind, p.m, bh, rb, qb);
   const int start = split * p.tps;
   const int nval = p.n_dev != nullptr ? max(0, min(*p.n_dev, p.n)) : p.n;  // a CUDA graph replays with the current count
   const int stop = min(start + p.tps, nval);
@@ -924,9 +929,14 @@ __global__ void __launch_bounds__(NW * 32) decode_kernel(const __grid_constant__
   }
   // query rotation in the prologue (no separate launch): the CTA's 8 rows, q @ Pi_k^T * scale2
   float* qs = reinterpret_cast<float*>(reinterpret_cast<char*>(tq_smem) + qs_offset<KBITS, VBITS, D, NW, T, PF, DEC>());
-  for (int i = threadIdx.x; i < 8 * D; i += NT) {
-    const int row = rb * 8 + i / D;
-    qs[i] = row < p.m ? bits_to_f(load_bits(p.q, ((long long)bh * p.m + row) * D + i % D, p.q_kind), p.q_kind) : 0.f;
+  if constexpr (EARLY_Q) {
+#pragma unroll
+    for (int u = 0; u < QPT; ++u) qs[threadIdx.x + u * NT] = bits_to_f(qb[u], p.q_kind);
+  } else {
+    for (int i = threadIdx.x; i < 8 * D; i += NT) {
+      const int row = rb * 8 + i / D;
+      qs[i] = row < p.m ? bits_to_f(load_bits(p.q, ((long long)bh * p.m + row) * D + i % D, p.q_kind), p.q_kind) : 0.f;
+    }
   }
   __syncthreads();
   {
