@@ -160,6 +160,18 @@ def test_simd_and_portable_builds_agree(variant: str) -> None:
             np.testing.assert_array_equal(np.sort(x, 1), np.sort(y, 1))
 
 
+@pytest.mark.parametrize(("dim", "bits", "scan_bits"), [(96, 4, 2), (42, 2.5, 2), (70, 2, 1), (50, 2, 2)])
+def test_parallel_packing_writes_the_serial_layout(monkeypatch: pytest.MonkeyPatch, dim: int, bits: float, scan_bits: int) -> None:
+    """Packing in block-aligned row ranges over threads (from a position inside a block) = one serial pass."""
+    cfg, plan, codes, alpha, beta, serial = _mirror(dim, bits, scan_bits, 1000)
+    monkeypatch.setattr(cpu_scan, "_PACK_ROWS", 50)  # ranges of ~50 rows: many cuts, none at the start
+    parallel = ScanMirror(cfg, plan, False, LIB)
+    parallel.append(codes[:37], alpha[:37])
+    parallel.append(codes[37:], alpha[37:], threads=7)
+    np.testing.assert_array_equal(parallel.blocks[: len(serial.blocks)], serial.blocks)
+    np.testing.assert_array_equal(parallel.alpha[:1000], serial.alpha[:1000])
+
+
 def test_threads_give_identical_results(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cpu_scan, "_SPLIT_BYTES", 0)  # single queries split over vector ranges
     *_, mirror = _mirror(96, 4, 2, 5000)

@@ -102,6 +102,22 @@ def _msb_byte_table() -> np.ndarray:
     return (((b >> 2) & 3) | (((b >> 6) & 3) << 2)).astype(np.uint8)
 
 
+def _msb_plan(config: QuantizerConfig, plan: _NibblePlan) -> bool:
+    """Whether nibble ``m`` of the plan is ``_msb_byte_table()[code byte m]`` (one 4-bit stream scanned at 2 bits)."""
+    streams = layout(config).streams
+    return len(streams) == 1 and streams[0].width == 4 and bool(plan.drop[0] == 2)
+
+
+def nibble_source(codes: np.ndarray, config: QuantizerConfig, plan: _NibblePlan) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(rows, table)`` for the C scan's packer: the stored codes themselves where a nibble is one code byte
+    through ``table`` (or, table ``None``, the codes are the nibbles), else :func:`nibble_bytes`' rows."""
+    if plan.identity:
+        return codes, None
+    if _msb_plan(config, plan):
+        return codes, _msb_byte_table()
+    return nibble_bytes(codes, config, plan), None
+
+
 def nibble_bytes(codes: np.ndarray, config: QuantizerConfig, plan: _NibblePlan) -> np.ndarray:
     """Stored codes ``(n, code_bytes)`` -> the plan's nibbles, two per byte ``(n, ceil(M/2))`` uint8.
 
@@ -110,14 +126,14 @@ def nibble_bytes(codes: np.ndarray, config: QuantizerConfig, plan: _NibblePlan) 
     """
     if plan.identity:
         return codes
-    streams = layout(config).streams
-    if len(streams) == 1 and streams[0].width == 4 and plan.drop[0] == 2:  # common case: one table lookup per byte
+    if _msb_plan(config, plan):  # common case: one table lookup per byte
         nib = np.take(_msb_byte_table(), codes)
         if nib.shape[1] % 2:
             nib = np.concatenate([nib, np.zeros((nib.shape[0], 1), np.uint8)], axis=1)
         return nib[:, 0::2] | (nib[:, 1::2] << 4)
     # unpack every stream to one code per coordinate, then rebuild nibbles in plan order
     t = torch.from_numpy(np.ascontiguousarray(codes))
+    streams = layout(config).streams
     parts = [unpack_codes(t[:, s.offset : s.offset + s.nbytes].contiguous(), s.width, s.count) for s in streams]
     per_coord = torch.cat(parts, dim=1).numpy() >> plan.drop.astype(np.uint8)
     nib = np.zeros((len(codes), len(plan.coords)), np.uint8)

@@ -71,21 +71,26 @@ static inline int slot_of(int v) {
     return 16 * (2 * (q >> 1) + h) + 8 * (q & 1) + i;
 }
 
-/* Write vectors first..first+rows-1 (nibble m of row r: (nib[r*row_bytes + m/2] >> 4*(m&1)) & 15)
- * into the blocked layout. Blocks touched must exist; their other vectors are left as they are. */
-void tq_scan_pack(const uint8_t *nib, int64_t rows, int64_t row_bytes, int64_t M, int64_t Mp, int64_t first,
-                  uint8_t *blocks) {
+/* Nibble m < M of a source row: two per byte (low first), or with a table one per source byte,
+ * table[src[m]] (a stored code byte mapped to the nibble it scans); 0 past M (padding). */
+static inline uint8_t nibble_at(const uint8_t *src, int64_t m, int64_t M, const uint8_t *table) {
+    if (m >= M) return 0;
+    return table ? table[src[m]] : (uint8_t)((src[m >> 1] >> (4 * (m & 1))) & 15);
+}
+
+/* Write vectors first..first+rows-1 (source row r at src + r*row_bytes, nibbles as nibble_at reads
+ * them) into the blocked layout. Blocks touched must exist; their other vectors are left as they are. */
+void tq_scan_pack(const uint8_t *src0, int64_t rows, int64_t row_bytes, int64_t M, int64_t Mp, int64_t first,
+                  uint8_t *blocks, const uint8_t *table) {
 #if defined(TQ_VNNI)
     for (int64_t r = 0; r < rows; r++) {
         int64_t g = first + r, v = g % BV;
         uint8_t *sub = blocks + (g / BV) * (Mp / 2) * BV + (v / 16) * (Mp / 8) * 64 + 4 * (v % 16);
-        const uint8_t *src = nib + r * row_bytes;
+        const uint8_t *src = src0 + r * row_bytes;
         for (int64_t row = 0; row < Mp / 8; row++)
             for (int t = 0; t < 4; t++) {
-                int64_t ml = 8 * row + t, mh = ml + 4;
-                uint8_t lo = ml < M ? (uint8_t)((src[ml >> 1] >> (4 * (ml & 1))) & 15) : 0;
-                uint8_t hi = mh < M ? (uint8_t)((src[mh >> 1] >> (4 * (mh & 1))) & 15) : 0;
-                sub[row * 64 + t] = (uint8_t)(lo | (hi << 4));
+                int64_t ml = 8 * row + t;
+                sub[row * 64 + t] = (uint8_t)(nibble_at(src, ml, M, table) | (nibble_at(src, ml + 4, M, table) << 4));
             }
     }
     return;
@@ -93,9 +98,9 @@ void tq_scan_pack(const uint8_t *nib, int64_t rows, int64_t row_bytes, int64_t M
     for (int64_t r = 0; r < rows; r++) {
         int64_t g = first + r;
         uint8_t *blk = blocks + (g / BV) * (Mp / 2) * BV + slot_of((int)(g % BV));
-        const uint8_t *src = nib + r * row_bytes;
-        for (int64_t p = 0; p < Mp / 2; p++) /* positions 2p, 2p+1 are exactly source byte p */
-            blk[p * BV] = 2 * p < M ? (2 * p + 1 < M ? src[p] : (uint8_t)(src[p] & 15)) : 0;
+        const uint8_t *src = src0 + r * row_bytes;
+        for (int64_t p = 0; p < Mp / 2; p++) /* positions 2p, 2p+1 */
+            blk[p * BV] = (uint8_t)(nibble_at(src, 2 * p, M, table) | (nibble_at(src, 2 * p + 1, M, table) << 4));
     }
 }
 

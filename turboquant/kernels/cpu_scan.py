@@ -36,7 +36,7 @@ import torch
 
 from ..codec import decode_mse_numpy, layout, reconstruction_norms
 from ..config import QuantizerConfig, TurboQuantError
-from ..fastscan import _NibblePlan, nibble_bytes, nibble_plan, thread_pool
+from ..fastscan import _NibblePlan, nibble_plan, nibble_source, thread_pool
 from .cbuild import build_error, load_c_library
 
 _SOURCE = Path(__file__).with_name("_cpu_scan.c")
@@ -51,6 +51,7 @@ _BV = 64  # vectors per block (BV of _cpu_scan.c)
 # (benchmarks/ann.py grid, d = 384..1024), the second core being busy with other work.
 _SPLIT_BYTES = 1 << 25
 _LUT_BYTES = 1 << 18  # tables of one query chunk: with the scanned block range they stay in L2
+_PACK_ROWS = 1 << 16  # rows per thread at least when the mirror packs in parallel
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
@@ -58,7 +59,7 @@ _I = ctypes.c_int64
 def _declare(lib: ctypes.CDLL) -> None:
     lib.tq_scan_isa.argtypes, lib.tq_scan_isa.restype = [], ctypes.c_int
     lib.tq_scan_mpad.argtypes, lib.tq_scan_mpad.restype = [], ctypes.c_int
-    lib.tq_scan_pack.argtypes, lib.tq_scan_pack.restype = [_P, _I, _I, _I, _I, _I, _P], None
+    lib.tq_scan_pack.argtypes, lib.tq_scan_pack.restype = [_P, _I, _I, _I, _I, _I, _P, _P], None
     lib.tq_scan_luts.argtypes = [_P, _I, _I, _P, _P, _I, _I, _I, _P, _P, _P]
     lib.tq_scan_luts.restype = ctypes.c_int
     lib.tq_scan_sums.argtypes, lib.tq_scan_sums.restype = [_P, _I, _I, _P, _I, _P], None
@@ -238,14 +239,32 @@ class ScanMirror:
         """Room for ``n`` vectors in total (one allocation for a known final size)."""
         self._grow(n)
 
-    def append(self, codes: np.ndarray, alpha: np.ndarray, beta: np.ndarray | None = None) -> None:
-        """Append stored codes ``(r, code_bytes)`` with their factors ``alpha`` (and ``beta`` for L2), ``(r,)`` float32."""
+    def append(self, codes: np.ndarray, alpha: np.ndarray, beta: np.ndarray | None = None, threads: int = 1) -> None:
+        """Append stored codes ``(r, code_bytes)`` with their factors ``alpha`` (and ``beta`` for L2), ``(r,)`` float32.
+
+        Packed straight from ``codes`` where the plan allows (no nibble copy), in block-aligned row ranges
+        over ``threads`` when there are many rows.
+        """
         r = len(codes)
         if not r:
             return
         self._grow(self.count + r)
-        nib = np.ascontiguousarray(nibble_bytes(codes, self.config, self.plan))
-        self.lib.tq_scan_pack(_ptr(nib), r, nib.shape[1], self.M, self.Mp, self.count, _ptr(self.blocks))
+        src, table = nibble_source(codes, self.config, self.plan)
+        src = np.ascontiguousarray(src)
+        first, width, tab = self.count, src.shape[1], _ptr(table)
+
+        def pack(rows: tuple[int, int]) -> None:
+            self.lib.tq_scan_pack(_ptr(src[rows[0] :]), rows[1] - rows[0], width, self.M, self.Mp, first + rows[0],
+                                  _ptr(self.blocks), tab)  # fmt: skip
+
+        # cut points on block boundaries (global position a multiple of _BV): each range owns its blocks
+        parts = max(1, min(threads, r // _PACK_ROWS))
+        cuts = sorted({0, r, *(min(r, -(-(first + r * i // parts) // _BV) * _BV - first) for i in range(1, parts))})
+        ranges = list(zip(cuts[:-1], cuts[1:]))
+        if len(ranges) > 1:
+            list(thread_pool(len(ranges)).map(pack, ranges))
+        else:
+            pack((0, r))
         self.alpha[self.count : self.count + r] = alpha
         if self.beta is not None:
             assert beta is not None
@@ -277,7 +296,7 @@ class ScanMirror:
         else:
             for s0 in starts:
                 factors(s0)
-        self.append(codes[start:n], alpha, -np.square(norms[start:n]) if self.l2 else None)
+        self.append(codes[start:n], alpha, -np.square(norms[start:n]) if self.l2 else None, threads)
 
     def rotate(self, q: np.ndarray, rot_t: np.ndarray) -> np.ndarray:
         """``q @ rot_t`` for queries ``(nq, dim)`` float32: in C on this thread for up to 4 queries, else torch.
