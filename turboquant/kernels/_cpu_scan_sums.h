@@ -111,6 +111,28 @@ static inline __attribute__((always_inline)) void block_sums(const uint8_t *blk,
                                                              int64_t Mp, uint32_t *out, const int nqg) {
     const __m256i mask = _mm256_set1_epi8(0x0f);
     memset(out, 0, (size_t)nqg * BV * sizeof(uint32_t));
+    if (nqg == 1) { /* one query: each table pair loaded once for both halves, four accumulators */
+        for (int64_t p0 = 0; p0 < Mp / 2; p0 += FLUSH / 2) {
+            int64_t p1 = p0 + FLUSH / 2 < Mp / 2 ? p0 + FLUSH / 2 : Mp / 2;
+            __m256i a0[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}, a1[2] = {a0[0], a0[0]};
+            for (int64_t p = p0; p < p1; p++) {
+                _mm_prefetch((const char *)(blk + p * BV + PREFETCH), _MM_HINT_T0);
+                __m256i tl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut[0] + p * 32)));
+                __m256i th = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut[0] + p * 32 + 16)));
+#pragma GCC unroll 2
+                for (int half = 0; half < 2; half++) {
+                    __m256i c = _mm256_loadu_si256((const __m256i *)(blk + p * BV + 32 * half));
+                    __m256i lo = _mm256_and_si256(c, mask), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), mask);
+                    __m256i rl = _mm256_shuffle_epi8(tl, lo), rh = _mm256_shuffle_epi8(th, hi);
+                    a0[half] = _mm256_add_epi16(a0[half], _mm256_add_epi16(rl, rh));
+                    a1[half] = _mm256_add_epi16(a1[half], _mm256_add_epi16(_mm256_srli_epi16(rl, 8), _mm256_srli_epi16(rh, 8)));
+                }
+            }
+            fold256(a0[0], a1[0], out);
+            fold256(a0[1], a1[1], out + 32);
+        }
+        return;
+    }
     for (int half = 0; half < 2; half++) { /* vectors 0..31 in bytes 0..31, 32..63 in bytes 32..63 */
         for (int64_t p0 = 0; p0 < Mp / 2; p0 += FLUSH / 2) {
             int64_t p1 = p0 + FLUSH / 2 < Mp / 2 ? p0 + FLUSH / 2 : Mp / 2;
