@@ -158,6 +158,12 @@ def test_simd_and_portable_builds_agree(variant: str) -> None:
         np.testing.assert_array_equal(a.sums(lut), b.sums(lut_b))
         for x, y in zip(a.search(q, 25), b.search(q, 25)):
             np.testing.assert_array_equal(np.sort(x, 1), np.sort(y, 1))
+        for l2 in (False, True):  # one query at a time (its own block-sum path in every build)
+            *_, a1 = _mirror(dim, bits, scan_bits, 3000, l2=l2, seed=3)
+            *_, b1 = _mirror(dim, bits, scan_bits, 3000, lib=other, l2=l2, seed=3)
+            for i in range(4):
+                for x, y in zip(a1.search(q[i : i + 1], 10), b1.search(q[i : i + 1], 10)):
+                    np.testing.assert_array_equal(np.sort(x, 1), np.sort(y, 1))
 
 
 @pytest.mark.parametrize(("dim", "bits", "scan_bits"), [(96, 4, 2), (42, 2.5, 2), (70, 2, 1), (50, 2, 2)])
