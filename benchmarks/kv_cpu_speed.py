@@ -29,6 +29,7 @@ Usage::
     python benchmarks/kv_cpu_speed.py                    # results/kv_cpu_speed.json + .png
     python benchmarks/kv_cpu_speed.py --contexts 1024 4096 --steps 5 --threads 1
     python benchmarks/kv_cpu_speed.py --reference        # also time the torch reference attention
+    python benchmarks/kv_cpu_speed.py --random-head-dim 128 --out benchmarks/results/kv_cpu_speed_hd128.json
 """
 
 from __future__ import annotations
@@ -61,6 +62,18 @@ def load_model() -> tuple[Any, Any]:
     except ImportError:  # the loader may move to turboquant.demo
         from turboquant.demo.models import load_smollm2  # type: ignore[no-redef]
     return load_smollm2(dtype=torch.float32)
+
+
+def random_llama(head_dim: int, tokenizer: Any) -> Any:
+    """A held-out shape: 8-layer Llama with random fp32 weights, 8 query / 2 key-value heads of ``head_dim``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden = 8 * head_dim
+    cfg = LlamaConfig(hidden_size=hidden, num_attention_heads=8, num_key_value_heads=2, head_dim=head_dim,
+                      intermediate_size=11 * hidden // 4, num_hidden_layers=8, vocab_size=len(tokenizer),
+                      max_position_embeddings=65536)  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).float().eval()
 
 
 def prompt_ids(tokenizer: Any, n: int) -> torch.Tensor:
@@ -206,7 +219,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("decode step (ms, median)")
-    ax.set_title("SmolLM2-135M fp32 decode step on CPU")
+    ax.set_title(f"{results['model'].split(',')[0]}: decode step on CPU", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -219,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=7, help="timed steps per cache (after 2 warm-up steps)")
     ap.add_argument("--threads", type=int, nargs="+", default=None, help="torch thread counts (default: default and 1)")
     ap.add_argument("--reference", action="store_true", help="also time the torch reference attention")
+    ap.add_argument("--random-head-dim", type=int, default=None,
+                    help="a random-weight 8-layer Llama with this head_dim (8 q / 2 kv heads) instead of SmolLM2")
     ap.add_argument("--out", type=Path, default=RESULTS / "kv_cpu_speed.json")
     args = ap.parse_args(argv)
 
@@ -226,12 +241,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     default_threads = info["default_torch_threads"]
     thread_counts = args.threads or sorted({default_threads, 1}, reverse=True)
     model, tokenizer = load_model()
+    model_name = "SmolLM2-135M-Instruct fp32"
+    if args.random_head_dim:
+        model = random_llama(args.random_head_dim, tokenizer)
+        model_name = f"random-weight Llama, 8 layers, 8 q / 2 kv heads, head_dim {args.random_head_dim}, fp32"
     model.eval()
     kv = real_prefill(model, prompt_ids(tokenizer, PROMPT_TOKENS))
     from turboquant.kernels import cpu_attention
 
     info["cpu_kernel"] = "compiled" if cpu_attention.load_library() is not None else f"reference ({cpu_attention.library_error()})"
-    results: dict[str, Any] = {"machine": info, "model": "SmolLM2-135M-Instruct fp32", "cache": "TurboQuantCache defaults (K4/V4)",
+    results: dict[str, Any] = {"machine": info, "model": model_name, "cache": "TurboQuantCache defaults (K4/V4)",
                                "fill": f"real {PROMPT_TOKENS}-token prefill tiled to the context", "runs": []}  # fmt: skip
     print(f"{'threads':>7} {'context':>7} {'dynamic ms':>11} {'turboquant ms':>14} {'ratio':>6}" + (f" {'ref ms':>9}" if args.reference else ""))
     for threads in thread_counts:
