@@ -107,9 +107,25 @@ static inline void fold256(__m256i a0, __m256i a1, uint32_t *out) {
                             _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)(out + 8 * r)), parts[r]));
 }
 
+/* One position pair of 32 vectors: look the 32 code bytes c up in the tables of positions 2p (tl, low
+ * nibbles) and 2p+1 (th, high nibbles), add to the uint16 accumulators (a0: both bytes, a1: odd bytes). */
+static inline __attribute__((always_inline)) void lookup_add256(__m256i c, __m256i tl, __m256i th, __m256i *a0,
+                                                                __m256i *a1) {
+    const __m256i mask = _mm256_set1_epi8(0x0f);
+    __m256i lo = _mm256_and_si256(c, mask), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), mask);
+    __m256i rl = _mm256_shuffle_epi8(tl, lo), rh = _mm256_shuffle_epi8(th, hi);
+    *a0 = _mm256_add_epi16(*a0, _mm256_add_epi16(rl, rh));
+    *a1 = _mm256_add_epi16(*a1, _mm256_add_epi16(_mm256_srli_epi16(rl, 8), _mm256_srli_epi16(rh, 8)));
+}
+
+/* The two tables of position pair p, each broadcast to both 128-bit lanes. */
+static inline __attribute__((always_inline)) void tables256(const uint8_t *lut, int64_t p, __m256i *tl, __m256i *th) {
+    *tl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut + p * 32)));
+    *th = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut + p * 32 + 16)));
+}
+
 static inline __attribute__((always_inline)) void block_sums(const uint8_t *blk, const uint8_t *const *lut,
                                                              int64_t Mp, uint32_t *out, const int nqg) {
-    const __m256i mask = _mm256_set1_epi8(0x0f);
     memset(out, 0, (size_t)nqg * BV * sizeof(uint32_t));
     if (nqg == 1) { /* one query: each table pair loaded once for both halves, four accumulators */
         for (int64_t p0 = 0; p0 < Mp / 2; p0 += FLUSH / 2) {
@@ -117,16 +133,12 @@ static inline __attribute__((always_inline)) void block_sums(const uint8_t *blk,
             __m256i a0[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}, a1[2] = {a0[0], a0[0]};
             for (int64_t p = p0; p < p1; p++) {
                 _mm_prefetch((const char *)(blk + p * BV + PREFETCH), _MM_HINT_T0);
-                __m256i tl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut[0] + p * 32)));
-                __m256i th = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut[0] + p * 32 + 16)));
+                __m256i tl, th;
+                tables256(lut[0], p, &tl, &th);
 #pragma GCC unroll 2
-                for (int half = 0; half < 2; half++) {
-                    __m256i c = _mm256_loadu_si256((const __m256i *)(blk + p * BV + 32 * half));
-                    __m256i lo = _mm256_and_si256(c, mask), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), mask);
-                    __m256i rl = _mm256_shuffle_epi8(tl, lo), rh = _mm256_shuffle_epi8(th, hi);
-                    a0[half] = _mm256_add_epi16(a0[half], _mm256_add_epi16(rl, rh));
-                    a1[half] = _mm256_add_epi16(a1[half], _mm256_add_epi16(_mm256_srli_epi16(rl, 8), _mm256_srli_epi16(rh, 8)));
-                }
+                for (int half = 0; half < 2; half++)
+                    lookup_add256(_mm256_loadu_si256((const __m256i *)(blk + p * BV + 32 * half)), tl, th, &a0[half],
+                                  &a1[half]);
             }
             fold256(a0[0], a1[0], out);
             fold256(a0[1], a1[1], out + 32);
@@ -141,14 +153,11 @@ static inline __attribute__((always_inline)) void block_sums(const uint8_t *blk,
             for (int64_t p = p0; p < p1; p++) {
                 _mm_prefetch((const char *)(blk + p * BV + 32 * half + PREFETCH), _MM_HINT_T0);
                 __m256i c = _mm256_loadu_si256((const __m256i *)(blk + p * BV + 32 * half));
-                __m256i lo = _mm256_and_si256(c, mask), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), mask);
 #pragma GCC unroll 2
                 for (int k = 0; k < nqg; k++) {
-                    __m256i tl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut[k] + p * 32)));
-                    __m256i th = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut[k] + p * 32 + 16)));
-                    __m256i rl = _mm256_shuffle_epi8(tl, lo), rh = _mm256_shuffle_epi8(th, hi);
-                    a0[k] = _mm256_add_epi16(a0[k], _mm256_add_epi16(rl, rh));
-                    a1[k] = _mm256_add_epi16(a1[k], _mm256_add_epi16(_mm256_srli_epi16(rl, 8), _mm256_srli_epi16(rh, 8)));
+                    __m256i tl, th;
+                    tables256(lut[k], p, &tl, &th);
+                    lookup_add256(c, tl, th, &a0[k], &a1[k]);
                 }
             }
             for (int k = 0; k < nqg; k++) fold256(a0[k], a1[k], out + BV * k + 32 * half);
