@@ -421,10 +421,11 @@ class TurboQuantIndex:
             return True
         if self.config.engine is Engine.FASTSCAN:
             self._check_fastscan_possible()
-        elif self.device.type != "cpu" or scan_plan(self._qcfg, self.config.scan_bits, len(self)) is None:
+        elif self.device.type != "cpu":
             return False
         plan = scan_plan(self._qcfg, self.config.scan_bits, len(self))
-        assert plan is not None
+        if plan is None:  # (engine="fastscan" raised above)
+            return False
         lib = load_scan_library()
         if lib is not None:
             self._fastscan = ScanMirror(self._qcfg, plan, self.metric == "l2", lib)
@@ -516,7 +517,6 @@ class TurboQuantIndex:
         threads = self.config.search_threads or torch.get_num_threads()  # the library's thread policy
         if self._rot_t is None:
             self._rot_t = self.rotation.matrix().T.contiguous().numpy()
-        exact_c = isinstance(fs, ScanMirror) and fs.exact_plan is not None  # re-scored in C
         if isinstance(fs, ScanMirror) and len(q) == 1 and self.metric == "ip":
             # one query: checked, rotated, scanned, re-scored and the best k sorted in one C call
             found = fs.search_one(q, shortlist, threads, self._store.numpy("codes"), self._rot_t, k)
@@ -527,7 +527,7 @@ class TurboQuantIndex:
             raise TurboQuantError("queries contain NaN or Inf (or values whose norm overflows float32)")
         if self.metric == "cosine":
             q = q / np.sqrt(np.where(q_sq > 0, q_sq, 1.0))[:, None]
-        if isinstance(fs, ScanMirror) and exact_c:  # rotated (few queries), scanned, re-scored in C
+        if isinstance(fs, ScanMirror) and fs.exact_plan is not None:  # rotated (few queries), scanned, re-scored in C
             keys, cand = fs.search(q, shortlist, threads, self._store.numpy("codes"), rot_t=self._rot_t, k=k)  # sorted
             return (q_sq[:, None] - keys if self.metric == "l2" else keys), cand
         q_rot = fs.rotate(q, self._rot_t) if isinstance(fs, ScanMirror) else rotate_queries(q, self._rot_t)

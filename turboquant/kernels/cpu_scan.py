@@ -29,6 +29,7 @@ import ctypes
 import functools
 import math
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,14 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tq_scan_topl.argtypes = [_P, _P, _I, _I, _I, _I, _P, _I, _P, _P, _P, _I]
     lib.tq_scan_topl.restype = ctypes.c_int
     lib.tq_rotate.argtypes, lib.tq_rotate.restype = [_P, _I, _I, _P, _P], None
+
+
+_WeakArray = Callable[[], "np.ndarray | None"]
+
+
+def _weak(a: np.ndarray | None) -> _WeakArray:
+    """A weak reference to ``a`` (or a callable returning None for None)."""
+    return (lambda: None) if a is None else weakref.ref(a)
 
 
 def _check(rc: int) -> None:
@@ -199,8 +208,8 @@ class ScanMirror:
             self.exact_coords = np.ascontiguousarray(self.exact_plan.coords, dtype=np.int32)
             self.exact_centroids = np.ascontiguousarray(self.exact_plan.centroids.transpose(0, 2, 1), dtype=np.float32)
         self._ctx: array.array | None = None  # pointers for tq_scan_topl, rebuilt when arrays move
-        # search_one's codes and Π.T (weakly) with their addresses: taken once, not per query
-        self._held: tuple[weakref.ref[np.ndarray], weakref.ref[np.ndarray], int, int] | None = None
+        # the stored codes and Π.T last scanned (weakly) with their addresses: taken once, not per query
+        self._held: tuple[_WeakArray, _WeakArray, int | None, int | None] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -345,15 +354,27 @@ class ScanMirror:
         q = np.ascontiguousarray(q, dtype=np.float32)
         nq, width = len(q), k or length
         scores, pos = np.empty((nq, width), np.float32), np.empty((nq, width), np.int64)
-        rc = self.lib.tq_scan_topl(self._context(), _ptr(q), nq, length, v0, v1, _ptr(codes),
-                                   0 if codes is None else codes.shape[1], _ptr(scores), _ptr(pos), _ptr(rot_t), k)  # fmt: skip
+        codes_at, rot_at = self._addresses(codes, rot_t)
+        rc = self.lib.tq_scan_topl(self._context(), _ptr(q), nq, length, v0, v1, codes_at,
+                                   0 if codes is None else codes.shape[1], _ptr(scores), _ptr(pos), rot_at, k)  # fmt: skip
         _check(rc)
         return scores, pos
+
+    def _addresses(self, codes: np.ndarray | None, rot_t: np.ndarray | None) -> tuple[int | None, int | None]:
+        """Addresses of the stored codes and ``Π.T``, taken once per array (held weakly: a replaced array is freed)."""
+        held = self._held
+        if held is None or held[0]() is not codes or held[1]() is not rot_t:
+            held = self._held = (_weak(codes), _weak(rot_t), _ptr(codes), _ptr(rot_t))
+        return held[2], held[3]
+
+    def _splits(self, threads: int) -> bool:
+        """Whether a single query's scan is split over vector ranges (``threads`` > 1 and a scan of 32 MiB or more)."""
+        return threads > 1 and self.count * self.Mp // 2 >= _SPLIT_BYTES
 
     def _threads(self, nq: int, threads: int) -> tuple[int, int]:
         """``(threads, queries per call)`` for ``nq`` queries: one call when ``nq`` fits one worker's chunk."""
         threads = max(1, min(threads, -(-self.count // _BV)))
-        if nq < threads and self.count * self.Mp // 2 < _SPLIT_BYTES:
+        if nq < threads and not self._splits(threads):
             threads = 1  # a small single-query scan: waking threads costs more than it saves
         return threads, max(1, min(64, _LUT_BYTES // (self.Mp * 16), -(-nq // threads)))
 
@@ -365,17 +386,9 @@ class ScanMirror:
 
         The single-query fast path: none of :meth:`search`'s planning runs per call.
         """
-        if self.exact_plan is None or (threads > 1 and self.count * self.Mp // 2 >= _SPLIT_BYTES):
-            return None  # not one call: a large scan splits over threads (as in :meth:`_threads`)
-        held = self._held
-        if held is None or held[0]() is not codes or held[1]() is not rot_t:  # weak: a replaced array is freed
-            held = self._held = (weakref.ref(codes), weakref.ref(rot_t), _ptr(codes), _ptr(rot_t))
-        q = np.ascontiguousarray(q, dtype=np.float32)
-        scores, pos = np.empty((1, k), np.float32), np.empty((1, k), np.int64)
-        rc = self.lib.tq_scan_topl(self._context(), _ptr(q), 1, length, 0, self.count, held[2], codes.shape[1],
-                                   _ptr(scores), _ptr(pos), held[3], k)  # fmt: skip
-        _check(rc)
-        return scores, pos
+        if self.exact_plan is None or self._splits(threads):
+            return None
+        return self._scan(q, 0, self.count, length, codes, rot_t, k)
 
     def rescore(self, codes: np.ndarray, q_rot: np.ndarray, cand: np.ndarray) -> np.ndarray:
         """Exact ``alpha_i·<Πq, ŷ_i> (+ beta_i)`` of positions ``cand`` ``(nq, L)`` from the stored ``codes``.
