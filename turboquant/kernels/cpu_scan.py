@@ -82,7 +82,7 @@ def _weak(a: np.ndarray | None) -> _WeakArray:
 
 
 def _check(rc: int) -> None:
-    """Raise for a non-zero return code of ``tq_scan_topl``."""
+    """Raise for a non-zero return code of the scan library (3: a query not finite; else out of memory)."""
     if rc == 3:
         raise TurboQuantError("queries contain NaN or Inf (or values whose norm overflows float32)")
     if rc:
@@ -330,9 +330,8 @@ class ScanMirror:
         lut = np.empty((nq, self.Mp, 16), np.uint8)
         inv_a, bias = np.empty(nq, np.float32), np.empty(nq, np.float32)
         m, dsub = self.coords.shape
-        if self.lib.tq_scan_luts(_ptr(q), nq, q.shape[1], _ptr(self.coords), _ptr(self.centroids), m, dsub, self.Mp,
-                                 _ptr(lut), _ptr(inv_a), _ptr(bias)):  # fmt: skip
-            raise MemoryError("turboquant fast scan: out of memory")
+        _check(self.lib.tq_scan_luts(_ptr(q), nq, q.shape[1], _ptr(self.coords), _ptr(self.centroids), m, dsub, self.Mp,
+                                     _ptr(lut), _ptr(inv_a), _ptr(bias)))  # fmt: skip
         return lut, inv_a, bias
 
     def sums(self, lut: np.ndarray) -> np.ndarray:
@@ -400,10 +399,9 @@ class ScanMirror:
         cand = np.ascontiguousarray(cand, dtype=np.int64)
         out = np.empty(cand.shape, np.float32)
         m, dsub = self.exact_coords.shape
-        if self.lib.tq_rescore(_ptr(codes), codes.shape[1], _ptr(self.exact_coords), _ptr(self.exact_centroids), m, dsub,
-                               _ptr(q), len(q), q.shape[1], _ptr(cand), cand.shape[1], _ptr(self.alpha), _ptr(self.beta),
-                               _ptr(out)):  # fmt: skip
-            raise MemoryError("turboquant fast scan: out of memory")
+        _check(self.lib.tq_rescore(_ptr(codes), codes.shape[1], _ptr(self.exact_coords), _ptr(self.exact_centroids), m,
+                                   dsub, _ptr(q), len(q), q.shape[1], _ptr(cand), cand.shape[1], _ptr(self.alpha),
+                                   _ptr(self.beta), _ptr(out)))  # fmt: skip
         return out
 
     def search(
