@@ -24,7 +24,7 @@ import torch
 
 from turboquant import QuantizerConfig
 from turboquant.codec import code_bytes, decode_mse
-from turboquant.quantizer import TurboQuantizer
+from turboquant.quantizer import QuantizedVectors, TurboQuantizer
 
 from _common import log, table
 from _gpu import Sections, TritonTuning, gpu_parser, bench, copy_bandwidth, device_info, kernel_info, load_baseline, tuning_from
@@ -93,15 +93,99 @@ def run_encode(base: TritonTuning, copy_bw: float, baseline: ModuleType | None) 
     return rows
 
 
+CUDA_VARIANTS = [None, (2, 1, 4, 4), (2, 2, 4, 4), (2, 0, 8, 2), (1, 0, 4, 6), (2, 0, 4, 5), (4, 0, 4, 3)]
+"""``cuda_quantize_into`` variants (tokens groups per warp, FMA rows, warps, min CTAs/SM); None = the default."""
+
+
+def run_cuda(copy_bw: float) -> list[dict[str, Any]]:
+    """The CUDA encode (cuda_encode.cu): identical codes vs the quantizer, norms, time per variant and width."""
+    from turboquant.codec import reconstruction_norms
+    from turboquant.kernels import cuda_encode, triton_encode
+
+    rows: list[dict[str, Any]] = []
+    x = torch.randn(ROWS, TOKENS, D, device="cuda", dtype=torch.bfloat16)
+    for d in (128, 64):
+        xd = x if d == D else torch.randn(ROWS, TOKENS, d, device="cuda", dtype=torch.bfloat16)
+        for bits in (4, 3, 2):
+            cfg = QuantizerConfig(d, bits, norm_dtype="float16")
+            codes = torch.empty(ROWS, TOKENS, code_bytes(cfg), dtype=torch.uint8, device="cuda")
+            norms = torch.empty(ROWS, TOKENS, dtype=torch.float16, device="cuda")
+            ref = TurboQuantizer.from_config(cfg).quantize(xd[:4])
+            ref_dec = decode_mse(ref.codes, cfg)
+            nbytes = xd.numel() * xd.element_size() + codes.numel() + norms.numel() * 2
+            for variant in CUDA_VARIANTS if (d == D and bits == 4) else [None]:
+                def enc(variant: Any = variant, correct: bool = False) -> Any:
+                    return cuda_encode.cuda_quantize_into(xd, cfg, codes, norms, 0, variant=variant, norm_correction=correct)
+
+                try:
+                    out = enc()
+                    out = QuantizedVectors(cfg, out.codes.clone(), out.norms.clone())
+                    same = (decode_mse(out.codes[:4], cfg) == ref_dec).float().mean().item()
+                    nerr = ((out.norms[:4].float() - ref.norms.float()).abs() / ref.norms.float()).max().item()
+                    ms = bench(enc)
+                    info = cuda_encode.encode_kernel_info(cfg, xd.dtype, xd.device, variant)
+                except Exception as exc:
+                    log(f"cuda encode d={d} bits={bits} {variant}: FAILED {str(exc)[:300]}")
+                    continue
+                frac = nbytes / (ms * 1e-3) / copy_bw
+                row = dict(d=d, bits=bits, variant=variant, ms=ms, frac_copy=frac, same_codes=same, norm_rel_err=nerr,
+                           regs=info[0], spill_bytes=info[1], ctas_per_sm=info[2], smem=info[3])  # fmt: skip
+                if variant is None:
+                    outc = enc(None, True)
+                    y = decode_mse(outc.codes[:4], cfg)
+                    want = out.norms[:4].float() / reconstruction_norms(y)
+                    row["corrected_norm_rel_err"] = ((outc.norms[:4].float() - want).abs() / want).max().item()
+                    row["ms_corrected"] = bench(lambda: enc(None, True))
+                    row["triton_ms"] = bench(lambda: triton_encode.triton_quantize_into(xd, cfg, codes, norms, 0))
+                log(f"cuda encode d={d} bits={bits} {variant}: {ms * 1e3:7.1f} us ({frac:.0%} of copy) same={same:.6f} "
+                    f"norm err {nerr:.1e} regs/spill/ctas {info[:3]}"
+                    + (f"; corrected {row['ms_corrected'] * 1e3:.1f} us (err {row['corrected_norm_rel_err']:.1e}), "
+                       f"triton {row['triton_ms'] * 1e3:.1f} us" if variant is None else ""))  # fmt: skip
+                rows.append(row)
+    # the KV cache's flush: bf16 window minus the per-head mean, per-channel key scale, corrected norms
+    cfg = QuantizerConfig(D, 4, norm_dtype="float16")
+    codes = torch.empty(ROWS, TOKENS, code_bytes(cfg), dtype=torch.uint8, device="cuda")
+    norms = torch.empty(ROWS, TOKENS, dtype=torch.float16, device="cuda")
+    off = x[:, :64].float().mean(1)
+    inv = 1.0 / (1.0 + torch.rand(ROWS, D, device="cuda"))
+
+    def fused() -> Any:
+        return cuda_encode.cuda_quantize_into(x, cfg, codes, norms, 0, offset=off, inv_scale=inv, norm_correction=True)
+
+    def unfused() -> Any:
+        from turboquant.kernels import quantize_into
+
+        return quantize_into((x.float() - off.unsqueeze(1)) * inv.unsqueeze(1), cfg, codes, norms, 0, backend="triton", norm_correction=True)
+
+    a = fused()
+    a_codes, a_norms = a.codes.clone(), a.norms.clone()
+    b = unfused()
+    same = (decode_mse(a_codes[:4], cfg) == decode_mse(b.codes[:4], cfg)).float().mean().item()
+    nerr = ((a_norms.float() - b.norms.float()).abs() / b.norms.float().abs().clamp_min(1e-6)).max().item()
+    row = dict(d=D, bits=4, variant="cache flush (offset, scale, corrected norms)", ms=bench(fused), unfused_ms=bench(unfused, rep_ms=200),
+               same_codes=same, norm_rel_err=nerr)  # fmt: skip
+    row["frac_copy"] = (x.numel() * 2 + codes.numel() + norms.numel() * 2) / (row["ms"] * 1e-3) / copy_bw
+    log(f"cache flush: fused CUDA {row['ms'] * 1e3:.1f} us vs torch transform + Triton + torch correction "
+        f"{row['unfused_ms'] * 1e3:.1f} us; same codes {same:.6f}, norm err {nerr:.1e}")  # fmt: skip
+    rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = gpu_parser(__doc__)
     p.add_argument("--baseline", type=Path, help="a previous triton_encode.py to time side by side")
+    p.add_argument("--cuda-only", action="store_true", help="only the CUDA encode section")
     args = p.parse_args(argv)
     tuning = tuning_from(args.tuning)
     baseline = load_baseline(args.baseline) if args.baseline else None
     results: dict[str, Any] = {**device_info(), "tuning": dataclasses.asdict(tuning)}
     results["copy_bw_gbps"] = copy_bandwidth() / 1e9
     sections = Sections(results, "gpu_encode.json", args.out)
+    cuda_rows = sections.run("cuda", lambda: run_cuda(results["copy_bw_gbps"] * 1e9)) or []
+    if args.cuda_only:
+        cols = ["d", "bits", "variant", "ms", "frac_copy", "same_codes", "regs", "spill_bytes", "ctas_per_sm"]
+        print(table([[r.get(c) for c in cols] for r in cuda_rows], cols))
+        return 0
     rows = sections.run("encode", lambda: run_encode(tuning, results["copy_bw_gbps"] * 1e9, baseline)) or []
     sections.run("sweep", lambda: SWEEP)
     cols = ["bits", "ms", "frac_copy", "same_codes", "block_t", "warps", "bucket", "programs_per_sm", "dots", "torch_quantize_ms"]

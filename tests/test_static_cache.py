@@ -254,10 +254,10 @@ def test_cuda_graph_decode_equals_eager(model, ids, bits) -> None:
     """
     import copy
 
-    from turboquant.kernels import cuda_attention, layout, triton_encode
+    from turboquant.kernels import cuda_attention, cuda_encode, layout, triton_encode
 
     for fn in (cuda_attention._rotation_t, cuda_attention._rotation, triton_encode._rotation_columns, triton_encode._boundaries,
-               layout.lookup_table, layout.unrotation_blocks, layout.query_rotation):  # fmt: skip
+               cuda_encode._fragments, layout.lookup_table, layout.unrotation_blocks, layout.query_rotation):  # fmt: skip
         fn.cache_clear()
     cuda_attention._COUNTERS.clear()
     gpu, gids = copy.deepcopy(model).cuda(), ids.cuda()

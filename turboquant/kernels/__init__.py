@@ -105,14 +105,20 @@ def quantize_into(
 ) -> QuantizedVectors:
     """Quantize ``x [*R, T, d]`` into preallocated ``codes [*R, S_cap, code_bytes]`` / ``norms [*R, S_cap]`` at ``start``.
 
-    Dispatches to :func:`~turboquant.kernels.encode.torch_quantize_into` or its fused Triton twin.
+    Dispatches to :func:`~turboquant.kernels.encode.torch_quantize_into`, its fused Triton twin, or
+    (``CUDA``, the default on GPUs) :func:`~turboquant.kernels.cuda_encode.cuda_quantize_into`.
     ``norm_correction`` then rescales the written norms to ``‖x‖/‖ŷ‖``
     (:func:`turboquant.codec.reconstruction_norms`), decoding only the written slice.
 
     Returns:
         :class:`QuantizedVectors` views of the written slice, batch shape ``[*R, T]``.
     """
-    if resolve_backend(backend, x.device) in (Backend.TRITON, Backend.CUDA):
+    chosen = resolve_backend(backend, x.device)
+    if chosen is Backend.CUDA:
+        from .cuda_encode import cuda_quantize_into  # norm correction in the kernel; else Triton (one warning if it cannot build)
+
+        return cuda_quantize_into(x, config, codes, norms, start, norm_correction=norm_correction)
+    if chosen is Backend.TRITON:
         from .triton_encode import triton_quantize_into  # falls back to torch for unsupported configs
 
         written = triton_quantize_into(x, config, codes, norms, start)

@@ -36,8 +36,6 @@ the torch reference.
 
 from __future__ import annotations
 
-import hashlib
-import threading
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -48,9 +46,10 @@ import torch
 
 from ..codebook import lloyd_max_codebook
 from ..codec import code_bytes, layout
-from ..config import QuantizerConfig, Variant, cache_dir
+from ..config import QuantizerConfig, Variant
 from ..quantizer import QuantizedVectors
 from ..rotation import make_rotation
+from .cuda_build import CudaExtension
 from .layout import device_cached, expand_mask, length_mask, num_sms, outside_graph_pool
 from .reference import DEFAULT_CHUNK, attention_shapes, torch_quantized_attention
 from .tuning import DEFAULT_CUDA_TUNING, DEFAULT_TUNING, CudaTuning
@@ -158,18 +157,9 @@ std::vector<int64_t> variant_info(std::vector<int64_t> v, bool mask) {
 }
 """
 
-_LOCK = threading.Lock()
-_MODULES: dict[bool, Any] = {}
-_FAILED: dict[bool, str] = {}
+_EXTENSION = CudaExtension("turboquant_cuda_attention", _SOURCE, [_HEADER], _BINDING, ["decode", "variant_info"])
+_MODULES = _EXTENSION.modules  # keyed by ``tune`` (the benchmark swaps in a spy)
 _WARNED = False
-
-
-def _arch_flags(device: torch.device) -> tuple[str, list[str]]:
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) == (9, 0):  # sm_90a: Hopper's own code (the plain sm_90 pass is not needed)
-        return "sm90a", ["-gencode=arch=compute_90a,code=sm_90a"]
-    cc = f"{major}{minor}"
-    return f"sm{cc}", [f"-gencode=arch=compute_{cc},code=sm_{cc}"]
 
 
 def load_extension(device: torch.device | None = None, tune: bool = False) -> Any:
@@ -177,38 +167,7 @@ def load_extension(device: torch.device | None = None, tune: bool = False) -> An
 
     ``tune=True`` builds the extra launch variants the benchmark sweeps (``-DTQ_TUNE``).
     """
-    with _LOCK:
-        if tune in _MODULES:
-            return _MODULES[tune]
-        if tune in _FAILED:
-            raise RuntimeError(_FAILED[tune])
-        from torch.utils.cpp_extension import load_inline
-
-        dev = device or torch.device("cuda", torch.cuda.current_device())
-        arch, flags = _arch_flags(dev)
-        text = _SOURCE.read_text()
-        digest = hashlib.sha256((text + _HEADER.read_text() + _BINDING).encode()).hexdigest()[:12]
-        name = f"turboquant_cuda_attention_{arch}_{'tune_' if tune else ''}{digest}"
-        build = cache_dir() / name
-        build.mkdir(parents=True, exist_ok=True)
-        cflags = ["-O3", "-std=c++17", *flags] + (["-DTQ_TUNE"] if tune else [])
-        try:
-            mod = load_inline(
-                name=name,
-                cpp_sources=[_BINDING],
-                cuda_sources=[text],
-                functions=["decode", "variant_info"],
-                extra_cuda_cflags=cflags,
-                extra_cflags=["-O2"],
-                extra_include_paths=[str(_HERE)],
-                build_directory=str(build),
-                verbose=False,
-            )
-        except Exception as exc:  # compiler missing or failing: remembered, the caller falls back
-            _FAILED[tune] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
-            raise
-        _MODULES[tune] = mod
-        return mod
+    return _EXTENSION.load(device, tune)
 
 
 def _module(device: torch.device, tune: bool = False) -> Any | None:

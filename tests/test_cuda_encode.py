@@ -1,0 +1,220 @@
+"""The CUDA encode kernel (turboquant/kernels/cuda_encode.py / .cu).
+
+CPU tests (CI): the rotation in fragment order, its exactness in bf16, and the kernel's two
+bucketize formulas emulated in float32 against ``torch.bucketize``. GPU tests (skipped without
+CUDA + nvcc): codes and norms against :class:`TurboQuantizer` over widths, dims, input dtypes,
+the fused offset/scale, the norm correction and the fallback.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from turboquant import QuantizerConfig
+from turboquant.codebook import codebook_tensors
+from turboquant.codec import code_bytes, decode_mse, reconstruction_norms
+from turboquant.kernels import cuda_encode as ce
+from turboquant.quantizer import TurboQuantizer
+from turboquant.rotation import make_rotation
+
+CUDA_OK = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+gpu = pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU (sm_80+): the kernel is CUDA C++ built with nvcc")
+
+
+# ---------------------------------------------------------------- CPU: layout and arithmetic
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_orders_give_each_lane_one_contiguous_slice(d: int) -> None:
+    inp, out = ce.input_order(d), ce.output_order(d)
+    assert sorted(inp.tolist()) == list(range(d)) and sorted(out.tolist()) == list(range(d))
+    # A/B operand lane t (k index 2t, 2t+1, 2t+8, 2t+9 of every chunk) reads x[d/4·t, d/4·(t+1))
+    k = torch.arange(d)
+    t = (k % 8) // 2
+    assert ((inp // (d // 4)) == t).all()
+    # accumulator row g (and g + 8) of every m tile receives y[d/8·g, d/8·(g+1))
+    assert ((out // (d // 8)) == (k % 8)).all()
+
+
+@pytest.mark.parametrize("d,rotation", [(64, "hadamard"), (128, "hadamard"), (128, "haar"), (64, "haar")])
+def test_fragments_hold_the_rotation(d: int, rotation: str) -> None:
+    cfg = QuantizerConfig(d, 4, rotation=rotation, seed=3)
+    frag = ce.rotation_fragments(cfg)
+    pi = make_rotation(cfg.rotation, d, cfg.seed).matrix("cpu", torch.float64)
+    if rotation == "hadamard":  # Π = H D₂ H D₁ / d has entries k/(d/2): exact in bf16, one part
+        assert frag.shape[0] == 1
+        assert (ce.fragments_to_matrix(frag[0], d).double() - pi).abs().max().item() < 1e-12
+    else:
+        assert frag.shape[0] == 2
+        total = sum(ce.fragments_to_matrix(f, d).double() for f in frag)
+        assert (total - pi).abs().max().item() <= 2.0**-16 * pi.abs().max().item()
+
+
+def _emulate_fma(y: np.ndarray, tab: list[float], w: int) -> tuple[np.ndarray, np.ndarray]:
+    """``code_fma`` of cuda_encode.cu in float32 (sat = clip to [0, 1]); returns (codes, cm2 of each code)."""
+    f = np.float32
+    h = 1 << (w - 1)
+    ah = np.abs(y).astype(f) * f(ce.SCALE)
+    m = np.zeros_like(y, dtype=f)
+    sq = np.zeros_like(y, dtype=f)
+    for j in range(h - 1):
+        tj = np.clip(ah - f(tab[8 + j]), f(0), f(1)).astype(f)
+        m = (m + tj).astype(f)
+        sq = (sq + tj * f(tab[24 + j])).astype(f)
+    sgn = np.clip((y.astype(np.float64) * 2.0**100 - tab[15]).astype(f), f(0), f(1))  # one rounding, as fma
+    idx = (sgn * (m * f(2) + f(1)) + ((f(2.0**23) + f(h - 1)) - m)).astype(f)
+    return idx.view(np.uint32) - np.uint32(0x4B000000), sq + f(tab[16])
+
+
+def _emulate_alu(y: np.ndarray, tab: list[float], w: int) -> np.ndarray:
+    """``code_alu`` of cuda_encode.cu: binary search of |y| over the positive boundaries, then the sign."""
+    h = 1 << (w - 1)
+    pb = np.asarray(tab[: h - 1], dtype=np.float32)
+    a = np.abs(y)
+    m = np.zeros(y.shape, dtype=np.int64)
+    lo, size = np.zeros(y.shape, dtype=np.int64), h
+    while size > 1:  # the kernel's select tree, level by level
+        size //= 2
+        above = a > pb[lo + size - 1]
+        lo = np.where(above, lo + size, lo)
+    m = lo
+    return np.where(y > np.float32(tab[7]), h + m, h - 1 - m)
+
+
+@pytest.mark.parametrize("w", [2, 3, 4])
+@pytest.mark.parametrize("d", [64, 128])
+def test_bucketize_formulas_match_torch(w: int, d: int) -> None:
+    cfg = QuantizerConfig(d, w)
+    tab = ce.bucket_tables(cfg)
+    cent, bounds = codebook_tensors(d, w)
+    rng = np.random.default_rng(w * d)
+    y = (rng.standard_normal(20000) / np.sqrt(d)).astype(np.float32)
+    b = bounds.numpy()
+    # every boundary, its float32 neighbours, zeros of both signs, the extremes of a unit vector
+    edge = np.concatenate([b, np.nextafter(b, np.float32(2)), np.nextafter(b, np.float32(-2)), [0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30]])
+    y = np.concatenate([y, edge.astype(np.float32)])
+    want = torch.bucketize(torch.from_numpy(y), bounds).numpy()
+    codes, sq = _emulate_fma(y, tab, w)
+    # |y| exactly on a boundary (y <= -b counts it in bucketize, |y| > b does not), or within 2^-100
+    # of the middle one (a coordinate that is 0 up to rounding: either neighbouring code)
+    tie = np.isin(np.abs(y), b[b > 0]) | (np.abs(y - b[(1 << (w - 1)) - 1]) < 2.0**-100)
+    assert (codes.astype(np.int64) == want)[~tie].all()
+    assert (_emulate_alu(y, tab, w) == want)[~tie].all()
+    np.testing.assert_allclose(sq[~tie], (cent.numpy()[want] ** 2)[~tie], rtol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.floats(min_value=-1.0, max_value=1.0, width=32, allow_subnormal=False), st.sampled_from([2, 3, 4]))
+def test_fma_bucketize_any_float(y: float, w: int) -> None:
+    cfg = QuantizerConfig(128, w)
+    _, bounds = codebook_tensors(128, w)
+    arr = np.asarray([y], dtype=np.float32)
+    if np.abs(arr[0]) in np.abs(bounds.numpy()) or 0 < abs(y) < 2.0**-100:
+        return
+    want = torch.bucketize(torch.from_numpy(arr), bounds).numpy()
+    assert _emulate_fma(arr, ce.bucket_tables(cfg), w)[0].astype(np.int64)[0] == want[0]
+
+
+def test_unsupported_configs_are_not_claimed() -> None:
+    x = torch.randn(2, 5, 96)
+    cfg = QuantizerConfig(96, 4)
+    codes = torch.zeros(2, 5, code_bytes(cfg), dtype=torch.uint8)
+    assert not ce.cuda_encode_supports(x, cfg, codes, torch.zeros(2, 5))
+
+
+def test_cpu_call_falls_back_to_the_quantizer() -> None:
+    cfg = QuantizerConfig(64, 4, seed=2)
+    x = torch.randn(3, 9, 64)
+    off = torch.randn(3, 64)
+    codes = torch.zeros(3, 12, code_bytes(cfg), dtype=torch.uint8)
+    norms = torch.zeros(3, 12)
+    out = ce.cuda_quantize_into(x, cfg, codes, norms, 2, offset=off, norm_correction=True)
+    ref = TurboQuantizer.from_config(cfg).quantize(x - off.unsqueeze(1))
+    assert torch.equal(out.codes, ref.codes)
+    want = ref.norms / reconstruction_norms(decode_mse(ref.codes, cfg))
+    torch.testing.assert_close(out.norms, want)
+
+
+def test_shape_errors_name_the_argument() -> None:
+    cfg = QuantizerConfig(64, 4)
+    codes = torch.zeros(2, 8, code_bytes(cfg), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="offset"):
+        ce.cuda_quantize_into(torch.randn(2, 4, 64), cfg, codes, torch.zeros(2, 8), 0, offset=torch.zeros(64))
+    with pytest.raises(ValueError, match="overflows"):
+        ce.cuda_quantize_into(torch.randn(2, 4, 64), cfg, codes, torch.zeros(2, 8), 6)
+
+
+# ---------------------------------------------------------------- GPU: the kernel
+
+
+def _same(a: torch.Tensor, b: torch.Tensor, cfg: QuantizerConfig) -> float:
+    return (decode_mse(a, cfg) == decode_mse(b, cfg)).float().mean().item()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("d", [64, 128])
+def test_codes_and_norms_match_the_quantizer(d: int, bits: int, dtype: torch.dtype) -> None:
+    cfg = QuantizerConfig(d, bits, seed=5, norm_dtype="float16" if bits != 3 else "float32")
+    r, cap, t, start = 5, 300, 203, 37  # tokens not a multiple of a warp's 16
+    x = (torch.randn(r, t, d, generator=torch.Generator().manual_seed(d + bits)) * 3).to("cuda", dtype)
+    x[0, 0] = 0  # zero vector: norm 0, codes of 0
+    x[1, 7, 3] = 1.0  # near one-hot rows: exact zeros after the Hadamard product
+    codes = torch.full((r, cap, code_bytes(cfg)), 0xA5, dtype=torch.uint8, device="cuda")
+    norms = torch.full((r, cap), float("nan"), dtype=getattr(torch, cfg.norm_dtype), device="cuda")
+    out = ce.cuda_quantize_into(x, cfg, codes, norms, start)
+    ref = TurboQuantizer.from_config(cfg).quantize(x.float())
+    assert _same(out.codes, ref.codes, cfg) >= 0.999
+    rel = ((out.norms.float() - ref.norms.float()).abs() / ref.norms.float().clamp_min(1e-30)).max().item()
+    assert rel <= (1e-6 if cfg.norm_dtype == "float32" else 1e-3)
+    assert (codes[:, :start] == 0xA5).all() and (codes[:, start + t :] == 0xA5).all()
+    assert torch.isnan(norms[:, :start].float()).all() and torch.isnan(norms[:, start + t :].float()).all()
+
+
+@gpu
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_fused_offset_scale_and_norm_correction(bits: int) -> None:
+    cfg = QuantizerConfig(128, bits, seed=1)
+    b, h, t = 2, 3, 100
+    x = torch.randn(b, h, t, 128, device="cuda", dtype=torch.bfloat16) + 2
+    off = x.float().mean(2)
+    inv = 1.0 / (1.0 + torch.rand(b, h, 128, device="cuda"))
+    codes = torch.zeros(b, h, t, code_bytes(cfg), dtype=torch.uint8, device="cuda")
+    norms = torch.zeros(b, h, t, device="cuda")
+    out = ce.cuda_quantize_into(x, cfg, codes, norms, 0, offset=off, inv_scale=inv, norm_correction=True)
+    xs = (x.float() - off.unsqueeze(2)) * inv.unsqueeze(2)
+    ref = TurboQuantizer.from_config(cfg).quantize(xs)
+    assert _same(out.codes, ref.codes, cfg) >= 0.999
+    want = ref.norms / reconstruction_norms(decode_mse(ref.codes, cfg))
+    same_rows = (decode_mse(out.codes, cfg) == decode_mse(ref.codes, cfg)).all(-1)
+    torch.testing.assert_close(out.norms[same_rows], want[same_rows], rtol=2e-6, atol=0)
+
+
+@gpu
+def test_haar_rotation_uses_two_parts() -> None:
+    cfg = QuantizerConfig(64, 4, rotation="haar", seed=4)
+    x = torch.randn(3, 50, 64, device="cuda", dtype=torch.bfloat16)
+    codes = torch.zeros(3, 50, code_bytes(cfg), dtype=torch.uint8, device="cuda")
+    out = ce.cuda_quantize_into(x, cfg, codes, torch.zeros(3, 50, device="cuda"), 0)
+    ref = TurboQuantizer.from_config(cfg).quantize(x.float())
+    assert _same(out.codes, ref.codes, cfg) >= 0.999
+
+
+@gpu
+def test_strided_input_and_fallback_configs() -> None:
+    cfg = QuantizerConfig(128, 4)
+    base = torch.randn(40, 2, 128, device="cuda", dtype=torch.bfloat16)
+    x = base.transpose(0, 1)  # [2, 40, 128], token stride 256 elements
+    codes = torch.zeros(2, 40, code_bytes(cfg), dtype=torch.uint8, device="cuda")
+    out = ce.cuda_quantize_into(x, cfg, codes, torch.zeros(2, 40, device="cuda"), 0)
+    assert _same(out.codes, TurboQuantizer.from_config(cfg).quantize(x.float()).codes, cfg) >= 0.999
+    frac = QuantizerConfig(128, 2.5)  # two streams: the Triton encode
+    c2 = torch.zeros(2, 40, code_bytes(frac), dtype=torch.uint8, device="cuda")
+    assert not ce.cuda_encode_supports(x, frac, c2, torch.zeros(2, 40, device="cuda"))
+    out2 = ce.cuda_quantize_into(x, frac, c2, torch.zeros(2, 40, device="cuda"), 0)
+    assert _same(out2.codes, TurboQuantizer.from_config(frac).quantize(x.float()).codes, frac) >= 0.999

@@ -1,0 +1,418 @@
+// TurboQuant MSE encode straight into a preallocated code buffer (issue 9: "encode at bandwidth").
+//
+// Layout written (docs/DESIGN.md): one LSB-first bit stream of W-bit Lloyd-Max codes per vector,
+// codes [R, S, code_bytes] uint8 with contiguous rows, norms [R, S] fp16 or fp32. One integer
+// width 2, 3 or 4; head_dim 64 or 128 (every other config goes to the Triton encode).
+//
+// Structure (one warp = 8*NTILE consecutive tokens of one row at a time, persistent grid):
+//  * rotation y = Pi x as mma.m16n8k16 (bf16 operands, fp32 accumulation) with the output
+//    coordinates as M (Pi from shared memory, one 16-byte load per fragment), the input
+//    coordinates as K and 8 tokens as N. Both coordinate orders are free: lane (g, t) loads one
+//    contiguous slice x[CPT*t, CPT*t + CPT) of token g (16-byte loads straight into its B
+//    registers) and receives outputs COG*g + [0, COG) of tokens 2t, 2t + 1, so its codes are one
+//    contiguous slice of each code row (8 bytes at 4 bits, d = 128). The host permutes Pi into
+//    fragment order once (cuda_encode.py, rotation_fragments); each CTA copies it to shared memory.
+//  * exactness: for the Hadamard rotation at power-of-two d, Pi = H D2 H D1 / d has entries k/(d/2)
+//    with |k| < 64, exact in bf16, so a bf16 input needs ONE product (XP = 1, PP = 1) and gives
+//    the fp32 rotation of the exact input. Other inputs are split x = hi + lo in bf16 (XP = 2,
+//    16 significant bits), other rotations Pi^T = hi + lo (PP = 2); lo * lo is dropped.
+//  * the norm is ||x|| in fp32 (quad reduction); y is scaled by 1/||x|| after the product.
+//  * bucketize, two ways that give identical codes, on different pipes so that a warp can split
+//    its coordinates between them (FMA_ROWS):
+//      ALU: branchless binary search of |y| over the positive boundaries (the codebook is
+//           odd-symmetric up to its middle boundary, ~0): W-1 compares, 2^(W-1)-1 selects, the side;
+//      FMA: count of boundaries below |y| as saturated differences (fadd.sat of |y|*2^40 - b*2^40
+//           is exactly 0 or 1 for fp32 |y| and b in [2^-8, 1]) summed in floats, the code as the
+//           low bits of (2^23 + code), and the packing as integer multiply-adds.
+//  * optional norm correction (norm / ||y_hat||, y_hat the reconstruction, paper Thm. 1's
+//    E||y_hat||^2 = 1 - D): sum of squared centroids, from a shared table (ALU rows) or the
+//    telescoped differences of the table (FMA rows).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "cuda_encode.cuh"
+
+namespace tqe {
+
+constexpr float kScale = 1099511627776.0f;  // 2^40
+constexpr float kMagic = 8388608.0f;        // 2^23
+
+__device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float sat_add(float a, float b) {
+  float r;
+  asm("add.sat.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+__device__ __forceinline__ float sat_fma(float a, float b, float c) {
+  float r;
+  asm("fma.rn.sat.f32 %0, %1, %2, %3;" : "=f"(r) : "f"(a), "f"(b), "f"(c));
+  return r;
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+
+// code of y (ALU way): count of boundaries below y; m = count of positive boundaries below |y|
+template <int W>
+__device__ __forceinline__ uint32_t code_alu(float y, const Params& p, int& m) {
+  constexpr int H = 1 << (W - 1);
+  const float a = fabsf(y);
+  if constexpr (W == 2) {
+    m = a > p.pb[0];
+  } else if constexpr (W == 3) {
+    const bool t0 = a > p.pb[1];
+    const bool t1 = a > (t0 ? p.pb[2] : p.pb[0]);
+    m = (t0 ? 2 : 0) + (t1 ? 1 : 0);
+  } else {
+    const bool t0 = a > p.pb[3];
+    const bool t1 = a > (t0 ? p.pb[5] : p.pb[1]);
+    const bool t2 = a > (t0 ? (t1 ? p.pb[6] : p.pb[4]) : (t1 ? p.pb[2] : p.pb[0]));
+    m = (t0 ? 4 : 0) + (t1 ? 2 : 0) + (t2 ? 1 : 0);
+  }
+  return uint32_t(H + m) ^ (y > p.pb[7] ? 0u : uint32_t(2 * H - 1));
+}
+
+// code of y (FMA way), and the squared centroid magnitude's telescoped part added to sq
+template <int W, bool CORR>
+__device__ __forceinline__ uint32_t code_fma(float y, const Params& p, float& sq) {
+  constexpr int H = 1 << (W - 1);
+  const float ah = fabsf(y) * kScale;
+  float m = 0.0f;
+#pragma unroll
+  for (int j = 0; j < H - 1; ++j) {
+    const float t = sat_add(ah, -p.pbh[j]);
+    m += t;
+    if constexpr (CORR) sq = fmaf(t, p.dcm2[j], sq);
+  }
+  const float sgn = sat_fma(y, 1.2676506e30f, -p.pbh[7]);  // 1 for y > middle boundary (by >= 2^-100), else 0
+  const float idx = fmaf(sgn, fmaf(m, 2.0f, 1.0f), (kMagic + float(H - 1)) - m);
+  return __float_as_uint(idx) - 0x4B000000u;
+}
+
+// add code c of coordinate i (W bits at bit W*i) to the thread's words (i compile-time after unrolling)
+template <int W>
+__device__ __forceinline__ void put_code(uint32_t* w, int i, uint32_t c) {
+  const int bit = W * i, k = bit >> 5, s = bit & 31;
+  w[k] += c * (1u << s);
+  if (s + W > 32) w[k + 1] += __umulhi(c, 1u << s);
+}
+
+template <int D>
+__device__ __forceinline__ void load_row(const Params& p, int row, int tok, int t, bool ok, float (&v)[D / 4]) {
+  constexpr int CPT = D / 4;
+  if (!ok) {
+#pragma unroll
+    for (int i = 0; i < CPT; ++i) v[i] = 0.0f;
+    return;
+  }
+  const int64_t e0 = row * p.x_sr + tok * p.x_st + CPT * t;
+  if (p.x_kind == 2) {
+    const float4* s = reinterpret_cast<const float4*>(static_cast<const float*>(p.x) + e0);
+#pragma unroll
+    for (int j = 0; j < CPT / 4; ++j) {
+      const float4 q = __ldg(s + j);
+      v[4 * j] = q.x, v[4 * j + 1] = q.y, v[4 * j + 2] = q.z, v[4 * j + 3] = q.w;
+    }
+  } else {
+    const uint4* s = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.x) + e0);
+#pragma unroll
+    for (int j = 0; j < CPT / 8; ++j) {
+      const uint4 q = __ldg(s + j);
+      const uint32_t u[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+      for (int h = 0; h < 4; ++h) {
+        if (p.x_kind == 4) {
+          v[8 * j + 2 * h] = bf16_lo(u[h]), v[8 * j + 2 * h + 1] = bf16_hi(u[h]);
+        } else {
+          const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&u[h]));
+          v[8 * j + 2 * h] = f.x, v[8 * j + 2 * h + 1] = f.y;
+        }
+      }
+    }
+  }
+  if (p.off != nullptr || p.inv_scale != nullptr) {
+#pragma unroll
+    for (int j = 0; j < CPT / 4; ++j) {
+      if (p.off != nullptr) {
+        const float4 o = __ldg(reinterpret_cast<const float4*>(p.off + row * p.off_sr + CPT * t) + j);
+        v[4 * j] -= o.x, v[4 * j + 1] -= o.y, v[4 * j + 2] -= o.z, v[4 * j + 3] -= o.w;
+      }
+      if (p.inv_scale != nullptr) {
+        const float4 s = __ldg(reinterpret_cast<const float4*>(p.inv_scale + row * p.sc_sr + CPT * t) + j);
+        v[4 * j] *= s.x, v[4 * j + 1] *= s.y, v[4 * j + 2] *= s.z, v[4 * j + 3] *= s.w;
+      }
+    }
+  }
+}
+
+// raw bf16 words of the thread's slice (XP = 1: bf16 input, no offset or scale); the norm from them
+template <int D>
+__device__ __forceinline__ float load_row_bf16(const Params& p, int row, int tok, int t, bool ok, uint32_t (&a)[D / 8]) {
+  constexpr int CPT = D / 4;
+  float ss = 0.0f;
+  if (!ok) {
+#pragma unroll
+    for (int i = 0; i < CPT / 2; ++i) a[i] = 0u;
+    return ss;
+  }
+  const uint4* s =
+      reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.x) + row * p.x_sr + tok * p.x_st + CPT * t);
+#pragma unroll
+  for (int j = 0; j < CPT / 8; ++j) {
+    const uint4 q = __ldg(s + j);
+    a[4 * j] = q.x, a[4 * j + 1] = q.y, a[4 * j + 2] = q.z, a[4 * j + 3] = q.w;
+  }
+#pragma unroll
+  for (int i = 0; i < CPT / 2; ++i) {
+    const float lo = bf16_lo(a[i]), hi = bf16_hi(a[i]);
+    ss = fmaf(lo, lo, ss);
+    ss = fmaf(hi, hi, ss);
+  }
+  return ss;
+}
+
+template <int BYTES>
+__device__ __forceinline__ void store_codes(uint8_t* dst, const uint32_t* w) {
+  if constexpr (BYTES == 16) {
+    *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+  } else if constexpr (BYTES == 8) {
+    *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
+  } else if constexpr (BYTES == 4) {
+    *reinterpret_cast<uint32_t*>(dst) = w[0];
+  } else if constexpr (BYTES == 6) {  // 3 bits, d = 128: 2-byte aligned
+    uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+    d[0] = uint16_t(w[0]), d[1] = uint16_t(w[0] >> 16), d[2] = uint16_t(w[1]);
+  } else if constexpr (BYTES == 3) {  // 3 bits, d = 64
+    dst[0] = uint8_t(w[0]), dst[1] = uint8_t(w[0] >> 8), dst[2] = uint8_t(w[0] >> 16);
+  } else {
+    static_assert(BYTES == 2, "code slice size");
+    *reinterpret_cast<uint16_t*>(dst) = uint16_t(w[0]);
+  }
+}
+
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  v += __shfl_xor_sync(0xffffffffu, v, 2);
+  return v;
+}
+
+// One warp: NTILE groups of 8 tokens (the N dimension) of one row at a time. Lane (g, t) loads slice t
+// of token g of each group (B operand: its two registers of a k-chunk are one token's pair of words)
+// and receives, per 16-coordinate m-tile mt, outputs COG*g + 2*mt + {0, 1} of tokens 2t and 2t + 1.
+template <int D, int W, int XP, int PP, int NTILE, int FMA_ROWS, int NW, int MINB>
+__global__ void __launch_bounds__(NW * 32, MINB) encode_kernel(const __grid_constant__ Params p) {
+  constexpr int CPT = D / 4;   // input coordinates per lane (a quarter of the token)
+  constexpr int COG = D / 8;   // output coordinates per lane (an eighth of the token)
+  constexpr int KK = D / 16;   // k chunks of the product
+  constexpr int MT = D / 16;   // m tiles (16 output coordinates each)
+  constexpr int AW = CPT / 2;  // B words per token and part
+  constexpr int CW = (W * COG + 31) / 32 + 1;  // code words per token (+1: straddling writes)
+  constexpr int BYTES = W * COG / 8;
+  extern __shared__ __align__(16) uint4 frag_smem[];
+  __shared__ float cm2_smem[8];
+
+  constexpr int NFRAG = PP * MT * KK * 32;
+  for (int i = threadIdx.x; i < NFRAG; i += NW * 32) frag_smem[i] = static_cast<const uint4*>(p.frag)[i];
+  if (threadIdx.x < 8) cm2_smem[threadIdx.x] = p.cm2[threadIdx.x];
+  __syncthreads();
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const bool correct = p.correct != 0;
+
+  for (int job = blockIdx.x * NW + warp; job < p.jobs; job += gridDim.x * NW) {
+    const int row = job / p.jobs_per_row;
+    const int tok0 = (job - row * p.jobs_per_row) * (8 * NTILE);
+    uint32_t b[NTILE][XP][AW];
+    float inv[NTILE][2], nrm[NTILE][2];  // of tokens 2t + e of each group
+#pragma unroll
+    for (int nt = 0; nt < NTILE; ++nt) {
+      const int tok = tok0 + 8 * nt + g;
+      const bool ok = tok < p.tokens;
+      float ss;
+      if constexpr (XP == 1) {
+        ss = load_row_bf16<D>(p, row, tok, t, ok, b[nt][0]);
+      } else {
+        float v[CPT];
+        load_row<D>(p, row, tok, t, ok, v);
+        ss = 0.0f;
+#pragma unroll
+        for (int i = 0; i < CPT; i += 2) {
+          ss = fmaf(v[i], v[i], fmaf(v[i + 1], v[i + 1], ss));
+          const uint32_t hi = pack_bf16(v[i], v[i + 1]);
+          b[nt][0][i / 2] = hi;
+          b[nt][1][i / 2] = pack_bf16(v[i] - bf16_lo(hi), v[i + 1] - bf16_hi(hi));
+        }
+      }
+      const float n = sqrtf(quad_sum(ss));  // of token g
+      const float r = n > 0.0f ? 1.0f / n : 0.0f;
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        nrm[nt][e] = __shfl_sync(0xffffffffu, n, (2 * t + e) * 4);
+        inv[nt][e] = __shfl_sync(0xffffffffu, r, (2 * t + e) * 4);
+      }
+    }
+
+    uint32_t cw[NTILE][2][CW];
+    float sq[NTILE][2];
+#pragma unroll
+    for (int nt = 0; nt < NTILE; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        sq[nt][e] = 0.0f;
+#pragma unroll
+        for (int k = 0; k < CW; ++k) cw[nt][e][k] = 0u;
+      }
+
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      uint32_t a[PP][KK][4];
+#pragma unroll
+      for (int pp = 0; pp < PP; ++pp)
+#pragma unroll
+        for (int kk = 0; kk < KK; ++kk) {
+          const uint4 q = frag_smem[((pp * MT + mt) * KK + kk) * 32 + lane];
+          a[pp][kk][0] = q.x, a[pp][kk][1] = q.y, a[pp][kk][2] = q.z, a[pp][kk][3] = q.w;
+        }
+#pragma unroll
+      for (int nt = 0; nt < NTILE; ++nt) {
+        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int kk = 0; kk < KK; ++kk) {
+          mma_bf16(c, a[0][kk][0], a[0][kk][1], a[0][kk][2], a[0][kk][3], b[nt][0][2 * kk], b[nt][0][2 * kk + 1]);
+          if constexpr (XP == 2)
+            mma_bf16(c, a[0][kk][0], a[0][kk][1], a[0][kk][2], a[0][kk][3], b[nt][1][2 * kk], b[nt][1][2 * kk + 1]);
+          if constexpr (PP == 2)
+            mma_bf16(c, a[1][kk][0], a[1][kk][1], a[1][kk][2], a[1][kk][3], b[nt][0][2 * kk], b[nt][0][2 * kk + 1]);
+        }
+        // c[2h + e]: output coordinate COG*g + 2*mt + h of token 2t + e
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const bool fma_way = FMA_ROWS == 2 || (FMA_ROWS == 1 && e == 1);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float y = c[2 * h + e] * inv[nt][e];
+            uint32_t code;
+            if (fma_way) {
+              code = code_fma<W, true>(y, p, sq[nt][e]);
+            } else {
+              int m;
+              code = code_alu<W>(y, p, m);
+              sq[nt][e] += cm2_smem[m];
+            }
+            put_code<W>(cw[nt][e], 2 * mt + h, code);
+          }
+        }
+      }
+    }
+
+#pragma unroll
+    for (int nt = 0; nt < NTILE; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int tok = tok0 + 8 * nt + 2 * t + e;
+        const bool fma_way = FMA_ROWS == 2 || (FMA_ROWS == 1 && e == 1);
+        // FMA rows summed the telescoped differences only: add the base term once per coordinate
+        float s = fma_way ? fmaf(float(COG), p.cm2[0], sq[nt][e]) : sq[nt][e];
+        s += __shfl_xor_sync(0xffffffffu, s, 4);
+        s += __shfl_xor_sync(0xffffffffu, s, 8);
+        s += __shfl_xor_sync(0xffffffffu, s, 16);
+        if (tok >= p.tokens) continue;
+        const int64_t pos = int64_t(p.start) + tok;
+        store_codes<BYTES>(p.codes + row * p.c_sr + pos * p.c_st + BYTES * g, cw[nt][e]);
+        if (g == 0) {
+          float n = nrm[nt][e];
+          if (correct) n = n / fmaxf(sqrtf(s), 1e-12f);
+          const int64_t ni = row * p.n_sr + pos * p.n_st;
+          if (p.n_kind == 3)
+            static_cast<__half*>(p.norms)[ni] = __float2half_rn(n);
+          else
+            static_cast<float*>(p.norms)[ni] = n;
+        }
+      }
+    }
+  }
+}
+
+template <int D, int W, int XP, int PP, int NTILE, int FMA_ROWS, int NW, int MINB>
+cudaError_t launch(const Params& p, int ctas_per_sm, int sms, cudaStream_t s, int* info) {
+  auto k = encode_kernel<D, W, XP, PP, NTILE, FMA_ROWS, NW, MINB>;
+  const int smem = PP * D * D * 2;
+  cudaError_t err = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  if (info != nullptr) {
+    cudaFuncAttributes at;
+    err = cudaFuncGetAttributes(&at, k);
+    if (err != cudaSuccess) return err;
+    int blocks = 0;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, k, NW * 32, smem);
+    info[0] = at.numRegs, info[1] = (int)at.localSizeBytes, info[2] = blocks, info[3] = smem;
+    return err;
+  }
+  int blocks = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, k, NW * 32, smem);
+  if (err != cudaSuccess) return err;
+  if (ctas_per_sm > 0 && ctas_per_sm < blocks) blocks = ctas_per_sm;
+  const int per_cta = NW;
+  int grid = blocks * sms;
+  const int need = (p.jobs + per_cta - 1) / per_cta;
+  if (grid > need) grid = need;
+  if (grid < 1) grid = 1;
+  k<<<grid, NW * 32, smem, s>>>(p);
+  return cudaGetLastError();
+}
+
+// variant = {NTILE, FMA_ROWS, NW, MINB}; 0 = the default of (D, XP): NTILE groups of 8 tokens per warp,
+// every coordinate the ALU way, 4 warps per CTA, 4 CTAs per SM (125 registers at d = 128, bf16 input)
+template <int D, int W, int XP, int PP>
+cudaError_t by_variant(const Params& p, const int* v, int cps, int sms, cudaStream_t s, int* info) {
+  constexpr int NT_DEFAULT = XP == 1 ? 2 : 1;
+  if (v[0] == 0) return launch<D, W, XP, PP, NT_DEFAULT, 0, 4, 4>(p, cps, sms, s, info);
+#ifdef TQ_TUNE
+#define TQE_V(N, F, W_, M) \
+  if (v[0] == N && v[1] == F && v[2] == W_ && v[3] == M) return launch<D, W, XP, PP, N, F, W_, M>(p, cps, sms, s, info);
+  if constexpr (D == 128 && XP == 1 && PP == 1) {
+    TQE_V(2, 1, 4, 4) TQE_V(2, 2, 4, 4) TQE_V(2, 0, 8, 2) TQE_V(1, 0, 4, 6) TQE_V(2, 0, 4, 5) TQE_V(4, 0, 4, 3)
+  }
+#undef TQE_V
+#endif
+  return cudaErrorInvalidConfiguration;
+}
+
+template <int D, int W>
+cudaError_t by_parts(const Params& p, int xp, int pp, const int* v, int cps, int sms, cudaStream_t s, int* info) {
+  if (xp == 1 && pp == 1) return by_variant<D, W, 1, 1>(p, v, cps, sms, s, info);
+  if (xp == 2 && pp == 1) return by_variant<D, W, 2, 1>(p, v, cps, sms, s, info);
+  if (xp == 1 && pp == 2) return by_variant<D, W, 1, 2>(p, v, cps, sms, s, info);
+  if (xp == 2 && pp == 2) return by_variant<D, W, 2, 2>(p, v, cps, sms, s, info);
+  return cudaErrorInvalidConfiguration;
+}
+
+}  // namespace tqe
+
+cudaError_t tq_encode_dispatch(const tqe::Params& p, int d, int w, int xp, int pp, const int* variant, int cps, int sms,
+                               cudaStream_t s, int* info) {
+  using namespace tqe;
+  if (d == 128 && w == 4) return by_parts<128, 4>(p, xp, pp, variant, cps, sms, s, info);
+  if (d == 128 && w == 3) return by_parts<128, 3>(p, xp, pp, variant, cps, sms, s, info);
+  if (d == 128 && w == 2) return by_parts<128, 2>(p, xp, pp, variant, cps, sms, s, info);
+  if (d == 64 && w == 4) return by_parts<64, 4>(p, xp, pp, variant, cps, sms, s, info);
+  if (d == 64 && w == 3) return by_parts<64, 3>(p, xp, pp, variant, cps, sms, s, info);
+  if (d == 64 && w == 2) return by_parts<64, 2>(p, xp, pp, variant, cps, sms, s, info);
+  return cudaErrorInvalidConfiguration;
+}
