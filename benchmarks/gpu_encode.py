@@ -93,8 +93,9 @@ def run_encode(base: TritonTuning, copy_bw: float, baseline: ModuleType | None) 
     return rows
 
 
-CUDA_VARIANTS = [None, (2, 1, 4, 4), (2, 2, 4, 4), (2, 0, 8, 2), (1, 0, 4, 6), (2, 0, 4, 5), (4, 0, 4, 3)]
-"""``cuda_quantize_into`` variants (tokens groups per warp, FMA rows, warps, min CTAs/SM); None = the default."""
+CUDA_VARIANTS = [None, (4, 0, 4, 3), (2, 1, 4, 4), (2, 0, 4, 4), (4, 1, 8, 1), (8, 1, 4, 2), (4, 1, 4, 2)]
+"""``cuda_quantize_into`` variants (groups of 8 tokens per warp, bucketize 0 search / 1 table, warps, min CTAs/SM);
+None = the default."""
 
 
 def run_cuda(copy_bw: float) -> list[dict[str, Any]]:

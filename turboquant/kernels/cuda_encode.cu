@@ -17,16 +17,14 @@
 //    the fp32 rotation of the exact input. Other inputs are split x = hi + lo in bf16 (XP = 2,
 //    16 significant bits), other rotations Pi^T = hi + lo (PP = 2); lo * lo is dropped.
 //  * the norm is ||x|| in fp32 (quad reduction); y is scaled by 1/||x|| after the product.
-//  * bucketize, two ways that give identical codes, on different pipes so that a warp can split
-//    its coordinates between them (FMA_ROWS):
-//      ALU: branchless binary search of |y| over the positive boundaries (the codebook is
-//           odd-symmetric up to its middle boundary, ~0): W-1 compares, 2^(W-1)-1 selects, the side;
-//      FMA: count of boundaries below |y| as saturated differences (fadd.sat of |y|*2^40 - b*2^40
-//           is exactly 0 or 1 for fp32 |y| and b in [2^-8, 1]) summed in floats, the code as the
-//           low bits of (2^23 + code), and the packing as integer multiply-adds.
-//  * optional norm correction (norm / ||y_hat||, y_hat the reconstruction, paper Thm. 1's
-//    E||y_hat||^2 = 1 - D): sum of squared centroids, from a shared table (ALU rows) or the
-//    telescoped differences of the table (FMA rows).
+//  * bucketize by table (METHOD 1, the default): the exponent and top two mantissa bits of |y| index
+//    a cell (clamped below); the Lloyd-Max boundaries grow by >= 1.27x from one to the next, so a cell
+//    (width ratio <= 1.25) holds at most one (checked on the host): one 8-byte shared load gives the
+//    cell's boundary and the code below it, one compare adds 1, the sign bit mirrors the code
+//    (odd-symmetric codebook). METHOD 0: branchless binary search of |y| over the positive
+//    boundaries (W-1 compares, 2^(W-1)-1 selects), kept for comparison.
+//  * optional norm correction (CORR: norm / ||y_hat||, y_hat the reconstruction, paper Thm. 1's
+//    E||y_hat||^2 = 1 - D): the squared centroid of each code from a shared table, summed per token.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -36,8 +34,7 @@
 
 namespace tqe {
 
-constexpr float kScale = 1099511627776.0f;  // 2^40
-constexpr float kMagic = 8388608.0f;        // 2^23
+constexpr int kMaxCells = 576;  // cells of the table bucketize (cuda_encode.py checks ncells <= this)
 
 __device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                          uint32_t b1) {
@@ -45,18 +42,6 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ float sat_add(float a, float b) {
-  float r;
-  asm("add.sat.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-
-__device__ __forceinline__ float sat_fma(float a, float b, float c) {
-  float r;
-  asm("fma.rn.sat.f32 %0, %1, %2, %3;" : "=f"(r) : "f"(a), "f"(b), "f"(c));
-  return r;
 }
 
 __device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
@@ -87,21 +72,16 @@ __device__ __forceinline__ uint32_t code_alu(float y, const Params& p, int& m) {
   return uint32_t(H + m) ^ (y > p.pb[7] ? 0u : uint32_t(2 * H - 1));
 }
 
-// code of y (FMA way), and the squared centroid magnitude's telescoped part added to sq
-template <int W, bool CORR>
-__device__ __forceinline__ uint32_t code_fma(float y, const Params& p, float& sq) {
-  constexpr int H = 1 << (W - 1);
-  const float ah = fabsf(y) * kScale;
-  float m = 0.0f;
-#pragma unroll
-  for (int j = 0; j < H - 1; ++j) {
-    const float t = sat_add(ah, -p.pbh[j]);
-    m += t;
-    if constexpr (CORR) sq = fmaf(t, p.dcm2[j], sq);
-  }
-  const float sgn = sat_fma(y, 1.2676506e30f, -p.pbh[7]);  // 1 for y > middle boundary (by >= 2^-100), else 0
-  const float idx = fmaf(sgn, fmaf(m, 2.0f, 1.0f), (kMagic + float(H - 1)) - m);
-  return __float_as_uint(idx) - 0x4B000000u;
+// code of y by table (METHOD 1): cells = {float boundary or +inf, uint32 code below it} in shared memory
+template <int W>
+__device__ __forceinline__ uint32_t code_table(float y, const uint2* cells, int base8) {
+  constexpr uint32_t FLIP = (1u << W) - 1u;
+  const uint32_t u = __float_as_uint(y);
+  const int key = max(int((u >> 18) & 0x1FF8u) - base8, 0);  // (exponent * 4 + 2 mantissa bits) * 8 bytes
+  const uint2 e = *reinterpret_cast<const uint2*>(reinterpret_cast<const char*>(cells) + key);
+  // + 1 above the cell's boundary: the sign bit of (boundary - |y|)
+  const uint32_t code = e.y + (__float_as_uint(__uint_as_float(e.x) - fabsf(y)) >> 31);
+  return code ^ (uint32_t(int(u) >> 31) & FLIP);
 }
 
 // add code c of coordinate i (W bits at bit W*i) to the thread's words (i compile-time after unrolling)
@@ -160,15 +140,14 @@ __device__ __forceinline__ void load_row(const Params& p, int row, int tok, int 
   }
 }
 
-// raw bf16 words of the thread's slice (XP = 1: bf16 input, no offset or scale); the norm from them
+// raw bf16 words of the thread's slice (XP = 1: bf16 input, no offset or scale); zeros past the end
 template <int D>
-__device__ __forceinline__ float load_row_bf16(const Params& p, int row, int tok, int t, bool ok, uint32_t (&a)[D / 8]) {
+__device__ __forceinline__ void load_bf16(const Params& p, int row, int tok, int t, bool ok, uint32_t (&a)[D / 8]) {
   constexpr int CPT = D / 4;
-  float ss = 0.0f;
   if (!ok) {
 #pragma unroll
     for (int i = 0; i < CPT / 2; ++i) a[i] = 0u;
-    return ss;
+    return;
   }
   const uint4* s =
       reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.x) + row * p.x_sr + tok * p.x_st + CPT * t);
@@ -177,11 +156,15 @@ __device__ __forceinline__ float load_row_bf16(const Params& p, int row, int tok
     const uint4 q = __ldg(s + j);
     a[4 * j] = q.x, a[4 * j + 1] = q.y, a[4 * j + 2] = q.z, a[4 * j + 3] = q.w;
   }
+}
+
+template <int D>
+__device__ __forceinline__ float sum_squares_bf16(const uint32_t (&a)[D / 8]) {
+  float ss = 0.0f;
 #pragma unroll
-  for (int i = 0; i < CPT / 2; ++i) {
+  for (int i = 0; i < D / 8; ++i) {
     const float lo = bf16_lo(a[i]), hi = bf16_hi(a[i]);
-    ss = fmaf(lo, lo, ss);
-    ss = fmaf(hi, hi, ss);
+    ss = fmaf(lo, lo, fmaf(hi, hi, ss));
   }
   return ss;
 }
@@ -214,7 +197,7 @@ __device__ __forceinline__ float quad_sum(float v) {
 // One warp: NTILE groups of 8 tokens (the N dimension) of one row at a time. Lane (g, t) loads slice t
 // of token g of each group (B operand: its two registers of a k-chunk are one token's pair of words)
 // and receives, per 16-coordinate m-tile mt, outputs COG*g + 2*mt + {0, 1} of tokens 2t and 2t + 1.
-template <int D, int W, int XP, int PP, int NTILE, int FMA_ROWS, int NW, int MINB>
+template <int D, int W, int XP, int PP, int NTILE, int METHOD, bool CORR, int NW, int MINB>
 __global__ void __launch_bounds__(NW * 32, MINB) encode_kernel(const __grid_constant__ Params p) {
   constexpr int CPT = D / 4;   // input coordinates per lane (a quarter of the token)
   constexpr int COG = D / 8;   // output coordinates per lane (an eighth of the token)
@@ -223,22 +206,30 @@ __global__ void __launch_bounds__(NW * 32, MINB) encode_kernel(const __grid_cons
   constexpr int AW = CPT / 2;  // B words per token and part
   constexpr int CW = (W * COG + 31) / 32 + 1;  // code words per token (+1: straddling writes)
   constexpr int BYTES = W * COG / 8;
-  extern __shared__ __align__(16) uint4 frag_smem[];
-  __shared__ float cm2_smem[8];
+  extern __shared__ __align__(16) uint4 frag_smem[];  // Pi fragments
+  __shared__ uint2 cell_smem[METHOD == 1 ? kMaxCells : 1];
+  __shared__ float c2_smem[1 << W];
 
   constexpr int NFRAG = PP * MT * KK * 32;
   for (int i = threadIdx.x; i < NFRAG; i += NW * 32) frag_smem[i] = static_cast<const uint4*>(p.frag)[i];
-  if (threadIdx.x < 8) cm2_smem[threadIdx.x] = p.cm2[threadIdx.x];
+  if constexpr (METHOD == 1) {
+    for (int i = threadIdx.x; i < p.ncells; i += NW * 32)
+      cell_smem[i] = static_cast<const uint2*>(p.cells)[i];
+  }
+  if (threadIdx.x < (1 << W)) c2_smem[threadIdx.x] = p.c2[threadIdx.x];
   __syncthreads();
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const bool correct = p.correct != 0;
 
   for (int job = blockIdx.x * NW + warp; job < p.jobs; job += gridDim.x * NW) {
     const int row = job / p.jobs_per_row;
     const int tok0 = (job - row * p.jobs_per_row) * (8 * NTILE);
     uint32_t b[NTILE][XP][AW];
+    if constexpr (XP == 1) {
+#pragma unroll
+      for (int nt = 0; nt < NTILE; ++nt) load_bf16<D>(p, row, tok0 + 8 * nt + g, t, tok0 + 8 * nt + g < p.tokens, b[nt][0]);
+    }
     float inv[NTILE][2], nrm[NTILE][2];  // of tokens 2t + e of each group
 #pragma unroll
     for (int nt = 0; nt < NTILE; ++nt) {
@@ -246,7 +237,7 @@ __global__ void __launch_bounds__(NW * 32, MINB) encode_kernel(const __grid_cons
       const bool ok = tok < p.tokens;
       float ss;
       if constexpr (XP == 1) {
-        ss = load_row_bf16<D>(p, row, tok, t, ok, b[nt][0]);
+        ss = sum_squares_bf16<D>(b[nt][0]);
       } else {
         float v[CPT];
         load_row<D>(p, row, tok, t, ok, v);
@@ -267,7 +258,6 @@ __global__ void __launch_bounds__(NW * 32, MINB) encode_kernel(const __grid_cons
         inv[nt][e] = __shfl_sync(0xffffffffu, r, (2 * t + e) * 4);
       }
     }
-
     uint32_t cw[NTILE][2][CW];
     float sq[NTILE][2];
 #pragma unroll
@@ -303,18 +293,17 @@ __global__ void __launch_bounds__(NW * 32, MINB) encode_kernel(const __grid_cons
         // c[2h + e]: output coordinate COG*g + 2*mt + h of token 2t + e
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const bool fma_way = FMA_ROWS == 2 || (FMA_ROWS == 1 && e == 1);
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const float y = c[2 * h + e] * inv[nt][e];
             uint32_t code;
-            if (fma_way) {
-              code = code_fma<W, true>(y, p, sq[nt][e]);
+            if constexpr (METHOD == 1) {
+              code = code_table<W>(y, cell_smem, p.cell_base8);
             } else {
               int m;
               code = code_alu<W>(y, p, m);
-              sq[nt][e] += cm2_smem[m];
             }
+            if constexpr (CORR) sq[nt][e] += c2_smem[code];
             put_code<W>(cw[nt][e], 2 * mt + h, code);
           }
         }
@@ -326,18 +315,18 @@ __global__ void __launch_bounds__(NW * 32, MINB) encode_kernel(const __grid_cons
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int tok = tok0 + 8 * nt + 2 * t + e;
-        const bool fma_way = FMA_ROWS == 2 || (FMA_ROWS == 1 && e == 1);
-        // FMA rows summed the telescoped differences only: add the base term once per coordinate
-        float s = fma_way ? fmaf(float(COG), p.cm2[0], sq[nt][e]) : sq[nt][e];
-        s += __shfl_xor_sync(0xffffffffu, s, 4);
-        s += __shfl_xor_sync(0xffffffffu, s, 8);
-        s += __shfl_xor_sync(0xffffffffu, s, 16);
+        float s = sq[nt][e];
+        if constexpr (CORR) {
+          s += __shfl_xor_sync(0xffffffffu, s, 4);
+          s += __shfl_xor_sync(0xffffffffu, s, 8);
+          s += __shfl_xor_sync(0xffffffffu, s, 16);
+        }
         if (tok >= p.tokens) continue;
         const int64_t pos = int64_t(p.start) + tok;
         store_codes<BYTES>(p.codes + row * p.c_sr + pos * p.c_st + BYTES * g, cw[nt][e]);
         if (g == 0) {
           float n = nrm[nt][e];
-          if (correct) n = n / fmaxf(sqrtf(s), 1e-12f);
+          if constexpr (CORR) n = n / fmaxf(sqrtf(s), 1e-12f);
           const int64_t ni = row * p.n_sr + pos * p.n_st;
           if (p.n_kind == 3)
             static_cast<__half*>(p.norms)[ni] = __float2half_rn(n);
@@ -345,49 +334,49 @@ __global__ void __launch_bounds__(NW * 32, MINB) encode_kernel(const __grid_cons
             static_cast<float*>(p.norms)[ni] = n;
         }
       }
-    }
-  }
+    }  }
 }
 
-template <int D, int W, int XP, int PP, int NTILE, int FMA_ROWS, int NW, int MINB>
+template <int D, int W, int XP, int PP, int NTILE, int METHOD, bool CORR, int NW, int MINB>
 cudaError_t launch(const Params& p, int ctas_per_sm, int sms, cudaStream_t s, int* info) {
-  auto k = encode_kernel<D, W, XP, PP, NTILE, FMA_ROWS, NW, MINB>;
+  auto k = encode_kernel<D, W, XP, PP, NTILE, METHOD, CORR, NW, MINB>;
   const int smem = PP * D * D * 2;
   cudaError_t err = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  int blocks = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, k, NW * 32, smem);
   if (err != cudaSuccess) return err;
   if (info != nullptr) {
     cudaFuncAttributes at;
     err = cudaFuncGetAttributes(&at, k);
-    if (err != cudaSuccess) return err;
-    int blocks = 0;
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, k, NW * 32, smem);
     info[0] = at.numRegs, info[1] = (int)at.localSizeBytes, info[2] = blocks, info[3] = smem;
     return err;
   }
-  int blocks = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, k, NW * 32, smem);
-  if (err != cudaSuccess) return err;
   if (ctas_per_sm > 0 && ctas_per_sm < blocks) blocks = ctas_per_sm;
-  const int per_cta = NW;
   int grid = blocks * sms;
-  const int need = (p.jobs + per_cta - 1) / per_cta;
+  const int need = (p.jobs + NW - 1) / NW;
   if (grid > need) grid = need;
   if (grid < 1) grid = 1;
   k<<<grid, NW * 32, smem, s>>>(p);
   return cudaGetLastError();
 }
 
-// variant = {NTILE, FMA_ROWS, NW, MINB}; 0 = the default of (D, XP): NTILE groups of 8 tokens per warp,
-// every coordinate the ALU way, 4 warps per CTA, 4 CTAs per SM (125 registers at d = 128, bf16 input)
-template <int D, int W, int XP, int PP>
+// variant = {NTILE, METHOD, NW, MINB}; 0 = the default: the table bucketize, 4 warps per CTA; bf16 input,
+// one-part rotation: 4 groups of 8 tokens per warp (half the shared-memory reads of Pi per token of 2
+// groups), 3 CTAs per SM; 2 groups and 4 CTAs with the norm correction or a two-part rotation (4 groups
+// would spill); other inputs: 1 group, 4 CTAs
+template <int D, int W, int XP, int PP, bool CORR>
 cudaError_t by_variant(const Params& p, const int* v, int cps, int sms, cudaStream_t s, int* info) {
-  constexpr int NT_DEFAULT = XP == 1 ? 2 : 1;
-  if (v[0] == 0) return launch<D, W, XP, PP, NT_DEFAULT, 0, 4, 4>(p, cps, sms, s, info);
+  if (v[0] == 0) {
+    if constexpr (XP == 1 && PP == 1 && !CORR) return launch<D, W, XP, PP, 4, 1, CORR, 4, 3>(p, cps, sms, s, info);
+    if constexpr (XP == 1) return launch<D, W, XP, PP, 2, 1, CORR, 4, 4>(p, cps, sms, s, info);
+    return launch<D, W, XP, PP, 1, 1, CORR, 4, 4>(p, cps, sms, s, info);
+  }
 #ifdef TQ_TUNE
-#define TQE_V(N, F, W_, M) \
-  if (v[0] == N && v[1] == F && v[2] == W_ && v[3] == M) return launch<D, W, XP, PP, N, F, W_, M>(p, cps, sms, s, info);
+#define TQE_V(N, M, W_, B) \
+  if (v[0] == N && v[1] == M && v[2] == W_ && v[3] == B) return launch<D, W, XP, PP, N, M, CORR, W_, B>(p, cps, sms, s, info);
   if constexpr (D == 128 && XP == 1 && PP == 1) {
-    TQE_V(2, 1, 4, 4) TQE_V(2, 2, 4, 4) TQE_V(2, 0, 8, 2) TQE_V(1, 0, 4, 6) TQE_V(2, 0, 4, 5) TQE_V(4, 0, 4, 3)
+    TQE_V(4, 0, 4, 3) TQE_V(2, 1, 4, 4) TQE_V(2, 0, 4, 4) TQE_V(4, 1, 8, 1) TQE_V(8, 1, 4, 2) TQE_V(4, 1, 4, 2)
   }
 #undef TQE_V
 #endif
@@ -395,24 +384,28 @@ cudaError_t by_variant(const Params& p, const int* v, int cps, int sms, cudaStre
 }
 
 template <int D, int W>
-cudaError_t by_parts(const Params& p, int xp, int pp, const int* v, int cps, int sms, cudaStream_t s, int* info) {
-  if (xp == 1 && pp == 1) return by_variant<D, W, 1, 1>(p, v, cps, sms, s, info);
-  if (xp == 2 && pp == 1) return by_variant<D, W, 2, 1>(p, v, cps, sms, s, info);
-  if (xp == 1 && pp == 2) return by_variant<D, W, 1, 2>(p, v, cps, sms, s, info);
-  if (xp == 2 && pp == 2) return by_variant<D, W, 2, 2>(p, v, cps, sms, s, info);
+cudaError_t by_parts(const Params& p, int xp, int pp, bool corr, const int* v, int cps, int sms, cudaStream_t s,
+                     int* info) {
+#define TQE_P(X, P)                                                          \
+  if (xp == X && pp == P)                                                    \
+    return corr ? by_variant<D, W, X, P, true>(p, v, cps, sms, s, info)     \
+                : by_variant<D, W, X, P, false>(p, v, cps, sms, s, info);
+  TQE_P(1, 1) TQE_P(2, 1) TQE_P(1, 2) TQE_P(2, 2)
+#undef TQE_P
   return cudaErrorInvalidConfiguration;
 }
 
 }  // namespace tqe
 
-cudaError_t tq_encode_dispatch(const tqe::Params& p, int d, int w, int xp, int pp, const int* variant, int cps, int sms,
-                               cudaStream_t s, int* info) {
+cudaError_t tq_encode_dispatch(const tqe::Params& p, int d, int w, int xp, int pp, bool corr, const int* variant,
+                               int cps, int sms, cudaStream_t s, int* info) {
   using namespace tqe;
-  if (d == 128 && w == 4) return by_parts<128, 4>(p, xp, pp, variant, cps, sms, s, info);
-  if (d == 128 && w == 3) return by_parts<128, 3>(p, xp, pp, variant, cps, sms, s, info);
-  if (d == 128 && w == 2) return by_parts<128, 2>(p, xp, pp, variant, cps, sms, s, info);
-  if (d == 64 && w == 4) return by_parts<64, 4>(p, xp, pp, variant, cps, sms, s, info);
-  if (d == 64 && w == 3) return by_parts<64, 3>(p, xp, pp, variant, cps, sms, s, info);
-  if (d == 64 && w == 2) return by_parts<64, 2>(p, xp, pp, variant, cps, sms, s, info);
+  const int* v = variant;
+  if (d == 128 && w == 4) return by_parts<128, 4>(p, xp, pp, corr, v, cps, sms, s, info);
+  if (d == 128 && w == 3) return by_parts<128, 3>(p, xp, pp, corr, v, cps, sms, s, info);
+  if (d == 128 && w == 2) return by_parts<128, 2>(p, xp, pp, corr, v, cps, sms, s, info);
+  if (d == 64 && w == 4) return by_parts<64, 4>(p, xp, pp, corr, v, cps, sms, s, info);
+  if (d == 64 && w == 3) return by_parts<64, 3>(p, xp, pp, corr, v, cps, sms, s, info);
+  if (d == 64 && w == 2) return by_parts<64, 2>(p, xp, pp, corr, v, cps, sms, s, info);
   return cudaErrorInvalidConfiguration;
 }

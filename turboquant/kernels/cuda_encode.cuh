@@ -15,15 +15,14 @@ struct Params {
   int64_t off_sr;
   const float* inv_scale;  // [R, D] multiplied after the offset, or null
   int64_t sc_sr;
-  const void* frag;  // rotation fragments [PP, D/8, D/32, 32] x 16 bytes
+  const void* frag;   // rotation fragments [PP, D/16, D/16, 32] x 16 bytes
+  const void* cells;  // bucketize cells [ncells] x {float boundary or +inf, uint32 code below it}
+  int ncells, cell_base8;  // cell of |y|: max(((bits >> 21) & 0x3ff) * 8 - cell_base8, 0) bytes
   int tokens, start, jobs_per_row, jobs;
   int x_kind;  // 2 fp32, 3 fp16, 4 bf16
   int n_kind;  // 2 fp32, 3 fp16
-  int correct;
-  float pb[8];    // positive boundaries b[H + j], j < H - 1; pb[7] = the middle boundary b[H - 1]
-  float pbh[8];   // pb * 2^40 (FMA rows); pbh[7] = b[H - 1] * 2^100
-  float cm2[8];   // squared centroid magnitudes c[H + m]^2
-  float dcm2[8];  // cm2[j + 1] - cm2[j]
+  float pb[8];   // positive boundaries b[H + j], j < H - 1; pb[7] = the middle boundary b[H - 1]
+  float c2[16];  // squared centroid of each code (norm correction)
 };
 
 }  // namespace tqe

@@ -19,9 +19,11 @@ the dense rotation without a GPU.
 from __future__ import annotations
 
 import warnings
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..codebook import codebook_tensors
@@ -36,6 +38,7 @@ _HERE = Path(__file__).resolve().parent
 _DIMS = (64, 128)
 _WIDTHS = (2, 3, 4)
 _KINDS = {torch.float32: 2, torch.float16: 3, torch.bfloat16: 4}
+MAX_CELLS = 576  # kMaxCells in cuda_encode.cu
 
 _BINDING = r"""
 #include <torch/extension.h>
@@ -43,13 +46,13 @@ _BINDING = r"""
 #include <c10/cuda/CUDAGuard.h>
 #include "cuda_encode.cuh"
 
-cudaError_t tq_encode_dispatch(const tqe::Params& p, int d, int w, int xp, int pp, const int* variant, int cps,
-                               int sms, cudaStream_t s, int* info);
+cudaError_t tq_encode_dispatch(const tqe::Params& p, int d, int w, int xp, int pp, bool corr, const int* variant,
+                               int cps, int sms, cudaStream_t s, int* info);
 
 // x [R, T, D] (last dim contiguous), codes [R, S, bytes] uint8, norms [R, S] fp16/fp32, frag uint8 (fragments),
-// off / inv_scale [R, D] fp32 or empty; tab = {pb[8], pbh[8], cm2[8], dcm2[8]};
-// v = {d, w, xp, pp, start, correct, ctas_per_sm, sms, variant[4]}
-void encode(torch::Tensor x, torch::Tensor codes, torch::Tensor norms, torch::Tensor frag,
+// cells int32 [ncells, 2], off / inv_scale [R, D] fp32 or empty; tab = {pb[8], c2[16]};
+// v = {d, w, xp, pp, start, correct, ctas_per_sm, sms, cell_base8, variant[4]}
+void encode(torch::Tensor x, torch::Tensor codes, torch::Tensor norms, torch::Tensor frag, torch::Tensor cells,
             c10::optional<torch::Tensor> off, c10::optional<torch::Tensor> inv_scale, std::vector<double> tab,
             std::vector<int64_t> v) {
   const c10::cuda::CUDAGuard guard(x.device());
@@ -67,28 +70,32 @@ void encode(torch::Tensor x, torch::Tensor codes, torch::Tensor norms, torch::Te
   p.inv_scale = inv_scale.has_value() ? inv_scale->data_ptr<float>() : nullptr;
   p.sc_sr = inv_scale.has_value() ? inv_scale->stride(0) : 0;
   p.frag = frag.data_ptr();
+  p.cells = cells.data_ptr();
+  p.ncells = (int)cells.size(0);
+  p.cell_base8 = (int)v[8];
   p.tokens = (int)x.size(1);
   p.start = (int)v[4];
-  p.correct = (int)v[5];
-  const int ntile = v[8] != 0 ? (int)v[8] : (v[2] == 1 ? 2 : 1);
+  // the defaults of by_variant (cuda_encode.cu)
+  const int ntile = v[9] != 0 ? (int)v[9] : (v[2] == 1 ? (v[3] == 1 && v[5] == 0 ? 4 : 2) : 1);
   p.jobs_per_row = (p.tokens + 8 * ntile - 1) / (8 * ntile);
   p.jobs = p.jobs_per_row * (int)x.size(0);
-  TORCH_CHECK(tab.size() == 32, "turboquant CUDA encode: table size");
-  for (int i = 0; i < 8; ++i) {
-    p.pb[i] = (float)tab[i]; p.pbh[i] = (float)tab[8 + i]; p.cm2[i] = (float)tab[16 + i]; p.dcm2[i] = (float)tab[24 + i];
-  }
-  const int variant[4] = {(int)v[8], (int)v[9], (int)v[10], (int)v[11]};
-  cudaError_t err = tq_encode_dispatch(p, (int)v[0], (int)v[1], (int)v[2], (int)v[3], variant, (int)v[6], (int)v[7],
-                                       c10::cuda::getCurrentCUDAStream().stream(), nullptr);
+  TORCH_CHECK(tab.size() == 24, "turboquant CUDA encode: table size");
+  for (int i = 0; i < 8; ++i) p.pb[i] = (float)tab[i];
+  for (int i = 0; i < 16; ++i) p.c2[i] = (float)tab[8 + i];
+  const int variant[4] = {(int)v[9], (int)v[10], (int)v[11], (int)v[12]};
+  cudaError_t err = tq_encode_dispatch(p, (int)v[0], (int)v[1], (int)v[2], (int)v[3], v[5] != 0, variant, (int)v[6],
+                                       (int)v[7], c10::cuda::getCurrentCUDAStream().stream(), nullptr);
   TORCH_CHECK(err == cudaSuccess, "turboquant CUDA encode: ", cudaGetErrorString(err));
 }
 
-// {registers, spill bytes, CTAs per SM, shared-memory bytes} of one kernel; v as above
-std::vector<int64_t> encode_info(std::vector<int64_t> v) {
+// {registers, spill bytes, CTAs per SM, shared-memory bytes} of one kernel; v as above, ncells
+std::vector<int64_t> encode_info(std::vector<int64_t> v, int64_t ncells) {
   tqe::Params p{};
+  p.ncells = (int)ncells;
   int info[4] = {0, 0, 0, 0};
-  const int variant[4] = {(int)v[8], (int)v[9], (int)v[10], (int)v[11]};
-  cudaError_t err = tq_encode_dispatch(p, (int)v[0], (int)v[1], (int)v[2], (int)v[3], variant, 0, 1, nullptr, info);
+  const int variant[4] = {(int)v[9], (int)v[10], (int)v[11], (int)v[12]};
+  cudaError_t err = tq_encode_dispatch(p, (int)v[0], (int)v[1], (int)v[2], (int)v[3], v[5] != 0, variant, 0, 1,
+                                       nullptr, info);
   TORCH_CHECK(err == cudaSuccess, "turboquant CUDA encode variant: ", cudaGetErrorString(err));
   return {info[0], info[1], info[2], info[3]};
 }
@@ -97,8 +104,6 @@ std::vector<int64_t> encode_info(std::vector<int64_t> v) {
 _EXTENSION = CudaExtension("turboquant_cuda_encode", _HERE / "cuda_encode.cu", [_HERE / "cuda_encode.cuh"], _BINDING,
                            ["encode", "encode_info"])  # fmt: skip
 _WARNED = False
-
-SCALE = 2.0**40  # the FMA bucketize's boundary scale (kScale in cuda_encode.cu)
 
 
 def _module(device: torch.device, tune: bool = False) -> Any | None:
@@ -191,8 +196,8 @@ def _fragments(config: QuantizerConfig, device: torch.device) -> torch.Tensor:
 
 
 def bucket_tables(config: QuantizerConfig) -> list[float]:
-    """``pb[8], pb·2⁴⁰[8], cm2[8], Δcm2[8]``: the positive boundaries (``pb[7]``: the middle one) and
-    the squared centroid magnitudes, as cuda_encode.cuh's ``Params`` holds them."""
+    """``pb[8]`` (the positive boundaries, ``pb[7]``: the middle one) and ``c2[16]`` (the squared
+    centroid of each code), as cuda_encode.cuh's ``Params`` holds them."""
     w = int(config.bits)
     centroids, bounds = codebook_tensors(config.dim, w, "cpu")
     h = 1 << (w - 1)
@@ -200,14 +205,45 @@ def bucket_tables(config: QuantizerConfig) -> list[float]:
     if not torch.equal(bounds[h:], -bounds[: h - 1].flip(0)) or abs(mid) > 1e-12:
         raise TurboQuantError(f"CUDA encode needs an odd-symmetric codebook ({config})")
     pb = bounds[h:].tolist()
-    cm2 = centroids[h:].double().square().tolist()
-    dcm2 = [cm2[j + 1] - cm2[j] for j in range(h - 1)]
+    c2 = centroids.double().square().tolist()
+    return (pb + [0.0] * 8)[:7] + [mid] + (c2 + [0.0] * 16)[:16]
 
-    def eight(v: list[float], last: float = 0.0) -> list[float]:
-        return (v + [0.0] * 8)[:7] + [last]
 
-    pad = [0.0] * 8
-    return [*eight(pb, mid), *eight([v * SCALE for v in pb], mid * 2.0**100), *(cm2 + pad)[:8], *(dcm2 + pad)[:8]]
+def cell_key(y: np.ndarray) -> np.ndarray:
+    """The kernel's cell key of float32 values: exponent·4 + the top two mantissa bits of ``|y|``."""
+    return (np.asarray(y, dtype=np.float32).view(np.uint32) >> 21) & 0x3FF
+
+
+def cell_table(config: QuantizerConfig) -> tuple[int, np.ndarray]:
+    """``(base8, cells [n, 2] int32)`` of the table bucketize (``code_table`` in cuda_encode.cu).
+
+    Cell ``i`` covers the float32 values with key ``base + i`` (cell 0 also every smaller one):
+    ``(bits(boundary inside it) or +inf, code of its lowest value)``; the code of ``|y|`` is that code,
+    +1 above the boundary. Raises :class:`TurboQuantError` if a cell holds two boundaries.
+    """
+    w = int(config.bits)
+    h = 1 << (w - 1)
+    tab = bucket_tables(config)
+    pb = np.asarray(tab[: h - 1], dtype=np.float32)
+    base = int(cell_key(pb[:1])[0]) - 5  # at least one octave below the first boundary
+    keys = np.arange(base, 1024, dtype=np.uint32)
+    lo = (keys << 21).view(np.float32)
+    hi = np.where(keys < 1023, ((keys + 1) << 21).view(np.float32), np.float32(np.inf))
+    inside = (pb[None, :] >= lo[:, None]) & (pb[None, :] < hi[:, None])
+    if (inside.sum(1) > 1).any() or len(keys) > MAX_CELLS:
+        raise TurboQuantError(f"CUDA encode: a bucketize cell holds two boundaries, or too many cells ({config})")
+    thr = np.where(inside.any(1), pb[np.argmax(inside, 1)], np.float32(np.inf)).astype(np.float32)
+    code = h + (pb[None, :] < lo[:, None]).sum(1)
+    code[keys >= 1020] = 2 * h - 1  # infinities and NaN
+    thr[0], code[0] = np.float32(tab[7]), h - 1  # cell 0 down to 0: the middle boundary decides
+    cells = np.stack([thr.view(np.int32), code.astype(np.int32)], 1)
+    return base * 8, np.ascontiguousarray(cells)
+
+
+@device_cached(maxsize=64)
+def _cells(config: QuantizerConfig, device: torch.device) -> tuple[int, torch.Tensor]:
+    base8, cells = cell_table(config)
+    return base8, torch.from_numpy(cells).to(device)
 
 
 _TABLES: dict[QuantizerConfig, list[float]] = {}
@@ -223,9 +259,20 @@ def _width(config: QuantizerConfig) -> int | None:
     return streams[0].width
 
 
+@lru_cache(maxsize=64)
+def _tables_ok(config: QuantizerConfig) -> bool:
+    try:
+        cell_table(config)
+    except TurboQuantError:
+        return False
+    return True
+
+
 def cuda_encode_supports(x: torch.Tensor, config: QuantizerConfig, codes: torch.Tensor, norms: torch.Tensor) -> bool:
     """Whether :func:`cuda_quantize_into` runs its own kernel (else the Triton encode)."""
     if not x.is_cuda or config.dim not in _DIMS or _width(config) is None or x.dtype not in _KINDS:
+        return False
+    if not _tables_ok(config):
         return False
     if torch.cuda.get_device_capability(x.device) < (8, 0):
         return False
@@ -261,7 +308,7 @@ def cuda_quantize_into(
         inv_scale: optional ``[*R, d]`` float32, multiplied in after the offset.
         norm_correction: store ``‖x‖/‖ŷ‖`` (paper Thm. 1: ``E‖ŷ‖² = 1 − D``; see
             :func:`turboquant.codec.reconstruction_norms`) instead of ``‖x‖``.
-        variant: ``(groups of 8 tokens per warp, FMA rows, warps, min CTAs/SM)`` of a ``-DTQ_TUNE``
+        variant: ``(groups of 8 tokens per warp, bucketize method, warps, min CTAs/SM)`` of a ``-DTQ_TUNE``
             build (benchmarks); None = the default kernel.
         ctas_per_sm: cap on resident CTAs per SM (0 = as many as fit).
 
@@ -296,9 +343,11 @@ def cuda_quantize_into(
     tab = _TABLES.get(config)
     if tab is None:
         tab = _TABLES.setdefault(config, bucket_tables(config))
-    v = (variant or (0, 0, 0, 0))
+    base8, cells = _cells(config, x.device)
+    v = variant or (0, 0, 0, 0)
     w = _width(config)
-    mod.encode(x3, c3, n2, frag, off2, sc2, tab, [d, w, xp, pp, start, int(norm_correction), ctas_per_sm, num_sms(x.device), *v])
+    args = [d, w, xp, pp, start, int(norm_correction), ctas_per_sm, num_sms(x.device), base8, *v]
+    mod.encode(x3, c3, n2, frag, cells, off2, sc2, tab, args)
     return QuantizedVectors(config, codes[..., start : start + t, :], norms[..., start : start + t])
 
 
@@ -324,18 +373,23 @@ def _fallback(
 
 
 def encode_kernel_info(config: QuantizerConfig, dtype: torch.dtype, device: torch.device,
-                       variant: tuple[int, int, int, int] | None = None, fused: bool = False) -> tuple[int, int, int, int]:  # fmt: skip
+                       variant: tuple[int, int, int, int] | None = None, fused: bool = False,
+                       norm_correction: bool = False) -> tuple[int, int, int, int]:  # fmt: skip
     """``(registers, spill bytes, CTAs per SM, shared bytes)`` of the kernel that these arguments launch."""
     mod = _module(device, variant is not None)
     if mod is None or _width(config) is None:
         raise TurboQuantError(f"no CUDA encode kernel for {config}")
     pp = rotation_fragments(config).shape[0]
     xp = 1 if (dtype == torch.bfloat16 and not fused) else 2
-    return tuple(mod.encode_info([config.dim, _width(config), xp, pp, 0, 0, 0, 1, *(variant or (0, 0, 0, 0))]))  # type: ignore[return-value]
+    ncells = cell_table(config)[1].shape[0]
+    args = [config.dim, _width(config), xp, pp, 0, int(norm_correction), 0, 1, 0, *(variant or (0, 0, 0, 0))]
+    return tuple(mod.encode_info(args, ncells))  # type: ignore[return-value]
 
 
 __all__ = [
     "bucket_tables",
+    "cell_key",
+    "cell_table",
     "cuda_encode_supports",
     "cuda_quantize_into",
     "encode_kernel_info",
