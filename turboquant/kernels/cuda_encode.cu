@@ -15,7 +15,7 @@
 //  * exactness: for the Hadamard rotation at power-of-two d, Pi = H D2 H D1 / d has entries k/(d/2)
 //    with |k| < 64, exact in bf16, so a bf16 input needs ONE product (XP = 1, PP = 1) and gives
 //    the fp32 rotation of the exact input. Other inputs are split x = hi + lo in bf16 (XP = 2,
-//    16 significant bits), other rotations Pi^T = hi + lo (PP = 2); lo * lo is dropped.
+//    16 significant bits), other rotations Pi = hi + lo (PP = 2); lo * lo is dropped.
 //  * the norm is ||x|| in fp32 (quad reduction); y is scaled by 1/||x|| after the product.
 //  * bucketize by table (METHOD 1, the default): the exponent and top two mantissa bits of |y| index
 //    a cell (clamped below); the Lloyd-Max boundaries grow by >= 1.27x from one to the next, so a cell
