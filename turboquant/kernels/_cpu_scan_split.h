@@ -2,8 +2,10 @@
  *
  * Included by _cpu_scan.c after tq_rescore. turboquant/kernels/scan_split.py builds the tables:
  * mode 1 (the scan reads the full codes): code byte m = nib(2m) | nib(2m+1) << 4, no low plane;
- * mode 2 (nibble m holds the top half of each code of byte m): code byte m = join[nib(m) | lo(m) << 4],
- * lo(m) the m-th nibble of the vector's low-plane row (two per byte, low nibble first). */
+ * modes 2 and 3 (nibble m holds the top half of each code of byte m): code byte m = join[nib(m) | lo(m) << 4],
+ * lo(m) the m-th nibble of the vector's low-plane row (two per byte, low nibble first); mode 2: two 4-bit
+ * codes per byte (top 2 bits scanned), mode 3: four 2-bit codes per byte (top bit scanned), which the
+ * VNNI layout's path below joins eight bytes at a time without the table. */
 
 /* The Mp nibbles of vector g, one per byte of nib (the inverse of tq_scan_pack). */
 static inline void nibbles_of(const uint8_t *blocks, int64_t Mp, int64_t g, uint8_t *nib) {
@@ -27,9 +29,68 @@ static inline void nibbles_of(const uint8_t *blocks, int64_t Mp, int64_t g, uint
 #endif
 }
 
+#if defined(TQ_VNNI)
+#define REP8(b) (0x0101010101010101ull * (b))
+/* Bits 0-3 of each byte of x spread to the even bits 0, 2, 4, 6. */
+static inline uint64_t spread_even(uint64_t x) {
+    x = (x | (x << 2)) & REP8(0x33);
+    return (x | (x << 1)) & REP8(0x55);
+}
+
+/* code_row for the VNNI layout: row r of the vector's 16-vector sub-block holds 4 bytes, nibbles
+ * 8r..8r+3 (low) and 8r+4..8r+7 (high); joined with SWAR operations, 4 (mode 1) or 8 code bytes per row. */
+static inline void code_row_vnni(const uint8_t *blocks, int64_t Mp, int mode, const uint8_t *low, int64_t low_bytes,
+                                 int64_t cb, int64_t g, uint8_t *out) {
+    int v = (int)(g % BV);
+    const uint8_t *sub = blocks + (g / BV) * (Mp / 2) * BV + (v / 16) * (Mp / 8) * 64 + 4 * (v % 16);
+    const uint8_t *lo = low + g * low_bytes;
+    for (int64_t r = 0; r < Mp / 8; r++) {
+        uint32_t w;
+        memcpy(&w, sub + r * 64, 4);
+        uint8_t tmp[8];
+        int64_t at, len;
+        if (mode == 1) { /* code byte 4r+i = nib(8r+2i) | nib(8r+2i+1) << 4 */
+            uint32_t a = w & 0x0F0F0F0Fu, b = (w >> 4) & 0x0F0F0F0Fu;
+            a |= a >> 4;
+            b |= b >> 4;
+            tmp[0] = (uint8_t)a, tmp[1] = (uint8_t)(a >> 16), tmp[2] = (uint8_t)b, tmp[3] = (uint8_t)(b >> 16);
+            at = 4 * r, len = 4;
+        } else { /* H, L: the scanned and the low nibble of code bytes 8r..8r+7, one per byte */
+            uint64_t H = (uint64_t)(w & 0x0F0F0F0Fu) | ((uint64_t)((w >> 4) & 0x0F0F0F0Fu) << 32);
+            uint32_t lw = 0;
+            int64_t avail = low_bytes - 4 * r;
+            if (avail >= 4) /* fixed-size copies compile to one load; the variable ones call memcpy */
+                memcpy(&lw, lo + 4 * r, 4);
+            else
+                for (int64_t i = 0; i < avail; i++) lw |= (uint32_t)lo[4 * r + i] << (8 * i);
+            uint64_t L = _pdep_u64(lw, REP8(0x0F));
+            uint64_t c;
+            if (mode == 2) /* two 4-bit codes: (top 2 bits << 2) | low 2 bits, for each nibble half */
+                c = ((H & REP8(0x03)) << 2) | (L & REP8(0x03)) | ((H & REP8(0x0C)) << 4) | ((L & REP8(0x0C)) << 2);
+            else /* four 2-bit codes: the top bit of code j at bit 2j + 1, the low bit at 2j */
+                c = (spread_even(H) << 1) | spread_even(L);
+            memcpy(tmp, &c, 8);
+            at = 8 * r, len = 8;
+        }
+        if (at + len <= cb) {
+            if (len == 8)
+                memcpy(out + at, tmp, 8);
+            else
+                memcpy(out + at, tmp, 4);
+        } else {
+            for (int64_t i = 0; at + i < cb; i++) out[at + i] = tmp[i];
+        }
+    }
+}
+#endif
+
 /* One full code row (code_bytes) of vector g. nib: scratch of Mp bytes. */
 static inline void code_row(const uint8_t *blocks, int64_t Mp, int mode, const uint8_t *join, const uint8_t *low,
                             int64_t low_bytes, int64_t code_bytes, int64_t g, uint8_t *nib, uint8_t *out) {
+#if defined(TQ_VNNI)
+    code_row_vnni(blocks, Mp, mode, low, low_bytes, code_bytes, g, out);
+    return;
+#endif
     nibbles_of(blocks, Mp, g, nib);
     if (mode == 1) {
         for (int64_t m = 0; m < code_bytes; m++) out[m] = (uint8_t)(nib[2 * m] | (nib[2 * m + 1] << 4));

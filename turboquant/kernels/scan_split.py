@@ -8,7 +8,7 @@ rebuilding. Two plans qualify:
 
 * mode 1, the scan reads the full codes (widths 1, 2, 4 with ``scan_bits`` covering them, e.g.
   2-bit codes with a 2-bit scan): code byte ``m`` is nibbles ``2m`` and ``2m+1``; no low plane.
-* mode 2, one stream of width ``w`` ∈ {2, 4} scanned at ``w/2`` bits (4-bit codes with the default
+* modes 2 and 3, one stream of width ``w`` = 4 or 2 scanned at ``w/2`` bits (4-bit codes with the default
   2-bit scan, 2-bit codes with the 1-bit scan): nibble ``m`` holds the top half of each code of
   byte ``m`` and the low plane the bottom halves, two nibbles per byte (low nibble first), so
   code byte ``m = join[nib_m | low_m << 4]``.
@@ -42,7 +42,7 @@ BV = 64  # vectors per block (BV of _cpu_scan.c)
 class SplitSpec:
     """How full code rows are rebuilt from the scan's nibbles and the low plane (module docstring)."""
 
-    mode: int  # 1: the nibbles are the codes; 2: nibble m + low nibble m -> code byte m
+    mode: int  # 1: the nibbles are the codes; 2 (4-bit codes), 3 (2-bit): nibble m + low nibble m -> code byte m
     code_bytes: int
     low_bytes: int  # bytes per vector of the low plane (0 in mode 1)
     low_of: np.ndarray  # (256,) uint8: code byte -> its low nibble (mode 2)
@@ -76,7 +76,7 @@ def split_spec(config: QuantizerConfig, plan: _NibblePlan) -> SplitSpec | None:
     lo = sum((v & ((1 << cw) - 1)) << (j * cw) for j, v in enumerate(vals))
     join = np.zeros(256, np.uint8)
     join[hi | (lo << 4)] = b
-    return SplitSpec(2, nbytes, -(-nbytes // 2), lo.astype(np.uint8), join)
+    return SplitSpec(2 if w == 4 else 3, nbytes, -(-nbytes // 2), lo.astype(np.uint8), join)
 
 
 def low_plane(codes: np.ndarray, spec: SplitSpec) -> np.ndarray:
