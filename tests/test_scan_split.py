@@ -53,7 +53,10 @@ def rows_only(monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.mark.parametrize("variant", ["native", "avx2", "scalar"])
-@pytest.mark.parametrize(("dim", "bits", "scan_bits"), [(96, 4, 2), (97, 4, 2), (50, 2, 2), (70, 2, 1), (33, 2, 1), (96, 4, 4), (30, 1, 1)])
+@pytest.mark.parametrize(
+    ("dim", "bits", "scan_bits"),
+    [(96, 4, 2), (97, 4, 2), (50, 2, 2), (64, 2, 2), (70, 2, 1), (33, 2, 1), (128, 2, 1), (96, 4, 4), (30, 1, 1), (64, 1, 1)],
+)
 def test_split_storage_rebuilds_every_code_and_rescores_bit_identically(variant, dim, bits, scan_bits) -> None:
     lib = load_scan_library(variant)
     if lib is None:

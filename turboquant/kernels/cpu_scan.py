@@ -351,7 +351,8 @@ class ScanMirror:
         else:
             pack((0, r))
         if self.spec is not None and self.spec.low_bytes:
-            self.low[self.count : self.count + r] = low_plane(codes, self.spec)
+            for s0 in range(0, r, 1 << 15):  # in chunks: np.take widens the indices to int64 (8x the codes)
+                self.low[self.count + s0 : self.count + min(r, s0 + (1 << 15))] = low_plane(codes[s0 : s0 + (1 << 15)], self.spec)
         self.count += r
 
     def sync(self, codes: np.ndarray | None, norms: np.ndarray, correction: bool, threads: int = 1) -> None:
