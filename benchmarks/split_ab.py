@@ -49,6 +49,7 @@ path, q, single, reps = sys.argv[1], np.load(sys.argv[2]), int(sys.argv[3]), int
 head = read_index_file(path, mmap=True)[1]
 TurboQuantIndex(head.config.dim, head.config.bits).rotation.matrix()
 load_scan_library()
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM from here: the peak of loading and searching
 before = status("VmRSS:")
 index = TurboQuantIndex.load(path, mmap=True)
 index.search(q[:1], 10)  # builds the scan (and, on the split side, its storage): not timed

@@ -351,8 +351,8 @@ class ScanMirror:
         else:
             pack((0, r))
         if self.spec is not None and self.spec.low_bytes:
-            for s0 in range(0, r, 1 << 15):  # in chunks: np.take widens the indices to int64 (8x the codes)
-                self.low[self.count + s0 : self.count + min(r, s0 + (1 << 15))] = low_plane(codes[s0 : s0 + (1 << 15)], self.spec)
+            for s0 in range(0, r, 1 << 14):  # in chunks: a few temporaries of the chunk's size
+                self.low[self.count + s0 : self.count + min(r, s0 + (1 << 14))] = low_plane(codes[s0 : s0 + (1 << 14)], self.spec)
         self.count += r
 
     def sync(self, codes: np.ndarray | None, norms: np.ndarray, correction: bool, threads: int = 1) -> None:
@@ -377,7 +377,7 @@ class ScanMirror:
         if start >= n:
             return
         self._grow(n, copy=False)  # factor room only: a memory-mapped storage stays mapped
-        step = 1 << 11  # rows decoded at a time: a 16k-row chunk (25 MB at d = 384) per thread showed in the search peak
+        step = 1 << 10  # rows decoded at a time: a 16k-row chunk (25 MB at d = 384) per thread showed in the search peak
         alpha = np.empty(n - start, np.float32)
 
         def factors(s0: int) -> None:

@@ -80,8 +80,14 @@ def split_spec(config: QuantizerConfig, plan: _NibblePlan) -> SplitSpec | None:
 
 
 def low_plane(codes: np.ndarray, spec: SplitSpec) -> np.ndarray:
-    """The low plane ``(r, low_bytes)`` of stored code rows ``(r, code_bytes)`` (mode 2)."""
-    nib = np.take(spec.low_of, codes)
+    """The low plane ``(r, low_bytes)`` of stored code rows ``(r, code_bytes)`` (modes 2, 3).
+
+    Bit operations on uint8 (``np.take`` of ``spec.low_of`` would widen the indices to int64: 8x the codes).
+    """
+    if spec.mode == 2:  # low 2 bits of the two 4-bit codes of a byte
+        nib = (codes & 3) | ((codes >> 2) & 12)
+    else:  # low bit of each of the four 2-bit codes of a byte
+        nib = (codes & 1) | ((codes >> 1) & 2) | ((codes >> 2) & 4) | ((codes >> 3) & 8)
     if nib.shape[1] % 2:
         nib = np.concatenate([nib, np.zeros((len(nib), 1), np.uint8)], axis=1)
     return nib[:, 0::2] | (nib[:, 1::2] << 4)
