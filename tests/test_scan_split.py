@@ -227,3 +227,26 @@ def test_bad_split_headers_fail_clearly(tmp_path) -> None:
     save_tensors(tmp_path / "v3.tq", t, "index", {"index": meta, "index_digest": digest(meta, tensors_checksum(t))})
     with pytest.raises(TurboQuantError, match="index version 3 is not supported"):
         TurboQuantIndex.load(tmp_path / "v3.tq")
+
+
+def test_another_scan_plan_or_no_compiler_at_load(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import turboquant.index as index_module
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((700, 64)).astype(np.float32)
+    index = TurboQuantIndex(64, 2, scan_bits=2)
+    index.add(x)
+    index.save(tmp_path / "x.tq")
+    one_bit = TurboQuantIndex(64, 2, scan_bits=1)
+    one_bit.add(x)
+    other = TurboQuantIndex.load(tmp_path / "x.tq", mmap=True, scan_bits=1)  # rows now, its own split at the first search
+    assert other._split() is None
+    _compare(one_bit, other, x[:6], 5)
+    assert other._split() is not None and other._fastscan.width == 1
+    with monkeypatch.context() as m:  # no compiler: rows rebuilt in numpy, searched without the C scan
+        m.setattr(index_module, "load_scan_library", lambda *a: None)
+        plain = TurboQuantIndex.load(tmp_path / "x.tq")
+        assert plain._split() is None
+        torch.testing.assert_close(plain._codes, index._codes, rtol=0, atol=0)
+        exact = TurboQuantIndex.load(tmp_path / "x.tq", engine="torch")
+        np.testing.assert_array_equal(plain.search(x[:4], 5)[1], exact.search(x[:4], 5)[1])
