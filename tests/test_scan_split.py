@@ -23,7 +23,7 @@ from turboquant.index_file import digest
 from turboquant.io import save_tensors, tensors_checksum
 from turboquant.kernels import cpu_scan
 from turboquant.kernels.cpu_scan import OWN_CODES, ScanMirror, load_scan_library, scan_layout
-from turboquant.kernels.scan_split import join_codes, split_spec, unpack_nibbles
+from turboquant.kernels.scan_split import join_codes, low_plane, split_spec, unpack_nibbles
 
 LIB = load_scan_library()
 pytestmark = pytest.mark.skipif(LIB is None, reason="no compiled scan kernel")
@@ -71,6 +71,8 @@ def test_split_storage_rebuilds_every_code_and_rescores_bit_identically(variant,
     mirror.append(codes[:100], alpha[:100], beta[:100])  # the second append starts inside a block
     mirror.append(codes[100:], alpha[100:], beta[100:], threads=3)
     np.testing.assert_array_equal(mirror.codes(), codes)
+    if mirror.spec.low_bytes:  # the C low plane is the numpy statement's
+        np.testing.assert_array_equal(mirror.low[:n], low_plane(codes, mirror.spec))
     pos = rng.integers(-1, n, 77)
     got = mirror.codes(pos=pos)
     np.testing.assert_array_equal(got[pos >= 0], codes[pos[pos >= 0]])

@@ -300,7 +300,7 @@ class TurboQuantIndex:
         enc = self._run(lambda p: self._encode(t[p].to(self.device)), t)
         if not enc:
             return torch.empty(0, code_bytes(self._qcfg), dtype=torch.uint8), torch.empty(0, dtype=self._norm_dtype)
-        return torch.cat([c for c, _ in enc]), torch.cat([m for _, m in enc])
+        return enc[0] if len(enc) == 1 else (torch.cat([c for c, _ in enc]), torch.cat([m for _, m in enc]))
 
     def _encode_into_spare(self, t: torch.Tensor) -> torch.Tensor:
         """Encode ``t`` straight into the buffers' free capacity, then mark it filled; returns the new codes."""

@@ -117,6 +117,23 @@ int tq_scan_codes(const uint8_t *blocks, int64_t Mp, int64_t mode, const uint8_t
     return 0;
 }
 
+/* The low plane (rows, low_bytes) of code rows (rows, row_bytes), modes 2 and 3: nibble m of a row is the
+ * low half of each code of byte m (mode 2: the low 2 bits of two 4-bit codes, mode 3: the low bit of four
+ * 2-bit codes), two nibbles per byte, low nibble first. */
+void tq_scan_low(const uint8_t *src, int64_t rows, int64_t row_bytes, int64_t mode, uint8_t *low, int64_t low_bytes) {
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *c = src + r * row_bytes;
+        uint8_t *o = low + r * low_bytes;
+        memset(o, 0, (size_t)low_bytes);
+        for (int64_t m = 0; m < row_bytes; m++) {
+            uint8_t b = c[m];
+            uint8_t n = mode == 2 ? (uint8_t)((b & 3) | ((b >> 2) & 12))
+                                  : (uint8_t)((b & 1) | ((b >> 1) & 2) | ((b >> 2) & 4) | ((b >> 3) & 8));
+            o[m >> 1] |= (uint8_t)(n << (4 * (m & 1)));
+        }
+    }
+}
+
 /* Context fields of the split storage (after C_XCENT; see the enum in _cpu_scan.c). */
 enum { C_SPLIT = 13, C_JOIN, C_LOW, C_LOWB, C_CODEB, C_COUNT2 };
 

@@ -39,7 +39,7 @@ from ..codec import decode_mse_numpy, layout, reconstruction_norms
 from ..config import QuantizerConfig, TurboQuantError
 from ..fastscan import _NibblePlan, nibble_plan, nibble_source, thread_pool
 from .cbuild import build_error, load_c_library
-from .scan_split import SplitSpec, low_plane, split_spec
+from .scan_split import SplitSpec, split_spec
 
 _SOURCE = Path(__file__).with_name("_cpu_scan.c")
 _FLAGS = ("-ffp-contract=off",)  # plain IEEE float ops: SIMD, scalar and numpy give identical scores
@@ -75,6 +75,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tq_scan_codes.argtypes = [_P, _I, _I, _P, _P, _I, _I, _P, _I, _I, _P]
     lib.tq_scan_codes.restype = ctypes.c_int
     lib.tq_rescore_split.argtypes, lib.tq_rescore_split.restype = [_P, _P, _I, _I, _P, _I, _P], ctypes.c_int
+    lib.tq_scan_low.argtypes, lib.tq_scan_low.restype = [_P, _I, _I, _I, _P, _I], None
 
 
 _WeakArray = Callable[[], "np.ndarray | None"]
@@ -351,8 +352,8 @@ class ScanMirror:
         else:
             pack((0, r))
         if self.spec is not None and self.spec.low_bytes:
-            for s0 in range(0, r, 1 << 14):  # in chunks: a few temporaries of the chunk's size
-                self.low[self.count + s0 : self.count + min(r, s0 + (1 << 14))] = low_plane(codes[s0 : s0 + (1 << 14)], self.spec)
+            rows = np.ascontiguousarray(codes)  # (scan_split.low_plane is the numpy statement of this)
+            self.lib.tq_scan_low(_ptr(rows), r, rows.shape[1], self.spec.mode, _ptr(self.low[self.count :]), self.spec.low_bytes)
         self.count += r
 
     def sync(self, codes: np.ndarray | None, norms: np.ndarray, correction: bool, threads: int = 1) -> None:
