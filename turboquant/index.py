@@ -256,7 +256,8 @@ class TurboQuantIndex:
                 stale = new_ids[hit]
             if stale.size or self._split() is not None:  # encode first (may raise), then swap old for new
                 codes, norms = self._encode_all(t)
-                self.remove(stale)
+                if stale.size:  # remove() scans every stored id
+                    self.remove(stale)
                 if (fs := self._split()) is not None:  # the codes go straight into the split storage
                     fs.reserve(len(self) + n)
                     fs.append_codes(codes.numpy(), torch.get_num_threads())
