@@ -7,8 +7,12 @@ For each n: a synthetic set (clustered, anisotropic power-law spectrum, unit nor
 a ``.npy`` file in chunks, never held in memory whole; exact inner-product ground truth for
 ``--nq`` queries is computed in chunks. TurboQuant: ``turboquant.streaming.build_index`` in a
 child process (its peak RSS is the build's memory: codes + norms + one chunk + the interpreter),
-``save``, then ``TurboQuantIndex.load(mmap=True)`` (checksum verified) and search (the first
-search builds the fast-scan mirror; its time is reported). FAISS ``IndexRaBitQ`` and
+``save``, then, in a second child process, ``TurboQuantIndex.load(mmap=True)`` (checksum verified)
+and search (first search, a batch, single queries): that process's peak RSS (``VmHWM``) is the
+memory *while searching*, reported beside the codes + norms and as their ratio (target ≤ 1.10 once
+the RSS before loading is subtracted). ``--build-engine auto`` (default) builds the fast-scan
+storage during the build, so the file holds the split storage that the search maps in place;
+``torch`` saves row-major codes, converted at the first search. FAISS ``IndexRaBitQ`` and
 ``IndexPQFastScan`` (at ≤ the same bytes per vector) are built from the same file in chunks at
 the same n, unless their codes would not fit in ``--peer-max-gb`` (then skipped and said so).
 Writes ``benchmarks/results/ann_scale.json`` and ``ann_scale.png`` (log-log QPS and build time vs n).
@@ -85,7 +89,7 @@ TurboQuantIndex(npy_shape(sys.argv[1])[0][1], float(sys.argv[3]))  # one-time co
 setup_s = time.perf_counter() - t
 base = status("VmRSS:")
 t = time.perf_counter()
-index = build_index(sys.argv[1], float(sys.argv[3]), "ip", engine="torch")
+index = build_index(sys.argv[1], float(sys.argv[3]), "ip", engine=sys.argv[4])
 build_s = time.perf_counter() - t
 peak = status("VmHWM:")
 index.save(sys.argv[2])
@@ -94,29 +98,73 @@ print(json.dumps({"setup_s": setup_s, "build_s": build_s, "rss_before_MB": base 
 """
 
 
-def run_tq(data: Path, out: Path, bits: float, queries: np.ndarray, gt: np.ndarray, single: int) -> dict[str, Any]:
+# The process that loads and searches: its VmHWM is the search-time peak. Everything but the index
+# (interpreter, torch, the scan library, codebooks, rotation, the queries, and the code pages and
+# thread pools a search touches: one warm-up search of a 2,000-vector index, then freed) is in
+# place before the RSS snapshot taken just before loading, where VmHWM is reset (``/proc/self/clear_refs``),
+# so that the peak reported is the peak of loading and searching.
+_SEARCH_CHILD = """
+import json, sys, time
+import numpy as np
+from turboquant.index import TurboQuantIndex
+from turboquant.index_file import read_index_file
+from turboquant.kernels.cpu_scan import load_scan_library
+def status(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
+path, queries, single = sys.argv[1], np.load(sys.argv[2]), int(sys.argv[3])
+head = read_index_file(path, mmap=True)[1]
+load_scan_library()
+warm = TurboQuantIndex(head.config.dim, head.config.bits)  # codebook + rotation caches, a search's code pages
+warm.add(queries[np.arange(2000) % len(queries)] + np.float32(1e-3))
+warm.search(queries[:1], 10), warm.search(queries, 10)
+del warm
+hwm_before = status("VmHWM:")
+with open("/proc/self/clear_refs", "w") as fh:  # reset VmHWM to the current RSS (Linux >= 4.0): the peak from here
+    fh.write("5")
+before = status("VmRSS:")
+t = time.perf_counter()
+index = TurboQuantIndex.load(path, mmap=True)
+load_s = time.perf_counter() - t
+t = time.perf_counter()
+index.search(queries[:1], 10)
+first_s = time.perf_counter() - t
+t = time.perf_counter()
+ids = index.search(queries, 10)[1]
+batch_s = time.perf_counter() - t
+t = time.perf_counter()
+for i in range(single):
+    index.search(queries[i : i + 1], 10)
+single_s = time.perf_counter() - t
+peak = status("VmHWM:")
+np.save(sys.argv[4], ids)
+print(json.dumps({"mmap_load_s": load_s, "first_search_s": first_s, "QPS_batch": len(queries) / batch_s,
+                  "QPS_single": single / single_s, "search_rss_before_MB": before / 1024,
+                  "search_hwm_before_MB": hwm_before / 1024, "search_rss_peak_MB": peak / 1024,
+                  "search_rss_after_MB": status("VmRSS:") / 1024, "split_storage": getattr(index, "_split", lambda: None)() is not None,
+                  "memory_bytes_MB": index.memory_bytes / 2**20, "bytes_per_vector": index.bytes_per_vector}))
+"""
+
+
+def run_tq(data: Path, out: Path, bits: float, queries: np.ndarray, gt: np.ndarray, single: int,
+           engine: str = "auto") -> dict[str, Any]:  # fmt: skip
     env = dict(os.environ)
-    child = subprocess.run([sys.executable, "-c", _CHILD, str(data), str(out), str(bits)], env=env,
+    child = subprocess.run([sys.executable, "-c", _CHILD, str(data), str(out), str(bits), engine], env=env,
                            capture_output=True, text=True, check=True)  # fmt: skip
-    row: dict[str, Any] = {"method": "tq", **json.loads(child.stdout.strip().splitlines()[-1])}
+    row: dict[str, Any] = {"method": "tq", "build_engine": engine, **json.loads(child.stdout.strip().splitlines()[-1])}
     row["build_mem_over_codes"] = (row["rss_peak_MB"] - row["rss_before_MB"]) / row["codes_norms_MB"] - 1
     row["file_MB"] = out.stat().st_size / 2**20
-    TurboQuantIndex(index_dim(out), bits)  # warm the codebook/rotation caches: time the load itself
-    t = time.perf_counter()
-    index = TurboQuantIndex.load(out, mmap=True)
-    row["mmap_load_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    index.search(queries[:1], 10)
-    row["first_search_s"] = time.perf_counter() - t  # builds the fast-scan mirror
-    row.update(time_search(lambda q: index.search(q, 10)[1], queries, gt, single))
-    row["bytes_per_vector"] = index.bytes_per_vector
+    qpath, idpath = out.with_suffix(".queries.npy"), out.with_suffix(".ids.npy")
+    np.save(qpath, queries)
+    child = subprocess.run([sys.executable, "-c", _SEARCH_CHILD, str(out), str(qpath), str(single), str(idpath)], env=env,
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    row.update(json.loads(child.stdout.strip().splitlines()[-1]))
+    row["R10@10"] = recall(np.load(idpath), gt)
+    # memory while searching: the loading-and-searching process's peak over its RSS before the load
+    row["search_mem_MB"] = row["search_rss_peak_MB"] - row["search_rss_before_MB"]
+    row["search_mem_over_codes"] = row["search_mem_MB"] / row["codes_norms_MB"]
+    qpath.unlink()
+    idpath.unlink()
     return row
-
-
-def index_dim(path: Path) -> int:
-    from turboquant.index_file import read_index_file
-
-    return read_index_file(path, mmap=True)[1].config.dim
 
 
 def time_search(search: Any, queries: np.ndarray, gt: np.ndarray, single: int) -> dict[str, Any]:
@@ -186,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", type=Path, default=None, help="where the .npy inputs go (default: a temp dir)")
     p.add_argument("--peer-max-gb", type=float, default=4.0)
     p.add_argument("--no-faiss", action="store_true")
+    p.add_argument("--build-engine", default="auto", choices=["auto", "torch"],
+                   help="engine of the build (auto: the file holds the fast scan's split storage)")
     p.add_argument("--out", default="ann_scale.json")
     args = p.parse_args(argv)
     info = machine_info()
@@ -198,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
             queries = write_synthetic(data, n, args.nq, args.dim)
             gt = ground_truth(data, queries)
             print(f"\n== n={n}: data {data.stat().st_size / 2**30:.2f} GiB written + ground truth in {time.perf_counter() - t:.0f} s", flush=True)
-            tq = run_tq(data, out, args.bits, queries, gt, args.single)
+            tq = run_tq(data, out, args.bits, queries, gt, args.single, args.build_engine)
             rows.append({"n": n, **tq})
             print(json.dumps(rows[-1]), flush=True)
             if not args.no_faiss:
@@ -209,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
             data.unlink()
             out.unlink()
     cols = ["n", "method", "R10@10", "QPS_batch", "QPS_single", "build_s", "bytes_per_vector", "rss_peak_MB",
-            "codes_norms_MB", "build_mem_over_codes", "file_MB", "mmap_load_s", "first_search_s", "skipped"]  # fmt: skip
+            "codes_norms_MB", "build_mem_over_codes", "search_mem_MB", "search_mem_over_codes", "file_MB",
+            "mmap_load_s", "first_search_s", "skipped"]  # fmt: skip
     print("\n" + table([[r.get(c, "") for c in cols] for r in rows], cols))
     path = write_json(args.out, {"machine": info, "threads": {"torch": torch.get_num_threads()}, "args": vars(args), "rows": rows})
     print(f"wrote {path}")

@@ -336,7 +336,7 @@ def test_mirror_factors_are_the_corrected_norm_scale() -> None:
     mirror = index._fastscan
     assert isinstance(mirror, ScanMirror) and mirror.beta is not None
     norms = np.linalg.norm(x, axis=1)
-    y = decode_mse_numpy(index._store.numpy("codes"), index.quantizer_config)
+    y = decode_mse_numpy(index._codes.numpy(), index.quantizer_config)
     np.testing.assert_allclose(mirror.alpha[:500], 2 * norms / reconstruction_norms(y), rtol=1e-5)
     np.testing.assert_allclose(mirror.beta[:500], -(norms**2), rtol=1e-5)
 

@@ -2,27 +2,24 @@
 
 A vector ``x`` is stored exactly as :class:`~turboquant.quantizer.TurboQuantMSE` stores it
 (docs/DESIGN.md): ``‖x‖`` plus Lloyd-Max codes of ``y = Π x/‖x‖``. Queries are rotated once
-(``Π q``) and scored straight from the codes; stored vectors are never decoded in bulk into a
-float cache.
+(``Π q``) and scored straight from the codes, never decoded in bulk into a float cache.
 
 Ranking estimator: ``‖x‖·<Πq, ŷ>/‖ŷ‖`` (default; ``correction=False`` drops ``/‖ŷ‖``), the
 reconstruction rescaled to its stored norm (:func:`turboquant.codec.reconstruction_norms`): no
 stored byte, no calibration; on all-MiniLM-L6-v2 (d=384, 4 bits) recall 10@10 0.933 → 0.947.
 
 Engines, picked per call: ``fastscan`` (CPU) scans the top ``scan_bits`` bits of every code
-(fixed nested TurboQuant codebooks, nothing trained; the mirror lives in RAM only) with 8-bit
-lookup tables, then re-scores a shortlist exactly from the stored codes; ``torch`` (any device,
-any width) decodes blocks of codes and multiplies them with the query batch. The scan is the C
-kernel of :mod:`turboquant.kernels.cpu_scan`, which applies each vector's scale
-(``‖x‖/‖ŷ‖``, and ``−‖x‖²`` for L2) inside the scan, so one pass per query ranks vectors of any
-norm. Without a C compiler the FAISS ``IndexPQFastScan`` mirror (:mod:`turboquant.fastscan`)
-stands in, for indexes whose stored norms are all equal (its tables cannot apply a per-vector
-norm); others then use the torch engine. ``auto`` picks fast-scan on CPU whenever one of the two
-is available.
+(fixed nested codebooks, nothing trained) with 8-bit lookup tables in C
+(:mod:`turboquant.kernels.cpu_scan`, each vector's ``‖x‖/‖ŷ‖`` and L2 ``−‖x‖²`` applied in the
+scan), then re-scores a shortlist exactly; ``torch`` (any device, any width) decodes blocks of
+codes against the query batch. For 2- and 4-bit codes the scan's blocked layout plus a plane of
+the bits it drops *are* the stored codes (:mod:`turboquant.kernels.scan_split`: each code held
+once; the row-major copy is dropped once the scan is built). Without a C compiler the FAISS
+``IndexPQFastScan`` mirror (:mod:`turboquant.fastscan`) stands in where all stored norms are equal;
+others then use the torch engine. ``auto`` picks fast-scan on CPU whenever one is available.
 
 Thread safety: every public method takes the index's re-entrant lock, so a search running
-while another thread adds or removes vectors sees the index either before or after the change.
-"""
+while another thread adds or removes vectors sees the index either before or after the change."""
 
 from __future__ import annotations
 
@@ -34,12 +31,14 @@ import numpy as np
 import torch
 
 from .buffers import GrowableBuffer
-from .codec import bytes_per_vector, code_bytes, decode_mse, encode, reconstruction_norms
+from .codec import bytes_per_vector, code_bytes, decode_mse, encode
 from .config import Engine, IndexConfig, Metric, QuantizerConfig, TurboQuantError, replace_fields
-from .fastscan import FastScan, faiss_available, rescore, rotate_queries, thread_pool
+from .fastscan import FastScan, faiss_available, rescore_keys, rotate_queries, thread_pool
 from .index_file import MAX_ID, IndexHeader, read_index_file, write_index_file
 from .inputs import ArrayLike, as_ids, as_matrix, to_numpy32, to_torch
-from .kernels.cpu_scan import ScanMirror, default_shortlist, load_scan_library, scan_plan, top_k
+from .kernels.cpu_scan import OWN_CODES, ScanMirror, default_shortlist, load_scan_library, scan_plan, scan_width, top_k
+from .kernels.scan_split import load_split, split_tensors
+from .kernels.torch_search import torch_search
 from .rotation import make_rotation
 
 _CHUNK = 16384  # vectors encoded / decoded at a time: bounds temporary memory
@@ -178,16 +177,31 @@ class TurboQuantIndex:
 
     @property
     def _codes(self) -> torch.Tensor:
-        return self._store.view("codes")
+        return self._code_rows(0, len(self))
 
-    @property
-    def _norms(self) -> torch.Tensor:
-        return self._store.view("norms")
+    def _split(self) -> ScanMirror | None:
+        """The C scan mirror when it holds the only copy of the codes (split storage), else None."""
+        fs = self._fastscan
+        return fs if isinstance(fs, ScanMirror) and "codes" not in self._store.tensors else None
+
+    def _code_rows(self, start: int, stop: int, pos: np.ndarray | None = None) -> torch.Tensor:
+        """Stored code rows ``start..stop`` (or positions ``pos``), ``(r, code_bytes)`` uint8 (rebuilt if split)."""
+        if (fs := self._split()) is not None:
+            return torch.from_numpy(fs.codes(start, stop, pos))
+        codes = self._store.view("codes")
+        return codes[start:stop] if pos is None else codes.index_select(0, torch.from_numpy(pos).to(codes.device))
+
+    def _unsplit(self) -> None:
+        """Rows again (before a removal): the codes rebuilt row-major, the scan mirror dropped."""
+        if (fs := self._split()) is not None:
+            self._store.tensors = {"codes": torch.from_numpy(fs.codes()), "norms": self._store.tensors["norms"]}
+            self._store.advance(0)
+            self._fastscan = None
+
+    _norms = property(lambda self: self._store.view("norms"))
 
     def _id_array(self) -> np.ndarray:
-        if self._ids is None:
-            return np.arange(len(self), dtype=np.int64)
-        return self._ids.numpy("ids")
+        return np.arange(len(self), dtype=np.int64) if self._ids is None else self._ids.numpy("ids")
 
     def _materialize_ids(self, count: int | None = None) -> None:
         """Store the implicit ids ``0..count-1`` explicitly (``count``: default all stored vectors)."""
@@ -240,10 +254,16 @@ class TurboQuantIndex:
                         "(pass upsert=True to replace them)"
                     )
                 stale = new_ids[hit]
-            if stale.size:  # encode first (may raise), then swap old for new under the lock
+            if stale.size or self._split() is not None:  # encode first (may raise), then swap old for new
                 codes, norms = self._encode_all(t)
-                self.remove(stale)
-                self._store.append({"codes": codes, "norms": norms})
+                if stale.size:  # remove() scans every stored id
+                    self.remove(stale)
+                if (fs := self._split()) is not None:  # the codes go straight into the split storage
+                    fs.reserve(len(self) + n)
+                    fs.append_codes(codes.numpy(), torch.get_num_threads())
+                    self._store.append({"norms": norms})
+                else:
+                    self._store.append({"codes": codes, "norms": norms})
             else:
                 codes = self._encode_into_spare(t)
             if new_ids.size and (self._ids is not None or not np.array_equal(new_ids, np.arange(len(self) - n, len(self)))):
@@ -253,7 +273,7 @@ class TurboQuantIndex:
             self._norms32 = None
             if n:
                 self._next_id = max(self._next_id, int(new_ids.max()) + 1)
-            if self._fastscan is not None:
+            if self._fastscan is not None and self._split() is None:  # (split: factors at the next search)
                 self._mirror_append(codes)
             elif n and self.config.engine is not Engine.TORCH:
                 self._use_fastscan()  # build the fast-scan mirror now, as part of the build time
@@ -262,10 +282,13 @@ class TurboQuantIndex:
     def reserve(self, n: int) -> None:
         """Make room for ``n`` more vectors now, so a streaming build grows its buffers once (no 2x slack)."""
         with self._lock:
+            if (fs := self._split()) is not None:
+                fs.reserve(len(self) + int(n))
             self._store.reserve(len(self) + int(n), self._templates(self.device))
 
     def _templates(self, device: torch.device) -> dict[str, tuple[tuple[int, ...], torch.dtype, torch.device]]:
-        return {"codes": ((0, code_bytes(self._qcfg)), torch.uint8, device), "norms": ((0,), self._norm_dtype, device)}
+        codes = {} if self._split() is not None else {"codes": ((0, code_bytes(self._qcfg)), torch.uint8, device)}
+        return {**codes, "norms": ((0,), self._norm_dtype, device)}
 
     def _run(self, job: Any, t: torch.Tensor) -> list[Any]:
         """``job(rows)`` for each chunk of ``t``'s rows; chunks of CPU tensors run on all cores (torch releases the GIL)."""
@@ -278,7 +301,7 @@ class TurboQuantIndex:
         enc = self._run(lambda p: self._encode(t[p].to(self.device)), t)
         if not enc:
             return torch.empty(0, code_bytes(self._qcfg), dtype=torch.uint8), torch.empty(0, dtype=self._norm_dtype)
-        return torch.cat([c for c, _ in enc]), torch.cat([m for _, m in enc])
+        return enc[0] if len(enc) == 1 else (torch.cat([c for c, _ in enc]), torch.cat([m for _, m in enc]))
 
     def _encode_into_spare(self, t: torch.Tensor) -> torch.Tensor:
         """Encode ``t`` straight into the buffers' free capacity, then mark it filled; returns the new codes."""
@@ -327,6 +350,7 @@ class TurboQuantIndex:
                 raise TurboQuantError(f"{missing.size} id(s) not in the index: {_shown(missing)}; nothing was removed")
             if not hit.any():
                 return 0
+            self._unsplit()
             self._materialize_ids()
             keep = torch.from_numpy(~hit)
             self._store.apply(lambda t: t[keep.to(t.device)].clone())
@@ -354,7 +378,7 @@ class TurboQuantIndex:
             ):
                 raise TurboQuantError("some ids are not in the index")
             rows = torch.from_numpy(order[pos]).to(self.device)
-            y = decode_mse(self._codes.index_select(0, rows), self._qcfg)
+            y = decode_mse(self._code_rows(0, 0, order[pos]).to(self.device), self._qcfg)
             x = self.rotation.unrotate(y) * self._norms.index_select(0, rows).float().unsqueeze(1)
             return x.cpu().numpy()
 
@@ -392,7 +416,10 @@ class TurboQuantIndex:
                 # numpy end to end: a single query must not pay tens of µs per torch op
                 scores, pos = self._search_fastscan(to_numpy32(t), k, rerank)
             else:
-                scores, pos_t = self._search_torch(self._prepare_queries(to_torch(t).float().to(self.device)), k)
+                q = self._prepare_queries(to_torch(t).float().to(self.device))
+                chunk = max(1024, min(_CHUNK * 4, (1 << 24) // max(len(q), 1)))
+                scores, pos_t = torch_search(q, k, n, self._qcfg, self.rotation, self._code_rows, self._norms,
+                                             self.metric == "l2", self.config.correction, chunk)  # fmt: skip
                 pos = pos_t.cpu().numpy()
             ids_np = pos if self._ids is None else np.take(self._ids.numpy("ids"), pos)
         if numpy_io:
@@ -418,6 +445,8 @@ class TurboQuantIndex:
         if self.config.engine is Engine.TORCH:
             return False
         if self._fastscan is not None and self.device.type == "cpu":  # built, so possible: no per-search checks
+            if isinstance(self._fastscan, ScanMirror) and self._fastscan.nfac < len(self):  # loaded: factors first
+                self._mirror_fill()
             return True
         if self.config.engine is Engine.FASTSCAN:
             self._check_fastscan_possible()
@@ -428,9 +457,13 @@ class TurboQuantIndex:
             return False
         lib = load_scan_library()
         if lib is not None:
-            self._fastscan = ScanMirror(self._qcfg, plan, self.metric == "l2", lib)
-            self._fastscan.reserve(len(self))
+            fs = self._fastscan = ScanMirror(self._qcfg, plan, self.metric == "l2", lib)
+            fs.width = scan_width(self._qcfg, self.config.scan_bits, len(self))
+            fs.reserve(max(len(self), self._store.capacity))  # a streaming build's reservation
             self._mirror_fill()
+            if fs.spec is not None:  # the mirror now holds every code: drop the row-major copy
+                self._store.tensors.pop("codes")
+                self._store.advance(0)
             return True
         # FAISS fallback: its tables cannot apply a per-vector norm, so only for (nearly) equal norms
         if not faiss_available() or not self._norms_equal():
@@ -453,8 +486,9 @@ class TurboQuantIndex:
 
     def _mirror_fill(self) -> None:
         """Bring the C scan mirror up to the stored vectors (appends those it lacks, with their factors)."""
-        assert isinstance(self._fastscan, ScanMirror)
-        self._fastscan.sync(self._store.numpy("codes"), self._norms_f32(), self.config.correction, torch.get_num_threads())
+        fs, codes = self._fastscan, None if self._split() is not None else self._store.numpy("codes")
+        assert isinstance(fs, ScanMirror)
+        fs.sync(codes, self._norms_f32(), self.config.correction, torch.get_num_threads())
 
     def _mirror_append(self, codes: torch.Tensor) -> None:
         """Extend the fast-scan mirror by the last ``len(codes)`` stored vectors (or drop it to rebuild)."""
@@ -470,40 +504,8 @@ class TurboQuantIndex:
             self._fastscan = None
             self._use_fastscan()
 
-    def _scale(self, norms: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
-        """Per-vector multiplier of ``<Πq, ŷ>``: ``‖x‖/‖ŷ‖`` (corrected) or ``‖x‖``."""
-        if not self.config.correction:
-            return norms
-        return norms / reconstruction_norms(y_hat)
-
-    def _finish(self, dots: torch.Tensor, norms: torch.Tensor, q_sq: torch.Tensor) -> torch.Tensor:
-        """Turn estimated inner products into 'larger is better' ranking keys."""
-        if self.metric == "l2":  # -(‖q‖² + ‖x‖² − 2<q, x>)
-            return 2 * dots - norms.square() - q_sq
-        return dots
-
-    def _scores_out(self, keys: torch.Tensor) -> torch.Tensor:
-        return -keys if self.metric == "l2" else keys
-
-    def _search_torch(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if q.shape[0] == 0:
-            return torch.empty(0, k, device=q.device), torch.empty(0, k, dtype=torch.int64, device=q.device)
-        q_rot = self.rotation.rotate(q)
-        q_sq = q.square().sum(1, keepdim=True)
-        nq, n = q.shape[0], len(self)
-        chunk = max(1024, min(_CHUNK * 4, (1 << 24) // max(nq, 1)))
-        best_keys = torch.full((nq, 0), -float("inf"), device=q.device)
-        best_pos = torch.zeros((nq, 0), dtype=torch.int64, device=q.device)
-        for start in range(0, n, chunk):
-            y_hat = decode_mse(self._codes[start : start + chunk], self._qcfg)
-            norms = self._norms[start : start + chunk].float()
-            scale = self._scale(norms, y_hat)
-            keys = self._finish((q_rot @ y_hat.T) * scale, norms, q_sq)
-            pos = torch.arange(start, start + y_hat.shape[0], device=q.device).expand(nq, -1)
-            keys, pos = torch.cat([best_keys, keys], 1), torch.cat([best_pos, pos], 1)
-            top = torch.topk(keys, min(k, keys.shape[1]), dim=1)
-            best_keys, best_pos = top.values, torch.gather(pos, 1, top.indices)
-        return self._scores_out(best_keys), best_pos
+    def _scan_codes(self) -> np.ndarray:  # the codes the C re-score reads
+        return OWN_CODES if self._split() is not None else self._store.numpy("codes")
 
     def _search_fastscan(self, q: np.ndarray, k: int, rerank: int | None) -> tuple[np.ndarray, np.ndarray]:
         fs = self._fastscan
@@ -519,7 +521,7 @@ class TurboQuantIndex:
             self._rot_t = self.rotation.matrix().T.contiguous().numpy()
         if isinstance(fs, ScanMirror) and len(q) == 1 and self.metric == "ip":
             # one query: checked, rotated, scanned, re-scored and the best k sorted in one C call
-            found = fs.search_one(q, shortlist, threads, self._store.numpy("codes"), self._rot_t, k)
+            found = fs.search_one(q, shortlist, threads, self._scan_codes(), self._rot_t, k)
             if found is not None:
                 return found
         q_sq = np.square(q).sum(1)
@@ -528,37 +530,31 @@ class TurboQuantIndex:
         if self.metric == "cosine":
             q = q / np.sqrt(np.where(q_sq > 0, q_sq, 1.0))[:, None]
         if isinstance(fs, ScanMirror) and fs.exact_plan is not None:  # rotated (few queries), scanned, re-scored in C
-            keys, cand = fs.search(q, shortlist, threads, self._store.numpy("codes"), rot_t=self._rot_t, k=k)  # sorted
+            keys, cand = fs.search(q, shortlist, threads, self._scan_codes(), rot_t=self._rot_t, k=k)  # sorted
             return (q_sq[:, None] - keys if self.metric == "l2" else keys), cand
         q_rot = fs.rotate(q, self._rot_t) if isinstance(fs, ScanMirror) else rotate_queries(q, self._rot_t)
         cand = fs.search(q_rot, shortlist, threads)[1] if isinstance(fs, ScanMirror) else fs.search(q_rot, shortlist)
-        norms = self._norms_f32()
-        dots, scale = np.empty(cand.shape, np.float32), np.empty(cand.shape, np.float32)
-        step = max(1, (1 << 18) // (shortlist * cfg.dim))  # queries per step: decoded block stays in cache (3x faster)
-        for s0 in range(0, len(q), step):
-            sl = slice(s0, s0 + step)
-            dots[sl], scale[sl] = rescore(self._store.numpy("codes"), norms, cfg, self.config.correction, cand[sl], q_rot[sl])
-        keys = dots * scale
-        if self.metric == "l2":  # -(‖q‖² + ‖x‖² − 2<q, x>), largest first
-            keys = 2 * keys - np.square(np.take(norms, cand)) - q_sq[:, None]
-        return top_k(keys, cand, k, self.metric == "l2")
+        codes, l2 = self._store.numpy("codes"), self.metric == "l2"
+        keys = rescore_keys(codes, self._norms_f32(), cfg, self.config.correction, cand, q_rot, q_sq, l2)
+        return top_k(keys, cand, k, l2)
 
     # ----------------------------------------------------------------- persistence
-
-    def _file_header(self) -> IndexHeader:
-        return IndexHeader(self._qcfg, self.metric, self.config.correction, len(self), self._next_id, self._ids is not None)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the index to ``path`` atomically (safetensors + versioned, checksummed header).
 
-        Holds only the stored data (codes, norms, explicit ids); the fast-scan mirror is rebuilt
-        after loading. Never pickles. File format: :mod:`turboquant.index_file`.
+        Holds only the stored data (codes, norms, explicit ids); split storage is saved as it is
+        (blocked scan nibbles + low plane), so a memory-mapped load searches it in place; the scan
+        factors are recomputed after loading. Never pickles. File format: :mod:`turboquant.index_file`.
         """
         with self._lock:
-            tensors = {"codes": self._codes.cpu(), "norms": self._norms.cpu()}
+            fs = self._split()
+            tensors, scan = split_tensors(fs) if fs is not None else ({"codes": self._codes.cpu()}, None)
+            tensors["norms"] = self._norms.cpu()
             if self._ids is not None:
                 tensors["ids"] = self._ids.view("ids").cpu()
-            write_index_file(path, tensors, self._file_header())
+            head = IndexHeader(self._qcfg, self.metric, self.config.correction, len(self), self._next_id, self._ids is not None, scan)
+            write_index_file(path, tensors, head)
 
     @classmethod
     def load(
@@ -572,8 +568,10 @@ class TurboQuantIndex:
         """Load an index written by :meth:`save`, verifying format, version, shapes and checksums.
 
         Args:
-            mmap: map codes and norms read-only instead of reading them (the fast-scan engine still
-                builds its RAM mirror; the first ``add``/``remove`` copies them into RAM).
+            mmap: map codes and norms read-only instead of reading them (copied into RAM at the first
+                change). Split storage (version 2, same scan layout) is searched in place; row-major
+                codes (version 1 files, or another machine's scan layout) become split storage in RAM
+                at the first fast-scan search.
             device: where the codes go (``None``: CPU).
             options: search settings of :class:`~turboquant.config.IndexConfig` (``engine``,
                 ``search_threads``, ``scan_bits``); the others come from the file.
@@ -590,7 +588,13 @@ class TurboQuantIndex:
         index = cls(config, device=device)
         dev = index.device
         mapped = mmap and dev.type == "cpu"
-        index._store = GrowableBuffer.wrap(0, {"codes": tensors["codes"].to(dev), "norms": tensors["norms"].to(dev)}, mapped)
+        codes = tensors.get("codes")
+        if head.scan is not None:  # searched in place where this index scans the same plan in the same layout
+            same = config.engine is not Engine.TORCH and scan_width(qcfg, config.scan_bits, head.count) == head.scan["bits"]
+            lib = load_scan_library() if dev.type == "cpu" and same else None
+            index._fastscan, codes = load_split(path, qcfg, metric == "l2", head.scan, tensors, head.count, lib, mapped)
+        parts = {} if codes is None else {"codes": codes.to(dev)}
+        index._store = GrowableBuffer.wrap(0, {**parts, "norms": tensors["norms"].to(dev)}, mapped)
         index._ids = GrowableBuffer.wrap(0, {"ids": tensors["ids"]}, mapped) if explicit else None
         index._next_id = next_id
         return index

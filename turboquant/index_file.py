@@ -1,8 +1,19 @@
 """The index file: header fields, their range checks, and the tensors they must agree with.
 
-An index file is a :mod:`turboquant.io` file of kind ``"index"``: tensors ``codes``
-``(count, code_bytes)`` uint8, ``norms`` ``(count,)`` and, once ids are explicit, ``ids``
-``(count,)`` int64, plus a header ``{"index": {...}, "index_digest": sha256}``. Every header field
+An index file is a :mod:`turboquant.io` file of kind ``"index"``: tensors ``norms`` ``(count,)``
+and, once ids are explicit, ``ids`` ``(count,)`` int64, plus the codes in one of two layouts
+(header field ``codes_layout``, index version 2):
+
+* ``"rows"``: ``codes`` ``(count, code_bytes)`` uint8, one row per vector (the only layout of
+  version 1 files, which still load);
+* ``{"bits": b, "vnni": bool, "mpad": p}``, the split storage of
+  :mod:`turboquant.kernels.scan_split`: ``scan_blocks`` ``(ceil(count/64), Mp·32)`` uint8, the C
+  scan's blocked nibbles of a ``b``-bit scan (``Mp`` = nibble positions padded to a multiple of
+  ``p``; ``vnni``: the 16-vector sub-block layout), and, when the scan drops bits, ``low_bits``
+  ``(count, ceil(code_bytes/2))`` uint8. Memory-mapped by a machine with the same scan layout
+  and searched in place; elsewhere rebuilt into rows at load.
+
+The header is ``{"index": {...}, "index_digest": sha256}``. Every header field
 is type- and range-checked here (dims, bits, seeds through
 :class:`~turboquant.config.QuantizerConfig`; ``count`` against the tensor shapes; ``next_id``
 within int64 and above every stored id) before the index allocates anything from it, and every
@@ -23,10 +34,12 @@ import torch
 
 from .codec import code_bytes
 from .config import Metric, QuantizerConfig, TurboQuantError, Variant
+from .fastscan import nibble_plan
 from .io import config_from_header, load_tensors, require_bool, require_choice, require_int, save_tensors, tensors_checksum
 
 INDEX_KIND = "index"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # version 1: row-major codes only, no codes_layout field
 MAX_ID = int(np.iinfo(np.int64).max)
 
 
@@ -40,10 +53,13 @@ class IndexHeader:
     count: int
     next_id: int
     explicit_ids: bool
+    scan: dict[str, Any] | None = None  # the split storage's layout; None: row-major codes
+    version: int = INDEX_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "index_version": INDEX_VERSION,
+            "codes_layout": "rows" if self.scan is None else self.scan,
             "config": self.config.to_dict(),
             "metric": self.metric.value,
             "correction": self.correction,
@@ -68,8 +84,9 @@ def parse_header(path: Path, meta: Any) -> IndexHeader:
     """Type- and range-check the ``"index"`` header dict (nothing is allocated from it yet)."""
     if not isinstance(meta, dict):
         raise TurboQuantError(f"{path}: missing index header; not a turboquant index file")
-    if meta.get("index_version") != INDEX_VERSION:
-        raise TurboQuantError(f"{path}: index version {meta.get('index_version')!r} is not supported (expected {INDEX_VERSION})")
+    version = meta.get("index_version")
+    if isinstance(version, bool) or version not in _READABLE_VERSIONS:
+        raise TurboQuantError(f"{path}: index version {version!r} is not supported (this turboquant reads {_READABLE_VERSIONS})")
     qcfg = config_from_header(path, meta.get("config"))  # range-checks dim, bits, seed, norm dtype
     metric = Metric(require_choice(path, meta, "metric", [m.value for m in Metric]))
     if qcfg.variant is not Variant.MSE:
@@ -78,7 +95,18 @@ def parse_header(path: Path, meta: Any) -> IndexHeader:
     explicit = require_bool(path, meta, "explicit_ids")
     if not explicit and next_id < count:
         raise TurboQuantError(f"{path}: invalid index header: next_id={next_id} is below the implicit ids 0..{count - 1}")
-    return IndexHeader(qcfg, metric, require_bool(path, meta, "correction"), count, next_id, explicit)
+    scan = None
+    if version >= 2 and meta.get("codes_layout") != "rows":
+        raw = meta.get("codes_layout")
+        if not isinstance(raw, dict) or set(raw) != {"bits", "vnni", "mpad"}:
+            raise TurboQuantError(f"{path}: invalid index header: codes_layout must be 'rows' or {{bits, vnni, mpad}}")
+        scan = {"bits": require_int(path, raw, "bits", 1, 4), "vnni": require_bool(path, raw, "vnni"),
+                "mpad": require_choice(path, raw, "mpad", [2, 8])}  # fmt: skip
+        if nibble_plan(qcfg, scan["bits"]) is None:
+            raise TurboQuantError(f"{path}: invalid index header: no {scan['bits']}-bit scan of {qcfg.bits}-bit codes")
+    elif version == 1 and "codes_layout" in meta:
+        raise TurboQuantError(f"{path}: invalid index header: codes_layout in a version 1 file")
+    return IndexHeader(qcfg, metric, require_bool(path, meta, "correction"), count, next_id, explicit, scan, version)
 
 
 def read_index_file(path: str | os.PathLike[str], *, mmap: bool = False) -> tuple[dict[str, torch.Tensor], IndexHeader]:
@@ -96,10 +124,16 @@ def read_index_file(path: str | os.PathLike[str], *, mmap: bool = False) -> tupl
     if raw.get("index_digest") != digest(raw["index"], raw["checksum"]):
         raise TurboQuantError(f"{path}: index header checksum mismatch; the file is corrupt")
     count = header.count
-    expect = {
-        "codes": ((count, code_bytes(header.config)), torch.uint8),
-        "norms": ((count,), getattr(torch, header.config.norm_dtype)),
-    }
+    expect: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"norms": ((count,), getattr(torch, header.config.norm_dtype))}
+    if header.scan is None:
+        expect["codes"] = ((count, code_bytes(header.config)), torch.uint8)
+    else:
+        plan = nibble_plan(header.config, header.scan["bits"])
+        assert plan is not None
+        mp = -(-len(plan.coords) // header.scan["mpad"]) * header.scan["mpad"]
+        expect["scan_blocks"] = ((-(-count // 64), mp * 32), torch.uint8)
+        if not plan.identity:  # the bits the scan drops
+            expect["low_bits"] = ((count, -(-code_bytes(header.config) // 2)), torch.uint8)
     if header.explicit_ids:
         expect["ids"] = ((count,), torch.int64)
     if set(tensors) != set(expect):

@@ -73,8 +73,8 @@ static inline int slot_of(int v) {
 
 /* Nibble m < M of a source row: two per byte (low first), or with a table one per source byte,
  * table[src[m]] (a stored code byte mapped to the nibble it scans); 0 past M (padding). */
-static inline uint8_t nibble_at(const uint8_t *src, int64_t m, int64_t M, const uint8_t *table) {
-    if (m >= M) return 0;
+static inline uint8_t nibble_at(const uint8_t *src, int64_t m, int64_t M, const uint8_t *table, int64_t row_bytes) {
+    if (m >= M || (table ? m : m >> 1) >= row_bytes) return 0; /* padding nibbles past the row */
     return table ? table[src[m]] : (uint8_t)((src[m >> 1] >> (4 * (m & 1))) & 15);
 }
 
@@ -90,7 +90,7 @@ void tq_scan_pack(const uint8_t *src0, int64_t rows, int64_t row_bytes, int64_t 
         for (int64_t row = 0; row < Mp / 8; row++)
             for (int t = 0; t < 4; t++) {
                 int64_t ml = 8 * row + t;
-                sub[row * 64 + t] = (uint8_t)(nibble_at(src, ml, M, table) | (nibble_at(src, ml + 4, M, table) << 4));
+                sub[row * 64 + t] = (uint8_t)(nibble_at(src, ml, M, table, row_bytes) | (nibble_at(src, ml + 4, M, table, row_bytes) << 4));
             }
     }
     return;
@@ -100,7 +100,7 @@ void tq_scan_pack(const uint8_t *src0, int64_t rows, int64_t row_bytes, int64_t 
         uint8_t *blk = blocks + (g / BV) * (Mp / 2) * BV + slot_of((int)(g % BV));
         const uint8_t *src = src0 + r * row_bytes;
         for (int64_t p = 0; p < Mp / 2; p++) /* positions 2p, 2p+1 */
-            blk[p * BV] = (uint8_t)(nibble_at(src, 2 * p, M, table) | (nibble_at(src, 2 * p + 1, M, table) << 4));
+            blk[p * BV] = (uint8_t)(nibble_at(src, 2 * p, M, table, row_bytes) | (nibble_at(src, 2 * p + 1, M, table, row_bytes) << 4));
     }
 }
 
@@ -377,6 +377,10 @@ int tq_scan_search(const uint8_t *blocks, int64_t v0, int64_t v1, int64_t Mp, co
     return scan_search(blocks, v0, v1, Mp, alpha, beta, qlut, inv_a, bias, nq, L, out_s, out_i, (int)sample);
 }
 
+/* Fields of the context array (kept by the Python wrapper, refreshed when the mirror grows); the
+ * split storage's fields follow (_cpu_scan_split.h). */
+enum { C_BLOCKS, C_MP, C_M, C_DSUB, C_COORDS, C_CENT, C_ALPHA, C_BETA, C_D, C_XM, C_XDSUB, C_XCOORDS, C_XCENT };
+
 /* ------------------------------------------------------------------ exact re-scoring */
 
 /* Exact scores of shortlisted rows: out[q,c] = alpha_i * sum_m lutf[m][nibble_im] + beta_i, i = cand[q,c]
@@ -451,6 +455,8 @@ int tq_rescore(const uint8_t *rows, int64_t row_bytes, const int32_t *coords, co
     return 0;
 }
 
+#include "_cpu_scan_split.h"
+
 /* ------------------------------------------------------------------ query rotation */
 
 /* out (nq, d) = q (nq, d) @ rt (d, d) for a few queries, on the calling thread: a threaded BLAS
@@ -477,8 +483,6 @@ void tq_rotate(const float *q, int64_t nq, int64_t d, const float *rt, float *ou
 
 /* ------------------------------------------------------------------ one call per query chunk */
 
-/* Fields of the context array (kept by the Python wrapper, refreshed when the mirror grows). */
-enum { C_BLOCKS, C_MP, C_M, C_DSUB, C_COORDS, C_CENT, C_ALPHA, C_BETA, C_D, C_XM, C_XDSUB, C_XCOORDS, C_XCENT, C_COUNT };
 
 /* The best k of n (score, index) pairs, sorted (higher score first, then smaller index): insertion
  * into a sorted prefix, n * k steps at most (n: a shortlist, k: the results asked for). -inf /
@@ -504,7 +508,8 @@ static void best_sorted(const float *s, const int64_t *idx, int64_t n, int64_t k
 }
 
 /* Tables, scan of [v0, v1) and (with codes: the stored rows of the exact plan) exact re-scoring of nq
- * queries q (nq, d), rotated first by rot_t (d, d) when given. kout = 0: out (nq, L) scores and
+ * queries q (nq, d), rotated first by rot_t (d, d) when given; row_bytes < 0: the codes are the context's
+ * split storage (codes NULL). kout = 0: out (nq, L) scores and
  * positions, unordered; kout > 0 (with codes): the best kout of the L re-scored, sorted, out (nq, kout).
  * With rot_t the queries are checked here too: returns 3 when one holds NaN/Inf or its squared norm
  * overflows float32. */
@@ -524,7 +529,8 @@ int tq_scan_topl(const int64_t *ctx, const float *q, int64_t nq, int64_t L, int6
         free(qr);
         return rc;
     }
-    if (kout > 0 && !codes) return 2;
+    int own = row_bytes < 0;
+    if (kout > 0 && !codes && !own) return 2;
     uint8_t *lut = (uint8_t *)malloc((size_t)(nq * Mp * 16));
     float *ia = (float *)malloc(sizeof(float) * (size_t)(2 * nq));
     float *sl_s = kout > 0 ? (float *)malloc(sizeof(float) * (size_t)(nq * L)) : out_s;
@@ -536,7 +542,9 @@ int tq_scan_topl(const int64_t *ctx, const float *q, int64_t nq, int64_t L, int6
     if (!rc)
         rc = tq_scan_search((const uint8_t *)ctx[C_BLOCKS], v0, v1, Mp, (const float *)ctx[C_ALPHA],
                             (const float *)ctx[C_BETA], lut, ia, ia + nq, nq, L, sl_s, sl_i, 1);
-    if (!rc && codes)
+    if (!rc && own)
+        rc = rescore_split(ctx, q, nq, d, sl_i, L, sl_s);
+    else if (!rc && codes)
         rc = tq_rescore(codes, row_bytes, (const int32_t *)ctx[C_XCOORDS], (const float *)ctx[C_XCENT], ctx[C_XM],
                         ctx[C_XDSUB], q, nq, d, sl_i, L, (const float *)ctx[C_ALPHA], (const float *)ctx[C_BETA], sl_s);
     if (!rc && kout > 0)

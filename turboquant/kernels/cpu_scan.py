@@ -39,13 +39,14 @@ from ..codec import decode_mse_numpy, layout, reconstruction_norms
 from ..config import QuantizerConfig, TurboQuantError
 from ..fastscan import _NibblePlan, nibble_plan, nibble_source, thread_pool
 from .cbuild import build_error, load_c_library
+from .scan_split import SplitSpec, split_spec
 
 _SOURCE = Path(__file__).with_name("_cpu_scan.c")
 _FLAGS = ("-ffp-contract=off",)  # plain IEEE float ops: SIMD, scalar and numpy give identical scores
 #: builds of the kernel: what ``-march=native`` offers, and (for tests) AVX2 only or no intrinsics
 _VARIANTS = {"native": _FLAGS, "avx512bw": (*_FLAGS, "-DTQ_NO_VNNI"), "avx2": (*_FLAGS, "-mno-avx512f"),
              "scalar": (*_FLAGS, "-DTQ_SCALAR")}
-_CTX_FIELDS = 13  # the C_* enum of _cpu_scan.c
+_CTX_FIELDS = 18  # the C_* enums of _cpu_scan.c and _cpu_scan_split.h
 _BV = 64  # vectors per block (BV of _cpu_scan.c)
 # A single query's scan splits over threads only above this many scanned bytes: on the shared
 # 2-core test machine a 5-20 MB scan split over 2 threads was 10-35% slower than on one
@@ -71,9 +72,22 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tq_scan_topl.argtypes = [_P, _P, _I, _I, _I, _I, _P, _I, _P, _P, _P, _I]
     lib.tq_scan_topl.restype = ctypes.c_int
     lib.tq_rotate.argtypes, lib.tq_rotate.restype = [_P, _I, _I, _P, _P], None
+    lib.tq_scan_codes.argtypes = [_P, _I, _I, _P, _P, _I, _I, _P, _I, _I, _P]
+    lib.tq_scan_codes.restype = ctypes.c_int
+    lib.tq_rescore_split.argtypes, lib.tq_rescore_split.restype = [_P, _P, _I, _I, _P, _I, _P], ctypes.c_int
+    lib.tq_scan_low.argtypes, lib.tq_scan_low.restype = [_P, _I, _I, _I, _P, _I], None
 
 
 _WeakArray = Callable[[], "np.ndarray | None"]
+
+#: pass as ``codes`` to :class:`ScanMirror`'s searches: re-score from the mirror's own split storage
+OWN_CODES = np.zeros((0, 0), np.uint8)
+
+
+def scan_layout(lib: ctypes.CDLL) -> tuple[bool, int]:
+    """``(vnni, mpad)`` of a scan library's blocked layout (``_cpu_scan.c``): the 16-vector VNNI
+    sub-blocks or the 64-vector rows, and the multiple the positions are padded to."""
+    return int(lib.tq_scan_isa()) == 513, int(lib.tq_scan_mpad())
 
 
 def _weak(a: np.ndarray | None) -> _WeakArray:
@@ -152,9 +166,14 @@ def auto_scan_bits(config: QuantizerConfig, n: int) -> int:
     return 1 if n * config.dim / 8 > extra * _BYTES_PER_CANDIDATE else 2
 
 
+def scan_width(config: QuantizerConfig, scan_bits: int | None, n: int) -> int:
+    """Bits per coordinate the fast scan reads: ``scan_bits`` (``None``: :func:`auto_scan_bits` for ``n`` vectors)."""
+    return auto_scan_bits(config, n) if scan_bits is None else scan_bits
+
+
 def scan_plan(config: QuantizerConfig, scan_bits: int | None, n: int) -> _NibblePlan | None:
     """The nibble plan of the fast scan: ``scan_bits`` (``None``: :func:`auto_scan_bits` for ``n`` vectors)."""
-    return nibble_plan(config, auto_scan_bits(config, n) if scan_bits is None else scan_bits)
+    return nibble_plan(config, scan_width(config, scan_bits, n))
 
 
 def top_k(keys: np.ndarray, cand: np.ndarray, k: int, negate: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -200,6 +219,12 @@ class ScanMirror:
         self.blocks = np.zeros((0, self.Mp * _BV // 2), np.uint8)
         self.alpha = np.zeros(0, np.float32)
         self.beta: np.ndarray | None = np.zeros(0, np.float32) if l2 else None
+        self._mapped = False  # blocks and low plane are read-only memory maps
+        self.width = 0  # scan bits of the plan, where the index records it (saved with the split storage)
+        self.nfac = 0  # vectors whose factors are set (a loaded mirror computes them at first search)
+        # the split storage: the bits the scan drops, row-major (scan_split), so the codes live here once
+        self.spec: SplitSpec | None = split_spec(config, plan)
+        self.low = np.zeros((0, self.spec.low_bytes if self.spec else 0), np.uint8)
         # exact re-scoring in C reads the stored code bytes as nibbles: possible when they are
         # exactly the nibbles of the full-precision plan (widths 1, 2, 4)
         full = nibble_plan(config, 4)
@@ -214,7 +239,39 @@ class ScanMirror:
     @property
     def nbytes(self) -> int:
         """Bytes held (capacity included)."""
-        return self.blocks.nbytes + self.alpha.nbytes + (self.beta.nbytes if self.beta is not None else 0)
+        return self.blocks.nbytes + self.low.nbytes + self.alpha.nbytes + (self.beta.nbytes if self.beta is not None else 0)
+
+    @classmethod
+    def from_parts(
+        cls, config: QuantizerConfig, plan: _NibblePlan, l2: bool, lib: ctypes.CDLL, blocks: np.ndarray, low: np.ndarray,
+        count: int, mapped: bool = False,
+    ) -> ScanMirror:
+        """A mirror over saved split storage (``blocks`` in this library's layout, ``low``; ``mapped``: read-only
+        memory maps, copied before the first change); its factors are computed by :meth:`fill_factors`."""
+        mirror = cls(config, plan, l2, lib)
+        assert mirror.spec is not None and blocks.shape[1] == mirror.Mp * _BV // 2
+        mirror.blocks, mirror.count, mirror._mapped = blocks, count, mapped
+        if mirror.spec.low_bytes:
+            mirror.low = low
+        mirror._grow(count, copy=False)
+        return mirror
+
+    def parts(self) -> tuple[np.ndarray, np.ndarray]:
+        """The split storage to save: blocks ``(ceil(count/64), Mp*32)`` and low plane ``(count, low_bytes)``."""
+        return self.blocks[: -(-self.count // _BV)], self.low[: self.count]
+
+    def codes(self, first: int = 0, stop: int | None = None, pos: np.ndarray | None = None) -> np.ndarray:
+        """Full code rows ``(r, code_bytes)`` of positions ``first..stop`` (or ``pos``), rebuilt from the split storage."""
+        assert self.spec is not None
+        stop = self.count if stop is None else stop
+        idx = None if pos is None else np.ascontiguousarray(pos, dtype=np.int64)
+        rows = len(idx) if idx is not None else stop - first
+        out = np.empty((rows, self.spec.code_bytes), np.uint8)
+        if rows:
+            _check(self.lib.tq_scan_codes(_ptr(self.blocks), self.Mp, self.spec.mode, _ptr(self.spec.join),
+                                          _ptr(self.low) if self.spec.low_bytes else None, self.spec.low_bytes,
+                                          self.spec.code_bytes, _ptr(idx), first, rows, _ptr(out)))  # fmt: skip
+        return out
 
     def _context(self) -> int:
         if self._ctx is None:
@@ -222,19 +279,28 @@ class ScanMirror:
             xm, xdsub = self.exact_coords.shape if self.exact_plan is not None else (0, 0)
             ctx = [_ptr(self.blocks), self.Mp, m, dsub, _ptr(self.coords), _ptr(self.centroids), _ptr(self.alpha),
                    _ptr(self.beta) or 0, self.config.dim, xm, xdsub,
-                   _ptr(self.exact_coords) if xm else 0, _ptr(self.exact_centroids) if xm else 0]  # fmt: skip
+                   _ptr(self.exact_coords) if xm else 0, _ptr(self.exact_centroids) if xm else 0,
+                   self.spec.mode if self.spec else 0, _ptr(self.spec.join) if self.spec else 0,
+                   (_ptr(self.low) or 0) if self.spec and self.spec.low_bytes else 0,
+                   self.spec.low_bytes if self.spec else 0, self.spec.code_bytes if self.spec else 0]  # fmt: skip
             assert len(ctx) == _CTX_FIELDS
             self._ctx = array.array("q", ctx)
         return self._ctx.buffer_info()[0]
 
-    def _grow(self, n: int) -> None:
+    def _grow(self, n: int, copy: bool = True) -> None:
+        """Capacity for ``n`` vectors (``copy``: also copy read-only, e.g. memory-mapped, parts into RAM)."""
         self._ctx = None
-        blocks = -(-n // _BV)
-        if blocks > len(self.blocks):
+        blocks, mapped = -(-n // _BV), copy and self._mapped
+        if blocks > len(self.blocks) or mapped:
             cap = max(blocks, len(self.blocks) + len(self.blocks) // 4) if len(self.blocks) else blocks
-            grown = np.zeros((cap, self.Mp * _BV // 2), np.uint8)
+            grown = np.zeros((max(cap, len(self.blocks)), self.Mp * _BV // 2), np.uint8)
             grown[: len(self.blocks)] = self.blocks
             self.blocks = grown
+        if self.spec and self.spec.low_bytes and (n > len(self.low) or mapped):
+            grown = np.zeros((max(len(self.blocks) * _BV, n, len(self.low)), self.spec.low_bytes), np.uint8)
+            grown[: self.count] = self.low[: self.count]
+            self.low = grown
+        self._mapped = self._mapped and not mapped
         if n > len(self.alpha):
             cap = max(-(-n // _BV) * _BV, len(self.alpha) + len(self.alpha) // 4)
             for name in ("alpha", "beta"):
@@ -249,10 +315,21 @@ class ScanMirror:
         self._grow(n)
 
     def append(self, codes: np.ndarray, alpha: np.ndarray, beta: np.ndarray | None = None, threads: int = 1) -> None:
-        """Append stored codes ``(r, code_bytes)`` with their factors ``alpha`` (and ``beta`` for L2), ``(r,)`` float32.
+        """Append stored codes ``(r, code_bytes)`` with their factors ``alpha`` (and ``beta`` for L2), ``(r,)`` float32."""
+        r = len(codes)
+        assert self.nfac == self.count
+        self.append_codes(codes, threads)
+        self.alpha[self.count - r : self.count] = alpha
+        if self.beta is not None:
+            assert beta is not None
+            self.beta[self.count - r : self.count] = beta
+        self.nfac = self.count
+
+    def append_codes(self, codes: np.ndarray, threads: int = 1) -> None:
+        """Append stored codes ``(r, code_bytes)`` (their factors: :meth:`fill_factors`).
 
         Packed straight from ``codes`` where the plan allows (no nibble copy), in block-aligned row ranges
-        over ``threads`` when there are many rows.
+        over ``threads`` when there are many rows; the low plane of a split plan is written beside.
         """
         r = len(codes)
         if not r:
@@ -274,29 +351,42 @@ class ScanMirror:
             list(thread_pool(len(ranges)).map(pack, ranges))
         else:
             pack((0, r))
-        self.alpha[self.count : self.count + r] = alpha
-        if self.beta is not None:
-            assert beta is not None
-            self.beta[self.count : self.count + r] = beta
+        if self.spec is not None and self.spec.low_bytes:
+            rows = np.ascontiguousarray(codes)  # (scan_split.low_plane is the numpy statement of this)
+            self.lib.tq_scan_low(_ptr(rows), r, rows.shape[1], self.spec.mode, _ptr(self.low[self.count :]), self.spec.low_bytes)
         self.count += r
 
-    def sync(self, codes: np.ndarray, norms: np.ndarray, correction: bool, threads: int = 1) -> None:
-        """Append the stored vectors ``count..len(codes)`` with their scan factors.
+    def sync(self, codes: np.ndarray | None, norms: np.ndarray, correction: bool, threads: int = 1) -> None:
+        """Append the stored vectors ``count..len(codes)``, then the scan factors of all that lack them.
 
-        ``codes`` ``(n, code_bytes)`` and ``norms`` ``(n,)`` float32 are the index's stored data.
+        ``codes`` ``(n, code_bytes)`` (None: the split storage already holds them) and ``norms``
+        ``(n,)`` float32 are the index's stored data.
+        """
+        if codes is not None:
+            self.append_codes(codes[self.count :], threads)
+        self.fill_factors(norms, correction, threads, codes)
+
+    def fill_factors(self, norms: np.ndarray, correction: bool, threads: int = 1, codes: np.ndarray | None = None) -> None:
+        """Scan factors of vectors ``nfac..count`` from ``norms`` ``(count,)`` float32 and the codes
+        (``codes`` ``(count, code_bytes)``, else the split storage's, rebuilt chunk by chunk).
+
         ``alpha = ‖x‖/‖ŷ‖`` (``‖x‖`` without ``correction``; doubled for L2) and ``beta = −‖x‖²``
         (L2): the scan ranks by ``alpha·<Πq, ŷ_scan> + beta``, the corrected estimate of
         ``<q, x>`` (or of ``‖q‖² − ‖q − x‖²``). ``‖ŷ‖`` is decoded in chunks over ``threads``.
         """
-        start, n = self.count, len(codes)
-        step = 1 << 14
+        start, n = self.nfac, self.count
+        if start >= n:
+            return
+        self._grow(n, copy=False)  # factor room only: a memory-mapped storage stays mapped
+        step = 1 << 10  # rows decoded at a time: a 16k-row chunk (25 MB at d = 384) per thread showed in the search peak
         alpha = np.empty(n - start, np.float32)
 
         def factors(s0: int) -> None:
             s1 = min(n, s0 + step)
             a = norms[s0:s1].copy()
             if correction:
-                a /= reconstruction_norms(decode_mse_numpy(codes[s0:s1], self.config))
+                rows = codes[s0:s1] if codes is not None else self.codes(s0, s1)
+                a /= reconstruction_norms(decode_mse_numpy(rows, self.config))
             alpha[s0 - start : s1 - start] = 2 * a if self.l2 else a
 
         starts = range(start, n, step)
@@ -305,7 +395,10 @@ class ScanMirror:
         else:
             for s0 in starts:
                 factors(s0)
-        self.append(codes[start:n], alpha, -np.square(norms[start:n]) if self.l2 else None, threads)
+        self.alpha[start:n] = alpha
+        if self.beta is not None:
+            self.beta[start:n] = -np.square(norms[start:n])
+        self.nfac = n
 
     def rotate(self, q: np.ndarray, rot_t: np.ndarray) -> np.ndarray:
         """``q @ rot_t`` for queries ``(nq, dim)`` float32: in C on this thread for up to 4 queries, else torch.
@@ -353,9 +446,11 @@ class ScanMirror:
         q = np.ascontiguousarray(q, dtype=np.float32)
         nq, width = len(q), k or length
         scores, pos = np.empty((nq, width), np.float32), np.empty((nq, width), np.int64)
-        codes_at, rot_at = self._addresses(codes, rot_t)
-        rc = self.lib.tq_scan_topl(self._context(), _ptr(q), nq, length, v0, v1, codes_at,
-                                   0 if codes is None else codes.shape[1], _ptr(scores), _ptr(pos), rot_at, k)  # fmt: skip
+        own = codes is OWN_CODES
+        codes_at, rot_at = self._addresses(None if own else codes, rot_t)
+        row_bytes = -1 if own else 0 if codes is None else codes.shape[1]
+        rc = self.lib.tq_scan_topl(self._context(), _ptr(q), nq, length, v0, v1, codes_at, row_bytes, _ptr(scores),
+                                   _ptr(pos), rot_at, k)  # fmt: skip
         _check(rc)
         return scores, pos
 
@@ -393,11 +488,15 @@ class ScanMirror:
         """Exact ``alpha_i·<Πq, ŷ_i> (+ beta_i)`` of positions ``cand`` ``(nq, L)`` from the stored ``codes``.
 
         Needs :attr:`exact_plan` (stored bytes = full-precision nibbles); ``-inf`` where ``cand < 0``.
+        ``codes`` :data:`OWN_CODES`: the mirror's split storage.
         """
         assert self.exact_plan is not None
         q = np.ascontiguousarray(q_rot, dtype=np.float32)
         cand = np.ascontiguousarray(cand, dtype=np.int64)
         out = np.empty(cand.shape, np.float32)
+        if codes is OWN_CODES:
+            _check(self.lib.tq_rescore_split(self._context(), _ptr(q), len(q), q.shape[1], _ptr(cand), cand.shape[1], _ptr(out)))
+            return out
         m, dsub = self.exact_coords.shape
         _check(self.lib.tq_rescore(_ptr(codes), codes.shape[1], _ptr(self.exact_coords), _ptr(self.exact_centroids), m,
                                    dsub, _ptr(q), len(q), q.shape[1], _ptr(cand), cand.shape[1], _ptr(self.alpha),
@@ -467,4 +566,4 @@ class ScanMirror:
         return scores, pos
 
 
-__all__ = ["ScanMirror", "auto_scan_bits", "default_shortlist", "load_scan_library", "scan_library_error", "scan_plan", "top_k"]
+__all__ = ["OWN_CODES", "ScanMirror", "scan_layout", "scan_width", "auto_scan_bits", "default_shortlist", "load_scan_library", "scan_library_error", "scan_plan", "top_k"]
