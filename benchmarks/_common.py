@@ -28,6 +28,16 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def run_with_package(code: str, args: list[str], lib: Path) -> str:
+    """stdout of ``python -c code *args`` in a fresh process importing the ``turboquant`` package found in ``lib``."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(lib)}
+    # cwd: not the checkout, whose turboquant would shadow PYTHONPATH (sys.path[0] of "-c" is the cwd)
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, check=True,
+                          cwd=lib).stdout  # fmt: skip
+
+
 def machine_info() -> dict[str, Any]:
     """CPU model, core count, thread counts, library versions, load average and the GPU (if any)."""
     import torch

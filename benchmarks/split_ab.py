@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import machine_info, table, write_json
+from _common import machine_info, run_with_package, table, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,13 +80,6 @@ print(json.dumps({"load_s": load_s, "batch_qps": len(q) / float(np.median(batch)
 """
 
 
-def _run(code: str, args: list[str], lib: Path) -> str:
-    env = {**os.environ, "PYTHONPATH": str(lib)}
-    # cwd: not the checkout, whose turboquant would shadow PYTHONPATH (sys.path[0] of "-c" is the cwd)
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, check=True,
-                          cwd=lib).stdout  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", type=Path, required=True, help="folder with the turboquant package to compare against")
@@ -119,14 +110,14 @@ def main(argv: list[str] | None = None) -> None:
         np.save(qpath, queries)
         for bits in bits_list:
             index = Path(tmp) / f"index_{bits}.tq"
-            _run(_BUILD, [str(data), str(bits), str(index)], args.base)
+            run_with_package(_BUILD, [str(data), str(bits), str(index)], args.base)
             converted = Path(tmp) / f"index_{bits}_v2.tq"
-            _run(_CONVERT, [str(index), str(converted)], ROOT)
+            run_with_package(_CONVERT, [str(index), str(converted)], ROOT)
             files = {"before": index, "after": converted}
             res: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
             for r in range(args.repeats):
                 for side, lib in (("before", args.base), ("after", ROOT)) if r % 2 == 0 else (("after", ROOT), ("before", args.base)):
-                    out = _run(_SEARCH, [str(files[side]), str(qpath), str(args.single), str(args.batch_repeats)], lib)
+                    out = run_with_package(_SEARCH, [str(files[side]), str(qpath), str(args.single), str(args.batch_repeats)], lib)
                     res[side].append(json.loads(out.strip().splitlines()[-1]))
             digests = {x["digest"] for side in res.values() for x in side}
             row: dict[str, Any] = {"set": name, "bits": bits, "identical_results": len(digests) == 1}

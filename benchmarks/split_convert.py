@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from _common import machine_info, table, write_json
+from _common import machine_info, run_with_package, table, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,12 +61,6 @@ print(json.dumps({"load_s": load_s, "first_search_s": first_s, "peak_MB": status
 """
 
 
-def _run(code: str, args: list[str], lib: Path) -> str:
-    env = {**os.environ, "PYTHONPATH": str(lib)}
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, check=True,
-                          cwd=lib).stdout  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", type=Path, required=True)
@@ -82,11 +74,11 @@ def main(argv: list[str] | None = None) -> None:
 
         data, v1, v2, qpath = (Path(tmp) / name for name in ("base.npy", "v1.tq", "v2.tq", "q.npy"))
         np.save(qpath, write_synthetic(data, args.n, 1000, 384))
-        _run(_BUILD, [str(data), str(args.bits), str(v1)], args.base)
-        _run(_RESAVE, [str(v1), str(v2)], ROOT)
+        run_with_package(_BUILD, [str(data), str(args.bits), str(v1)], args.base)
+        run_with_package(_RESAVE, [str(v1), str(v2)], ROOT)
         for name, path in (("version 2", v2), ("version 1 (converted)", v1)):
             for mmap in (True, False):
-                out = json.loads(_run(_LOAD, [str(path), "1" if mmap else "0", str(qpath), str(args.bits)], ROOT).strip().splitlines()[-1])
+                out = json.loads(run_with_package(_LOAD, [str(path), "1" if mmap else "0", str(qpath), str(args.bits)], ROOT).strip().splitlines()[-1])
                 out.update({"file": name, "mmap": mmap, "peak_over_codes": out["peak_MB"] / out["codes_norms_MB"],
                             "after_over_codes": out["after_MB"] / out["codes_norms_MB"]})  # fmt: skip
                 rows.append(out)

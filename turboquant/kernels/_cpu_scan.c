@@ -393,6 +393,17 @@ enum { C_BLOCKS, C_MP, C_M, C_DSUB, C_COORDS, C_CENT, C_ALPHA, C_BETA, C_D, C_XM
 /* The scalar loop below for 16 candidates at once (lanes = candidates, M = 2 * row_bytes): the
  * same float additions in the same order (acc0: even positions, acc1: odd), so the scores are
  * bit-identical; vpermps looks a position's 16-float table up for all 16 candidates. */
+/* Score of 16 candidates from their even/odd position sums: alpha_i * (acc0 + acc1) (+ beta_i), -inf for
+ * invalid candidates (v0/v1: the valid lanes of the two 8-candidate halves c0/c1). */
+static inline void rescore16_finish(__m512 acc0, __m512 acc1, __m512i c0, __m512i c1, __mmask8 v0, __mmask8 v1,
+                                    const float *alpha, const float *beta, float *out) {
+    __mmask16 valid = (__mmask16)(v0 | ((unsigned)v1 << 8));
+    __m512i ids = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(c0)), _mm512_cvtepi64_epi32(c1), 1);
+    __m512 sc = _mm512_mul_ps(_mm512_i32gather_ps(ids, alpha, 4), _mm512_add_ps(acc0, acc1));
+    if (beta) sc = _mm512_add_ps(sc, _mm512_i32gather_ps(ids, beta, 4));
+    _mm512_storeu_ps(out, _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), sc));
+}
+
 static void rescore16(const uint8_t *rows, int64_t row_bytes, const float *lutf, const int64_t *cand,
                       const float *alpha, const float *beta, float *out) {
     __m512i c0 = _mm512_loadu_si512((const void *)cand), c1 = _mm512_loadu_si512((const void *)(cand + 8));
@@ -412,11 +423,7 @@ static void rescore16(const uint8_t *rows, int64_t row_bytes, const float *lutf,
             acc1 = _mm512_add_ps(acc1, _mm512_permutexvar_ps(NIB(g, b, 1), _mm512_loadu_ps(t + 16)));
         }
     }
-    __mmask16 valid = (__mmask16)(v0 | ((unsigned)v1 << 8));
-    __m512i ids = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(c0)), _mm512_cvtepi64_epi32(c1), 1);
-    __m512 sc = _mm512_mul_ps(_mm512_i32gather_ps(ids, alpha, 4), _mm512_add_ps(acc0, acc1));
-    if (beta) sc = _mm512_add_ps(sc, _mm512_i32gather_ps(ids, beta, 4));
-    _mm512_storeu_ps(out, _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), sc));
+    rescore16_finish(acc0, acc1, c0, c1, v0, v1, alpha, beta, out);
 }
 #endif
 

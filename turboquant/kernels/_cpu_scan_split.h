@@ -200,11 +200,7 @@ static void rescore16_split(const int64_t *ctx, const float *lutf, const int64_t
             acc1 = _mm512_add_ps(acc1, _mm512_permutexvar_ps(hi, _mm512_loadu_ps(t + 16)));
         }
     }
-    __mmask16 valid = (__mmask16)(v0 | ((unsigned)v1 << 8));
-    __m512i ids = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(c0)), _mm512_cvtepi64_epi32(c1), 1);
-    __m512 sc = _mm512_mul_ps(_mm512_i32gather_ps(ids, alpha, 4), _mm512_add_ps(acc0, acc1));
-    if (beta) sc = _mm512_add_ps(sc, _mm512_i32gather_ps(ids, beta, 4));
-    _mm512_storeu_ps(out, _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), sc));
+    rescore16_finish(acc0, acc1, c0, c1, v0, v1, alpha, beta, out);
 }
 #endif
 
