@@ -8,6 +8,9 @@ the fused offset/scale, the norm correction and the fallback.
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -144,6 +147,24 @@ def test_cpu_call_falls_back_to_the_quantizer() -> None:
     assert torch.equal(out.codes, ref.codes)
     want = ref.norms / reconstruction_norms(decode_mse(ref.codes, cfg))
     torch.testing.assert_close(out.norms, want)
+
+
+def test_a_failed_build_warns_once_and_falls_back() -> None:
+    """Both CUDA extensions share this loader (cuda_build.CudaExtension): the caller gets None and one warning."""
+    from pathlib import Path
+
+    from turboquant.kernels.cuda_build import CudaExtension
+
+    ext = CudaExtension("t", Path("missing.cu"), [], "", [], "test kernel", "the fallback")
+    ext.failed[False] = "RuntimeError: no nvcc"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        first, second = ext.load_or_warn(torch.device("cpu")), ext.load_or_warn(torch.device("cpu"))
+    assert first is None and second is None
+    assert len(seen) == 1 and seen[0].category is RuntimeWarning
+    assert re.search("test kernel could not be built .*no nvcc.*using the fallback", str(seen[0].message))
+    with pytest.raises(RuntimeError, match="no nvcc"):
+        ext.load(torch.device("cpu"))
 
 
 def test_shape_errors_name_the_argument() -> None:

@@ -115,7 +115,7 @@ def quantize_into(
     """
     chosen = resolve_backend(backend, x.device)
     if chosen is Backend.CUDA:
-        from .cuda_encode import cuda_quantize_into  # norm correction in the kernel; else Triton (one warning if it cannot build)
+        from .cuda_encode import cuda_quantize_into  # corrects norms in the kernel; else Triton
 
         return cuda_quantize_into(x, config, codes, norms, start, norm_correction=norm_correction)
     if chosen is Backend.TRITON:

@@ -36,7 +36,6 @@ the torch reference.
 
 from __future__ import annotations
 
-import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -157,9 +156,9 @@ std::vector<int64_t> variant_info(std::vector<int64_t> v, bool mask) {
 }
 """
 
-_EXTENSION = CudaExtension("turboquant_cuda_attention", _SOURCE, [_HEADER], _BINDING, ["decode", "variant_info"])
+_EXTENSION = CudaExtension("turboquant_cuda_attention", _SOURCE, [_HEADER], _BINDING, ["decode", "variant_info"],
+                           "CUDA decode-attention kernel", "the Triton kernel")  # fmt: skip
 _MODULES = _EXTENSION.modules  # keyed by ``tune`` (the benchmark swaps in a spy)
-_WARNED = False
 
 
 def load_extension(device: torch.device | None = None, tune: bool = False) -> Any:
@@ -172,19 +171,7 @@ def load_extension(device: torch.device | None = None, tune: bool = False) -> An
 
 def _module(device: torch.device, tune: bool = False) -> Any | None:
     """The loaded extension (``tune``: with the sweep variants), or None (one warning) when it cannot be built."""
-    global _WARNED
-    try:
-        return load_extension(device, tune=tune)
-    except Exception as exc:
-        if not _WARNED:
-            _WARNED = True
-            warnings.warn(
-                f"turboquant: the CUDA decode-attention kernel could not be built ({str(exc)[:300]}); "
-                "using the Triton kernel instead",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return None
+    return _EXTENSION.load_or_warn(device, tune)
 
 
 def cuda_extension_available(device: torch.device | None = None) -> bool:

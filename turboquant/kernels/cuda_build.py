@@ -3,14 +3,15 @@
 One helper for every CUDA kernel (``cuda_attention.cu``, ``cuda_encode.cu``): nvcc with the
 device's own architecture (``sm_90a`` on Hopper), a build directory under ``cache_dir()`` named
 by a digest of the sources, so torch rebuilds only when they change. A failed build is
-remembered (no second compile attempt in the process) and re-raised; callers catch it, warn once
-and fall back to their Triton kernel.
+remembered (no second compile attempt in the process) and re-raised, or (``load_or_warn``) turned
+into one warning and None, so that the caller falls back to its Triton kernel.
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,11 +37,15 @@ class CudaExtension:
     extra launch variants).
     """
 
-    def __init__(self, stem: str, source: Path, headers: Sequence[Path], binding: str, functions: Sequence[str]) -> None:
+    def __init__(
+        self, stem: str, source: Path, headers: Sequence[Path], binding: str, functions: Sequence[str], what: str, fallback: str
+    ) -> None:
         self.stem, self.source, self.headers = stem, source, tuple(headers)
         self.binding, self.functions = binding, list(functions)
+        self.what, self.fallback = what, fallback  # for the one warning of load_or_warn
         self.modules: dict[bool, Any] = {}
         self.failed: dict[bool, str] = {}
+        self._warned = False
         self._lock = threading.Lock()
 
     def load(self, device: torch.device | None = None, tune: bool = False) -> Any:
@@ -78,6 +83,20 @@ class CudaExtension:
                 raise
             self.modules[tune] = mod
             return mod
+
+    def load_or_warn(self, device: torch.device | None = None, tune: bool = False) -> Any | None:
+        """:meth:`load`, or None when the build fails (one ``RuntimeWarning`` per extension: the caller falls back)."""
+        try:
+            return self.load(device, tune)
+        except Exception as exc:  # noqa: BLE001 - any build failure means: fall back, warn once
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"turboquant: the {self.what} could not be built ({str(exc)[:300]}); using {self.fallback} instead",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return None
 
 
 __all__ = ["CudaExtension", "arch_flags"]

@@ -171,9 +171,7 @@ __device__ __forceinline__ float sum_squares_bf16(const uint32_t (&a)[D / 8]) {
 
 template <int BYTES>
 __device__ __forceinline__ void store_codes(uint8_t* dst, const uint32_t* w) {
-  if constexpr (BYTES == 16) {
-    *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
-  } else if constexpr (BYTES == 8) {
+  if constexpr (BYTES == 8) {
     *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
   } else if constexpr (BYTES == 4) {
     *reinterpret_cast<uint32_t*>(dst) = w[0];
@@ -353,11 +351,14 @@ cudaError_t launch(const Params& p, int ctas_per_sm, int sms, cudaStream_t s, in
     return err;
   }
   if (ctas_per_sm > 0 && ctas_per_sm < blocks) blocks = ctas_per_sm;
+  Params q = p;  // a warp job: NTILE groups of 8 tokens of one row
+  q.jobs_per_row = (q.tokens + 8 * NTILE - 1) / (8 * NTILE);
+  q.jobs = q.jobs_per_row * q.rows;
   int grid = blocks * sms;
-  const int need = (p.jobs + NW - 1) / NW;
+  const int need = (q.jobs + NW - 1) / NW;
   if (grid > need) grid = need;
   if (grid < 1) grid = 1;
-  k<<<grid, NW * 32, smem, s>>>(p);
+  k<<<grid, NW * 32, smem, s>>>(q);
   return cudaGetLastError();
 }
 

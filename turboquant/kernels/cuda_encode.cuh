@@ -18,7 +18,8 @@ struct Params {
   const void* frag;   // rotation fragments [PP, D/16, D/16, 32] x 16 bytes
   const void* cells;  // bucketize cells [ncells] x {float boundary or +inf, uint32 code below it}
   int ncells, cell_base8;  // cell of |y|: max(((bits >> 21) & 0x3ff) * 8 - cell_base8, 0) bytes
-  int tokens, start, jobs_per_row, jobs;
+  int rows, tokens, start;
+  int jobs_per_row, jobs;  // set by the launch from rows, tokens and the kernel's tokens per warp job
   int x_kind;  // 2 fp32, 3 fp16, 4 bf16
   int n_kind;  // 2 fp32, 3 fp16
   float pb[8];   // positive boundaries b[H + j], j < H - 1; pb[7] = the middle boundary b[H - 1]

@@ -18,10 +18,9 @@ the dense rotation without a GPU.
 
 from __future__ import annotations
 
-import warnings
+import math
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -73,12 +72,9 @@ void encode(torch::Tensor x, torch::Tensor codes, torch::Tensor norms, torch::Te
   p.cells = cells.data_ptr();
   p.ncells = (int)cells.size(0);
   p.cell_base8 = (int)v[8];
+  p.rows = (int)x.size(0);
   p.tokens = (int)x.size(1);
   p.start = (int)v[4];
-  // the defaults of by_variant (cuda_encode.cu)
-  const int ntile = v[9] != 0 ? (int)v[9] : (v[2] == 1 ? (v[3] == 1 && v[5] == 0 ? 4 : 2) : 1);
-  p.jobs_per_row = (p.tokens + 8 * ntile - 1) / (8 * ntile);
-  p.jobs = p.jobs_per_row * (int)x.size(0);
   TORCH_CHECK(tab.size() == 24, "turboquant CUDA encode: table size");
   for (int i = 0; i < 8; ++i) p.pb[i] = (float)tab[i];
   for (int i = 0; i < 16; ++i) p.c2[i] = (float)tab[8 + i];
@@ -102,23 +98,7 @@ std::vector<int64_t> encode_info(std::vector<int64_t> v, int64_t ncells) {
 """
 
 _EXTENSION = CudaExtension("turboquant_cuda_encode", _HERE / "cuda_encode.cu", [_HERE / "cuda_encode.cuh"], _BINDING,
-                           ["encode", "encode_info"])  # fmt: skip
-_WARNED = False
-
-
-def _module(device: torch.device, tune: bool = False) -> Any | None:
-    global _WARNED
-    try:
-        return _EXTENSION.load(device, tune)
-    except Exception as exc:  # noqa: BLE001 - any build failure means: fall back, warn once
-        if not _WARNED:
-            _WARNED = True
-            warnings.warn(
-                f"turboquant: the CUDA encode kernel could not be built ({str(exc)[:300]}); using the Triton encode instead",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return None
+                           ["encode", "encode_info"], "CUDA encode kernel", "the Triton encode")  # fmt: skip
 
 
 # ---------------------------------------------------------------- coordinate maps and fragments
@@ -190,12 +170,23 @@ def fragments_to_matrix(frag: torch.Tensor, dim: int) -> torch.Tensor:
     return out
 
 
+@lru_cache(maxsize=64)
+def _rotation_part_count(config: QuantizerConfig) -> int:
+    return len(rotation_parts(config))
+
+
+def _operand_parts(config: QuantizerConfig, dtype: torch.dtype, transformed: bool) -> tuple[int, int]:
+    """``(XP, PP)`` of the kernel: bf16 parts of the input (1: a bf16 input used as it is) and of ``Π``."""
+    return (1 if dtype == torch.bfloat16 and not transformed else 2), _rotation_part_count(config)
+
+
 @device_cached(maxsize=64)
 def _fragments(config: QuantizerConfig, device: torch.device) -> torch.Tensor:
     return rotation_fragments(config).view(torch.uint8).reshape(-1).to(device)
 
 
-def bucket_tables(config: QuantizerConfig) -> list[float]:
+@lru_cache(maxsize=64)
+def bucket_tables(config: QuantizerConfig) -> tuple[float, ...]:
     """``pb[8]`` (the positive boundaries, ``pb[7]``: the middle one) and ``c2[16]`` (the squared
     centroid of each code), as cuda_encode.cuh's ``Params`` holds them."""
     w = int(config.bits)
@@ -206,7 +197,7 @@ def bucket_tables(config: QuantizerConfig) -> list[float]:
         raise TurboQuantError(f"CUDA encode needs an odd-symmetric codebook ({config})")
     pb = bounds[h:].tolist()
     c2 = centroids.double().square().tolist()
-    return (pb + [0.0] * 8)[:7] + [mid] + (c2 + [0.0] * 16)[:16]
+    return tuple((pb + [0.0] * 8)[:7] + [mid] + (c2 + [0.0] * 16)[:16])
 
 
 def cell_key(y: np.ndarray) -> np.ndarray:
@@ -246,9 +237,6 @@ def _cells(config: QuantizerConfig, device: torch.device) -> tuple[int, torch.Te
     return base8, torch.from_numpy(cells).to(device)
 
 
-_TABLES: dict[QuantizerConfig, list[float]] = {}
-
-
 # ---------------------------------------------------------------- dispatch
 
 
@@ -278,8 +266,8 @@ def cuda_encode_supports(x: torch.Tensor, config: QuantizerConfig, codes: torch.
         return False
     if norms.dtype not in (torch.float16, torch.float32) or codes.stride(-1) != 1 or codes.stride(-2) != code_bytes(config):
         return False
-    nb = code_bytes(config) // 8 * 1  # bytes per lane group slice: w * d / 64
-    align = next(a for a in (16, 8, 4, 2, 1) if nb % a == 0 and a <= 8)
+    nb = code_bytes(config) // 8  # bytes of a lane's slice of a code row: w * d / 64
+    align = next(a for a in (8, 4, 2, 1) if nb % a == 0)
     return codes.data_ptr() % align == 0 and all(s % align == 0 for s in codes.stride()[:-1])
 
 
@@ -324,12 +312,10 @@ def cuda_quantize_into(
     for name, a in (("offset", offset), ("inv_scale", inv_scale)):
         if a is not None and tuple(a.shape) != (*lead, d):
             raise TurboQuantError(f"{name} {tuple(a.shape)} must be {(*lead, d)}")
-    mod = _module(x.device, variant is not None) if t > 0 and cuda_encode_supports(x, config, codes, norms) else None
+    mod = _EXTENSION.load_or_warn(x.device, variant is not None) if t > 0 and cuda_encode_supports(x, config, codes, norms) else None
     if mod is None:
         return _fallback(x, config, codes, norms, start, offset, inv_scale, norm_correction)
-    r = 1
-    for s in lead:
-        r *= s
+    r = math.prod(lead)
     x3 = x.reshape(r, t, d)
     if x3.stride(-1) != 1 or x3.data_ptr() % 16 or any(s % 8 for s in x3.stride()[:-1]):
         x3 = x3.contiguous()
@@ -338,16 +324,12 @@ def cuda_quantize_into(
     off2 = None if offset is None else offset.reshape(r, d).float().contiguous()
     sc2 = None if inv_scale is None else inv_scale.reshape(r, d).float().contiguous()
     frag = _fragments(config, x.device)
-    pp = frag.numel() // (d * d * 2)
-    xp = 1 if (x.dtype == torch.bfloat16 and offset is None and inv_scale is None) else 2
-    tab = _TABLES.get(config)
-    if tab is None:
-        tab = _TABLES.setdefault(config, bucket_tables(config))
+    xp, pp = _operand_parts(config, x.dtype, offset is not None or inv_scale is not None)
     base8, cells = _cells(config, x.device)
     v = variant or (0, 0, 0, 0)
     w = _width(config)
     args = [d, w, xp, pp, start, int(norm_correction), ctas_per_sm, num_sms(x.device), base8, *v]
-    mod.encode(x3, c3, n2, frag, cells, off2, sc2, tab, args)
+    mod.encode(x3, c3, n2, frag, cells, off2, sc2, list(bucket_tables(config)), args)
     return QuantizedVectors(config, codes[..., start : start + t, :], norms[..., start : start + t])
 
 
@@ -376,11 +358,10 @@ def encode_kernel_info(config: QuantizerConfig, dtype: torch.dtype, device: torc
                        variant: tuple[int, int, int, int] | None = None, fused: bool = False,
                        norm_correction: bool = False) -> tuple[int, int, int, int]:  # fmt: skip
     """``(registers, spill bytes, CTAs per SM, shared bytes)`` of the kernel that these arguments launch."""
-    mod = _module(device, variant is not None)
+    mod = _EXTENSION.load_or_warn(device, variant is not None)
     if mod is None or _width(config) is None:
         raise TurboQuantError(f"no CUDA encode kernel for {config}")
-    pp = rotation_fragments(config).shape[0]
-    xp = 1 if (dtype == torch.bfloat16 and not fused) else 2
+    xp, pp = _operand_parts(config, dtype, fused)
     ncells = cell_table(config)[1].shape[0]
     args = [config.dim, _width(config), xp, pp, 0, int(norm_correction), 0, 1, 0, *(variant or (0, 0, 0, 0))]
     return tuple(mod.encode_info(args, ncells))  # type: ignore[return-value]
