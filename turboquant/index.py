@@ -273,10 +273,10 @@ class TurboQuantIndex:
             self._norms32 = None
             if n:
                 self._next_id = max(self._next_id, int(new_ids.max()) + 1)
-            if self._fastscan is not None and self._split() is None:  # (split: factors at the next search)
+            if self._fastscan is not None and self._split() is None:
                 self._mirror_append(codes)
             elif n and self.config.engine is not Engine.TORCH:
-                self._use_fastscan()  # build the fast-scan mirror now, as part of the build time
+                self._use_fastscan()  # builds the mirror (first add) or fills the new vectors' factors (split)
             return new_ids
 
     def reserve(self, n: int) -> None:

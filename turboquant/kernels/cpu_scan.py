@@ -566,4 +566,4 @@ class ScanMirror:
         return scores, pos
 
 
-__all__ = ["OWN_CODES", "ScanMirror", "scan_layout", "scan_width", "auto_scan_bits", "default_shortlist", "load_scan_library", "scan_library_error", "scan_plan", "top_k"]
+__all__ = ["OWN_CODES", "ScanMirror", "auto_scan_bits", "default_shortlist", "load_scan_library", "scan_layout", "scan_library_error", "scan_plan", "scan_width", "top_k"]

@@ -175,4 +175,4 @@ def load_split(
     return None, torch.from_numpy(rows)
 
 
-__all__ = ["load_split", "split_tensors", "SplitSpec", "block_offsets", "join_codes", "low_plane", "split_spec", "unpack_nibbles"]
+__all__ = ["SplitSpec", "block_offsets", "join_codes", "load_split", "low_plane", "split_spec", "split_tensors", "unpack_nibbles"]
