@@ -167,6 +167,38 @@ def test_a_failed_build_warns_once_and_falls_back() -> None:
         ext.load(torch.device("cpu"))
 
 
+def test_a_refused_check_is_a_failed_build(monkeypatch, tmp_path) -> None:
+    """CudaExtension(check=...) runs on the loaded module; its exception is remembered like a compiler error."""
+    from pathlib import Path
+
+    import torch.utils.cpp_extension as cpp
+
+    from turboquant.kernels.cuda_build import CudaExtension
+
+    def refuse(module: object) -> None:
+        raise RuntimeError("dynamic shared memory starts at 0x410")
+
+    monkeypatch.setenv("TURBOQUANT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp, "load_inline", lambda **kw: object())
+    monkeypatch.setattr("turboquant.kernels.cuda_build.arch_flags", lambda dev: ("sm90a", []))
+    src = Path(__file__).resolve().parents[1] / "turboquant" / "kernels" / "cuda_attention.cu"
+    ext = CudaExtension("t", src, [], "", [], "test kernel", "the fallback", check=refuse)
+    with pytest.warns(RuntimeWarning, match="0x410"):
+        assert ext.load_or_warn(torch.device("cpu")) is None
+    with pytest.raises(RuntimeError, match="0x410"):
+        ext.load(torch.device("cpu"))
+
+
+def test_the_table_base_is_one_number_in_header_and_python() -> None:
+    """tq::SMEM_BASE (cuda_attention.cuh) and cuda_attention.SMEM_BASE, the value the load-time check expects."""
+    from pathlib import Path
+
+    from turboquant.kernels import cuda_attention
+
+    header = (Path(cuda_attention.__file__).parent / "cuda_attention.cuh").read_text()
+    assert int(re.search(r"SMEM_BASE = (0x[0-9a-fA-F]+);", header).group(1), 16) == cuda_attention.SMEM_BASE
+
+
 def test_shape_errors_name_the_argument() -> None:
     cfg = QuantizerConfig(64, 4)
     codes = torch.zeros(2, 8, code_bytes(cfg), dtype=torch.uint8)

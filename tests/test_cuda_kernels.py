@@ -256,3 +256,8 @@ def test_compressed_length_replays_in_a_graph(ca):
         torch.cuda.synchronize()
         ref = float64_attention(q, k, v, fk, fv, 128**-0.5, length_mask(8000, n_t, None, 4))
         assert relative_error(out, ref) < TOL, count
+
+
+def test_dynamic_shared_memory_starts_where_the_table_loads_assume(ca):
+    """The table decoder's loads carry tq::SMEM_BASE as an immediate (no add per lookup): the probe kernel sees it."""
+    assert ca.load_extension().smem_base() == ca.SMEM_BASE

@@ -36,15 +36,27 @@ namespace tq {
 
 // Shared-memory decoder (DEC = 1): row `byte` (256 B) of the table holds, for keys (first 128 B)
 // and values (last 128 B), the fp16 pair (c[byte & 15], c[byte >> 4]) once per lane, so that lane
-// l always reads bank l (no conflicts whatever the codes). One prmt turns a code byte into the
-// address: byte 1 = code byte, byte 0 = lane * 4 (+ 128 for values).
+// l always reads bank l (no conflicts whatever the codes). The table is the first thing in dynamic
+// shared memory, which starts at SMEM_BASE in the CTA's window (checked at load: smem_base_probe),
+// so one prmt makes the whole address: byte 1 = code byte, byte 0 = lane * 4 (+ 128 for values),
+// byte 3 = the CTA's rank bits of the shared window (lane_off's byte 3), and SMEM_BASE is the load's
+// immediate offset (no add per lookup).
 extern __shared__ __align__(16) uint32_t tq_smem[];
 
-__device__ __forceinline__ uint32_t lut(uint32_t off) {
-  // 32-bit shared address: the table base stays in a uniform register (LDS [R + UR])
+__device__ __forceinline__ uint32_t lut(uint32_t addr) {
   uint32_t v;
-  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(off + (uint32_t)__cvta_generic_to_shared(tq_smem)));
+  asm volatile("ld.shared.u32 %0, [%1+%2];" : "=r"(v) : "r"(addr), "n"(SMEM_BASE));
   return v;
+}
+
+// lane_off of lut_byte: the window's high byte (CTA rank in its cluster) | lane * 4 (+ 128: value table)
+__device__ __forceinline__ uint32_t table_lane_offset(int lane, bool values) {
+  return (uint32_t(__cvta_generic_to_shared(tq_smem)) & 0xFF000000u) | (uint32_t(lane) * 4u + (values ? 128u : 0u));
+}
+
+// Dynamic shared memory's offset in the window of a kernel with no static shared memory (as decode_kernel).
+__global__ void smem_base_probe(uint32_t* out) {
+  out[0] = uint32_t(__cvta_generic_to_shared(tq_smem)) & 0x00FFFFFFu;
 }
 
 __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t s) {
@@ -55,7 +67,7 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t s) {
 
 // fp16 pair of code byte k of x from the shared table (lane_off = lane * 4, + 128 for values)
 __device__ __forceinline__ uint32_t lut_byte(uint32_t x, uint32_t lane_off, int k) {
-  return lut(prmt(x, lane_off, 0x5504u | (uint32_t(k) << 4)));
+  return lut(prmt(x, lane_off, 0x7504u | (uint32_t(k) << 4)));
 }
 
 __device__ __forceinline__ float ex2(float x) {
@@ -382,23 +394,28 @@ struct Ptrs {
   const __half* vn;   // value norm of token base + 2T*gid
 };
 
+// kleft / vleft: tokens of this warp's range left from this thread's first key / value token.
+// Keys and key norms (the score part's inputs) of one iteration:
 template <int KBITS, int VBITS, int D, int T, bool FULL>
-__device__ __forceinline__ void load_iter(Raw<KBITS, VBITS, D, T>& r, const Ptrs& q, int kleft, int vleft, int gid,
-                                          int t4) {
-  // kleft / vleft: tokens of this warp's range left from this thread's first key / value token
+__device__ __forceinline__ void load_keys(Raw<KBITS, VBITS, D, T>& r, const Ptrs& q, int kleft) {
 #pragma unroll
   for (int i = 0; i < 2 * T; ++i) {
     if (FULL || i < kleft) {
       load_k<KBITS, D>(q.k + i * Geo<KBITS, D>::ROW, r.k[i]);
       r.kn[i] = __ldg(q.kn + i);
-      r.vn[i] = __ldg(q.vn + i);
     } else {
 #pragma unroll
       for (int x = 0; x < Geo<KBITS, D>::KW; ++x) r.k[i][x] = 0;
       r.kn[i] = __float2half(0.f);
-      r.vn[i] = __float2half(0.f);
     }
   }
+}
+
+// Values and value norms (the value part's inputs; the norms are of the thread's key tokens):
+template <int KBITS, int VBITS, int D, int T, bool FULL>
+__device__ __forceinline__ void load_values(Raw<KBITS, VBITS, D, T>& r, const Ptrs& q, int kleft, int vleft) {
+#pragma unroll
+  for (int i = 0; i < 2 * T; ++i) r.vn[i] = (FULL || i < kleft) ? __ldg(q.vn + i) : __float2half(0.f);
 #pragma unroll
   for (int i = 0; i < 4 * T; ++i) {
     if (FULL || i < vleft) {
@@ -408,6 +425,13 @@ __device__ __forceinline__ void load_iter(Raw<KBITS, VBITS, D, T>& r, const Ptrs
       for (int x = 0; x < Geo<VBITS, D>::VW; ++x) r.v[i][x] = 0;
     }
   }
+}
+
+template <int KBITS, int VBITS, int D, int T, bool FULL>
+__device__ __forceinline__ void load_iter(Raw<KBITS, VBITS, D, T>& r, const Ptrs& q, int kleft, int vleft, int gid,
+                                          int t4) {
+  load_keys<KBITS, VBITS, D, T, FULL>(r, q, kleft);
+  load_values<KBITS, VBITS, D, T, FULL>(r, q, kleft, vleft);
 }
 
 
@@ -536,24 +560,34 @@ __device__ __forceinline__ void compute_core(const Params& p, KW&& kw, VW&& vw, 
   }
   after_keys();
   // online softmax (base 2); the 8 lanes with one t4 hold all tokens of query rows 2*t4, 2*t4 + 1
-  float alpha[2], msafe[2];
+  // The state is rescaled only when some row's maximum grew (a warp-uniform branch): otherwise every
+  // factor would be ex2(0) = 1 exactly (or scale a still-empty state), so skipping it changes no bit.
+  float mx[2], msafe[2];
+  bool grew = false;
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
-    float mx = st.m[e];
+    mx[e] = st.m[e];
 #pragma unroll
-    for (int j = 0; j < T; ++j) mx = fmaxf(mx, fmaxf(sc[j][0][e], sc[j][1][e]));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
-    msafe[e] = (mx == -INFINITY) ? 0.f : mx;
-    alpha[e] = ex2(st.m[e] - msafe[e]);
-    st.m[e] = mx;
-    st.l[e] *= alpha[e];
+    for (int j = 0; j < T; ++j) mx[e] = fmaxf(mx[e], fmaxf(sc[j][0][e], sc[j][1][e]));
+    mx[e] = fmaxf(mx[e], __shfl_xor_sync(0xffffffffu, mx[e], 4));
+    mx[e] = fmaxf(mx[e], __shfl_xor_sync(0xffffffffu, mx[e], 8));
+    mx[e] = fmaxf(mx[e], __shfl_xor_sync(0xffffffffu, mx[e], 16));
+    msafe[e] = (mx[e] == -INFINITY) ? 0.f : mx[e];
+    grew |= mx[e] > st.m[e];
   }
+  if (__any_sync(0xffffffffu, grew)) {
+    float alpha[2];
 #pragma unroll
-  for (int i = 0; i < VT; ++i) {
-    st.acc[i][0] *= alpha[0]; st.acc[i][1] *= alpha[1];
-    st.acc[i][2] *= alpha[0]; st.acc[i][3] *= alpha[1];
+    for (int e = 0; e < 2; ++e) {
+      alpha[e] = ex2(st.m[e] - msafe[e]);
+      st.m[e] = mx[e];
+      st.l[e] *= alpha[e];
+    }
+#pragma unroll
+    for (int i = 0; i < VT; ++i) {
+      st.acc[i][0] *= alpha[0]; st.acc[i][1] *= alpha[1];
+      st.acc[i][2] *= alpha[0]; st.acc[i][3] *= alpha[1];
+    }
   }
   before_values();
 #pragma unroll
@@ -586,10 +620,12 @@ __device__ __forceinline__ void compute_core(const Params& p, KW&& kw, VW&& vw, 
   after_values();
 }
 
-template <int KBITS, int VBITS, int D, int T, bool FULL, bool MASK, int DEC>
-__device__ __forceinline__ void compute_iter(const Params& p, const Raw<KBITS, VBITS, D, T>& r, State<KBITS, D>& st,
+// after_keys / after_values: run once the iteration's keys / values are decoded (PF = 3 loads the next ones there)
+template <int KBITS, int VBITS, int D, int T, bool FULL, bool MASK, int DEC, class H1, class H3>
+__device__ __forceinline__ void compute_iter(const Params& p, Raw<KBITS, VBITS, D, T>& r, State<KBITS, D>& st,
                                              int base, int stop, int gid, int t4, const long long (&mrow)[2],
-                                             const bool (&rowok)[2], uint32_t lane_k, uint32_t lane_v) {
+                                             const bool (&rowok)[2], uint32_t lane_k, uint32_t lane_v,
+                                             H1&& after_keys, H3&& after_values) {
   constexpr int KWN = Geo<KBITS, D>::KW, VWN = Geo<VBITS, D>::VW;
   auto kw = [&](int i, uint32_t (&w)[KWN]) {
 #pragma unroll
@@ -601,7 +637,15 @@ __device__ __forceinline__ void compute_iter(const Params& p, const Raw<KBITS, V
   };
   auto none = [] {};
   compute_core<KBITS, VBITS, D, T, FULL, MASK, DEC>(p, kw, vw, r.kn, r.vn, st, base, stop, gid, t4, mrow, rowok, lane_k,
-                                                    lane_v, none, none, none);
+                                                    lane_v, after_keys, none, after_values);
+}
+
+template <int KBITS, int VBITS, int D, int T, bool FULL, bool MASK, int DEC>
+__device__ __forceinline__ void compute_iter(const Params& p, Raw<KBITS, VBITS, D, T>& r, State<KBITS, D>& st,
+                                             int base, int stop, int gid, int t4, const long long (&mrow)[2],
+                                             const bool (&rowok)[2], uint32_t lane_k, uint32_t lane_v) {
+  auto none = [] {};
+  compute_iter<KBITS, VBITS, D, T, FULL, MASK, DEC>(p, r, st, base, stop, gid, t4, mrow, rowok, lane_k, lane_v, none, none);
 }
 
 // The CTA's 8 query rows (zero past the last), as raw bits: element threadIdx.x + u * NT of the [8][D] block.
@@ -655,7 +699,7 @@ __host__ __device__ constexpr int merge_bytes() {
 }
 template <int D>
 __host__ __device__ constexpr int finish_bytes() {
-  return (2 * 8 * D + 16) * 4;
+  return (2 * 8 * D + 16 + 4) * 4;  // acc, out, max/sum, the last-arrival flag (no static shared memory: SMEM_BASE)
 }
 template <int D, int NW, int DEC>
 __host__ __device__ constexpr int main_bytes() {
@@ -871,13 +915,13 @@ __device__ __forceinline__ void arrive_and_finish(const Params& p, int bh, int r
   float* fin_ml = fin_out + 8 * D;                                                                      // [8][2]
   if (!direct) {
     // threadfence reduction: the last CTA to arrive reads every partial (through L2)
-    __shared__ int is_last;
+    int* is_last = reinterpret_cast<int*>(fin_ml + 16);
     __threadfence();
     __syncthreads();
     int* cnt = p.counter + (long long)bh * gridDim.z + rb;
-    if (threadIdx.x == 0) is_last = atomicAdd(cnt, 1) == p.splits - 1;
+    if (threadIdx.x == 0) *is_last = atomicAdd(cnt, 1) == p.splits - 1;
     __syncthreads();
-    if (!is_last) return;
+    if (!*is_last) return;
     __threadfence();
     merge_splits<D, NW>(p, bh, rb, rows, 0, p.splits, fin_acc, fin_ml);
     if (threadIdx.x == 0) *cnt = 0;  // ready for the next launch (and the next graph replay)
@@ -886,9 +930,11 @@ __device__ __forceinline__ void arrive_and_finish(const Params& p, int bh, int r
   finish<D, NW>(p, bh, rb, rows, fin_acc, fin_ml, fin_out, reinterpret_cast<float*>(tq_smem));
 }
 
-// PF: 0 plain loads, 1 two register buffers, 2 cp.async one iteration ahead (AsyncOK configs; else 0).
-template <int KBITS, int VBITS, int D, int NW, int T, bool MASK, int PF_, int DEC>
-__global__ void __launch_bounds__(NW * 32) decode_kernel(const __grid_constant__ Params p) {
+// PF: 0 plain loads, 1 two register buffers, 2 cp.async one iteration ahead (AsyncOK configs; else 0), 3 the next
+// iteration's keys / values loaded into the one register set once this iteration's are decoded.
+// MINB: CTAs per SM the registers are capped for (0: the compiler's own choice).
+template <int KBITS, int VBITS, int D, int NW, int T, bool MASK, int PF_, int DEC, int MINB>
+__global__ void __launch_bounds__(NW * 32, MINB) decode_kernel(const __grid_constant__ Params p) {
   constexpr int PF = (PF_ == 2 && !AsyncOK<KBITS, VBITS, D>::value) ? 0 : PF_;
   constexpr int KS = Geo<KBITS, D>::KS;
   constexpr int VT = D / 16;
@@ -915,7 +961,7 @@ __global__ void __launch_bounds__(NW * 32) decode_kernel(const __grid_constant__
   const int wstart = start + warp * per;
   const int wstop = min(wstart + per, stop);
 
-  const uint32_t lane_k = uint32_t(lane) * 4u, lane_v = lane_k + 128u;
+  const uint32_t lane_k = table_lane_offset(lane, false), lane_v = table_lane_offset(lane, true);
   if (DEC >= 1) {
     // decode table: row = code byte (256 B), keys then values, each entry once per lane (bank = lane)
     const uint32_t km = KBITS == 4 ? 15u : 7u, vm = VBITS == 4 ? 15u : 7u;
@@ -994,7 +1040,7 @@ __global__ void __launch_bounds__(NW * 32) decode_kernel(const __grid_constant__
     if (left >= TOK) load_iter<KBITS, VBITS, D, T, true>(r, ptr, 0, 0, gid, t4);
     else load_iter<KBITS, VBITS, D, T, false>(r, ptr, left - 2 * T * gid, left - 4 * T * t4, gid, t4);
   };
-  auto compute_any = [&](const R& r, int base) {
+  auto compute_any = [&](R& r, int base) {
     if (base + TOK <= wstop) compute_iter<KBITS, VBITS, D, T, true, MASK, DEC>(p, r, st, base, wstop, gid, t4, mrow, rowok, lane_k, lane_v);
     else compute_iter<KBITS, VBITS, D, T, false, MASK, DEC>(p, r, st, base, wstop, gid, t4, mrow, rowok, lane_k, lane_v);
   };
@@ -1069,6 +1115,30 @@ __global__ void __launch_bounds__(NW * 32) decode_kernel(const __grid_constant__
       compute_any(rb2, base);
       base += TOK;
     }
+  } else if constexpr (PF == 3) {
+    // one register set: the keys of iteration i+1 are loaded once the keys of i are decoded (their time in
+    // flight is the value part of i), the values of i+1 once the values of i are (the score part of i+1)
+    R r;
+    int base = wstart;
+    if (base < wstop) load_any(r, wstop - base);
+    for (; base + TOK <= wstop; base += TOK) {
+      const int nleft = wstop - base - TOK;  // tokens left after this iteration
+      Ptrs nxt = ptr;
+      nxt.k += TOK * KROW; nxt.v += TOK * VROW; nxt.kn += TOK; nxt.vn += TOK;
+      auto next_keys = [&] {
+        if (nleft >= TOK) load_keys<KBITS, VBITS, D, T, true>(r, nxt, 0);
+        else if (nleft > 0) load_keys<KBITS, VBITS, D, T, false>(r, nxt, nleft - 2 * T * gid);
+      };
+      auto next_values = [&] {
+        if (nleft >= TOK) load_values<KBITS, VBITS, D, T, true>(r, nxt, 0, 0);
+        else if (nleft > 0) load_values<KBITS, VBITS, D, T, false>(r, nxt, nleft - 2 * T * gid, nleft - 4 * T * t4);
+      };
+      compute_iter<KBITS, VBITS, D, T, true, MASK, DEC>(p, r, st, base, wstop, gid, t4, mrow, rowok, lane_k, lane_v,
+                                                        next_keys, next_values);
+      advance();
+    }
+    if (base < wstop)
+      compute_iter<KBITS, VBITS, D, T, false, MASK, DEC>(p, r, st, base, wstop, gid, t4, mrow, rowok, lane_k, lane_v);
   } else {
     int base = wstart;
     for (; base + TOK <= wstop; base += TOK) {
@@ -1152,9 +1222,9 @@ constexpr int smem_bytes() {
 }
 }  // namespace tq
 
-template <int KB, int VB, int D, int NW, int T, bool MASK, int PF, int DEC>
+template <int KB, int VB, int D, int NW, int T, bool MASK, int PF, int DEC, int MINB>
 static cudaError_t tq_run(const tq::Params& p, int bh, int rblocks, cudaStream_t stream, int* info) {
-  auto fn = tq::decode_kernel<KB, VB, D, NW, T, MASK, PF, DEC>;
+  auto fn = tq::decode_kernel<KB, VB, D, NW, T, MASK, PF, DEC, MINB>;
   constexpr int smem = tq::smem_bytes<KB, VB, D, NW, T, PF, DEC>();
   static bool configured = false;  // the opt-in for > 48 KB of dynamic shared memory, once per variant
   if (!configured) {
@@ -1176,27 +1246,30 @@ static cudaError_t tq_run(const tq::Params& p, int bh, int rblocks, cudaStream_t
   return cudaGetLastError();
 }
 
-// Variant = (warps per CTA, 16-token tiles per iteration, prefetch 0 none / 1 registers / 2 cp.async,
-// decoder 0 = prmt registers / 1 = shared table / 2 = keys prmt + values table). The library build holds
-// the defaults of each width; -DTQ_TUNE adds the variants the benchmark sweeps (d = 128, no mask).
+// Variant = (warps per CTA, 16-token tiles per iteration, prefetch 0 none / 1 registers / 2 cp.async / 3 next
+// iteration in the one register set, decoder 0 = prmt registers / 1 = shared table / 2..6 mixes (key_table),
+// CTAs per SM the registers are capped for). The library build holds the defaults of each width; -DTQ_TUNE
+// adds the variants the benchmark sweeps (d = 128, no mask).
 template <int KB, int VB, int D, bool MASK>
-static cudaError_t tq_variant(const tq::Params& p, int bh, int rb, int nw, int tiles, int pf, int dec,
+static cudaError_t tq_variant(const tq::Params& p, int bh, int rb, int nw, int tiles, int pf, int dec, int ctas,
                               cudaStream_t s, int* info) {
   constexpr bool TWO = (KB == 2 || VB == 2);
-#define TQ_V(NW, T, PF, DEC) \
-  if (nw == NW && tiles == T && pf == PF && dec == DEC) return tq_run<KB, VB, D, NW, T, MASK, PF, DEC>(p, bh, rb, s, info);
+#define TQ_V(NW, T, PF, DEC, MB)                                          \
+  if (nw == NW && tiles == T && pf == PF && dec == DEC && ctas == MB) \
+    return tq_run<KB, VB, D, NW, T, MASK, PF, DEC, MB>(p, bh, rb, s, info);
   if constexpr (TWO) {  // defaults: measured best on an H200 (docs/kernel_notes.md, c2)
-    TQ_V(4, 4, 0, 0)
+    TQ_V(4, 4, 0, 0, 0)
   } else {
-    TQ_V(8, 2, 0, 1)
+    TQ_V(8, 2, 0, 1, 0)
   }
 #ifdef TQ_TUNE
   if constexpr (!MASK && D == 128) {
     if constexpr (TWO) {
-      TQ_V(4, 4, 2, 0) TQ_V(8, 2, 2, 0) TQ_V(8, 4, 2, 0) TQ_V(4, 2, 2, 0)
+      TQ_V(4, 4, 3, 0, 0) TQ_V(4, 2, 3, 0, 0) TQ_V(8, 2, 0, 0, 0) TQ_V(8, 2, 3, 0, 0) TQ_V(8, 2, 0, 0, 3)
+      TQ_V(4, 4, 0, 0, 3) TQ_V(8, 2, 3, 0, 2)
     } else {
-      TQ_V(8, 2, 0, 2) TQ_V(8, 2, 0, 3) TQ_V(8, 2, 0, 4) TQ_V(8, 2, 0, 5) TQ_V(8, 2, 0, 6)
-      TQ_V(8, 4, 0, 1) TQ_V(8, 4, 0, 3) TQ_V(8, 4, 0, 6)
+      TQ_V(8, 2, 3, 1, 2) TQ_V(8, 1, 3, 1, 2) TQ_V(8, 1, 0, 1, 2) TQ_V(8, 1, 0, 1, 3) TQ_V(8, 1, 3, 1, 3)
+      TQ_V(8, 2, 3, 1, 0) TQ_V(8, 4, 0, 1, 0)
     }
   }
 #endif
@@ -1206,16 +1279,23 @@ static cudaError_t tq_variant(const tq::Params& p, int bh, int rb, int nw, int t
 
 template <int KB, int VB, int D>
 static cudaError_t tq_mask(const tq::Params& p, int bh, int rb, int nw, int tiles, bool mask, int pf, int dec,
-                           cudaStream_t s, int* info) {
-  return mask ? tq_variant<KB, VB, D, true>(p, bh, rb, nw, tiles, pf, dec, s, info)
-              : tq_variant<KB, VB, D, false>(p, bh, rb, nw, tiles, pf, dec, s, info);
+                           int ctas, cudaStream_t s, int* info) {
+  return mask ? tq_variant<KB, VB, D, true>(p, bh, rb, nw, tiles, pf, dec, ctas, s, info)
+              : tq_variant<KB, VB, D, false>(p, bh, rb, nw, tiles, pf, dec, ctas, s, info);
+}
+
+// Offset of dynamic shared memory in the window of a kernel without static shared memory (host: SMEM_BASE check).
+cudaError_t tq_smem_base(unsigned* out_dev, cudaStream_t s) {
+  tq::smem_base_probe<<<1, 1, 16, s>>>(out_dev);
+  return cudaGetLastError();
 }
 
 // Launch one decode variant (info == nullptr), or fill info = {registers, spill bytes, CTAs per SM, smem bytes}.
 cudaError_t tq_decode_dispatch(const tq::Params& p, int kbits, int vbits, int d, int bh, int rblocks, int nw,
-                               int tiles, bool mask, int prefetch, int dec, cudaStream_t s, int* info) {
-#define TQ_CASE(KB, VB, D) \
-  if (kbits == KB && vbits == VB && d == D) return tq_mask<KB, VB, D>(p, bh, rblocks, nw, tiles, mask, prefetch, dec, s, info);
+                               int tiles, bool mask, int prefetch, int dec, int ctas, cudaStream_t s, int* info) {
+#define TQ_CASE(KB, VB, D)                    \
+  if (kbits == KB && vbits == VB && d == D) \
+    return tq_mask<KB, VB, D>(p, bh, rblocks, nw, tiles, mask, prefetch, dec, ctas, s, info);
   TQ_CASE(4, 4, 128) TQ_CASE(3, 3, 128) TQ_CASE(2, 2, 128)
   TQ_CASE(4, 4, 64) TQ_CASE(3, 3, 64) TQ_CASE(2, 2, 64)
 #undef TQ_CASE

@@ -5,6 +5,11 @@
 
 namespace tq {
 
+// Offset of dynamic shared memory in the CTA's shared window when a kernel declares no static shared
+// memory: the 1 KB the hardware reserves per CTA (sm_80 and later). The decode table's loads use it as an
+// immediate; cuda_attention.py checks it once per process with smem_base_probe (mirrored there).
+constexpr uint32_t SMEM_BASE = 0x400;
+
 // Full-precision tokens per window chunk (one partial each, by split chunk % splits; mirrored in cuda_attention.py)
 constexpr int WINDOW_TOKENS = 32;
 

@@ -69,7 +69,7 @@ _BINDING = r"""
 #include "cuda_attention.cuh"
 
 cudaError_t tq_decode_dispatch(const tq::Params& p, int kbits, int vbits, int d, int bh, int rblocks, int nw,
-                               int tiles, bool mask, int prefetch, int dec, cudaStream_t s, int* info);
+                               int tiles, bool mask, int prefetch, int dec, int ctas, cudaStream_t s, int* info);
 
 static int float_kind(const torch::Tensor& t) {
   if (t.scalar_type() == at::kFloat) return 2;
@@ -95,7 +95,7 @@ static tq::Params make_params(const std::vector<int64_t>& c) {
   return p;
 }
 
-// v = {kbits, vbits, d, bh, rblocks, warps, tiles, prefetch, decoder}
+// v = {kbits, vbits, d, bh, rblocks, warps, tiles, prefetch, decoder, CTAs per SM}
 // q [BH, M, D] (fp32/fp16/bf16, contiguous) and rt = Pi_k^T [D, D] fp32: the kernel rotates the query.
 // fused finish when out is given: counter [BH * rblocks] int32 (zero), pv [D, D] fp32, voff [BH, D] fp32,
 // fk / fv [B, Hkv, W, D] (W > 0 only), out [BH, M, D] in the query dtype.
@@ -140,9 +140,20 @@ void decode(torch::Tensor q, c10::optional<torch::Tensor> qoff, torch::Tensor kc
   p.mask = mask.has_value() ? mask->data_ptr() : nullptr;
   p.part = part.data_ptr<float>();
   cudaError_t err = tq_decode_dispatch(p, (int)v[0], (int)v[1], (int)v[2], (int)v[3], (int)v[4], (int)v[5],
-                                       (int)v[6], p.mask != nullptr && !p.wmask, (int)v[7], (int)v[8],
+                                       (int)v[6], p.mask != nullptr && !p.wmask, (int)v[7], (int)v[8], (int)v[9],
                                        c10::cuda::getCurrentCUDAStream().stream(), nullptr);
   TORCH_CHECK(err == cudaSuccess, "turboquant CUDA decode: ", cudaGetErrorString(err));
+}
+
+cudaError_t tq_smem_base(unsigned* out_dev, cudaStream_t s);
+
+// Where dynamic shared memory starts in a CTA's window (the table decoder's loads assume tq::SMEM_BASE)
+int64_t smem_base() {
+  auto buf = torch::zeros({1}, torch::dtype(torch::kInt32).device(torch::kCUDA));
+  const c10::cuda::CUDAGuard guard(buf.device());
+  cudaError_t err = tq_smem_base(reinterpret_cast<unsigned*>(buf.data_ptr<int>()), c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "turboquant CUDA smem_base: ", cudaGetErrorString(err));
+  return buf.item<int>();
 }
 
 // {registers, spill bytes, CTAs per SM, shared-memory bytes} of one variant
@@ -150,14 +161,24 @@ std::vector<int64_t> variant_info(std::vector<int64_t> v, bool mask) {
   tq::Params p{};
   int info[4] = {0, 0, 0, 0};
   cudaError_t err = tq_decode_dispatch(p, (int)v[0], (int)v[1], (int)v[2], 1, 1, (int)v[5], (int)v[6], mask,
-                                       (int)v[7], (int)v[8], nullptr, info);
+                                       (int)v[7], (int)v[8], (int)v[9], nullptr, info);
   TORCH_CHECK(err == cudaSuccess, "turboquant CUDA variant: ", cudaGetErrorString(err));
   return {info[0], info[1], info[2], info[3]};
 }
 """
 
-_EXTENSION = CudaExtension("turboquant_cuda_attention", _SOURCE, [_HEADER], _BINDING, ["decode", "variant_info"],
-                           "CUDA decode-attention kernel", "the Triton kernel")  # fmt: skip
+SMEM_BASE = 0x400  # tq::SMEM_BASE (cuda_attention.cuh): where dynamic shared memory starts in a CTA's window
+
+
+def _check_smem_base(module: Any) -> None:
+    """The table decoder addresses shared memory with SMEM_BASE as an immediate: refuse a build where it moved."""
+    base = int(module.smem_base())
+    if base != SMEM_BASE:
+        raise RuntimeError(f"dynamic shared memory starts at {base:#x} in a CTA's window, the kernel assumes {SMEM_BASE:#x}")
+
+
+_EXTENSION = CudaExtension("turboquant_cuda_attention", _SOURCE, [_HEADER], _BINDING, ["decode", "variant_info", "smem_base"],
+                           "CUDA decode-attention kernel", "the Triton kernel", check=_check_smem_base)  # fmt: skip
 _MODULES = _EXTENSION.modules  # keyed by ``tune`` (the benchmark swaps in a spy)
 
 
@@ -288,24 +309,24 @@ def _tables(dim: int, bits: int) -> tuple[list[int], list[int]]:
 _INFO: dict[tuple, tuple[int, int, int, int]] = {}
 
 
-def _resolve_variant(kb: int, vb: int, tuning: CudaTuning) -> tuple[int, int, int, int]:
+def _resolve_variant(kb: int, vb: int, tuning: CudaTuning) -> tuple[int, int, int, int, int]:
     if tuning.variant is not None:
-        return tuning.variant
+        return tuning.variant  # type: ignore[return-value]  (CudaTuning makes it five ints)
     if kb == 2 or vb == 2:
-        return (4, 4, 0, 0)
-    return (8, 2, 0, 1)
+        return (4, 4, 0, 0, 0)
+    return (8, 2, 0, 1, 0)
 
 
 def variant_info(
-    kb: int, vb: int, d: int, variant: tuple[int, int, int, int], mask: bool, device: torch.device, tune: bool = False
+    kb: int, vb: int, d: int, variant: tuple[int, ...], mask: bool, device: torch.device, tune: bool = False
 ) -> tuple[int, int, int, int]:
     """``(registers, spill bytes, CTAs per SM, shared bytes)`` of the kernel that this variant launches."""
     key = (kb, vb, d, variant, mask, device.index, tune)
     if key not in _INFO:
         mod = _module(device, tune)
         assert mod is not None
-        nw, tiles, pf, dec = variant
-        _INFO[key] = tuple(mod.variant_info([kb, vb, d, 1, 1, nw, tiles, pf, dec], mask))  # type: ignore[assignment]
+        nw, tiles, pf, dec, ctas = variant
+        _INFO[key] = tuple(mod.variant_info([kb, vb, d, 1, 1, nw, tiles, pf, dec, ctas], mask))  # type: ignore[assignment]
     return _INFO[key]
 
 
@@ -401,7 +422,7 @@ def cuda_quantized_attention(
     wmask = int(compressed_length is not None and mask4 is not None)
 
     variant = _resolve_variant(kb, vb, tuning)
-    nw, tiles, pf, dec = variant
+    nw, tiles, pf, dec, min_ctas = variant
     _, _, ctas_per_sm, _ = variant_info(kb, vb, d, variant, mask4 is not None and not wmask, dev, tune)
     rblocks = -(-m // 8)
     slots = max(1, ctas_per_sm) * num_sms(dev) * tuning.waves
@@ -428,7 +449,7 @@ def cuda_quantized_attention(
         *ms, kind, ac, n, hkv, m, l, g, tps, splits,
         *ktab, *vtab, *kcent, *vcent, wchunks, WINDOW_TOKENS,
     ]  # fmt: skip
-    v = [kb, vb, d, bh, rblocks, nw, tiles, pf, dec]
+    v = [kb, vb, d, bh, rblocks, nw, tiles, pf, dec, min_ctas]
     rt = _rotation_t(kcfg, dev)
     if tuning.fused:
         # one launch: the last CTA of each (batch, kv head, row block) merges the splits, rotates back,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,17 @@ class CudaExtension:
     """
 
     def __init__(
-        self, stem: str, source: Path, headers: Sequence[Path], binding: str, functions: Sequence[str], what: str, fallback: str
+        self,
+        stem: str,
+        source: Path,
+        headers: Sequence[Path],
+        binding: str,
+        functions: Sequence[str],
+        what: str,
+        fallback: str,
+        check: Callable[[Any], None] | None = None,
     ) -> None:
+        self.check = check  # run once on the loaded module; an exception counts as a failed build
         self.stem, self.source, self.headers = stem, source, tuple(headers)
         self.binding, self.functions = binding, list(functions)
         self.what, self.fallback = what, fallback  # for the one warning of load_or_warn
@@ -78,7 +87,9 @@ class CudaExtension:
                     build_directory=str(build),
                     verbose=False,
                 )
-            except Exception as exc:  # compiler missing or failing: remembered, the caller falls back
+                if self.check is not None:
+                    self.check(mod)
+            except Exception as exc:  # compiler missing or failing, or the check refused it: remembered, the caller falls back
                 self.failed[tune] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
                 raise
             self.modules[tune] = mod

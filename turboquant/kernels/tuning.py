@@ -85,27 +85,31 @@ class CudaTuning:
     """Launch parameters of the warp-level CUDA decode kernel (kernels/cuda_attention.py).
 
     Args:
-        variant: ``(warps, tiles, prefetch, decoder)`` or None for the compiled default of the widths
-            (8 warps × 2 tiles with the shared-memory table for 3/4 bits, 4 × 4 with the register
-            decoder for 2 bits, plain loads: cp.async measured slower on an H200). prefetch: 0 none, 1 two register
-            buffers, 2 cp.async one iteration ahead; decoder: 0 registers (prmt), 1 shared table,
-            2 keys through registers and values through the table. Other variants exist only in
-            ``-DTQ_TUNE`` builds, which a non-None variant triggers.
+        variant: ``(warps, tiles, prefetch, decoder[, ctas])`` or None for the compiled default of the
+            widths (8 warps × 2 tiles with the shared-memory table for 3/4 bits, 4 × 4 with the register
+            decoder for 2 bits, plain loads: cp.async measured slower on an H200). prefetch: 0 none, 1 two
+            register buffers, 2 cp.async one iteration ahead, 3 the next iteration's codes loaded into the one
+            register set once this iteration's are decoded; decoder: 0 registers (prmt), 1 shared table,
+            2-6 mixes of the two; ctas (default 0: the compiler's choice): CTAs per SM the kernel's registers
+            are capped for. Other
+            variants exist only in ``-DTQ_TUNE`` builds, which a non-None variant triggers.
         waves: CTAs launched ≈ waves × (CTAs resident per SM × SMs).
         fused: merge the splits, rotate back, add the value offset and the full-precision window
             inside the decode kernel (last CTA per head); False uses the Triton combine kernel.
     """
 
-    variant: tuple[int, int, int, int] | None = None
+    variant: tuple[int, ...] | None = None
     waves: int = 1
     fused: bool = True
 
     def __post_init__(self) -> None:
         if self.variant is not None:
             v = tuple(self.variant)
-            if len(v) != 4 or not all(isinstance(x, int) and x >= 0 for x in v):
-                raise TurboQuantError(f"CudaTuning.variant must be (warps, tiles, prefetch, decoder) ints, got {self.variant!r}")
-            object.__setattr__(self, "variant", v)
+            if len(v) not in (4, 5) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
+                raise TurboQuantError(
+                    f"CudaTuning.variant must be (warps, tiles, prefetch, decoder[, ctas]) ints, got {self.variant!r}"
+                )
+            object.__setattr__(self, "variant", v if len(v) == 5 else (*v, 0))
         if isinstance(self.waves, bool) or not isinstance(self.waves, int) or self.waves < 1:
             raise TurboQuantError(f"CudaTuning.waves must be a positive int, got {self.waves!r}")
         if not isinstance(self.fused, bool):
