@@ -91,18 +91,6 @@ __device__ __forceinline__ uint32_t movtrans(uint32_t x) {
   return y;
 }
 
-// cp.async of BYTES (4, 8, 16) with zero fill: src_bytes = 0 reads nothing and writes zeros
-template <int BYTES>
-__device__ __forceinline__ void cp_async(uint32_t dst, const void* src, bool pred) {
-  const int n = pred ? BYTES : 0;
-  if constexpr (BYTES == 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(n) : "memory");
-  else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(dst), "l"(src), "n"(BYTES), "r"(n) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
-
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
   __half2 h = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&h);
@@ -378,31 +366,39 @@ __device__ __forceinline__ float load_mask(const Params& p, long long off, int k
   return mask_from_bits(load_bits(p.mask, off, kind), kind);
 }
 
+// Which tokens of an iteration (16*T tokens from its base) a thread holds. Key i of thread (gid, t4) is token
+// 8*i + gid: the 8 rows of one key load are consecutive (one contiguous 512-byte run at 4 bits, d = 128, so no
+// cache line is fetched twice), and the score rows r = 0..15 of tile j are tokens 16*j + r. Value i of thread
+// t4 is the token at k-index 2*t4 + {0, 1, 8, 9}[i % 4] of tile i / 4: the token pairs of the value product's
+// A operand (see compute_core).
+__device__ __forceinline__ constexpr int key_token(int i) { return 8 * i; }  // + gid
+__device__ __forceinline__ constexpr int value_token(int i) { return 16 * (i / 4) + (i % 2) + 8 * ((i % 4) / 2); }  // + 2*t4
+
 // Raw codes and norms of one iteration (16*T tokens) for one thread.
 template <int KBITS, int VBITS, int D, int T>
 struct Raw {
-  uint32_t k[2 * T][Geo<KBITS, D>::KW];  // key tokens base + 2T*gid + i
-  uint32_t v[4 * T][Geo<VBITS, D>::VW];  // value tokens base + 4T*t4 + i
+  uint32_t k[2 * T][Geo<KBITS, D>::KW];  // key tokens base + gid + key_token(i)
+  uint32_t v[4 * T][Geo<VBITS, D>::VW];  // value tokens base + 2*t4 + value_token(i)
   __half kn[2 * T], vn[2 * T];           // key and value norms of the key tokens
 };
 
 // Pointers of one thread, advanced by one iteration at a time (all offsets inside an iteration are immediates).
 struct Ptrs {
-  const uint8_t* k;   // key row of token base + 2T*gid, + the thread's byte offset
-  const uint8_t* v;   // value row of token base + 4T*t4, + the thread's byte offset
-  const __half* kn;   // key norm of token base + 2T*gid
-  const __half* vn;   // value norm of token base + 2T*gid
+  const uint8_t* k;   // key row of token base + gid, + the thread's byte offset
+  const uint8_t* v;   // value row of token base + 2*t4, + the thread's byte offset
+  const __half* kn;   // key norm of token base + gid
+  const __half* vn;   // value norm of token base + gid
 };
 
-// kleft / vleft: tokens of this warp's range left from this thread's first key / value token.
+// left: tokens of the warp's range from the iteration's base (FULL: all 16*T of them).
 // Keys and key norms (the score part's inputs) of one iteration:
 template <int KBITS, int VBITS, int D, int T, bool FULL>
-__device__ __forceinline__ void load_keys(Raw<KBITS, VBITS, D, T>& r, const Ptrs& q, int kleft) {
+__device__ __forceinline__ void load_keys(Raw<KBITS, VBITS, D, T>& r, const Ptrs& q, int left, int gid) {
 #pragma unroll
   for (int i = 0; i < 2 * T; ++i) {
-    if (FULL || i < kleft) {
-      load_k<KBITS, D>(q.k + i * Geo<KBITS, D>::ROW, r.k[i]);
-      r.kn[i] = __ldg(q.kn + i);
+    if (FULL || key_token(i) + gid < left) {
+      load_k<KBITS, D>(q.k + key_token(i) * Geo<KBITS, D>::ROW, r.k[i]);
+      r.kn[i] = __ldg(q.kn + key_token(i));
     } else {
 #pragma unroll
       for (int x = 0; x < Geo<KBITS, D>::KW; ++x) r.k[i][x] = 0;
@@ -413,13 +409,14 @@ __device__ __forceinline__ void load_keys(Raw<KBITS, VBITS, D, T>& r, const Ptrs
 
 // Values and value norms (the value part's inputs; the norms are of the thread's key tokens):
 template <int KBITS, int VBITS, int D, int T, bool FULL>
-__device__ __forceinline__ void load_values(Raw<KBITS, VBITS, D, T>& r, const Ptrs& q, int kleft, int vleft) {
+__device__ __forceinline__ void load_values(Raw<KBITS, VBITS, D, T>& r, const Ptrs& q, int left, int gid, int t4) {
 #pragma unroll
-  for (int i = 0; i < 2 * T; ++i) r.vn[i] = (FULL || i < kleft) ? __ldg(q.vn + i) : __float2half(0.f);
+  for (int i = 0; i < 2 * T; ++i)
+    r.vn[i] = (FULL || key_token(i) + gid < left) ? __ldg(q.vn + key_token(i)) : __float2half(0.f);
 #pragma unroll
   for (int i = 0; i < 4 * T; ++i) {
-    if (FULL || i < vleft) {
-      load_v<VBITS, D>(q.v + i * Geo<VBITS, D>::ROW, r.v[i]);
+    if (FULL || value_token(i) + 2 * t4 < left) {
+      load_v<VBITS, D>(q.v + value_token(i) * Geo<VBITS, D>::ROW, r.v[i]);
     } else {
 #pragma unroll
       for (int x = 0; x < Geo<VBITS, D>::VW; ++x) r.v[i][x] = 0;
@@ -428,85 +425,9 @@ __device__ __forceinline__ void load_values(Raw<KBITS, VBITS, D, T>& r, const Pt
 }
 
 template <int KBITS, int VBITS, int D, int T, bool FULL>
-__device__ __forceinline__ void load_iter(Raw<KBITS, VBITS, D, T>& r, const Ptrs& q, int kleft, int vleft, int gid,
-                                          int t4) {
-  load_keys<KBITS, VBITS, D, T, FULL>(r, q, kleft);
-  load_values<KBITS, VBITS, D, T, FULL>(r, q, kleft, vleft);
-}
-
-
-// ---- cp.async staging (PF = 2). Each thread copies the code slices it will decode one iteration
-// ahead into its own slots of a one-stage shared buffer, laid out [unit][thread] so that the 16-,
-// 8- or 4-byte accesses of a warp hit consecutive banks. At the top of an iteration the thread
-// waits for its copies, reads its slots into registers (Raw) and at once issues the next
-// iteration's copies into the same slots (a thread only ever touches its own slots: no barrier).
-// Norms (2-byte loads, any alignment) are prefetched one iteration ahead in registers instead.
-template <int BITS, int D>
-struct KUnit {
-  static constexpr int KB = Geo<BITS, D>::KB;
-  static constexpr int U = KB == 16 ? 16 : (KB == 8 ? 8 : 4);
-  static constexpr int N = KB == 12 ? 3 : (KB == 6 ? 2 : 1);  // the words load_k reads
-};
-template <int BITS, int D>
-struct VUnit {
-  static constexpr int VB = Geo<BITS, D>::VB;
-  static constexpr int U = VB == 8 ? 8 : 4;
-  static constexpr int N = VB == 6 ? 2 : 1;  // the words load_v reads
-  static constexpr bool OK = VB == 8 || VB == 4 || VB == 6;  // 2- and 3-byte value slices: no cp.async
-};
-template <int KBITS, int VBITS, int D>
-struct AsyncOK {
-  static constexpr bool value = VUnit<VBITS, D>::OK;
-};
-
-template <int KBITS, int VBITS, int D, int T, int NT>
-__host__ __device__ constexpr int stage_key_bytes() {
-  return 2 * T * KUnit<KBITS, D>::N * NT * KUnit<KBITS, D>::U;
-}
-template <int KBITS, int VBITS, int D, int T, int NT>
-__host__ __device__ constexpr int stage_bytes() {
-  return stage_key_bytes<KBITS, VBITS, D, T, NT>() + 4 * T * VUnit<VBITS, D>::N * NT * VUnit<VBITS, D>::U;
-}
-
-// Copies of the thread's key slices (2T tokens from q.k) / value slices (4T tokens) into its stage slots;
-// tokens >= left are zero-filled (nothing read). One commit group each.
-template <int KBITS, int D, int T, int NT, bool FULL>
-__device__ __forceinline__ void issue_keys(uint32_t st, int tid, const uint8_t* k, const uint8_t* valid, int left) {
-  using K = KUnit<KBITS, D>;
-#pragma unroll
-  for (int i = 0; i < 2 * T; ++i) {
-    const bool ok = FULL || i < left;
-    const uint8_t* src = (FULL || ok) ? k + i * Geo<KBITS, D>::ROW : valid;
-#pragma unroll
-    for (int u = 0; u < K::N; ++u) cp_async<K::U>(st + ((i * K::N + u) * NT + tid) * K::U, src + u * K::U, ok);
-  }
-}
-template <int VBITS, int D, int T, int NT, bool FULL>
-__device__ __forceinline__ void issue_values(uint32_t st, int tid, const uint8_t* v, const uint8_t* valid, int left) {
-  using V = VUnit<VBITS, D>;
-#pragma unroll
-  for (int i = 0; i < 4 * T; ++i) {
-    const bool ok = FULL || i < left;
-    const uint8_t* src = (FULL || ok) ? v + i * Geo<VBITS, D>::ROW : valid;
-#pragma unroll
-    for (int u = 0; u < V::N; ++u) cp_async<V::U>(st + ((i * V::N + u) * NT + tid) * V::U, src + u * V::U, ok);
-  }
-}
-__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
-
-// U bytes of a stage slot into words (plain C++ shared loads: the compiler may issue them lazily,
-// next to their use, but never past a cp.async / wait asm, which clobber memory)
-template <int U>
-__device__ __forceinline__ void ld_unit(const char* ptr, uint32_t* w) {
-  if constexpr (U == 16) {
-    const uint4 x = *reinterpret_cast<const uint4*>(ptr);
-    w[0] = x.x; w[1] = x.y; w[2] = x.z; w[3] = x.w;
-  } else if constexpr (U == 8) {
-    const uint2 x = *reinterpret_cast<const uint2*>(ptr);
-    w[0] = x.x; w[1] = x.y;
-  } else {
-    w[0] = *reinterpret_cast<const uint32_t*>(ptr);
-  }
+__device__ __forceinline__ void load_iter(Raw<KBITS, VBITS, D, T>& r, const Ptrs& q, int left, int gid, int t4) {
+  load_keys<KBITS, VBITS, D, T, FULL>(r, q, left, gid);
+  load_values<KBITS, VBITS, D, T, FULL>(r, q, left, gid, t4);
 }
 
 template <int KBITS, int D>
@@ -518,7 +439,7 @@ struct State {
 };
 
 // One iteration (16*T tokens) of a warp. kw(i, words) / vw(i, words) give the code words of the thread's
-// key token i / value token i (from registers, or read lazily from the cp.async stage); kn / vn the norms;
+// key token i / value token i; kn / vn the norms;
 // the hooks run after the score part (keys consumed), before and after the value part.
 template <int KBITS, int VBITS, int D, int T, bool FULL, bool MASK, int DEC, class KW, class VW, class H1, class H2, class H3>
 __device__ __forceinline__ void compute_core(const Params& p, KW&& kw, VW&& vw, const __half (&kn)[2 * T],
@@ -546,7 +467,7 @@ __device__ __forceinline__ void compute_core(const Params& p, KW&& kw, VW&& vw, 
 #pragma unroll
     for (int t = 0; t < 2; ++t) {
       const float knorm = __half2float(kn[2 * j + t]);
-      const int tok = base + 2 * T * gid + 2 * j + t;
+      const int tok = base + 16 * j + 8 * t + gid;  // row gid + 8*t of tile j
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float x = fmaf(c[2 * t + e], knorm, st.qo[e]);
@@ -603,14 +524,14 @@ __device__ __forceinline__ void compute_core(const Params& p, KW&& kw, VW&& vw, 
       // 8x8 block (token row, query col) -> transposed: (query row gid, tokens 2*t4, 2*t4 + 1)
       pb[t] = movtrans(pack_half2(p0 * vnorm, p1 * vnorm));
     }
-    // k index (2*t4, 2*t4+1) = tokens v[2j], v[2T+2j]; (8+2*t4, 9+2*t4) = v[2j+1], v[2T+2j+1]
+    // k index (2*t4, 2*t4+1) = value tokens 4j, 4j+1; (8+2*t4, 9+2*t4) = 4j+2, 4j+3 (value_token)
     uint32_t vp0[D / 8], vp1[D / 8];
     {
       uint32_t a0[VWN], b0[VWN], a1[VWN], b1[VWN];
-      vw(2 * j, a0);
-      vw(2 * T + 2 * j, b0);
-      vw(2 * j + 1, a1);
-      vw(2 * T + 2 * j + 1, b1);
+      vw(4 * j, a0);
+      vw(4 * j + 1, b0);
+      vw(4 * j + 2, a1);
+      vw(4 * j + 3, b1);
       decode_value_pair<VBITS, D, DEC>(a0, b0, gid, p.vtab, lane_v, vp0);
       decode_value_pair<VBITS, D, DEC>(a1, b1, gid, p.vtab, lane_v, vp1);
     }
@@ -706,10 +627,10 @@ __host__ __device__ constexpr int main_bytes() {
   return (DEC >= 1 && 65536 > merge_bytes<D, NW>() + finish_bytes<D>()) ? 65536 : merge_bytes<D, NW>() + finish_bytes<D>();
 }
 
-// After the main region (and the cp.async stage): [2][8][D] fp32 raw and rotated query rows.
+// After the main region: [2][8][D] fp32 raw and rotated query rows.
 template <int KB, int VB, int D, int NW, int T, int PF, int DEC>
 __host__ __device__ constexpr int qs_offset() {
-  return main_bytes<D, NW, DEC>() + ((PF == 2 && AsyncOK<KB, VB, D>::value) ? stage_bytes<KB, VB, D, T, NW * 32>() : 0);
+  return main_bytes<D, NW, DEC>();
 }
 
 // Last CTA of a (batch, kv head, row block): merge the partials of all splits (read through L2)
@@ -930,12 +851,12 @@ __device__ __forceinline__ void arrive_and_finish(const Params& p, int bh, int r
   finish<D, NW>(p, bh, rb, rows, fin_acc, fin_ml, fin_out, reinterpret_cast<float*>(tq_smem));
 }
 
-// PF: 0 plain loads, 1 two register buffers, 2 cp.async one iteration ahead (AsyncOK configs; else 0), 3 the next
-// iteration's keys / values loaded into the one register set once this iteration's are decoded.
+// PF: 0 loads at the top of each iteration, 3 the next iteration's keys / values loaded into the one register set
+// once this iteration's are decoded (a second register set and cp.async staging measured slower: kernel_notes).
 // MINB: CTAs per SM the registers are capped for (0: the compiler's own choice).
-template <int KBITS, int VBITS, int D, int NW, int T, bool MASK, int PF_, int DEC, int MINB>
+template <int KBITS, int VBITS, int D, int NW, int T, bool MASK, int PF, int DEC, int MINB>
 __global__ void __launch_bounds__(NW * 32, MINB) decode_kernel(const __grid_constant__ Params p) {
-  constexpr int PF = (PF_ == 2 && !AsyncOK<KBITS, VBITS, D>::value) ? 0 : PF_;
+  static_assert(PF == 0 || PF == 3, "prefetch modes: 0 or 3");
   constexpr int KS = Geo<KBITS, D>::KS;
   constexpr int VT = D / 16;
   constexpr int TOK = 16 * T;
@@ -1022,7 +943,7 @@ __global__ void __launch_bounds__(NW * 32, MINB) decode_kernel(const __grid_cons
   const uint8_t* kvalid = p.kc + b * p.kc_sb + h * p.kc_sh;
   const uint8_t* vvalid = p.vc + b * p.vc_sb + h * p.vc_sh;
   {
-    const int k0 = wstart + 2 * T * gid, v0 = wstart + 4 * T * t4;
+    const int k0 = wstart + gid, v0 = wstart + 2 * t4;  // key_token / value_token offsets from here
     ptr.k = kvalid + (long long)k0 * KROW + key_byte_offset<KBITS, D>(t4);
     ptr.v = vvalid + (long long)v0 * VROW + value_byte_offset<VBITS, D>(gid);
     ptr.kn = p.kn + b * p.kn_sb + h * p.kn_sh + k0;
@@ -1037,85 +958,10 @@ __global__ void __launch_bounds__(NW * 32, MINB) decode_kernel(const __grid_cons
   using R = Raw<KBITS, VBITS, D, T>;
   // left = tokens of the warp's range from this iteration's base; full iterations need no predicates
   auto load_any = [&](R& r, int left) {
-    if (left >= TOK) load_iter<KBITS, VBITS, D, T, true>(r, ptr, 0, 0, gid, t4);
-    else load_iter<KBITS, VBITS, D, T, false>(r, ptr, left - 2 * T * gid, left - 4 * T * t4, gid, t4);
+    if (left >= TOK) load_iter<KBITS, VBITS, D, T, true>(r, ptr, TOK, gid, t4);
+    else load_iter<KBITS, VBITS, D, T, false>(r, ptr, left, gid, t4);
   };
-  auto compute_any = [&](R& r, int base) {
-    if (base + TOK <= wstop) compute_iter<KBITS, VBITS, D, T, true, MASK, DEC>(p, r, st, base, wstop, gid, t4, mrow, rowok, lane_k, lane_v);
-    else compute_iter<KBITS, VBITS, D, T, false, MASK, DEC>(p, r, st, base, wstop, gid, t4, mrow, rowok, lane_k, lane_v);
-  };
-  if constexpr (PF == 2) {
-    // cp.async one iteration ahead: keys of i+1 are issued once the keys of i are decoded, values of
-    // i+1 once the values of i are; each has about half an iteration of compute to arrive.
-    using K = KUnit<KBITS, D>;
-    using V = VUnit<VBITS, D>;
-    constexpr int KWN = Geo<KBITS, D>::KW, VWN = Geo<VBITS, D>::VW;
-    constexpr int VOFF = stage_key_bytes<KBITS, VBITS, D, T, NT>();
-    const char* sg = reinterpret_cast<const char*>(tq_smem) + main_bytes<D, NW, DEC>();
-    const uint32_t stg = uint32_t(__cvta_generic_to_shared(sg));
-    const int tid = threadIdx.x;
-    __half nk[2 * T], nv[2 * T];
-    auto kw = [&](int i, uint32_t (&w)[KWN]) {
-#pragma unroll
-      for (int u = 0; u < K::N; ++u) ld_unit<K::U>(sg + ((i * K::N + u) * NT + tid) * K::U, &w[u * K::U / 4]);
-    };
-    auto vw = [&](int i, uint32_t (&w)[VWN]) {
-#pragma unroll
-      for (int u = 0; u < V::N; ++u) ld_unit<V::U>(sg + VOFF + ((i * V::N + u) * NT + tid) * V::U, &w[u * V::U / 4]);
-    };
-    // left: tokens of the warp's range from the iteration that `off` (0 or TOK tokens ahead) points to
-    auto keys = [&](int left, int off) {
-      if (left >= TOK) issue_keys<KBITS, D, T, NT, true>(stg, tid, ptr.k + off * KROW, kvalid, 0);
-      else if (left > 0) issue_keys<KBITS, D, T, NT, false>(stg, tid, ptr.k + off * KROW, kvalid, left - 2 * T * gid);
-      cp_async_commit();  // (an empty group when there is nothing left: the group count stays regular)
-      const int kl = left - 2 * T * gid;
-#pragma unroll
-      for (int i = 0; i < 2 * T; ++i) nk[i] = (left >= TOK || i < kl) ? __ldg(ptr.kn + off + i) : __float2half(0.f);
-    };
-    auto values = [&](int left, int off) {
-      if (left >= TOK) issue_values<VBITS, D, T, NT, true>(stg + VOFF, tid, ptr.v + off * VROW, vvalid, 0);
-      else if (left > 0) issue_values<VBITS, D, T, NT, false>(stg + VOFF, tid, ptr.v + off * VROW, vvalid, left - 4 * T * t4);
-      cp_async_commit();
-      const int kl = left - 2 * T * gid;
-#pragma unroll
-      for (int i = 0; i < 2 * T; ++i) nv[i] = (left >= TOK || i < kl) ? __ldg(ptr.vn + off + i) : __float2half(0.f);
-    };
-    int base = wstart;
-    if (base < wstop) {
-      keys(wstop - base, 0);
-      values(wstop - base, 0);
-    }
-    for (; base + TOK <= wstop; base += TOK) {  // full iterations: no predicates in the compute
-      const int nleft = wstop - base - TOK;
-      cp_async_wait_one();  // this iteration's keys (its values may still be in flight)
-      compute_core<KBITS, VBITS, D, T, true, MASK, DEC>(
-          p, kw, vw, nk, nv, st, base, wstop, gid, t4, mrow, rowok, lane_k, lane_v,
-          [&] { keys(nleft, TOK); }, [&] { cp_async_wait_one(); }, [&] { values(nleft, TOK); });
-      advance();
-    }
-    if (base < wstop) {  // the partial last iteration (its copies were zero-filled past the range)
-      cp_async_wait_all();
-      auto none = [] {};
-      compute_core<KBITS, VBITS, D, T, false, MASK, DEC>(p, kw, vw, nk, nv, st, base, wstop, gid, t4, mrow, rowok,
-                                                         lane_k, lane_v, none, none, none);
-    }
-  } else if constexpr (PF == 1) {
-    // two register buffers used alternately (no copies): load iteration i+1 while computing i
-    R ra, rb2;
-    int base = wstart;
-    if (base < wstop) load_any(ra, wstop - base);
-    while (base < wstop) {
-      advance();
-      if (base + TOK < wstop) load_any(rb2, wstop - base - TOK);
-      compute_any(ra, base);
-      base += TOK;
-      if (base >= wstop) break;
-      advance();
-      if (base + TOK < wstop) load_any(ra, wstop - base - TOK);
-      compute_any(rb2, base);
-      base += TOK;
-    }
-  } else if constexpr (PF == 3) {
+  if constexpr (PF == 3) {
     // one register set: the keys of iteration i+1 are loaded once the keys of i are decoded (their time in
     // flight is the value part of i), the values of i+1 once the values of i are (the score part of i+1)
     R r;
@@ -1126,12 +972,12 @@ __global__ void __launch_bounds__(NW * 32, MINB) decode_kernel(const __grid_cons
       Ptrs nxt = ptr;
       nxt.k += TOK * KROW; nxt.v += TOK * VROW; nxt.kn += TOK; nxt.vn += TOK;
       auto next_keys = [&] {
-        if (nleft >= TOK) load_keys<KBITS, VBITS, D, T, true>(r, nxt, 0);
-        else if (nleft > 0) load_keys<KBITS, VBITS, D, T, false>(r, nxt, nleft - 2 * T * gid);
+        if (nleft >= TOK) load_keys<KBITS, VBITS, D, T, true>(r, nxt, TOK, gid);
+        else if (nleft > 0) load_keys<KBITS, VBITS, D, T, false>(r, nxt, nleft, gid);
       };
       auto next_values = [&] {
-        if (nleft >= TOK) load_values<KBITS, VBITS, D, T, true>(r, nxt, 0, 0);
-        else if (nleft > 0) load_values<KBITS, VBITS, D, T, false>(r, nxt, nleft - 2 * T * gid, nleft - 4 * T * t4);
+        if (nleft >= TOK) load_values<KBITS, VBITS, D, T, true>(r, nxt, TOK, gid, t4);
+        else if (nleft > 0) load_values<KBITS, VBITS, D, T, false>(r, nxt, nleft, gid, t4);
       };
       compute_iter<KBITS, VBITS, D, T, true, MASK, DEC>(p, r, st, base, wstop, gid, t4, mrow, rowok, lane_k, lane_v,
                                                         next_keys, next_values);
@@ -1143,7 +989,7 @@ __global__ void __launch_bounds__(NW * 32, MINB) decode_kernel(const __grid_cons
     int base = wstart;
     for (; base + TOK <= wstop; base += TOK) {
       R r;
-      load_iter<KBITS, VBITS, D, T, true>(r, ptr, 0, 0, gid, t4);
+      load_iter<KBITS, VBITS, D, T, true>(r, ptr, TOK, gid, t4);
       compute_iter<KBITS, VBITS, D, T, true, MASK, DEC>(p, r, st, base, wstop, gid, t4, mrow, rowok, lane_k, lane_v);
       advance();
     }
@@ -1246,7 +1092,7 @@ static cudaError_t tq_run(const tq::Params& p, int bh, int rblocks, cudaStream_t
   return cudaGetLastError();
 }
 
-// Variant = (warps per CTA, 16-token tiles per iteration, prefetch 0 none / 1 registers / 2 cp.async / 3 next
+// Variant = (warps per CTA, 16-token tiles per iteration, prefetch 0 none / 3 next
 // iteration in the one register set, decoder 0 = prmt registers / 1 = shared table / 2..6 mixes (key_table),
 // CTAs per SM the registers are capped for). The library build holds the defaults of each width; -DTQ_TUNE
 // adds the variants the benchmark sweeps (d = 128, no mask).
@@ -1265,11 +1111,9 @@ static cudaError_t tq_variant(const tq::Params& p, int bh, int rb, int nw, int t
 #ifdef TQ_TUNE
   if constexpr (!MASK && D == 128) {
     if constexpr (TWO) {
-      TQ_V(4, 4, 3, 0, 0) TQ_V(4, 2, 3, 0, 0) TQ_V(8, 2, 0, 0, 0) TQ_V(8, 2, 3, 0, 0) TQ_V(8, 2, 0, 0, 3)
-      TQ_V(4, 4, 0, 0, 3) TQ_V(8, 2, 3, 0, 2)
+      TQ_V(8, 2, 0, 0, 0) TQ_V(8, 2, 3, 0, 0) TQ_V(8, 2, 3, 0, 2) TQ_V(4, 4, 3, 0, 0)
     } else {
-      TQ_V(8, 2, 3, 1, 2) TQ_V(8, 1, 3, 1, 2) TQ_V(8, 1, 0, 1, 2) TQ_V(8, 1, 0, 1, 3) TQ_V(8, 1, 3, 1, 3)
-      TQ_V(8, 2, 3, 1, 0) TQ_V(8, 4, 0, 1, 0)
+      TQ_V(8, 2, 3, 1, 2) TQ_V(8, 1, 3, 1, 2) TQ_V(8, 1, 0, 1, 2) TQ_V(8, 4, 0, 1, 0)
     }
   }
 #endif

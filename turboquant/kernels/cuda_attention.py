@@ -15,8 +15,7 @@ What runs (the design is in the ``.cu`` header comment and docs/kernel_notes.md)
 1. each CTA rotates its query rows in its prologue (``q @ Π_kᵀ``, natural coordinate order,
    read in the query's own dtype: no separate launch);
 2. the warp-level kernel streams each (batch, kv head)'s codes split across CTAs
-   (flash-decoding) and warps (optionally copied one iteration ahead with ``cp.async``,
-   ``prefetch = 2``); every warp keeps its own online softmax; the CTA writes one partial
+   (flash-decoding) and warps; every warp keeps its own online softmax; the CTA writes one partial
    ``(acc, max, sum)``;
 3. fused finish (``CudaTuning.fused``, the default): the last CTA of each (batch, kv head)
    to finish (an arrival counter) merges the partials, rotates the value accumulator
