@@ -366,28 +366,31 @@ __device__ __forceinline__ float load_mask(const Params& p, long long off, int k
   return mask_from_bits(load_bits(p.mask, off, kind), kind);
 }
 
-// Which tokens of an iteration (16*T tokens from its base) a thread holds. Key i of thread (gid, t4) is token
-// 8*i + gid: the 8 rows of one key load are consecutive (one contiguous 512-byte run at 4 bits, d = 128, so no
-// cache line is fetched twice), and the score rows r = 0..15 of tile j are tokens 16*j + r. Value i of thread
-// t4 is the token at k-index 2*t4 + {0, 1, 8, 9}[i % 4] of tile i / 4: the token pairs of the value product's
-// A operand (see compute_core).
-__device__ __forceinline__ constexpr int key_token(int i) { return 8 * i; }  // + gid
-__device__ __forceinline__ constexpr int value_token(int i) { return 16 * (i / 4) + (i % 2) + 8 * ((i % 4) / 2); }  // + 2*t4
+// Which tokens of an iteration (16*T tokens from its base) a thread holds, chosen so that every load of a warp
+// reads one contiguous run of code rows (no cache line fetched twice). Score row r of tile j is token
+// 16*j + row_token(r), row_token(r) = r/2 (r even) or r/2 + 4 (r odd) within each half of 8 rows; so key i of
+// thread (gid, t4) (row gid + 8*(i % 2) of tile i / 2) is token 8*i + row_token(gid): the 8 lanes' rows of one
+// key load are 8 consecutive tokens (512 bytes at 4 bits, d = 128). The value product's A operand needs, at
+// k-index 2*t4 + {0, 1, 8, 9}, the tokens of those score rows: 16*j + t4 + {0, 4, 8, 12}, i.e. value i of thread
+// t4 is token 4*i + t4, and one value load covers 4 consecutive tokens.
+__device__ __forceinline__ constexpr int row_token(int r) { return (r & 8) + (r & 7) / 2 + 4 * (r & 1); }
+__device__ __forceinline__ constexpr int key_token(int i) { return 8 * i; }    // + row_token(gid)
+__device__ __forceinline__ constexpr int value_token(int i) { return 4 * i; }  // + t4
 
 // Raw codes and norms of one iteration (16*T tokens) for one thread.
 template <int KBITS, int VBITS, int D, int T>
 struct Raw {
-  uint32_t k[2 * T][Geo<KBITS, D>::KW];  // key tokens base + gid + key_token(i)
-  uint32_t v[4 * T][Geo<VBITS, D>::VW];  // value tokens base + 2*t4 + value_token(i)
+  uint32_t k[2 * T][Geo<KBITS, D>::KW];  // key tokens base + row_token(gid) + key_token(i)
+  uint32_t v[4 * T][Geo<VBITS, D>::VW];  // value tokens base + t4 + value_token(i)
   __half kn[2 * T], vn[2 * T];           // key and value norms of the key tokens
 };
 
 // Pointers of one thread, advanced by one iteration at a time (all offsets inside an iteration are immediates).
 struct Ptrs {
-  const uint8_t* k;   // key row of token base + gid, + the thread's byte offset
-  const uint8_t* v;   // value row of token base + 2*t4, + the thread's byte offset
-  const __half* kn;   // key norm of token base + gid
-  const __half* vn;   // value norm of token base + gid
+  const uint8_t* k;   // key row of token base + row_token(gid), + the thread's byte offset
+  const uint8_t* v;   // value row of token base + t4, + the thread's byte offset
+  const __half* kn;   // key norm of token base + row_token(gid)
+  const __half* vn;   // value norm of token base + row_token(gid)
 };
 
 // left: tokens of the warp's range from the iteration's base (FULL: all 16*T of them).
@@ -396,7 +399,7 @@ template <int KBITS, int VBITS, int D, int T, bool FULL>
 __device__ __forceinline__ void load_keys(Raw<KBITS, VBITS, D, T>& r, const Ptrs& q, int left, int gid) {
 #pragma unroll
   for (int i = 0; i < 2 * T; ++i) {
-    if (FULL || key_token(i) + gid < left) {
+    if (FULL || key_token(i) + row_token(gid) < left) {
       load_k<KBITS, D>(q.k + key_token(i) * Geo<KBITS, D>::ROW, r.k[i]);
       r.kn[i] = __ldg(q.kn + key_token(i));
     } else {
@@ -412,10 +415,10 @@ template <int KBITS, int VBITS, int D, int T, bool FULL>
 __device__ __forceinline__ void load_values(Raw<KBITS, VBITS, D, T>& r, const Ptrs& q, int left, int gid, int t4) {
 #pragma unroll
   for (int i = 0; i < 2 * T; ++i)
-    r.vn[i] = (FULL || key_token(i) + gid < left) ? __ldg(q.vn + key_token(i)) : __float2half(0.f);
+    r.vn[i] = (FULL || key_token(i) + row_token(gid) < left) ? __ldg(q.vn + key_token(i)) : __float2half(0.f);
 #pragma unroll
   for (int i = 0; i < 4 * T; ++i) {
-    if (FULL || value_token(i) + 2 * t4 < left) {
+    if (FULL || value_token(i) + t4 < left) {
       load_v<VBITS, D>(q.v + value_token(i) * Geo<VBITS, D>::ROW, r.v[i]);
     } else {
 #pragma unroll
@@ -467,7 +470,7 @@ __device__ __forceinline__ void compute_core(const Params& p, KW&& kw, VW&& vw, 
 #pragma unroll
     for (int t = 0; t < 2; ++t) {
       const float knorm = __half2float(kn[2 * j + t]);
-      const int tok = base + 16 * j + 8 * t + gid;  // row gid + 8*t of tile j
+      const int tok = base + 16 * j + row_token(gid + 8 * t);  // row gid + 8*t of tile j
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float x = fmaf(c[2 * t + e], knorm, st.qo[e]);
@@ -524,7 +527,7 @@ __device__ __forceinline__ void compute_core(const Params& p, KW&& kw, VW&& vw, 
       // 8x8 block (token row, query col) -> transposed: (query row gid, tokens 2*t4, 2*t4 + 1)
       pb[t] = movtrans(pack_half2(p0 * vnorm, p1 * vnorm));
     }
-    // k index (2*t4, 2*t4+1) = value tokens 4j, 4j+1; (8+2*t4, 9+2*t4) = 4j+2, 4j+3 (value_token)
+    // k index (2*t4, 2*t4+1) = values 4j, 4j+1; (8+2*t4, 9+2*t4) = 4j+2, 4j+3: the tokens of those score rows
     uint32_t vp0[D / 8], vp1[D / 8];
     {
       uint32_t a0[VWN], b0[VWN], a1[VWN], b1[VWN];
@@ -943,7 +946,7 @@ __global__ void __launch_bounds__(NW * 32, MINB) decode_kernel(const __grid_cons
   const uint8_t* kvalid = p.kc + b * p.kc_sb + h * p.kc_sh;
   const uint8_t* vvalid = p.vc + b * p.vc_sb + h * p.vc_sh;
   {
-    const int k0 = wstart + gid, v0 = wstart + 2 * t4;  // key_token / value_token offsets from here
+    const int k0 = wstart + row_token(gid), v0 = wstart + t4;  // key_token / value_token offsets from here
     ptr.k = kvalid + (long long)k0 * KROW + key_byte_offset<KBITS, D>(t4);
     ptr.v = vvalid + (long long)v0 * VROW + value_byte_offset<VBITS, D>(gid);
     ptr.kn = p.kn + b * p.kn_sb + h * p.kn_sh + k0;
@@ -1104,14 +1107,14 @@ static cudaError_t tq_variant(const tq::Params& p, int bh, int rb, int nw, int t
   if (nw == NW && tiles == T && pf == PF && dec == DEC && ctas == MB) \
     return tq_run<KB, VB, D, NW, T, MASK, PF, DEC, MB>(p, bh, rb, s, info);
   if constexpr (TWO) {  // defaults: measured best on an H200 (docs/kernel_notes.md, c2)
-    TQ_V(4, 4, 0, 0, 0)
+    TQ_V(8, 2, 0, 0, 0)
   } else {
     TQ_V(8, 2, 0, 1, 0)
   }
 #ifdef TQ_TUNE
   if constexpr (!MASK && D == 128) {
     if constexpr (TWO) {
-      TQ_V(8, 2, 0, 0, 0) TQ_V(8, 2, 3, 0, 0) TQ_V(8, 2, 3, 0, 2) TQ_V(4, 4, 3, 0, 0)
+      TQ_V(4, 4, 0, 0, 0) TQ_V(8, 2, 3, 0, 2)
     } else {
       TQ_V(8, 2, 3, 1, 2) TQ_V(8, 1, 3, 1, 2) TQ_V(8, 1, 0, 1, 2) TQ_V(8, 4, 0, 1, 0)
     }

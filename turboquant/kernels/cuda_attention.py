@@ -312,7 +312,7 @@ def _resolve_variant(kb: int, vb: int, tuning: CudaTuning) -> tuple[int, int, in
     if tuning.variant is not None:
         return tuning.variant  # type: ignore[return-value]  (CudaTuning makes it five ints)
     if kb == 2 or vb == 2:
-        return (4, 4, 0, 0, 0)
+        return (8, 2, 0, 0, 0)
     return (8, 2, 0, 1, 0)
 
 

@@ -84,18 +84,6 @@ __device__ __forceinline__ uint32_t code_table(float y, const uint2* cells, int 
   return code ^ (uint32_t(int(u) >> 31) & FLIP);
 }
 
-// METHOD 2: the same cells split into a float array (boundaries) and a byte array (codes): two loads,
-// but 4- and 1-byte accesses, so a warp's lookups of different cells rarely share a bank (8-byte cells
-// conflict whenever two lanes' cells are 16 apart)
-template <int W>
-__device__ __forceinline__ uint32_t code_split(float y, const float* thr, const uint8_t* codes, int base8) {
-  constexpr uint32_t FLIP = (1u << W) - 1u;
-  const uint32_t u = __float_as_uint(y);
-  const int key = max(int((u >> 18) & 0x1FF8u) - base8, 0) >> 3;
-  const uint32_t code = uint32_t(codes[key]) + (__float_as_uint(thr[key] - fabsf(y)) >> 31);
-  return code ^ (uint32_t(int(u) >> 31) & FLIP);
-}
-
 // add code c of coordinate i (W bits at bit W*i) to the thread's words (i compile-time after unrolling)
 template <int W>
 __device__ __forceinline__ void put_code(uint32_t* w, int i, uint32_t c) {
@@ -218,8 +206,6 @@ __global__ void __launch_bounds__(NW * 32, MINB) encode_kernel(const __grid_cons
   constexpr int BYTES = W * COG / 8;
   extern __shared__ __align__(16) uint4 frag_smem[];  // Pi fragments
   __shared__ uint2 cell_smem[METHOD == 1 ? kMaxCells : 1];
-  __shared__ float thr_smem[METHOD == 2 ? kMaxCells : 1];
-  __shared__ uint8_t code_smem[METHOD == 2 ? kMaxCells : 1];
   __shared__ float c2_smem[1 << W];
 
   constexpr int NFRAG = PP * MT * KK * 32;
@@ -227,13 +213,6 @@ __global__ void __launch_bounds__(NW * 32, MINB) encode_kernel(const __grid_cons
   if constexpr (METHOD == 1) {
     for (int i = threadIdx.x; i < p.ncells; i += NW * 32)
       cell_smem[i] = static_cast<const uint2*>(p.cells)[i];
-  }
-  if constexpr (METHOD == 2) {
-    for (int i = threadIdx.x; i < p.ncells; i += NW * 32) {
-      const uint2 c = static_cast<const uint2*>(p.cells)[i];
-      thr_smem[i] = __uint_as_float(c.x);
-      code_smem[i] = uint8_t(c.y);
-    }
   }
   if (threadIdx.x < (1 << W)) c2_smem[threadIdx.x] = p.c2[threadIdx.x];
   __syncthreads();
@@ -318,8 +297,6 @@ __global__ void __launch_bounds__(NW * 32, MINB) encode_kernel(const __grid_cons
             uint32_t code;
             if constexpr (METHOD == 1) {
               code = code_table<W>(y, cell_smem, p.cell_base8);
-            } else if constexpr (METHOD == 2) {
-              code = code_split<W>(y, thr_smem, code_smem, p.cell_base8);
             } else {
               int m;
               code = code_alu<W>(y, p, m);
@@ -400,7 +377,7 @@ cudaError_t by_variant(const Params& p, const int* v, int cps, int sms, cudaStre
 #define TQE_V(N, M, W_, B) \
   if (v[0] == N && v[1] == M && v[2] == W_ && v[3] == B) return launch<D, W, XP, PP, N, M, CORR, W_, B>(p, cps, sms, s, info);
   if constexpr (D == 128 && XP == 1 && PP == 1) {
-    TQE_V(4, 0, 4, 3) TQE_V(2, 1, 4, 4) TQE_V(4, 2, 4, 3) TQE_V(2, 2, 4, 4) TQE_V(4, 1, 4, 2)
+    TQE_V(4, 0, 4, 3) TQE_V(2, 1, 4, 4) TQE_V(2, 0, 4, 4) TQE_V(4, 1, 8, 1) TQE_V(8, 1, 4, 2) TQE_V(4, 1, 4, 2)
   }
 #undef TQE_V
 #endif
