@@ -9,6 +9,7 @@ norms of every compressed key and value (ours), K + V in bf16 (SDPA). "% of copy
 bytes read per second by the measured device-to-device copy rate (read + write).
 
     PYTHONUNBUFFERED=1 python benchmarks/gpu_decode_cuda.py --check --bench --sweep --out $OUT
+    PYTHONUNBUFFERED=1 python benchmarks/gpu_decode_cuda.py --waves --out $OUT   # splits per head (CudaTuning.waves)
 
 Writes ``gpu_decode_cuda_<card>.json`` to ``--out`` (and benchmarks/results/ unless --out is given).
 """
@@ -194,6 +195,23 @@ def run_sweep(copy_bw: float) -> None:
                 f"  regs {r['regs']} spill {r['spill_bytes']} ctas/SM {r['ctas_per_sm']}")  # fmt: skip
 
 
+def run_waves(copy_bw: float) -> None:
+    """CTAs launched per resident slot (CudaTuning.waves: more splits of each head), default variant."""
+    RESULTS.setdefault("waves", [])
+    for b, n in ((8, 32768), (8, 65536), (1, 32768), (1, 131072)):
+        s = sdpa(b, n)
+        q, keys, values, nbytes = inputs(b, n, 4)
+        for w in (1, 2, 3):
+            tuning = CudaTuning(waves=w)
+            fn = lambda: ca.cuda_quantized_attention(q, keys, values, None, None, D**-0.5, tuning=tuning)  # noqa: E731
+            fn()
+            ms = graph_ms(fn)
+            RESULTS["waves"].append({"B": b, "N": n, "waves": w, "graph_ms": ms, "bf16_graph_ms": s["graph_ms"],
+                                     "speedup": s["graph_ms"] / ms, "frac_copy": nbytes / (ms * 1e-3) / copy_bw})  # fmt: skip
+            log(f"waves B={b:2d} N={n:6d} waves {w}: {ms * 1e3:7.1f} us ({RESULTS['waves'][-1]['frac_copy']:4.0%} of copy) | "
+                f"bf16 {s['graph_ms'] * 1e3:7.1f} us | {s['graph_ms'] / ms:.2f}x")  # fmt: skip
+
+
 def run_bench(copy_bw: float) -> None:
     shapes = [(b, n, 4) for b in (1, 8, 32) for n in (32768, 65536, 131072)] + [(8, 65536, 3), (8, 65536, 2)]
     base: dict = {}
@@ -221,6 +239,7 @@ def main() -> None:
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--waves", action="store_true", help="time CudaTuning.waves 1-3 (splits per head) at small B")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(0)
@@ -233,7 +252,8 @@ def main() -> None:
 
     RESULTS["machine"]["triton"] = triton.__version__
     t0 = time.time()
-    ca.load_extension(tune=True)
+    if args.check or args.sweep:
+        ca.load_extension(tune=True)
     ca.load_extension(tune=False)
     RESULTS["build_s"] = time.time() - t0
     log(f"{props.name}: extensions built/loaded in {RESULTS['build_s']:.1f} s")
@@ -243,7 +263,8 @@ def main() -> None:
     out_dir = args.out or ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"gpu_decode_cuda_{card}.json"
-    for flag, fn in (("check", run_check), ("sweep", lambda: run_sweep(copy_bw)), ("bench", lambda: run_bench(copy_bw))):
+    for flag, fn in (("check", run_check), ("sweep", lambda: run_sweep(copy_bw)), ("waves", lambda: run_waves(copy_bw)),
+                     ("bench", lambda: run_bench(copy_bw))):  # fmt: skip
         if getattr(args, flag):
             fn()
             _INPUTS.clear()
