@@ -93,8 +93,10 @@ def run_encode(base: TritonTuning, copy_bw: float, baseline: ModuleType | None) 
     return rows
 
 
-CUDA_VARIANTS = [None, (4, 0, 4, 3), (2, 1, 4, 4), (2, 0, 4, 4), (4, 1, 8, 1), (8, 1, 4, 2), (4, 1, 4, 2)]
-"""``cuda_quantize_into`` variants (groups of 8 tokens per warp, bucketize 0 search / 1 table, warps, min CTAs/SM);
+CUDA_VARIANTS = [None, (4, 2, 4, 3), (2, 2, 4, 4), (4, 0, 4, 3), (2, 1, 4, 4), (2, 0, 4, 4), (4, 1, 8, 1), (8, 1, 4, 2),
+                 (4, 1, 4, 2)]  # fmt: skip
+"""``cuda_quantize_into`` variants (groups of 8 tokens per warp, bucketize 0 search / 1 cell table / 2 word table,
+warps, min CTAs/SM);
 None = the default."""
 
 

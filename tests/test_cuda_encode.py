@@ -68,6 +68,16 @@ def _emulate_table(y: np.ndarray, cfg: QuantizerConfig) -> np.ndarray:
     return np.where(np.signbit(y), code ^ ((1 << w) - 1), code)
 
 
+def _emulate_words(y: np.ndarray, cfg: QuantizerConfig) -> np.ndarray:
+    """``code_word`` of cuda_encode.cu (METHOD 2): the word of |y|'s key, the low 21 bits compared, the sign."""
+    w = int(cfg.bits)
+    words = ce.cell_words(cfg).astype(np.int64)
+    u = y.astype(np.float32).view(np.uint32).astype(np.int64)
+    e = words[(u >> 21) & 0x3FF]
+    code = (e >> 24) + ((e & 0x1FFFFF) < (u & 0x1FFFFF))
+    return np.where(np.signbit(y.astype(np.float32)), code ^ ((1 << w) - 1), code)
+
+
 def _emulate_search(y: np.ndarray, cfg: QuantizerConfig) -> np.ndarray:
     """``code_alu`` of cuda_encode.cu: binary search of |y| over the positive boundaries, then the side."""
     w = int(cfg.bits)
@@ -105,6 +115,9 @@ def test_bucketize_formulas_match_torch(w: int, d: int) -> None:
     # negative y within it get the other code next to 0
     tie |= (y < 0) & (np.abs(y) <= abs(ce.bucket_tables(cfg)[7]))
     assert (_emulate_table(y, cfg) == want)[~tie].all()
+    assert (_emulate_words(y, cfg) == want)[~tie].all()
+    # and the two tables agree everywhere, ties included
+    assert (_emulate_words(y, cfg) == _emulate_table(y, cfg)).all()
 
 
 @settings(max_examples=60, deadline=None)
@@ -118,6 +131,28 @@ def test_table_bucketize_any_float(y: float, w: int, d: int) -> None:
         # produced by the product: its sums start at +0)
     want = torch.bucketize(torch.from_numpy(arr), bounds).numpy()
     assert _emulate_table(arr, cfg)[0] == want[0]
+    assert _emulate_words(arr, cfg)[0] == want[0]
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_word_table_covers_every_float32_bit_pattern(d: int) -> None:
+    """All 2^32 bit patterns, sampled by key: every word's low 21 bits are one boundary's or NO_BOUNDARY."""
+    for w in (2, 3, 4):
+        cfg = QuantizerConfig(d, w)
+        words = ce.cell_words(cfg)
+        low = words & ce.NO_BOUNDARY
+        _, bounds = codebook_tensors(d, w)
+        b = np.abs(bounds.numpy().astype(np.float32))
+        assert np.isin(low[low != ce.NO_BOUNDARY], b.view(np.uint32) & ce.NO_BOUNDARY).all()
+        assert (low != ce.NO_BOUNDARY).sum() == (1 << (w - 1))  # the middle boundary and h - 1 positive ones
+        # the lowest and highest values of every key, both signs
+        keys = np.arange(1024, dtype=np.uint32)
+        y = np.concatenate([(keys << 21), (keys << 21) | 0x1FFFFF]).view(np.float32)
+        y = np.concatenate([y, -y])
+        fin = np.isfinite(y)
+        want = torch.bucketize(torch.from_numpy(y[fin]), bounds).numpy()
+        tie = np.isin(np.abs(y[fin]), b) | ((y[fin] <= 0) & (np.abs(y[fin]) <= abs(ce.bucket_tables(cfg)[7])))
+        assert (_emulate_words(y[fin], cfg) == want)[~tie].all()
 
 
 def test_cells_hold_at_most_one_boundary() -> None:

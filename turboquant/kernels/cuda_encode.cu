@@ -17,7 +17,7 @@
 //    the fp32 rotation of the exact input. Other inputs are split x = hi + lo in bf16 (XP = 2,
 //    16 significant bits), other rotations Pi = hi + lo (PP = 2); lo * lo is dropped.
 //  * the norm is ||x|| in fp32 (quad reduction); y is scaled by 1/||x|| after the product.
-//  * bucketize by table (METHOD 1, the default): the exponent and top two mantissa bits of |y| index
+//  * bucketize by table (METHOD 1, the default; METHOD 2 the same with one 4-byte word per cell, code_word): the exponent and top two mantissa bits of |y| index
 //    a cell (clamped below); the Lloyd-Max boundaries grow by >= 1.27x from one to the next, so a cell
 //    (width ratio <= 1.25) holds at most one (checked on the host): one 8-byte shared load gives the
 //    cell's boundary and the code below it, one compare adds 1, the sign bit mirrors the code
@@ -82,6 +82,19 @@ __device__ __forceinline__ uint32_t code_table(float y, const uint2* cells, int 
   // + 1 above the cell's boundary: the sign bit of (boundary - |y|)
   const uint32_t code = e.y + (__float_as_uint(__uint_as_float(e.x) - fabsf(y)) >> 31);
   return code ^ (uint32_t(int(u) >> 31) & FLIP);
+}
+
+// code of y by word table (METHOD 2): one 4-byte word per cell key (all 1024 of them, no clamp), holding the
+// code of the cell's lowest value (bits 24-27) and the low 21 bits of the boundary inside the cell (0x1FFFFF:
+// none). |y| and the boundary share the key's bits, so comparing the low 21 bits is comparing the floats. A
+// warp's loads of different cells share a bank only 32 keys (8 octaves) apart (8-byte cells: 16 keys).
+template <int W>
+__device__ __forceinline__ uint32_t code_word(float y, const uint32_t* words) {
+  constexpr uint32_t FLIP = (1u << W) - 1u;
+  const uint32_t u = __float_as_uint(y);
+  const uint32_t e = words[(u >> 21) & 0x3FFu];
+  const uint32_t above = ((e & 0x1FFFFFu) - (u & 0x1FFFFFu)) >> 31;
+  return ((e >> 24) + above) ^ (uint32_t(int(u) >> 31) & FLIP);
 }
 
 // add code c of coordinate i (W bits at bit W*i) to the thread's words (i compile-time after unrolling)
@@ -206,6 +219,7 @@ __global__ void __launch_bounds__(NW * 32, MINB) encode_kernel(const __grid_cons
   constexpr int BYTES = W * COG / 8;
   extern __shared__ __align__(16) uint4 frag_smem[];  // Pi fragments
   __shared__ uint2 cell_smem[METHOD == 1 ? kMaxCells : 1];
+  __shared__ uint32_t word_smem[METHOD == 2 ? 1024 : 1];
   __shared__ float c2_smem[1 << W];
 
   constexpr int NFRAG = PP * MT * KK * 32;
@@ -213,6 +227,9 @@ __global__ void __launch_bounds__(NW * 32, MINB) encode_kernel(const __grid_cons
   if constexpr (METHOD == 1) {
     for (int i = threadIdx.x; i < p.ncells; i += NW * 32)
       cell_smem[i] = static_cast<const uint2*>(p.cells)[i];
+  }
+  if constexpr (METHOD == 2) {
+    for (int i = threadIdx.x; i < 1024; i += NW * 32) word_smem[i] = static_cast<const uint32_t*>(p.cells)[i];
   }
   if (threadIdx.x < (1 << W)) c2_smem[threadIdx.x] = p.c2[threadIdx.x];
   __syncthreads();
@@ -297,6 +314,8 @@ __global__ void __launch_bounds__(NW * 32, MINB) encode_kernel(const __grid_cons
             uint32_t code;
             if constexpr (METHOD == 1) {
               code = code_table<W>(y, cell_smem, p.cell_base8);
+            } else if constexpr (METHOD == 2) {
+              code = code_word<W>(y, word_smem);
             } else {
               int m;
               code = code_alu<W>(y, p, m);
@@ -378,6 +397,7 @@ cudaError_t by_variant(const Params& p, const int* v, int cps, int sms, cudaStre
   if (v[0] == N && v[1] == M && v[2] == W_ && v[3] == B) return launch<D, W, XP, PP, N, M, CORR, W_, B>(p, cps, sms, s, info);
   if constexpr (D == 128 && XP == 1 && PP == 1) {
     TQE_V(4, 0, 4, 3) TQE_V(2, 1, 4, 4) TQE_V(2, 0, 4, 4) TQE_V(4, 1, 8, 1) TQE_V(8, 1, 4, 2) TQE_V(4, 1, 4, 2)
+    TQE_V(4, 2, 4, 3) TQE_V(2, 2, 4, 4)
   }
 #undef TQE_V
 #endif

@@ -231,6 +231,39 @@ def cell_table(config: QuantizerConfig) -> tuple[int, np.ndarray]:
     return base * 8, np.ascontiguousarray(cells)
 
 
+NO_BOUNDARY = 0x1FFFFF  # a word's low 21 bits when its cell holds no boundary (no |y| bits compare above it)
+
+
+def cell_words(config: QuantizerConfig) -> np.ndarray:
+    """``words [1024] uint32`` of the word-table bucketize (``code_word`` in cuda_encode.cu, METHOD 2).
+
+    Word ``k`` covers the float32 magnitudes with key ``k`` (:func:`cell_key`): bits 24-27 the code of its
+    lowest value, bits 0-20 the low 21 bits of the boundary inside it (the middle one or a positive one;
+    :data:`NO_BOUNDARY` if none). The same codes as :func:`cell_table` without its clamp below the first cells.
+    """
+    w = int(config.bits)
+    h = 1 << (w - 1)
+    tab = bucket_tables(config)
+    pb = np.asarray(tab[: h - 1], dtype=np.float32)
+    mid = np.float32(abs(tab[7]))
+    keys = np.arange(1024, dtype=np.uint32)
+    lo = (keys << 21).view(np.float32)
+    hi = np.where(keys < 1023, ((keys + 1) << 21).view(np.float32), np.float32(np.inf))
+    bounds = np.concatenate([[mid], pb])  # magnitudes where the code steps: the middle boundary, then pb
+    inside = (bounds[None, :] >= lo[:, None]) & (bounds[None, :] < hi[:, None])
+    if (inside.sum(1) > 1).any():
+        raise TurboQuantError(f"CUDA encode: a bucketize cell holds two boundaries ({config})")
+    low = np.where(inside.any(1), bounds[np.argmax(inside, 1)].view(np.uint32) & NO_BOUNDARY, NO_BOUNDARY)
+    code = np.where(mid < lo, h + (pb[None, :] < lo[:, None]).sum(1), h - 1)
+    code[keys >= 1020] = 2 * h - 1  # infinities and NaN
+    return ((code.astype(np.uint32) << 24) | low.astype(np.uint32)).astype(np.uint32)
+
+
+@device_cached(maxsize=64)
+def _words(config: QuantizerConfig, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(cell_words(config).view(np.int32)).to(device)
+
+
 @device_cached(maxsize=64)
 def _cells(config: QuantizerConfig, device: torch.device) -> tuple[int, torch.Tensor]:
     base8, cells = cell_table(config)
@@ -297,7 +330,7 @@ def cuda_quantize_into(
         norm_correction: store ``‖x‖/‖ŷ‖`` (paper Thm. 1: ``E‖ŷ‖² = 1 − D``; see
             :func:`turboquant.codec.reconstruction_norms`) instead of ``‖x‖``.
         variant: ``(groups of 8 tokens per warp, bucketize method, warps, min CTAs/SM)`` of a ``-DTQ_TUNE``
-            build (benchmarks); None = the default kernel.
+            build (benchmarks; method 0 search, 1 cell table, 2 word table); None = the default kernel.
         ctas_per_sm: cap on resident CTAs per SM (0 = as many as fit).
 
     Returns:
@@ -325,8 +358,8 @@ def cuda_quantize_into(
     sc2 = None if inv_scale is None else inv_scale.reshape(r, d).float().contiguous()
     frag = _fragments(config, x.device)
     xp, pp = _operand_parts(config, x.dtype, offset is not None or inv_scale is not None)
-    base8, cells = _cells(config, x.device)
     v = variant or (0, 0, 0, 0)
+    base8, cells = (0, _words(config, x.device)) if v[1] == 2 else _cells(config, x.device)
     w = _width(config)
     args = [d, w, xp, pp, start, int(norm_correction), ctas_per_sm, num_sms(x.device), base8, *v]
     mod.encode(x3, c3, n2, frag, cells, off2, sc2, list(bucket_tables(config)), args)
@@ -371,6 +404,7 @@ __all__ = [
     "bucket_tables",
     "cell_key",
     "cell_table",
+    "cell_words",
     "cuda_encode_supports",
     "cuda_quantize_into",
     "encode_kernel_info",
