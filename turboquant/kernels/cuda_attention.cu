@@ -65,7 +65,7 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t s) {
   return d;
 }
 
-// fp16 pair of code byte k of x from the shared table (lane_off = lane * 4, + 128 for values)
+// fp16 pair of code byte k of x from the shared table (lane_off: table_lane_offset)
 __device__ __forceinline__ uint32_t lut_byte(uint32_t x, uint32_t lane_off, int k) {
   return lut(prmt(x, lane_off, 0x7504u | (uint32_t(k) << 4)));
 }
