@@ -617,6 +617,55 @@ __device__ __forceinline__ void rows_times_matrix(const float* x, const float* m
   }
 }
 
+// The two-stage randomized Hadamard rotation of rows 0..rows-1 of x ([8][D], shared), one warp per row:
+// rotate (INVERSE false) = fwht(fwht(x * s0) * s1), unrotate = fwht(fwht(x) * s1) * s0 (paper Algorithm 1's Pi for
+// rotation="hadamard", rotation.py), fwht unnormalised (the two stages' 1/D is part of scale). Lane l holds
+// coordinates [E*l, E*l + E), E = D/32: butterflies of span h < E inside a lane, larger ones with lane l ^ (h/E).
+// store(row, c, value * scale) receives every output. No memory read but x and the 2 x D/32 sign words.
+template <int D, int NW, bool INVERSE, class Store>
+__device__ __forceinline__ void rows_hadamard(const float* x, int rows, const uint32_t (&sign)[2][4], float scale,
+                                              Store&& store) {
+  constexpr int E = D / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint32_t sw[2];  // this lane's E sign bits of each stage, at bit 0
+#pragma unroll
+  for (int st = 0; st < 2; ++st) sw[st] = (sign[st][(E * lane) / 32] >> ((E * lane) % 32)) & ((1u << E) - 1u);
+  for (int row = warp; row < rows; row += NW) {
+    float v[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) v[e] = x[row * D + E * lane + e];
+    auto flip = [&](uint32_t bits) {
+#pragma unroll
+      for (int e = 0; e < E; ++e) v[e] = __int_as_float(__float_as_int(v[e]) ^ int(((bits >> e) & 1u) << 31));
+    };
+    auto butterflies = [&] {
+#pragma unroll
+      for (int h = 1; h < E; h *= 2)
+#pragma unroll
+        for (int e = 0; e < E; ++e)
+          if ((e & h) == 0) {
+            const float a = v[e], b = v[e + h];
+            v[e] = a + b;
+            v[e + h] = a - b;
+          }
+#pragma unroll
+      for (int m = 1; m < 32; m *= 2)
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const float o = __shfl_xor_sync(0xffffffffu, v[e], m);
+          v[e] = (lane & m) ? o - v[e] : v[e] + o;
+        }
+    };
+    if (!INVERSE) flip(sw[0]);
+    butterflies();
+    flip(sw[1]);
+    butterflies();
+    if (INVERSE) flip(sw[0]);
+#pragma unroll
+    for (int e = 0; e < E; ++e) store(row, E * lane + e, v[e] * scale);
+  }
+}
+
 // Shared-memory bytes of the merge (per-warp partials) and of the fused finish ([8][D] acc, out, max/sum).
 template <int D, int NW>
 __host__ __device__ constexpr int merge_bytes() {
@@ -806,7 +855,12 @@ __device__ __forceinline__ void finish(const Params& p, int bh, int rb, int rows
   static_assert(NT % D == 0 && RG >= 1 && RG <= 8, "finish mapping");
   static_assert((8 * D + 16) * 4 <= merge_bytes<D, NW>(), "window merge fits the merge area");
   if (p.wchunks > 0) merge_splits<D, NW>(p, bh, rb, rows, p.splits, p.wchunks, scratch, scratch + 8 * D);
-  {
+  if (p.fwht) {  // acc @ Pi_v as butterflies
+    const float* voff = p.voff != nullptr ? p.voff + (long long)bh * D : nullptr;
+    rows_hadamard<D, NW, true>(fin_acc, rows, p.vsign, 1.f / D, [&](int row, int c, float v) {
+      fin_out[row * D + c] = fmaf(fin_ml[2 * row + 1], voff != nullptr ? __ldg(voff + c) : 0.f, v);
+    });
+  } else {
     const int j = threadIdx.x % D, rg = threadIdx.x / D;
     float o[RPT];
     rows_times_matrix<D, NT>(fin_acc, p.pv, o);
@@ -910,7 +964,10 @@ __global__ void __launch_bounds__(NW * 32, MINB) decode_kernel(const __grid_cons
     }
   }
   __syncthreads();
-  {
+  if (p.fwht) {  // q @ Pi_k^T as butterflies
+    float* qr = qs + 8 * D;
+    rows_hadamard<D, NW, false>(qs, 8, p.ksign, p.scale2 / D, [&](int row, int c, float v) { qr[row * D + c] = v; });
+  } else {
     constexpr int RG = NT / D, RPT = 8 / RG;
     const int j = threadIdx.x % D, rg = threadIdx.x / D;
     float o[RPT];

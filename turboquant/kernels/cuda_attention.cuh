@@ -34,6 +34,11 @@ struct Params {
   int ac;              // AC = 16 + D (16 unused columns of the absent high-width stream)
   int n, hkv, m, l, g, tps, splits;
   const int* n_dev;    // device count of compressed tokens to attend (<= n; the rest of the buffer is ignored), or nullptr
+  // fwht != 0: both rotations are the two-stage randomized Hadamard H D2 H D1 / D (power-of-two D): the prologue and
+  // the finish apply them as in-warp Walsh-Hadamard butterflies from these sign bits (bit c of word c / 32 of
+  // stage s set: coordinate c's sign is -1) instead of the dense rt / pv
+  int fwht;
+  uint32_t ksign[2][4], vsign[2][4];
   int wmask;           // 1: the mask covers the W full-precision tokens only (read by the finish; MASK is false)
   uint32_t ktab[4];    // key decoder tables for the register (prmt) decoders (fp16 low/high bytes)
   uint32_t vtab[4];

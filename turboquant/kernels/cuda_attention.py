@@ -46,7 +46,7 @@ from ..codebook import lloyd_max_codebook
 from ..codec import code_bytes, layout
 from ..config import QuantizerConfig, Variant
 from ..quantizer import QuantizedVectors
-from ..rotation import make_rotation
+from ..rotation import hadamard_blocks, make_rotation
 from .cuda_build import CudaExtension
 from .layout import device_cached, expand_mask, length_mask, num_sms, outside_graph_pool
 from .reference import DEFAULT_CHUNK, attention_shapes, torch_quantized_attention
@@ -89,8 +89,10 @@ static tq::Params make_params(const std::vector<int64_t>& c) {
   p.tps = (int)c[23]; p.splits = (int)c[24];
   for (int i = 0; i < 4; ++i) { p.ktab[i] = (uint32_t)c[25 + i]; p.vtab[i] = (uint32_t)c[29 + i]; }
   for (int i = 0; i < 16; ++i) { p.kcent[i] = (unsigned short)c[33 + i]; p.vcent[i] = (unsigned short)c[49 + i]; }
-  TORCH_CHECK(c.size() == 67 && c[66] == tq::WINDOW_TOKENS, "turboquant CUDA decode: window chunk size mismatch");
+  TORCH_CHECK(c.size() == 84 && c[66] == tq::WINDOW_TOKENS, "turboquant CUDA decode: window chunk size mismatch");
   p.wchunks = (int)c[65];
+  p.fwht = (int)c[67];
+  for (int i = 0; i < 8; ++i) { p.ksign[i / 4][i % 4] = (uint32_t)c[68 + i]; p.vsign[i / 4][i % 4] = (uint32_t)c[76 + i]; }
   return p;
 }
 
@@ -259,6 +261,32 @@ def _rotation_t(config: QuantizerConfig, device: torch.device) -> torch.Tensor:
 def _rotation(config: QuantizerConfig, device: torch.device) -> torch.Tensor:
     """``Π_v`` (float32 ``[d, d]``, contiguous): the fused finish computes ``acc @ this``."""
     return make_rotation(config.rotation, config.dim, config.seed).matrix(device).float().contiguous()
+
+
+@lru_cache(maxsize=64)
+def hadamard_sign_words(config: QuantizerConfig) -> tuple[int, ...] | None:
+    """The two stages' sign bits of a power-of-two ``hadamard`` rotation, 4 words each (``Params.ksign``), else None.
+
+    Bit ``c % 32`` of word ``c // 32`` of stage ``s`` is set when coordinate ``c``'s sign is −1: the kernel then
+    rotates with in-warp Walsh-Hadamard butterflies (``rows_hadamard``) instead of the dense matrix.
+    """
+    rot = make_rotation(config.rotation, config.dim, config.seed)
+    if rot.signs is None or hadamard_blocks(config.dim) != ((0, config.dim), (0, config.dim)) or config.dim > 128:
+        return None
+    words = []
+    for stage in range(2):
+        neg = np.zeros(128, dtype=np.uint64)
+        neg[: config.dim] = rot.signs[stage] < 0
+        words += [int((neg[32 * w : 32 * w + 32] << np.arange(32, dtype=np.uint64)).sum()) for w in range(4)]
+    return tuple(words)
+
+
+def _sign_args(kcfg: QuantizerConfig, vcfg: QuantizerConfig) -> list[int]:
+    """``[fwht, ksign[8], vsign[8]]`` of the parameter vector: butterflies when both rotations allow them."""
+    ks, vs = hadamard_sign_words(kcfg), hadamard_sign_words(vcfg)
+    if ks is None or vs is None:
+        return [0] * 17
+    return [1, *ks, *vs]
 
 
 _COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
@@ -447,6 +475,7 @@ def cuda_quantized_attention(
         vn.stride(0), vn.stride(1), vn.stride(2),
         *ms, kind, ac, n, hkv, m, l, g, tps, splits,
         *ktab, *vtab, *kcent, *vcent, wchunks, WINDOW_TOKENS,
+        *_sign_args(kcfg, vcfg),
     ]  # fmt: skip
     v = [kb, vb, d, bh, rblocks, nw, tiles, pf, dec, min_ctas]
     rt = _rotation_t(kcfg, dev)
