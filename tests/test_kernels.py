@@ -323,3 +323,15 @@ def test_cache_buffer_fused_encode_matches_torch(bits: float) -> None:
     assert a.shape == (2, 3, 291) and fused.buffer.capacity >= 291
     assert (a.codes != b.codes).float().mean().item() < 1e-3  # ties at bucket edges may round differently
     torch.testing.assert_close(a.norms, b.norms)
+
+
+def test_cuda_tuning_variants_are_checked_and_normalised() -> None:
+    """CudaTuning.variant: four ints get the default register cap (0) appended; anything else names the field."""
+    from turboquant.config import TurboQuantError
+    from turboquant.kernels.tuning import CudaTuning
+
+    assert CudaTuning(variant=(8, 2, 0, 1)).variant == (8, 2, 0, 1, 0)
+    assert CudaTuning(variant=[8, 1, 3, 1, 2]).variant == (8, 1, 3, 1, 2)
+    for bad in ((8, 2, 0), (8, 2, 0, 1, 2, 3), (8, 2, -1, 1), (8, 2, True, 1), (8.0, 2, 0, 1)):
+        with pytest.raises(TurboQuantError, match="CudaTuning.variant"):
+            CudaTuning(variant=bad)
