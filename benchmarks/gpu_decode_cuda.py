@@ -158,7 +158,7 @@ def ours(b: int, n: int, bits: int, variant=None, parts: bool = False, fused: bo
 
 
 VARIANTS = [  # (warps, tiles, prefetch 0 none / 3 next iteration in registers, decoder (cuda_attention.cu key_table), CTAs/SM cap)
-    (8, 2, 0, 1, 0), (8, 2, 3, 1, 2), (8, 1, 3, 1, 2), (8, 4, 0, 1, 0),
+    (8, 2, 0, 1, 0), (8, 2, 3, 1, 2), (8, 1, 3, 1, 2), (8, 4, 0, 1, 0), (8, 2, 0, 3, 0), (8, 2, 0, 5, 0),
 ]  # fmt: skip
 VARIANTS2 = [(8, 2, 0, 0, 0), (4, 4, 0, 0, 0), (8, 2, 3, 0, 2)]
 
