@@ -21,6 +21,7 @@ import json
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -202,8 +203,7 @@ def run_waves(copy_bw: float) -> None:
         s = sdpa(b, n)
         q, keys, values, nbytes = inputs(b, n, 4)
         for w in (1, 2, 3):
-            tuning = CudaTuning(waves=w)
-            fn = lambda: ca.cuda_quantized_attention(q, keys, values, None, None, D**-0.5, tuning=tuning)  # noqa: E731
+            fn = partial(ca.cuda_quantized_attention, q, keys, values, None, None, D**-0.5, tuning=CudaTuning(waves=w))
             fn()
             ms = graph_ms(fn)
             RESULTS["waves"].append({"B": b, "N": n, "waves": w, "graph_ms": ms, "bf16_graph_ms": s["graph_ms"],
