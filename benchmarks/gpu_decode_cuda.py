@@ -21,6 +21,7 @@ import json
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -158,7 +159,7 @@ def ours(b: int, n: int, bits: int, variant=None, parts: bool = False, fused: bo
 
 
 VARIANTS = [  # (warps, tiles, prefetch 0 none / 3 next iteration in registers, decoder (cuda_attention.cu key_table), CTAs/SM cap)
-    (8, 2, 0, 1, 0), (8, 2, 3, 1, 2), (8, 1, 3, 1, 2), (8, 4, 0, 1, 0),
+    (8, 2, 0, 1, 0), (8, 2, 3, 1, 2), (8, 1, 3, 1, 2), (8, 4, 0, 1, 0), (8, 2, 0, 3, 0), (8, 2, 0, 5, 0),
 ]  # fmt: skip
 VARIANTS2 = [(8, 2, 0, 0, 0), (4, 4, 0, 0, 0), (8, 2, 3, 0, 2)]
 
@@ -202,8 +203,7 @@ def run_waves(copy_bw: float) -> None:
         s = sdpa(b, n)
         q, keys, values, nbytes = inputs(b, n, 4)
         for w in (1, 2, 3):
-            tuning = CudaTuning(waves=w)
-            fn = lambda: ca.cuda_quantized_attention(q, keys, values, None, None, D**-0.5, tuning=tuning)  # noqa: E731
+            fn = partial(ca.cuda_quantized_attention, q, keys, values, None, None, D**-0.5, tuning=CudaTuning(waves=w))
             fn()
             ms = graph_ms(fn)
             RESULTS["waves"].append({"B": b, "N": n, "waves": w, "graph_ms": ms, "bf16_graph_ms": s["graph_ms"],

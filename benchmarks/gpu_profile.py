@@ -20,6 +20,7 @@ import argparse
 import collections
 import csv
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -94,7 +95,7 @@ def summarize(folder: Path) -> dict:
             d = dict(zip(rr[0], rr[2]))
             stalls = {k[len("smsp__pcsamp_warps_issue_stalled_"):]: _num(v) for k, v in d.items()
                       if k.startswith("smsp__pcsamp_warps_issue_stalled_") and not k.endswith("not_issued")}  # fmt: skip
-            tot = sum(v for v in stalls.values() if v == v)
+            tot = sum(v for v in stalls.values() if not math.isnan(v))
             res["stall_share"] = {k: round(v / tot, 4) for k, v in sorted(stalls.items(), key=lambda kv: -kv[1]) if v > 0}
             res["raw"] = {k: _num(d[k]) for k in RAW if k in d}
         src = folder / f"{name}_src.csv"

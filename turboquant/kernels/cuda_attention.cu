@@ -1174,7 +1174,8 @@ static cudaError_t tq_variant(const tq::Params& p, int bh, int rb, int nw, int t
     if constexpr (TWO) {
       TQ_V(4, 4, 0, 0, 0) TQ_V(8, 2, 3, 0, 2)
     } else {
-      TQ_V(8, 2, 3, 1, 2) TQ_V(8, 1, 3, 1, 2) TQ_V(8, 1, 0, 1, 2) TQ_V(8, 4, 0, 1, 0)
+      TQ_V(8, 2, 3, 1, 2) TQ_V(8, 1, 3, 1, 2) TQ_V(8, 1, 0, 1, 2) TQ_V(8, 4, 0, 1, 0) TQ_V(8, 2, 0, 3, 0)
+      TQ_V(8, 2, 0, 5, 0)
     }
   }
 #endif

@@ -89,10 +89,10 @@ class CudaTuning:
             widths (8 warps × 2 tiles, with the shared-memory table for 3/4 bits and the register decoder
             for 2 bits, plain loads: a second register set and cp.async staging measured slower on an
             H200). prefetch: 0 none, 3 the next iteration's codes loaded into the one register set once this
-            iteration's are decoded; decoder: 0 registers (prmt), 1 shared table (2-6, mixes of the two in
-            ``cuda_attention.cu``'s ``key_table``, are in no build: they measured slower); ctas (default 0: the
-            compiler's choice): CTAs per SM the kernel's registers are capped for. Variants other than the
-            defaults exist only in ``-DTQ_TUNE`` builds, which a non-None variant triggers.
+            iteration's are decoded; decoder: 0 registers (prmt), 1 shared table, 2-6 mixes of the two
+            (``cuda_attention.cu``'s ``key_table``; 3 and 5 in the sweep, the others in no build); ctas
+            (default 0: the compiler's choice): CTAs per SM the kernel's registers are capped for. Variants
+            other than the defaults exist only in ``-DTQ_TUNE`` builds, which a non-None variant triggers.
         waves: CTAs launched ≈ waves × (CTAs resident per SM × SMs).
         fused: merge the splits, rotate back, add the value offset and the full-precision window
             inside the decode kernel (last CTA per head); False uses the Triton combine kernel.
