@@ -47,17 +47,16 @@ def launch(argv: list[str]) -> None:
     import torch
 
     from turboquant import QuantizerConfig
-    from turboquant.kernels.testing import random_codes
 
-    if argv[0] == "dec":  # dec BITS B N: Llama-3.1-8B decode shapes (32 q / 8 kv heads, d = 128)
+    if argv[0] == "dec":  # dec BITS B N: the decode benchmark's inputs (Llama-3.1-8B shapes, gpu_decode_cuda.py)
+        from gpu_decode_cuda import D, inputs
+
         from turboquant.kernels import cuda_attention as ca
 
         bits, b, n = map(int, argv[1:4])
-        keys = random_codes(QuantizerConfig(128, bits, seed=1, norm_dtype="float16"), (b, 8, n), "cuda")
-        values = random_codes(QuantizerConfig(128, bits, seed=2, norm_dtype="float16"), (b, 8, n), "cuda")
-        q = torch.randn(b, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+        q, keys, values, _ = inputs(b, n, bits)
         for _ in range(3):
-            ca.cuda_quantized_attention(q, keys, values, None, None, 128**-0.5)
+            ca.cuda_quantized_attention(q, keys, values, None, None, D**-0.5)
     else:  # enc BITS: one layer of a 32k prefill at B = 8
         from turboquant.codec import code_bytes
         from turboquant.kernels import cuda_encode

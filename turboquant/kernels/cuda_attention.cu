@@ -681,7 +681,7 @@ __host__ __device__ constexpr int main_bytes() {
 }
 
 // After the main region: [2][8][D] fp32 raw and rotated query rows.
-template <int KB, int VB, int D, int NW, int T, int PF, int DEC>
+template <int D, int NW, int DEC>
 __host__ __device__ constexpr int qs_offset() {
   return main_bytes<D, NW, DEC>();
 }
@@ -953,7 +953,7 @@ __global__ void __launch_bounds__(NW * 32, MINB) decode_kernel(const __grid_cons
     }
   }
   // query rotation in the prologue (no separate launch): the CTA's 8 rows, q @ Pi_k^T * scale2
-  float* qs = reinterpret_cast<float*>(reinterpret_cast<char*>(tq_smem) + qs_offset<KBITS, VBITS, D, NW, T, PF, DEC>());
+  float* qs = reinterpret_cast<float*>(reinterpret_cast<char*>(tq_smem) + qs_offset<D, NW, DEC>());
   if constexpr (EARLY_Q) {
 #pragma unroll
     for (int u = 0; u < QPT; ++u) qs[threadIdx.x + u * NT] = bits_to_f(qb[u], p.q_kind);
@@ -1001,12 +1001,12 @@ __global__ void __launch_bounds__(NW * 32, MINB) decode_kernel(const __grid_cons
 
   constexpr int KROW = Geo<KBITS, D>::ROW, VROW = Geo<VBITS, D>::ROW;
   Ptrs ptr;
-  const uint8_t* kvalid = p.kc + b * p.kc_sb + h * p.kc_sh;
-  const uint8_t* vvalid = p.vc + b * p.vc_sb + h * p.vc_sh;
+  const uint8_t* krows = p.kc + b * p.kc_sb + h * p.kc_sh;  // this (batch, kv head)'s code rows
+  const uint8_t* vrows = p.vc + b * p.vc_sb + h * p.vc_sh;
   {
     const int k0 = wstart + row_token(gid), v0 = wstart + t4;  // key_token / value_token offsets from here
-    ptr.k = kvalid + (long long)k0 * KROW + key_byte_offset<KBITS, D>(t4);
-    ptr.v = vvalid + (long long)v0 * VROW + value_byte_offset<VBITS, D>(gid);
+    ptr.k = krows + (long long)k0 * KROW + key_byte_offset<KBITS, D>(t4);
+    ptr.v = vrows + (long long)v0 * VROW + value_byte_offset<VBITS, D>(gid);
     ptr.kn = p.kn + b * p.kn_sb + h * p.kn_sh + k0;
     ptr.vn = p.vn + b * p.vn_sb + h * p.vn_sh + k0;
   }
@@ -1123,16 +1123,16 @@ __global__ void __launch_bounds__(NW * 32, MINB) decode_kernel(const __grid_cons
 
 // ------------------------------------------------------------------------------ host side
 namespace tq {
-template <int KB, int VB, int D, int NW, int T, int PF, int DEC>
+template <int D, int NW, int DEC>
 constexpr int smem_bytes() {
-  return qs_offset<KB, VB, D, NW, T, PF, DEC>() + 2 * 8 * D * 4;
+  return qs_offset<D, NW, DEC>() + 2 * 8 * D * 4;
 }
 }  // namespace tq
 
 template <int KB, int VB, int D, int NW, int T, bool MASK, int PF, int DEC, int MINB>
 static cudaError_t tq_run(const tq::Params& p, int bh, int rblocks, cudaStream_t stream, int* info) {
   auto fn = tq::decode_kernel<KB, VB, D, NW, T, MASK, PF, DEC, MINB>;
-  constexpr int smem = tq::smem_bytes<KB, VB, D, NW, T, PF, DEC>();
+  constexpr int smem = tq::smem_bytes<D, NW, DEC>();
   static bool configured = false;  // the opt-in for > 48 KB of dynamic shared memory, once per variant
   if (!configured) {
     cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);

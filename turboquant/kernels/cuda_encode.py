@@ -205,6 +205,30 @@ def cell_key(y: np.ndarray) -> np.ndarray:
     return (np.asarray(y, dtype=np.float32).view(np.uint32) >> 21) & 0x3FF
 
 
+def _key_cells(config: QuantizerConfig, first: int) -> tuple[np.ndarray, np.ndarray]:
+    """For the cell keys ``first..1023``: the float32 magnitude where the code steps inside each cell (the middle
+    boundary or a positive one; +inf if none) and the code of the cell's lowest value (+1 above that step).
+
+    Raises :class:`TurboQuantError` if a cell holds two boundaries.
+    """
+    w = int(config.bits)
+    h = 1 << (w - 1)
+    tab = bucket_tables(config)
+    pb = np.asarray(tab[: h - 1], dtype=np.float32)
+    mid = np.float32(abs(tab[7]))
+    keys = np.arange(first, 1024, dtype=np.uint32)
+    lo = (keys << 21).view(np.float32)
+    hi = np.where(keys < 1023, ((keys + 1) << 21).view(np.float32), np.float32(np.inf))
+    bounds = np.concatenate([[mid], pb])  # magnitudes where the code steps: the middle boundary, then pb
+    inside = (bounds[None, :] >= lo[:, None]) & (bounds[None, :] < hi[:, None])
+    if (inside.sum(1) > 1).any():
+        raise TurboQuantError(f"CUDA encode: a bucketize cell holds two boundaries ({config})")
+    step = np.where(inside.any(1), bounds[np.argmax(inside, 1)], np.float32(np.inf)).astype(np.float32)
+    code = np.where(mid < lo, h + (pb[None, :] < lo[:, None]).sum(1), h - 1)
+    code[keys >= 1020] = 2 * h - 1  # infinities and NaN
+    return step, code
+
+
 def cell_table(config: QuantizerConfig) -> tuple[int, np.ndarray]:
     """``(base8, cells [n, 2] int32)`` of the table bucketize (``code_table`` in cuda_encode.cu).
 
@@ -212,20 +236,12 @@ def cell_table(config: QuantizerConfig) -> tuple[int, np.ndarray]:
     ``(bits(boundary inside it) or +inf, code of its lowest value)``; the code of ``|y|`` is that code,
     +1 above the boundary. Raises :class:`TurboQuantError` if a cell holds two boundaries.
     """
-    w = int(config.bits)
-    h = 1 << (w - 1)
+    h = 1 << (int(config.bits) - 1)
     tab = bucket_tables(config)
-    pb = np.asarray(tab[: h - 1], dtype=np.float32)
-    base = int(cell_key(pb[:1])[0]) - 5  # at least one octave below the first boundary
-    keys = np.arange(base, 1024, dtype=np.uint32)
-    lo = (keys << 21).view(np.float32)
-    hi = np.where(keys < 1023, ((keys + 1) << 21).view(np.float32), np.float32(np.inf))
-    inside = (pb[None, :] >= lo[:, None]) & (pb[None, :] < hi[:, None])
-    if (inside.sum(1) > 1).any() or len(keys) > MAX_CELLS:
-        raise TurboQuantError(f"CUDA encode: a bucketize cell holds two boundaries, or too many cells ({config})")
-    thr = np.where(inside.any(1), pb[np.argmax(inside, 1)], np.float32(np.inf)).astype(np.float32)
-    code = h + (pb[None, :] < lo[:, None]).sum(1)
-    code[keys >= 1020] = 2 * h - 1  # infinities and NaN
+    base = int(cell_key(np.float32(tab[0]))) - 5  # at least one octave below the first positive boundary
+    if 1024 - base > MAX_CELLS:
+        raise TurboQuantError(f"CUDA encode: too many bucketize cells ({config})")
+    thr, code = _key_cells(config, base)
     thr[0], code[0] = np.float32(tab[7]), h - 1  # cell 0 down to 0: the middle boundary decides
     cells = np.stack([thr.view(np.int32), code.astype(np.int32)], 1)
     return base * 8, np.ascontiguousarray(cells)
@@ -241,21 +257,8 @@ def cell_words(config: QuantizerConfig) -> np.ndarray:
     lowest value, bits 0-20 the low 21 bits of the boundary inside it (the middle one or a positive one;
     :data:`NO_BOUNDARY` if none). The same codes as :func:`cell_table` without its clamp below the first cells.
     """
-    w = int(config.bits)
-    h = 1 << (w - 1)
-    tab = bucket_tables(config)
-    pb = np.asarray(tab[: h - 1], dtype=np.float32)
-    mid = np.float32(abs(tab[7]))
-    keys = np.arange(1024, dtype=np.uint32)
-    lo = (keys << 21).view(np.float32)
-    hi = np.where(keys < 1023, ((keys + 1) << 21).view(np.float32), np.float32(np.inf))
-    bounds = np.concatenate([[mid], pb])  # magnitudes where the code steps: the middle boundary, then pb
-    inside = (bounds[None, :] >= lo[:, None]) & (bounds[None, :] < hi[:, None])
-    if (inside.sum(1) > 1).any():
-        raise TurboQuantError(f"CUDA encode: a bucketize cell holds two boundaries ({config})")
-    low = np.where(inside.any(1), bounds[np.argmax(inside, 1)].view(np.uint32) & NO_BOUNDARY, NO_BOUNDARY)
-    code = np.where(mid < lo, h + (pb[None, :] < lo[:, None]).sum(1), h - 1)
-    code[keys >= 1020] = 2 * h - 1  # infinities and NaN
+    step, code = _key_cells(config, 0)
+    low = np.where(np.isfinite(step), step.view(np.uint32) & NO_BOUNDARY, NO_BOUNDARY)
     return ((code.astype(np.uint32) << 24) | low.astype(np.uint32)).astype(np.uint32)
 
 
