@@ -49,9 +49,36 @@ __device__ __forceinline__ uint32_t lut(uint32_t addr) {
   return v;
 }
 
-// lane_off of lut_byte: the window's high byte (CTA rank in its cluster) | lane * 4 (+ 128: value table)
+// 2-bit codes: a table row holds 8-byte entries, 16 per half (an 8-byte load is served per half-warp, so lane l
+// reading bank pair l % 16 is conflict-free too); the entry of byte x (codes x0..x3, LSB first) is two fp16 pairs,
+// (c[x0], c[x1]), (c[x2], c[x3]) for keys and (c[x0], c[x2]), (c[x1], c[x3]) for values (table_entry).
+__device__ __forceinline__ uint2 lut64(uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2+%3];" : "=r"(v.x), "=r"(v.y) : "r"(addr), "n"(SMEM_BASE));
+  return v;
+}
+
+// lane_off of lut_byte: the window's high byte (CTA rank in its cluster) | the lane's column (+ 128: value table)
+template <int BITS>
 __device__ __forceinline__ uint32_t table_lane_offset(int lane, bool values) {
-  return (uint32_t(__cvta_generic_to_shared(tq_smem)) & 0xFF000000u) | (uint32_t(lane) * 4u + (values ? 128u : 0u));
+  const uint32_t col = BITS == 2 ? uint32_t(lane & 15) * 8u : uint32_t(lane) * 4u;
+  return (uint32_t(__cvta_generic_to_shared(tq_smem)) & 0xFF000000u) | (col + (values ? 128u : 0u));
+}
+
+// One 16-byte quarter-row of the table for `byte`: the 4-byte entry (c[byte & 15], c[byte >> 4]) of 3/4-bit
+// codes (3-bit codes are spread to nibbles first) four times, or the 8-byte entry of 2-bit codes twice.
+template <int BITS>
+__device__ __forceinline__ uint4 table_entry(const unsigned short* c, int byte, bool values) {
+  if constexpr (BITS == 2) {
+    const int s1 = values ? 4 : 2, s2 = values ? 2 : 4;  // shifts of the codes paired with x0 and x2
+    const uint32_t x = uint32_t(c[byte & 3]) | (uint32_t(c[(byte >> s1) & 3]) << 16);
+    const uint32_t y = uint32_t(c[(byte >> s2) & 3]) | (uint32_t(c[(byte >> 6) & 3]) << 16);
+    return make_uint4(x, y, x, y);
+  } else {
+    constexpr uint32_t m = BITS == 4 ? 15u : 7u;
+    const uint32_t e = uint32_t(c[byte & m]) | (uint32_t(c[(byte >> 4) & m]) << 16);
+    return make_uint4(e, e, e, e);
+  }
 }
 
 // Dynamic shared memory's offset in the window of a kernel with no static shared memory (as decode_kernel).
@@ -68,6 +95,10 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t s) {
 // fp16 pair of code byte k of x from the shared table (lane_off: table_lane_offset)
 __device__ __forceinline__ uint32_t lut_byte(uint32_t x, uint32_t lane_off, int k) {
   return lut(prmt(x, lane_off, 0x7504u | (uint32_t(k) << 4)));
+}
+// the two fp16 pairs of 2-bit code byte k of x (table_entry<2>)
+__device__ __forceinline__ uint2 lut_byte2(uint32_t x, uint32_t lane_off, int k) {
+  return lut64(prmt(x, lane_off, 0x7504u | (uint32_t(k) << 4)));
 }
 
 __device__ __forceinline__ float ex2(float x) {
@@ -170,10 +201,24 @@ struct Geo {
   static constexpr int VT = D / 16;                 // m-tiles of the value product
 };
 
+// Which code words go through the shared table (MIO pipe) and which through the prmt register
+// decoder (ALU pipe): DEC 0 all registers, 1 all table, 2 keys registers + values table, 3 keys
+// split (even words table) + values table, 4 keys table + values registers, 5 keys table + values
+// split, 6 both split. Splitting balances the two pipes.
+template <int DEC>
+__host__ __device__ constexpr bool key_table(int word) {
+  return DEC == 1 || DEC == 4 || DEC == 5 || ((DEC == 3 || DEC == 6) && word % 2 == 0);
+}
+template <int DEC>
+__host__ __device__ constexpr bool value_table(int block) {
+  return DEC == 1 || DEC == 2 || DEC == 3 || ((DEC == 5 || DEC == 6) && block % 2 == 0);
+}
+
 // Head-dim coordinate of the query value that pairs with key fragment (k-step s, half h, element e).
-template <int BITS, int D>
+// 2-bit words decoded by dec2 (not the table, decode_keys) pair c_j with c_{j+4}.
+template <int BITS, int D, int DEC>
 __device__ __forceinline__ int key_coord(int t4, int s, int h, int e) {
-  if (BITS == 2) return (D / 4) * t4 + 16 * (s / 4) + 8 * h + (s % 4) + 4 * e;
+  if (BITS == 2 && !key_table<DEC>(s / 4)) return (D / 4) * t4 + 16 * (s / 4) + 8 * h + (s % 4) + 4 * e;
   return (D / 4) * t4 + 4 * s + 2 * h + e;
 }
 
@@ -227,19 +272,6 @@ __device__ __forceinline__ int value_byte_offset(int gid) {
   return (VB == 6) ? ((6 * gid) & ~3) : VB * gid;
 }
 
-// Which code words go through the shared table (MIO pipe) and which through the prmt register
-// decoder (ALU pipe): DEC 0 all registers, 1 all table, 2 keys registers + values table, 3 keys
-// split (even words table) + values table, 4 keys table + values registers, 5 keys table + values
-// split, 6 both split. Splitting balances the two pipes.
-template <int DEC>
-__host__ __device__ constexpr bool key_table(int word) {
-  return DEC == 1 || DEC == 4 || DEC == 5 || ((DEC == 3 || DEC == 6) && word % 2 == 0);
-}
-template <int DEC>
-__host__ __device__ constexpr bool value_table(int block) {
-  return DEC == 1 || DEC == 2 || DEC == 3 || ((DEC == 5 || DEC == 6) && block % 2 == 0);
-}
-
 // Key fragments of one token: kp[s][h] = fp16 pair for k-step s, A-operand half h (see key_coord).
 template <int BITS, int D, int DEC>
 __device__ __forceinline__ void decode_key(const uint32_t (&w)[Geo<BITS, D>::KW], int t4, const uint32_t (&tab)[4],
@@ -287,12 +319,58 @@ __device__ __forceinline__ void decode_key(const uint32_t (&w)[Geo<BITS, D>::KW]
   }
 }
 
+// Key fragments of a tile's two score rows (k0: row gid, k1: row gid + 8). 2-bit words through the table are
+// decoded for both rows at once: a byte of E holds two codes of each row, so one 8-byte entry is the mma's A
+// registers (row gid, row gid + 8) of one k-half, with no register moves.
+template <int BITS, int D, int DEC>
+__device__ __forceinline__ void decode_keys(const uint32_t (&w0)[Geo<BITS, D>::KW], const uint32_t (&w1)[Geo<BITS, D>::KW],
+                                            int t4, const uint32_t (&tab)[4], uint32_t lane_off,
+                                            uint32_t (&k0)[Geo<BITS, D>::KS][2], uint32_t (&k1)[Geo<BITS, D>::KS][2]) {
+  if constexpr (BITS == 2) {
+#pragma unroll
+    for (int i = 0; i < D / 64; ++i) {
+      if (key_table<DEC>(i)) {
+        // byte m of E = codes (4m, 4m+1) of row gid, then of row gid + 8; of O the codes (4m+2, 4m+3)
+        const uint32_t E = (w0[i] & 0x0F0F0F0Fu) | ((w1[i] << 4) & 0xF0F0F0F0u);
+        const uint32_t O = ((w0[i] >> 4) & 0x0F0F0F0Fu) | (w1[i] & 0xF0F0F0F0u);
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+          const uint2 e = lut_byte2(E, lane_off, m), o = lut_byte2(O, lane_off, m);
+          k0[4 * i + m][0] = e.x; k1[4 * i + m][0] = e.y; k0[4 * i + m][1] = o.x; k1[4 * i + m][1] = o.y;
+        }
+      } else {
+        uint32_t X[4], Y[4];
+        dec2(w0[i], tab, X, Y);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) { k0[4 * i + j][0] = X[j]; k0[4 * i + j][1] = Y[j]; }
+        dec2(w1[i], tab, X, Y);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) { k1[4 * i + j][0] = X[j]; k1[4 * i + j][1] = Y[j]; }
+      }
+    }
+  } else {
+    decode_key<BITS, D, DEC>(w0, t4, tab, lane_off, k0);
+    decode_key<BITS, D, DEC>(w1, t4, tab, lane_off, k1);
+  }
+}
+
 // Value fragments of a token pair (a, b): vp[slot] = (v_a, v_b) at coordinate (D/8)*gid + slot.
 template <int BITS, int D, int DEC>
 __device__ __forceinline__ void decode_value_pair(const uint32_t (&a)[Geo<BITS, D>::VW],
                                                   const uint32_t (&b)[Geo<BITS, D>::VW], int gid,
                                                   const uint32_t (&tab)[4], uint32_t lane_off, uint32_t (&vp)[D / 8]) {
   if constexpr (BITS == 2) {
+    if (value_table<DEC>(0)) {
+      // byte m of E = crumbs (a_4m, a_4m+1, b_4m, b_4m+1), of O the next two of each: table_entry<2> pairs them
+      const uint32_t E = (a[0] & 0x0F0F0F0Fu) | ((b[0] << 4) & 0xF0F0F0F0u);
+      const uint32_t O = ((a[0] >> 4) & 0x0F0F0F0Fu) | (b[0] & 0xF0F0F0F0u);
+#pragma unroll
+      for (int m = 0; m < D / 32; ++m) {
+        const uint2 e = lut_byte2(E, lane_off, m), o = lut_byte2(O, lane_off, m);
+        vp[4 * m] = e.x; vp[4 * m + 1] = e.y; vp[4 * m + 2] = o.x; vp[4 * m + 3] = o.y;
+      }
+      return;
+    }
     uint32_t X[4], Y[4];
     dec2(prmt(a[0], b[0], 0x5140), tab, X, Y);
 #pragma unroll
@@ -461,8 +539,7 @@ __device__ __forceinline__ void compute_core(const Params& p, KW&& kw, VW&& vw, 
       uint32_t w0[KWN], w1[KWN];
       kw(2 * j, w0);
       kw(2 * j + 1, w1);
-      decode_key<KBITS, D, DEC>(w0, t4, p.ktab, lane_k, k0);
-      decode_key<KBITS, D, DEC>(w1, t4, p.ktab, lane_k, k1);
+      decode_keys<KBITS, D, DEC>(w0, w1, t4, p.ktab, lane_k, k0, k1);
     }
     float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -940,16 +1017,13 @@ __global__ void __launch_bounds__(NW * 32, MINB) decode_kernel(const __grid_cons
   const int wstart = start + warp * per;
   const int wstop = min(wstart + per, stop);
 
-  const uint32_t lane_k = table_lane_offset(lane, false), lane_v = table_lane_offset(lane, true);
+  const uint32_t lane_k = table_lane_offset<KBITS>(lane, false), lane_v = table_lane_offset<VBITS>(lane, true);
   if (DEC >= 1) {
     // decode table: row = code byte (256 B), keys then values, each entry once per lane (bank = lane)
-    const uint32_t km = KBITS == 4 ? 15u : 7u, vm = VBITS == 4 ? 15u : 7u;
     for (int i = threadIdx.x; i < 256 * 16; i += NT) {
-      const int byte = i >> 4, half = (i >> 3) & 1;
-      const unsigned short* c = half ? p.vcent : p.kcent;
-      const uint32_t mk = half ? vm : km;
-      const uint32_t e = uint32_t(c[byte & mk]) | (uint32_t(c[(byte >> 4) & mk]) << 16);
-      reinterpret_cast<uint4*>(tq_smem)[i] = make_uint4(e, e, e, e);
+      const int byte = i >> 4;
+      reinterpret_cast<uint4*>(tq_smem)[i] =
+          (i >> 3) & 1 ? table_entry<VBITS>(p.vcent, byte, true) : table_entry<KBITS>(p.kcent, byte, false);
     }
   }
   // query rotation in the prologue (no separate launch): the CTA's 8 rows, q @ Pi_k^T * scale2
@@ -983,7 +1057,7 @@ __global__ void __launch_bounds__(NW * 32, MINB) decode_kernel(const __grid_cons
     for (int s = 0; s < KS; ++s)
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh)
-        st.qf[s][hh] = pack_half2(qrow[key_coord<KBITS, D>(t4, s, hh, 0)], qrow[key_coord<KBITS, D>(t4, s, hh, 1)]);
+        st.qf[s][hh] = pack_half2(qrow[key_coord<KBITS, D, DEC>(t4, s, hh, 0)], qrow[key_coord<KBITS, D, DEC>(t4, s, hh, 1)]);
   }
   long long mrow[2] = {0, 0};
   bool rowok[2];
@@ -1172,7 +1246,8 @@ static cudaError_t tq_variant(const tq::Params& p, int bh, int rb, int nw, int t
 #ifdef TQ_TUNE
   if constexpr (!MASK && D == 128) {
     if constexpr (TWO) {
-      TQ_V(4, 4, 0, 0, 0) TQ_V(8, 2, 3, 0, 2)
+      TQ_V(4, 4, 0, 0, 0) TQ_V(8, 2, 0, 1, 0) TQ_V(8, 2, 0, 2, 0) TQ_V(8, 2, 0, 3, 0) TQ_V(8, 2, 0, 4, 0)
+      TQ_V(4, 4, 0, 1, 0)
     } else {
       TQ_V(8, 2, 3, 1, 2) TQ_V(8, 1, 3, 1, 2) TQ_V(8, 1, 0, 1, 2) TQ_V(8, 4, 0, 1, 0) TQ_V(8, 2, 0, 3, 0)
       TQ_V(8, 2, 0, 5, 0)
