@@ -161,12 +161,16 @@ def ours(b: int, n: int, bits: int, variant=None, parts: bool = False, fused: bo
 VARIANTS = [  # (warps, tiles, prefetch 0 none / 3 next iteration in registers, decoder (cuda_attention.cu key_table), CTAs/SM cap)
     (8, 2, 0, 1, 0), (8, 2, 3, 1, 2), (8, 1, 3, 1, 2), (8, 4, 0, 1, 0), (8, 2, 0, 3, 0), (8, 2, 0, 5, 0),
 ]  # fmt: skip
-VARIANTS2 = [(8, 2, 0, 0, 0), (4, 4, 0, 0, 0), (8, 2, 3, 0, 2)]
+# 2 bits, decoder: 0 registers, 1 the 8-byte-entry table, 2 keys registers + values table, 3 even key words by
+# table + values table, 4 keys table + values registers
+VARIANTS2 = [
+    (8, 2, 0, 0, 0), (4, 4, 0, 0, 0), (8, 2, 0, 1, 0), (8, 2, 0, 2, 0), (8, 2, 0, 3, 0), (8, 2, 0, 4, 0), (4, 4, 0, 1, 0),
+]  # fmt: skip
 
 
-def run_check() -> None:
+def run_check(widths: tuple[int, ...] = (4, 3, 2)) -> None:
     """Every timed variant against float64 (fresh random inputs, B=2, N=5000, window of 4)."""
-    for bits in (4, 3, 2):
+    for bits in widths:
         for v in VARIANTS2 if bits == 2 else VARIANTS:
             tuning = CudaTuning(variant=v)
             torch.manual_seed(hash((bits, v)) % 1000)
@@ -181,8 +185,10 @@ def run_check() -> None:
             log(f"check K{bits}V{bits} variant {v}: rel err {err:.2e} {'OK' if err < 3e-3 else 'FAIL'}")
 
 
-def run_sweep(copy_bw: float) -> None:
+def run_sweep(copy_bw: float, widths: tuple[int, ...] = (4, 3, 2)) -> None:
     for b, n, bits in ((8, 65536, 4), (1, 131072, 4), (32, 65536, 4), (8, 65536, 3), (8, 65536, 2)):
+        if bits not in widths:
+            continue
         for v in VARIANTS2 if bits == 2 else (VARIANTS if b != 32 else VARIANTS[:4]):
             try:
                 r = ours(b, n, bits, variant=v)
@@ -240,8 +246,10 @@ def main() -> None:
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--waves", action="store_true", help="time CudaTuning.waves 1-3 (splits per head) at small B")
+    ap.add_argument("--bits", default="4,3,2", help="widths that --check and --sweep cover (comma-separated)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    widths = tuple(int(x) for x in args.bits.split(","))
     props = torch.cuda.get_device_properties(0)
     card = props.name.replace("NVIDIA ", "").replace(" ", "_").lower()
     RESULTS["machine"] = {
@@ -263,7 +271,7 @@ def main() -> None:
     out_dir = args.out or ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"gpu_decode_cuda_{card}.json"
-    for flag, fn in (("check", run_check), ("sweep", lambda: run_sweep(copy_bw)), ("waves", lambda: run_waves(copy_bw)),
+    for flag, fn in (("check", lambda: run_check(widths)), ("sweep", lambda: run_sweep(copy_bw, widths)), ("waves", lambda: run_waves(copy_bw)),
                      ("bench", lambda: run_bench(copy_bw))):  # fmt: skip
         if getattr(args, flag):
             fn()
