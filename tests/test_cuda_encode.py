@@ -32,13 +32,20 @@ gpu = pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU (sm_80+): the ker
 
 
 @pytest.mark.parametrize("d", [64, 128])
-def test_orders_give_each_lane_one_contiguous_slice(d: int) -> None:
+def test_orders_give_each_lane_its_chunks_and_one_output_slice(d: int) -> None:
     inp, out = ce.input_order(d), ce.output_order(d)
     assert sorted(inp.tolist()) == list(range(d)) and sorted(out.tolist()) == list(range(d))
-    # A/B operand lane t (k index 2t, 2t+1, 2t+8, 2t+9 of every chunk) reads x[d/4·t, d/4·(t+1))
+    # B operand lane t (k index 2t, 2t+1, 2t+8, 2t+9 of every chunk) reads the 8-coordinate chunks at 32c + 8t,
+    # its B words in order: word w (chunk k // 16, upper half) holds coordinates 32 (w // 4) + 8t + 2 (w % 4) + {0, 1}
     k = torch.arange(d)
     t = (k % 8) // 2
-    assert ((inp // (d // 4)) == t).all()
+    assert (((inp % 32) // 8) == t).all()
+    w = 2 * (k // 16) + (k % 16) // 8
+    assert (inp == 32 * (w // 4) + 8 * t + 2 * (w % 4) + k % 2).all()
+    # the four lanes of a token read 64 contiguous bytes (bf16) per 16-byte load instruction j
+    for j in range(d // 32):
+        chunk = torch.cat([inp[(w == 4 * j + q) & (t == tt)] for tt in range(4) for q in range(4)])
+        assert sorted(chunk.tolist()) == list(range(32 * j, 32 * j + 32))
     # accumulator row g (and g + 8) of every m tile receives y[d/8·g, d/8·(g+1))
     assert ((out // (d // 8)) == (k % 8)).all()
 

@@ -7,11 +7,12 @@
 // Structure (one warp = 8*NTILE consecutive tokens of one row at a time, persistent grid):
 //  * rotation y = Pi x as mma.m16n8k16 (bf16 operands, fp32 accumulation) with the output
 //    coordinates as M (Pi from shared memory, one 16-byte load per fragment), the input
-//    coordinates as K and 8 tokens as N. Both coordinate orders are free: lane (g, t) loads one
-//    contiguous slice x[CPT*t, CPT*t + CPT) of token g (16-byte loads straight into its B
-//    registers) and receives outputs COG*g + [0, COG) of tokens 2t, 2t + 1, so its codes are one
-//    contiguous slice of each code row (8 bytes at 4 bits, d = 128). The host permutes Pi into
-//    fragment order once (cuda_encode.py, rotation_fragments); each CTA copies it to shared memory.
+//    coordinates as K and 8 tokens as N. Both coordinate orders are free: lane (g, t) loads the
+//    8-coordinate chunks x[32c + 8t, 32c + 8t + 8) of token g (16-byte loads straight into its B
+//    registers; one load instruction of the warp reads 64 contiguous bytes of each of its 8 tokens)
+//    and receives outputs COG*g + [0, COG) of tokens 2t, 2t + 1, so its codes are one contiguous
+//    slice of each code row (8 bytes at 4 bits, d = 128). The host permutes Pi into fragment order
+//    once (cuda_encode.py, rotation_fragments); each CTA copies it to shared memory.
 //  * exactness: for the Hadamard rotation at power-of-two d, Pi = H D2 H D1 / d has entries k/(d/2)
 //    with |k| < 64, exact in bf16, so a bf16 input needs ONE product (XP = 1, PP = 1) and gives
 //    the fp32 rotation of the exact input. Other inputs are split x = hi + lo in bf16 (XP = 2,
@@ -105,6 +106,10 @@ __device__ __forceinline__ void put_code(uint32_t* w, int i, uint32_t c) {
   if (s + W > 32) w[k + 1] += __umulhi(c, 1u << s);
 }
 
+// Element offset of coordinate i of lane t's part of a token: chunk i / 8 of 8 coordinates at 32 * chunk + 8 * t
+// (cuda_encode.py's input_order)
+__device__ __forceinline__ int lane_coord(int t, int i) { return 32 * (i / 8) + 8 * t + i % 8; }
+
 template <int D>
 __device__ __forceinline__ void load_row(const Params& p, int row, int tok, int t, bool ok, float (&v)[D / 4]) {
   constexpr int CPT = D / 4;
@@ -113,19 +118,19 @@ __device__ __forceinline__ void load_row(const Params& p, int row, int tok, int 
     for (int i = 0; i < CPT; ++i) v[i] = 0.0f;
     return;
   }
-  const int64_t e0 = row * p.x_sr + tok * p.x_st + CPT * t;
+  const int64_t e0 = row * p.x_sr + tok * p.x_st;
   if (p.x_kind == 2) {
-    const float4* s = reinterpret_cast<const float4*>(static_cast<const float*>(p.x) + e0);
+    const float* s = static_cast<const float*>(p.x) + e0;
 #pragma unroll
     for (int j = 0; j < CPT / 4; ++j) {
-      const float4 q = __ldg(s + j);
+      const float4 q = __ldg(reinterpret_cast<const float4*>(s + lane_coord(t, 4 * j)));
       v[4 * j] = q.x, v[4 * j + 1] = q.y, v[4 * j + 2] = q.z, v[4 * j + 3] = q.w;
     }
   } else {
-    const uint4* s = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.x) + e0);
+    const uint16_t* s = static_cast<const uint16_t*>(p.x) + e0;
 #pragma unroll
     for (int j = 0; j < CPT / 8; ++j) {
-      const uint4 q = __ldg(s + j);
+      const uint4 q = __ldg(reinterpret_cast<const uint4*>(s + lane_coord(t, 8 * j)));
       const uint32_t u[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
       for (int h = 0; h < 4; ++h) {
@@ -142,11 +147,11 @@ __device__ __forceinline__ void load_row(const Params& p, int row, int tok, int 
 #pragma unroll
     for (int j = 0; j < CPT / 4; ++j) {
       if (p.off != nullptr) {
-        const float4 o = __ldg(reinterpret_cast<const float4*>(p.off + row * p.off_sr + CPT * t) + j);
+        const float4 o = __ldg(reinterpret_cast<const float4*>(p.off + row * p.off_sr + lane_coord(t, 4 * j)));
         v[4 * j] -= o.x, v[4 * j + 1] -= o.y, v[4 * j + 2] -= o.z, v[4 * j + 3] -= o.w;
       }
       if (p.inv_scale != nullptr) {
-        const float4 s = __ldg(reinterpret_cast<const float4*>(p.inv_scale + row * p.sc_sr + CPT * t) + j);
+        const float4 s = __ldg(reinterpret_cast<const float4*>(p.inv_scale + row * p.sc_sr + lane_coord(t, 4 * j)));
         v[4 * j] *= s.x, v[4 * j + 1] *= s.y, v[4 * j + 2] *= s.z, v[4 * j + 3] *= s.w;
       }
     }
@@ -162,11 +167,10 @@ __device__ __forceinline__ void load_bf16(const Params& p, int row, int tok, int
     for (int i = 0; i < CPT / 2; ++i) a[i] = 0u;
     return;
   }
-  const uint4* s =
-      reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.x) + row * p.x_sr + tok * p.x_st + CPT * t);
+  const uint16_t* s = static_cast<const uint16_t*>(p.x) + row * p.x_sr + tok * p.x_st;
 #pragma unroll
   for (int j = 0; j < CPT / 8; ++j) {
-    const uint4 q = __ldg(s + j);
+    const uint4 q = __ldg(reinterpret_cast<const uint4*>(s + lane_coord(t, 8 * j)));
     a[4 * j] = q.x, a[4 * j + 1] = q.y, a[4 * j + 2] = q.z, a[4 * j + 3] = q.w;
   }
 }

@@ -105,12 +105,17 @@ _EXTENSION = CudaExtension("turboquant_cuda_encode", _HERE / "cuda_encode.cu", [
 
 
 def input_order(dim: int) -> torch.Tensor:
-    """``[dim]`` input coordinate of each logical K index of the product (lane t's slice is contiguous)."""
-    cpt = dim // 4
+    """``[dim]`` input coordinate of each logical K index of the product.
+
+    Lane t's B words ``w`` (k-chunk ``w // 2``, upper half ``w % 2``) are read 8 coordinates (one 16-byte load)
+    at a time from ``32 c + 8 t`` (``cuda_encode.cu``'s ``lane_coord``): the four lanes of a token read 64
+    contiguous bytes per load instruction.
+    """
     k = torch.arange(dim)
     kk, j = k // 16, k % 16
     t, e, upper = (j % 8) // 2, j % 2, j // 8
-    return cpt * t + 4 * kk + 2 * upper + e
+    w = 2 * kk + upper  # the lane's B word
+    return 32 * (w // 4) + 8 * t + 2 * (w % 4) + e
 
 
 def output_order(dim: int) -> torch.Tensor:
