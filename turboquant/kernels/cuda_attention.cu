@@ -65,8 +65,9 @@ __device__ __forceinline__ uint32_t table_lane_offset(int lane, bool values) {
   return (uint32_t(__cvta_generic_to_shared(tq_smem)) & 0xFF000000u) | (col + (values ? 128u : 0u));
 }
 
-// One 16-byte quarter-row of the table for `byte`: the 4-byte entry (c[byte & 15], c[byte >> 4]) of 3/4-bit
-// codes (3-bit codes are spread to nibbles first) four times, or the 8-byte entry of 2-bit codes twice.
+// One 16-byte quarter-row of the table for `byte`: the 4-byte entry (c[byte & 15], c[byte >> 4]) of 4-bit codes
+// and 3-bit values (spread to nibbles first), (c[byte & 7], c[byte >> 3]) of 3-bit keys (a 6-bit field of the
+// code stream), four times; or the 8-byte entry of 2-bit codes twice.
 template <int BITS>
 __device__ __forceinline__ uint4 table_entry(const unsigned short* c, int byte, bool values) {
   if constexpr (BITS == 2) {
@@ -75,8 +76,10 @@ __device__ __forceinline__ uint4 table_entry(const unsigned short* c, int byte, 
     const uint32_t y = uint32_t(c[(byte >> s2) & 3]) | (uint32_t(c[(byte >> 6) & 3]) << 16);
     return make_uint4(x, y, x, y);
   } else {
+    // 3-bit keys: a 6-bit field (two codes) indexes the row; 3-bit values: two nibbles (spread3)
     constexpr uint32_t m = BITS == 4 ? 15u : 7u;
-    const uint32_t e = uint32_t(c[byte & m]) | (uint32_t(c[(byte >> 4) & m]) << 16);
+    const int hi = (BITS == 3 && !values) ? 3 : 4;
+    const uint32_t e = uint32_t(c[byte & m]) | (uint32_t(c[(byte >> hi) & m]) << 16);
     return make_uint4(e, e, e, e);
   }
 }
@@ -305,7 +308,24 @@ __device__ __forceinline__ void decode_key(const uint32_t (&w)[Geo<BITS, D>::KW]
 #pragma unroll
     for (int i = 0; i < D / 32; ++i) {
       uint32_t o[4];
-      if (key_table<DEC>(i)) {
+      if (BITS == 3 && key_table<DEC>(i)) {
+        // 3 bits: the table's key rows are indexed by a 6-bit field (two codes), shifted straight from the code
+        // words to the address's byte 1 (no spread3)
+        uint32_t r[3];
+        if constexpr (D == 128) {
+          r[0] = w[0]; r[1] = w[1]; r[2] = w[2];
+        } else {
+          const uint32_t sh = (t4 & 1) ? 16u : 0u;
+          r[0] = __funnelshift_r(w[0], w[1], sh); r[1] = w[1] >> sh; r[2] = 0u;
+        }
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int bit = 6 * (4 * i + k), wi = bit / 32, b = bit % 32;  // field at bits [b, b + 6) of r[wi]
+          const uint32_t t = b + 6 > 32 ? __funnelshift_r(r[wi], r[wi + 1], b - 8)
+                                        : (b >= 8 ? r[wi] >> (b - 8) : r[wi] << (8 - b));
+          o[k] = lut((t & 0x3F00u) | lane_off);
+        }
+      } else if (key_table<DEC>(i)) {
 #pragma unroll
         for (int k = 0; k < 4; ++k) o[k] = lut_byte(x[i], lane_off, k);
       } else if constexpr (BITS == 4) {
