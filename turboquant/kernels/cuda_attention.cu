@@ -21,10 +21,11 @@
 //  * values: mma with the head dims as M (D/16 tiles), query rows as N, tokens as K: the A operand
 //    needs fp16 pairs of *two tokens* at one coordinate, so the code bytes of two tokens are
 //    interleaved with one prmt before decoding and the decoder emits (token a, token b) pairs.
-//  * decoders: byte-permute (prmt) lookups with the fp16 centroid tables in registers; 4-bit uses
-//    the odd symmetry c[15-i] = -c[i] (8-entry magnitude tables + a sign mask), 3-bit spreads the
-//    8 codes of a 3-byte group to nibbles and uses 8-entry tables, 2-bit builds the prmt selector
-//    pair (c, c+4) with one multiply-add.
+//  * decoders: the default is a table in shared memory indexed by a code byte (below: one fp16 pair
+//    per 4-bit byte / 3-bit 6-bit field, two pairs per 2-bit byte). The byte-permute (prmt) register
+//    decoders (tables in registers; 4-bit uses the odd symmetry c[15-i] = -c[i], 3-bit spreads the
+//    codes of a 3-byte group to nibbles, 2-bit builds the prmt selector pair (c, c+4) with one
+//    multiply-add) remain as sweep variants and for mixes of the two pipes (key_table).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -1037,6 +1038,37 @@ __global__ void __launch_bounds__(NW * 32, MINB) decode_kernel(const __grid_cons
   const int wstart = start + warp * per;
   const int wstop = min(wstart + per, stop);
 
+  constexpr int KROW = Geo<KBITS, D>::ROW, VROW = Geo<VBITS, D>::ROW;
+  auto first_ptrs = [&] {
+    const uint8_t* krows = p.kc + b * p.kc_sb + h * p.kc_sh;  // this (batch, kv head)'s code rows
+    const uint8_t* vrows = p.vc + b * p.vc_sb + h * p.vc_sh;
+    const int k0 = wstart + row_token(gid), v0 = wstart + t4;  // key_token / value_token offsets from here
+    Ptrs q;
+    q.k = krows + (long long)k0 * KROW + key_byte_offset<KBITS, D>(t4);
+    q.v = vrows + (long long)v0 * VROW + value_byte_offset<VBITS, D>(gid);
+    q.kn = p.kn + b * p.kn_sb + h * p.kn_sh + k0;
+    q.vn = p.vn + b * p.vn_sb + h * p.vn_sh + k0;
+    return q;
+  };
+  Ptrs ptr = first_ptrs();
+  auto advance = [&]() {
+    ptr.k += TOK * KROW;
+    ptr.v += TOK * VROW;
+    ptr.kn += TOK;
+    ptr.vn += TOK;
+  };
+  using R = Raw<KBITS, VBITS, D, T>;
+  // left = tokens of the warp's range from this iteration's base; full iterations need no predicates
+  auto load_any = [&](R& r, int left) {
+    if (left >= TOK) load_iter<KBITS, VBITS, D, T, true>(r, ptr, TOK, gid, t4);
+    else load_iter<KBITS, VBITS, D, T, false>(r, ptr, left, gid, t4);
+  };
+  // the first iteration's keys are requested before the prologue (decode table, query rotation), which then
+  // runs while they are in flight (its values too, or the masked kernel's, would take the registers over 128)
+  constexpr bool EARLY_K = PF == 0 && !MASK;
+  R r;
+  if (EARLY_K && wstart + TOK <= wstop) load_keys<KBITS, VBITS, D, T, true>(r, ptr, TOK, gid);
+
   const uint32_t lane_k = table_lane_offset<KBITS>(lane, false), lane_v = table_lane_offset<VBITS>(lane, true);
   if (DEC >= 1) {
     // decode table: row = code byte (256 B), keys then values, each entry once per lane (bank = lane)
@@ -1070,6 +1102,7 @@ __global__ void __launch_bounds__(NW * 32, MINB) decode_kernel(const __grid_cons
     for (int r = 0; r < RPT; ++r) qs[8 * D + (rg * RPT + r) * D + j] = o[r] * p.scale2;
   }
   __syncthreads();
+  if constexpr (!EARLY_K) ptr = first_ptrs();  // (computed here, the pointers take no registers in the prologue)
   State<KBITS, D> st;
   {
     const float* qrow = qs + 8 * D + gid * D;
@@ -1093,33 +1126,9 @@ __global__ void __launch_bounds__(NW * 32, MINB) decode_kernel(const __grid_cons
 #pragma unroll
   for (int i = 0; i < VT; ++i) st.acc[i][0] = st.acc[i][1] = st.acc[i][2] = st.acc[i][3] = 0.f;
 
-  constexpr int KROW = Geo<KBITS, D>::ROW, VROW = Geo<VBITS, D>::ROW;
-  Ptrs ptr;
-  const uint8_t* krows = p.kc + b * p.kc_sb + h * p.kc_sh;  // this (batch, kv head)'s code rows
-  const uint8_t* vrows = p.vc + b * p.vc_sb + h * p.vc_sh;
-  {
-    const int k0 = wstart + row_token(gid), v0 = wstart + t4;  // key_token / value_token offsets from here
-    ptr.k = krows + (long long)k0 * KROW + key_byte_offset<KBITS, D>(t4);
-    ptr.v = vrows + (long long)v0 * VROW + value_byte_offset<VBITS, D>(gid);
-    ptr.kn = p.kn + b * p.kn_sb + h * p.kn_sh + k0;
-    ptr.vn = p.vn + b * p.vn_sb + h * p.vn_sh + k0;
-  }
-  auto advance = [&]() {
-    ptr.k += TOK * KROW;
-    ptr.v += TOK * VROW;
-    ptr.kn += TOK;
-    ptr.vn += TOK;
-  };
-  using R = Raw<KBITS, VBITS, D, T>;
-  // left = tokens of the warp's range from this iteration's base; full iterations need no predicates
-  auto load_any = [&](R& r, int left) {
-    if (left >= TOK) load_iter<KBITS, VBITS, D, T, true>(r, ptr, TOK, gid, t4);
-    else load_iter<KBITS, VBITS, D, T, false>(r, ptr, left, gid, t4);
-  };
   if constexpr (PF == 3) {
     // one register set: the keys of iteration i+1 are loaded once the keys of i are decoded (their time in
     // flight is the value part of i), the values of i+1 once the values of i are (the score part of i+1)
-    R r;
     int base = wstart;
     if (base < wstop) load_any(r, wstop - base);
     for (; base + TOK <= wstop; base += TOK) {
@@ -1143,13 +1152,12 @@ __global__ void __launch_bounds__(NW * 32, MINB) decode_kernel(const __grid_cons
   } else {
     int base = wstart;
     for (; base + TOK <= wstop; base += TOK) {
-      R r;
-      load_iter<KBITS, VBITS, D, T, true>(r, ptr, TOK, gid, t4);
+      if (!EARLY_K || base != wstart) load_keys<KBITS, VBITS, D, T, true>(r, ptr, TOK, gid);  // the first: above
+      load_values<KBITS, VBITS, D, T, true>(r, ptr, TOK, gid, t4);
       compute_iter<KBITS, VBITS, D, T, true, MASK, DEC>(p, r, st, base, wstop, gid, t4, mrow, rowok, lane_k, lane_v);
       advance();
     }
     if (base < wstop) {
-      R r;
       load_any(r, wstop - base);
       compute_iter<KBITS, VBITS, D, T, false, MASK, DEC>(p, r, st, base, wstop, gid, t4, mrow, rowok, lane_k, lane_v);
     }
@@ -1258,15 +1266,11 @@ static cudaError_t tq_variant(const tq::Params& p, int bh, int rb, int nw, int t
 #define TQ_V(NW, T, PF, DEC, MB)                                          \
   if (nw == NW && tiles == T && pf == PF && dec == DEC && ctas == MB) \
     return tq_run<KB, VB, D, NW, T, MASK, PF, DEC, MB>(p, bh, rb, s, info);
-  if constexpr (TWO) {  // defaults: measured best on an H200 (docs/kernel_notes.md, c2)
-    TQ_V(8, 2, 0, 0, 0)
-  } else {
-    TQ_V(8, 2, 0, 1, 0)
-  }
+  TQ_V(8, 2, 0, 1, 0)  // the default of every width: measured best on an H200 (docs/kernel_notes.md)
 #ifdef TQ_TUNE
   if constexpr (!MASK && D == 128) {
     if constexpr (TWO) {
-      TQ_V(4, 4, 0, 0, 0) TQ_V(8, 2, 0, 1, 0) TQ_V(8, 2, 0, 2, 0) TQ_V(8, 2, 0, 3, 0) TQ_V(8, 2, 0, 4, 0)
+      TQ_V(8, 2, 0, 0, 0) TQ_V(4, 4, 0, 0, 0) TQ_V(8, 2, 0, 2, 0) TQ_V(8, 2, 0, 3, 0) TQ_V(8, 2, 0, 4, 0)
       TQ_V(4, 4, 0, 1, 0)
     } else {
       TQ_V(8, 2, 3, 1, 2) TQ_V(8, 1, 3, 1, 2) TQ_V(8, 1, 0, 1, 2) TQ_V(8, 4, 0, 1, 0) TQ_V(8, 2, 0, 3, 0)
