@@ -21,10 +21,11 @@
 //  * values: mma with the head dims as M (D/16 tiles), query rows as N, tokens as K: the A operand
 //    needs fp16 pairs of *two tokens* at one coordinate, so the code bytes of two tokens are
 //    interleaved with one prmt before decoding and the decoder emits (token a, token b) pairs.
-//  * decoders: byte-permute (prmt) lookups with the fp16 centroid tables in registers; 4-bit uses
-//    the odd symmetry c[15-i] = -c[i] (8-entry magnitude tables + a sign mask), 3-bit spreads the
-//    8 codes of a 3-byte group to nibbles and uses 8-entry tables, 2-bit builds the prmt selector
-//    pair (c, c+4) with one multiply-add.
+//  * decoders: the default is a table in shared memory indexed by a code byte (below: one fp16 pair
+//    per 4-bit byte / 3-bit 6-bit field, two pairs per 2-bit byte). The byte-permute (prmt) register
+//    decoders (tables in registers; 4-bit uses the odd symmetry c[15-i] = -c[i], 3-bit spreads the
+//    codes of a 3-byte group to nibbles, 2-bit builds the prmt selector pair (c, c+4) with one
+//    multiply-add) remain as sweep variants and for mixes of the two pipes (key_table).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -65,8 +66,9 @@ __device__ __forceinline__ uint32_t table_lane_offset(int lane, bool values) {
   return (uint32_t(__cvta_generic_to_shared(tq_smem)) & 0xFF000000u) | (col + (values ? 128u : 0u));
 }
 
-// One 16-byte quarter-row of the table for `byte`: the 4-byte entry (c[byte & 15], c[byte >> 4]) of 3/4-bit
-// codes (3-bit codes are spread to nibbles first) four times, or the 8-byte entry of 2-bit codes twice.
+// One 16-byte quarter-row of the table for `byte`: the 4-byte entry (c[byte & 15], c[byte >> 4]) of 4-bit codes
+// and 3-bit values (spread to nibbles first), (c[byte & 7], c[byte >> 3]) of 3-bit keys (a 6-bit field of the
+// code stream), four times; or the 8-byte entry of 2-bit codes twice.
 template <int BITS>
 __device__ __forceinline__ uint4 table_entry(const unsigned short* c, int byte, bool values) {
   if constexpr (BITS == 2) {
@@ -75,8 +77,10 @@ __device__ __forceinline__ uint4 table_entry(const unsigned short* c, int byte, 
     const uint32_t y = uint32_t(c[(byte >> s2) & 3]) | (uint32_t(c[(byte >> 6) & 3]) << 16);
     return make_uint4(x, y, x, y);
   } else {
+    // 3-bit keys: a 6-bit field (two codes) indexes the row; 3-bit values: two nibbles (spread3)
     constexpr uint32_t m = BITS == 4 ? 15u : 7u;
-    const uint32_t e = uint32_t(c[byte & m]) | (uint32_t(c[(byte >> 4) & m]) << 16);
+    const int hi = (BITS == 3 && !values) ? 3 : 4;
+    const uint32_t e = uint32_t(c[byte & m]) | (uint32_t(c[(byte >> hi) & m]) << 16);
     return make_uint4(e, e, e, e);
   }
 }
@@ -305,7 +309,24 @@ __device__ __forceinline__ void decode_key(const uint32_t (&w)[Geo<BITS, D>::KW]
 #pragma unroll
     for (int i = 0; i < D / 32; ++i) {
       uint32_t o[4];
-      if (key_table<DEC>(i)) {
+      if (BITS == 3 && key_table<DEC>(i)) {
+        // 3 bits: the table's key rows are indexed by a 6-bit field (two codes), shifted straight from the code
+        // words to the address's byte 1 (no spread3)
+        uint32_t r[3];
+        if constexpr (D == 128) {
+          r[0] = w[0]; r[1] = w[1]; r[2] = w[2];
+        } else {
+          const uint32_t sh = (t4 & 1) ? 16u : 0u;
+          r[0] = __funnelshift_r(w[0], w[1], sh); r[1] = w[1] >> sh; r[2] = 0u;
+        }
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int bit = 6 * (4 * i + k), wi = bit / 32, b = bit % 32;  // field at bits [b, b + 6) of r[wi]
+          const uint32_t t = b + 6 > 32 ? __funnelshift_r(r[wi], r[wi + 1], b - 8)
+                                        : (b >= 8 ? r[wi] >> (b - 8) : r[wi] << (8 - b));
+          o[k] = lut((t & 0x3F00u) | lane_off);
+        }
+      } else if (key_table<DEC>(i)) {
 #pragma unroll
         for (int k = 0; k < 4; ++k) o[k] = lut_byte(x[i], lane_off, k);
       } else if constexpr (BITS == 4) {
@@ -1017,6 +1038,37 @@ __global__ void __launch_bounds__(NW * 32, MINB) decode_kernel(const __grid_cons
   const int wstart = start + warp * per;
   const int wstop = min(wstart + per, stop);
 
+  constexpr int KROW = Geo<KBITS, D>::ROW, VROW = Geo<VBITS, D>::ROW;
+  auto first_ptrs = [&] {
+    const uint8_t* krows = p.kc + b * p.kc_sb + h * p.kc_sh;  // this (batch, kv head)'s code rows
+    const uint8_t* vrows = p.vc + b * p.vc_sb + h * p.vc_sh;
+    const int k0 = wstart + row_token(gid), v0 = wstart + t4;  // key_token / value_token offsets from here
+    Ptrs q;
+    q.k = krows + (long long)k0 * KROW + key_byte_offset<KBITS, D>(t4);
+    q.v = vrows + (long long)v0 * VROW + value_byte_offset<VBITS, D>(gid);
+    q.kn = p.kn + b * p.kn_sb + h * p.kn_sh + k0;
+    q.vn = p.vn + b * p.vn_sb + h * p.vn_sh + k0;
+    return q;
+  };
+  Ptrs ptr = first_ptrs();
+  auto advance = [&]() {
+    ptr.k += TOK * KROW;
+    ptr.v += TOK * VROW;
+    ptr.kn += TOK;
+    ptr.vn += TOK;
+  };
+  using R = Raw<KBITS, VBITS, D, T>;
+  // left = tokens of the warp's range from this iteration's base; full iterations need no predicates
+  auto load_any = [&](R& r, int left) {
+    if (left >= TOK) load_iter<KBITS, VBITS, D, T, true>(r, ptr, TOK, gid, t4);
+    else load_iter<KBITS, VBITS, D, T, false>(r, ptr, left, gid, t4);
+  };
+  // the first iteration's keys are requested before the prologue (decode table, query rotation), which then
+  // runs while they are in flight (its values too, or the masked kernel's, would take the registers over 128)
+  constexpr bool EARLY_K = PF == 0 && !MASK;
+  R r;
+  if (EARLY_K && wstart + TOK <= wstop) load_keys<KBITS, VBITS, D, T, true>(r, ptr, TOK, gid);
+
   const uint32_t lane_k = table_lane_offset<KBITS>(lane, false), lane_v = table_lane_offset<VBITS>(lane, true);
   if (DEC >= 1) {
     // decode table: row = code byte (256 B), keys then values, each entry once per lane (bank = lane)
@@ -1050,6 +1102,7 @@ __global__ void __launch_bounds__(NW * 32, MINB) decode_kernel(const __grid_cons
     for (int r = 0; r < RPT; ++r) qs[8 * D + (rg * RPT + r) * D + j] = o[r] * p.scale2;
   }
   __syncthreads();
+  if constexpr (!EARLY_K) ptr = first_ptrs();  // (computed here, the pointers take no registers in the prologue)
   State<KBITS, D> st;
   {
     const float* qrow = qs + 8 * D + gid * D;
@@ -1073,33 +1126,9 @@ __global__ void __launch_bounds__(NW * 32, MINB) decode_kernel(const __grid_cons
 #pragma unroll
   for (int i = 0; i < VT; ++i) st.acc[i][0] = st.acc[i][1] = st.acc[i][2] = st.acc[i][3] = 0.f;
 
-  constexpr int KROW = Geo<KBITS, D>::ROW, VROW = Geo<VBITS, D>::ROW;
-  Ptrs ptr;
-  const uint8_t* krows = p.kc + b * p.kc_sb + h * p.kc_sh;  // this (batch, kv head)'s code rows
-  const uint8_t* vrows = p.vc + b * p.vc_sb + h * p.vc_sh;
-  {
-    const int k0 = wstart + row_token(gid), v0 = wstart + t4;  // key_token / value_token offsets from here
-    ptr.k = krows + (long long)k0 * KROW + key_byte_offset<KBITS, D>(t4);
-    ptr.v = vrows + (long long)v0 * VROW + value_byte_offset<VBITS, D>(gid);
-    ptr.kn = p.kn + b * p.kn_sb + h * p.kn_sh + k0;
-    ptr.vn = p.vn + b * p.vn_sb + h * p.vn_sh + k0;
-  }
-  auto advance = [&]() {
-    ptr.k += TOK * KROW;
-    ptr.v += TOK * VROW;
-    ptr.kn += TOK;
-    ptr.vn += TOK;
-  };
-  using R = Raw<KBITS, VBITS, D, T>;
-  // left = tokens of the warp's range from this iteration's base; full iterations need no predicates
-  auto load_any = [&](R& r, int left) {
-    if (left >= TOK) load_iter<KBITS, VBITS, D, T, true>(r, ptr, TOK, gid, t4);
-    else load_iter<KBITS, VBITS, D, T, false>(r, ptr, left, gid, t4);
-  };
   if constexpr (PF == 3) {
     // one register set: the keys of iteration i+1 are loaded once the keys of i are decoded (their time in
     // flight is the value part of i), the values of i+1 once the values of i are (the score part of i+1)
-    R r;
     int base = wstart;
     if (base < wstop) load_any(r, wstop - base);
     for (; base + TOK <= wstop; base += TOK) {
@@ -1123,13 +1152,12 @@ __global__ void __launch_bounds__(NW * 32, MINB) decode_kernel(const __grid_cons
   } else {
     int base = wstart;
     for (; base + TOK <= wstop; base += TOK) {
-      R r;
-      load_iter<KBITS, VBITS, D, T, true>(r, ptr, TOK, gid, t4);
+      if (!EARLY_K || base != wstart) load_keys<KBITS, VBITS, D, T, true>(r, ptr, TOK, gid);  // the first: above
+      load_values<KBITS, VBITS, D, T, true>(r, ptr, TOK, gid, t4);
       compute_iter<KBITS, VBITS, D, T, true, MASK, DEC>(p, r, st, base, wstop, gid, t4, mrow, rowok, lane_k, lane_v);
       advance();
     }
     if (base < wstop) {
-      R r;
       load_any(r, wstop - base);
       compute_iter<KBITS, VBITS, D, T, false, MASK, DEC>(p, r, st, base, wstop, gid, t4, mrow, rowok, lane_k, lane_v);
     }
@@ -1238,15 +1266,11 @@ static cudaError_t tq_variant(const tq::Params& p, int bh, int rb, int nw, int t
 #define TQ_V(NW, T, PF, DEC, MB)                                          \
   if (nw == NW && tiles == T && pf == PF && dec == DEC && ctas == MB) \
     return tq_run<KB, VB, D, NW, T, MASK, PF, DEC, MB>(p, bh, rb, s, info);
-  if constexpr (TWO) {  // defaults: measured best on an H200 (docs/kernel_notes.md, c2)
-    TQ_V(8, 2, 0, 0, 0)
-  } else {
-    TQ_V(8, 2, 0, 1, 0)
-  }
+  TQ_V(8, 2, 0, 1, 0)  // the default of every width: measured best on an H200 (docs/kernel_notes.md)
 #ifdef TQ_TUNE
   if constexpr (!MASK && D == 128) {
     if constexpr (TWO) {
-      TQ_V(4, 4, 0, 0, 0) TQ_V(8, 2, 0, 1, 0) TQ_V(8, 2, 0, 2, 0) TQ_V(8, 2, 0, 3, 0) TQ_V(8, 2, 0, 4, 0)
+      TQ_V(8, 2, 0, 0, 0) TQ_V(4, 4, 0, 0, 0) TQ_V(8, 2, 0, 2, 0) TQ_V(8, 2, 0, 3, 0) TQ_V(8, 2, 0, 4, 0)
       TQ_V(4, 4, 0, 1, 0)
     } else {
       TQ_V(8, 2, 3, 1, 2) TQ_V(8, 1, 3, 1, 2) TQ_V(8, 1, 0, 1, 2) TQ_V(8, 4, 0, 1, 0) TQ_V(8, 2, 0, 3, 0)

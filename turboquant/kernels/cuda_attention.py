@@ -339,8 +339,6 @@ _INFO: dict[tuple, tuple[int, int, int, int]] = {}
 def _resolve_variant(kb: int, vb: int, tuning: CudaTuning) -> tuple[int, int, int, int, int]:
     if tuning.variant is not None:
         return tuning.variant  # type: ignore[return-value]  (CudaTuning makes it five ints)
-    if kb == 2 or vb == 2:
-        return (8, 2, 0, 0, 0)
     return (8, 2, 0, 1, 0)
 
 

@@ -86,9 +86,8 @@ class CudaTuning:
 
     Args:
         variant: ``(warps, tiles, prefetch, decoder[, ctas])`` or None for the compiled default of the
-            widths (8 warps × 2 tiles, with the shared-memory table for 3/4 bits and the register decoder
-            for 2 bits, plain loads: a second register set and cp.async staging measured slower on an
-            H200). prefetch: 0 none, 3 the next iteration's codes loaded into the one register set once this
+            widths (8 warps × 2 tiles, the shared-memory table decoder, plain loads: a second register set
+            and cp.async staging measured slower on an H200). prefetch: 0 none, 3 the next iteration's codes loaded into the one register set once this
             iteration's are decoded; decoder: 0 registers (prmt), 1 shared table, 2-6 mixes of the two
             (``cuda_attention.cu``'s ``key_table``; 3 and 5 in the sweep, the others in no build); ctas
             (default 0: the compiler's choice): CTAs per SM the kernel's registers are capped for. Variants
