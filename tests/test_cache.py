@@ -322,3 +322,25 @@ def test_nan_in_one_sequence_stays_in_that_sequence() -> None:
         outs.append(_attend(layer, torch.randn(3, 4, 1, 64, generator=torch.Generator().manual_seed(3)), keys, values))
     assert torch.equal(outs[0][[0, 2]], outs[1][[0, 2]])
     assert torch.isnan(outs[1][1]).any()
+
+
+def test_flush_subtracts_the_offsets_inside_the_encode() -> None:
+    """quantize_into(x, offset=μ) writes the codes of x − μ; the norm check bounds ‖x − μ‖ without the centered copy."""
+    from turboquant import QuantizerConfig
+    from turboquant.codec import code_bytes
+    from turboquant.kernels import quantize_into
+    from turboquant.kvstore import FLOAT16_NORM_LIMIT, norms_overflow_float16
+
+    cfg = QuantizerConfig(64, 3, seed=2)
+    x = torch.randn(2, 3, 7, 64, dtype=torch.bfloat16) * 4 + 1
+    off = x.float().mean(2)
+    want = TurboQuantizer.from_config(cfg).quantize(x.float() - off.unsqueeze(2))
+    codes = torch.zeros(2, 3, 9, code_bytes(cfg), dtype=torch.uint8)
+    norms = torch.zeros(2, 3, 9)
+    quantize_into(x, cfg, codes, norms, 2, backend="torch", offset=off)
+    assert torch.equal(codes[:, :, 2:], want.codes) and torch.equal(norms[:, :, 2:], want.norms)
+    # a large common offset: ‖x‖ overflows float16, ‖x − μ‖ does not; the bound says "check", the exact check says no
+    big = torch.full((1, 1, 64), FLOAT16_NORM_LIMIT / 4.0)
+    xb = big.unsqueeze(2) + torch.randn(1, 1, 5, 64)
+    assert norms_overflow_float16(xb, big) and not norms_overflow_float16(xb - big.unsqueeze(2))
+    assert not norms_overflow_float16(torch.randn(1, 1, 5, 64), torch.randn(1, 1, 64))

@@ -191,6 +191,13 @@ def test_cpu_call_falls_back_to_the_quantizer() -> None:
     torch.testing.assert_close(out.norms, want)
 
 
+def test_rotated_offset_is_pi_times_the_offset() -> None:
+    cfg = QuantizerConfig(64, 4, seed=5)
+    off = torch.randn(3, 64)
+    want = make_rotation(cfg.rotation, 64, cfg.seed).rotate(off.double()).float()  # the butterflies, not the matrix
+    torch.testing.assert_close(ce.rotated_offset(off, cfg), want, rtol=1e-6, atol=1e-6)
+
+
 def test_a_failed_build_warns_once_and_falls_back() -> None:
     """Both CUDA extensions share this loader (cuda_build.CudaExtension): the caller gets None and one warning."""
     from pathlib import Path
@@ -280,16 +287,17 @@ def test_codes_and_norms_match_the_quantizer(d: int, bits: int, dtype: torch.dty
 
 @gpu
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_fused_offset_scale_and_norm_correction(bits: int) -> None:
+@pytest.mark.parametrize("scaled", [True, False])  # False: the one-product path, y = Pi x - Pi off (rotated_offset)
+def test_fused_offset_scale_and_norm_correction(bits: int, scaled: bool) -> None:
     cfg = QuantizerConfig(128, bits, seed=1)
     b, h, t = 2, 3, 100
     x = torch.randn(b, h, t, 128, device="cuda", dtype=torch.bfloat16) + 2
     off = x.float().mean(2)
-    inv = 1.0 / (1.0 + torch.rand(b, h, 128, device="cuda"))
+    inv = 1.0 / (1.0 + torch.rand(b, h, 128, device="cuda")) if scaled else None
     codes = torch.zeros(b, h, t, code_bytes(cfg), dtype=torch.uint8, device="cuda")
     norms = torch.zeros(b, h, t, device="cuda")
     out = ce.cuda_quantize_into(x, cfg, codes, norms, 0, offset=off, inv_scale=inv, norm_correction=True)
-    xs = (x.float() - off.unsqueeze(2)) * inv.unsqueeze(2)
+    xs = (x.float() - off.unsqueeze(2)) * (inv.unsqueeze(2) if scaled else 1.0)
     ref = TurboQuantizer.from_config(cfg).quantize(xs)
     assert _same(out.codes, ref.codes, cfg) >= 0.999
     want = ref.norms / reconstruction_norms(decode_mse(ref.codes, cfg))

@@ -283,13 +283,14 @@ class TurboQuantLayer(DynamicLayer):
             self._init_offsets(window_k, window_v)
         assert self.key_codes is not None and self.value_codes is not None
         old_k, old_v = window_k[:, :, :excess], window_v[:, :, :excess]
-        k = old_k.float() - self.key_offset.unsqueeze(-2) if self.key_offset is not None else old_k
+        # the offsets are subtracted inside the encode (on GPUs a bfloat16 window is then read as it is)
+        k, k_off = old_k, self.key_offset
         if self.key_scale is not None:
-            k = k.float() / self.key_scale.unsqueeze(-2)
-        v = old_v.float() - self.value_offset.unsqueeze(-2) if self.value_offset is not None else old_v
+            k = (k.float() - k_off.unsqueeze(-2) if k_off is not None else k.float()) / self.key_scale.unsqueeze(-2)
+            k_off = None
         correct = self.settings.norm_correction
-        self.key_codes.encode_append(k, self.settings.backend, correct.keys and self.key_codes.config.variant is Variant.MSE)
-        self.value_codes.encode_append(v, self.settings.backend, correct.values)
+        self.key_codes.encode_append(k, self.settings.backend, correct.keys and self.key_codes.config.variant is Variant.MSE, k_off)
+        self.value_codes.encode_append(old_v, self.settings.backend, correct.values, self.value_offset)
         spare = self.settings.window + self.settings.flush_every + 1  # as in update
         self._fk.drop_oldest_window(excess, spare)
         self._fv.drop_oldest_window(excess, spare)

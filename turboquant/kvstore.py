@@ -42,14 +42,18 @@ class KVCodes:
     def length(self) -> int:
         return self.buffer.length
 
-    def encode_append(self, x: torch.Tensor, backend: Any, norm_correction: bool) -> None:
-        """Quantize ``x [B, H, T, d]`` straight into the buffer (fused Triton encode on CUDA).
+    def encode_append(self, x: torch.Tensor, backend: Any, norm_correction: bool, offset: torch.Tensor | None = None) -> None:
+        """Quantize ``x [B, H, T, d]`` (minus ``offset [B, H, d]``) straight into the buffer (fused encode on CUDA).
 
         MSE codes are written in place by :func:`~turboquant.kernels.quantize_into`; prod codes
         (QJL fields) are encoded by :func:`turboquant.codec.encode` and copied in.
         """
         self._view = None
-        self._fit_norms(x)
+        if offset is not None and (self.config.variant is not Variant.MSE or (
+                self.config.norm_dtype == "float16" and norms_overflow_float16(x, offset))):  # fmt: skip
+            x, offset = x.float() - offset.float().unsqueeze(-2), None  # prod codes, or a norm near the float16 limit
+        if offset is None:
+            self._fit_norms(x)
         norm_dtype = getattr(torch, self.config.norm_dtype)
         if self.config.variant is not Variant.MSE:
             enc = encode(x.float(), self.config)
@@ -62,7 +66,8 @@ class KVCodes:
             "norms": ((b, h, t), norm_dtype, x.device),
         })  # fmt: skip
         tensors = self.buffer.tensors
-        quantize_into(x, self.config, tensors["codes"], tensors["norms"], self.length, backend=backend, norm_correction=norm_correction)
+        quantize_into(x, self.config, tensors["codes"], tensors["norms"], self.length, backend=backend,
+                      norm_correction=norm_correction, offset=offset)
         self.buffer.advance(t)
 
     def _fit_norms(self, x: torch.Tensor) -> None:
@@ -172,9 +177,15 @@ class FullPrecisionKV:
 FLOAT16_NORM_LIMIT = torch.finfo(torch.float16).max / 4
 
 
-def norms_overflow_float16(x: torch.Tensor) -> bool:
-    """Whether a finite row norm of ``x [..., d]`` exceeds :data:`FLOAT16_NORM_LIMIT` (store the norms in float32)."""
+def norms_overflow_float16(x: torch.Tensor, offset: torch.Tensor | None = None) -> bool:
+    """Whether a finite row norm of ``x [..., d]`` exceeds :data:`FLOAT16_NORM_LIMIT` (store the norms in float32).
+
+    With ``offset [..., d]`` (one per row of ``x [..., T, d]``): whether ``‖x‖ + ‖offset‖``, a bound on the norm of
+    ``x − offset``, may exceed it (True sends the caller to the exact check on the centered vectors).
+    """
     norms = torch.linalg.vector_norm(x.float(), dim=-1)
+    if offset is not None:
+        norms = norms + torch.linalg.vector_norm(offset.float(), dim=-1).unsqueeze(-1)
     return bool((norms[torch.isfinite(norms)] > FLOAT16_NORM_LIMIT).any())
 
 

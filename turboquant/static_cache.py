@@ -106,6 +106,7 @@ class TurboQuantStaticLayer(CacheLayerMixin):
         self.ready = False  # a prompt was written: one-token updates may take the static decode path
         # the prompt's mask had padding: decode steps mask the codes token by token (else the kernel reads a count)
         self.padded = False
+        self.key_scaled = False  # some head divides its keys by key_scale (outlier channels found at prefill)
 
     # ------------------------------------------------------------------ buffers
     @torch.compiler.disable  # allocated eagerly even under a compiled prompt, so the addresses can be marked static
@@ -185,10 +186,15 @@ class TurboQuantStaticLayer(CacheLayerMixin):
     def _encode_at(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> None:
         """Quantize ``[B, Hkv, T, d]`` keys/values (offsets and key scale applied) into the codes at ``pos [T]``."""
         correct, backend = self.settings.norm_correction, self.settings.backend.value
-        k = (keys.float() - self.key_offset.unsqueeze(-2)) / self.key_scale.unsqueeze(-2)
-        v = values.float() - self.value_offset.unsqueeze(-2)
-        kc, kn = encode_op(k, self.key_key, correct.keys and self.key_sq is None, backend)
-        vc, vn = encode_op(v, self.value_key, correct.values and self.value_sq is None, backend)
+        # offsets are subtracted inside the encode (on GPUs a bfloat16 input is then read as it is); a key scale
+        # (some head has outlier channels, decided at prefill) needs the transformed copy
+        koff = self.key_offset if self.settings.center_keys else None
+        voff = self.value_offset if self.settings.center_values else None
+        if self.key_scaled:
+            keys = (keys.float() - self.key_offset.unsqueeze(-2)) / self.key_scale.unsqueeze(-2)
+            koff = None
+        kc, kn = encode_op(keys, self.key_key, correct.keys and self.key_sq is None, backend, koff)
+        vc, vn = encode_op(values, self.value_key, correct.values and self.value_sq is None, backend, voff)
         if correct.keys and self.key_sq is not None:
             kn = corrected_norms(kc, kn, *self.key_sq)
         if correct.values and self.value_sq is not None:
@@ -241,6 +247,7 @@ class TurboQuantStaticLayer(CacheLayerMixin):
         """The dynamic cache's per-head statistics, from the prompt's non-sink tokens (none: no centering)."""
         body_k, body_v = keys[:, :, self.sink :].float(), values[:, :, self.sink :].float()
         self.key_offset.zero_(), self.key_scale.fill_(1.0), self.value_offset.zero_()
+        self.key_scaled = False
         if body_k.shape[2] == 0:
             return
         if self.settings.center_keys:
@@ -251,6 +258,7 @@ class TurboQuantStaticLayer(CacheLayerMixin):
             scale = outlier_scale(body_k - self.key_offset.unsqueeze(-2), self.settings.key_outlier_ratio)
             if scale is not None:
                 self.key_scale.copy_(scale)
+                self.key_scaled = True
         self._fit_norms(body_k, body_v)
 
     def _fit_norms(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -352,6 +360,7 @@ class TurboQuantStaticLayer(CacheLayerMixin):
             for t in self._batch_buffers().values():
                 t.zero_()
             self.key_scale.fill_(1.0)
+            self.key_scaled = False
             self.slot_positions.fill_(-1)
             self.cumulative_length.zero_()
         self.ready = False

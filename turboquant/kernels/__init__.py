@@ -102,13 +102,16 @@ def quantize_into(
     backend: Backend | str = Backend.AUTO,
     *,
     norm_correction: bool = False,
+    offset: torch.Tensor | None = None,
 ) -> QuantizedVectors:
-    """Quantize ``x [*R, T, d]`` into preallocated ``codes [*R, S_cap, code_bytes]`` / ``norms [*R, S_cap]`` at ``start``.
+    """Quantize ``x [*R, T, d]`` (minus ``offset [*R, d]``, if given) into preallocated ``codes [*R, S_cap,
+    code_bytes]`` / ``norms [*R, S_cap]`` at ``start``.
 
     Dispatches to :func:`~turboquant.kernels.encode.torch_quantize_into`, its fused Triton twin, or
     (``CUDA``, the default on GPUs) :func:`~turboquant.kernels.cuda_encode.cuda_quantize_into`.
     ``norm_correction`` then rescales the written norms to ``‖x‖/‖ŷ‖``
-    (:func:`turboquant.codec.reconstruction_norms`), decoding only the written slice.
+    (:func:`turboquant.codec.reconstruction_norms`), decoding only the written slice. ``offset`` (float32) is
+    subtracted in float32; the CUDA encode does it inside the kernel (a bfloat16 ``x`` is then read as it is).
 
     Returns:
         :class:`QuantizedVectors` views of the written slice, batch shape ``[*R, T]``.
@@ -117,7 +120,9 @@ def quantize_into(
     if chosen is Backend.CUDA:
         from .cuda_encode import cuda_quantize_into  # corrects norms in the kernel; else Triton
 
-        return cuda_quantize_into(x, config, codes, norms, start, norm_correction=norm_correction)
+        return cuda_quantize_into(x, config, codes, norms, start, offset=offset, norm_correction=norm_correction)
+    if offset is not None:
+        x = x.float() - offset.float().unsqueeze(-2)
     if chosen is Backend.TRITON:
         from .triton_encode import triton_quantize_into  # falls back to torch for unsupported configs
 

@@ -17,6 +17,8 @@
 //    with |k| < 64, exact in bf16, so a bf16 input needs ONE product (XP = 1, PP = 1) and gives
 //    the fp32 rotation of the exact input. Other inputs are split x = hi + lo in bf16 (XP = 2,
 //    16 significant bits), other rotations Pi = hi + lo (PP = 2); lo * lo is dropped.
+//    A bf16 input with an offset mu (the cache's centred keys) stays one product: y = Pi x - Pi mu,
+//    the accumulator starting at -Pi mu (roff, from the host), the norm ||x - mu|| from x and mu.
 //  * the norm is ||x|| in fp32 (quad reduction); y is scaled by 1/||x|| after the product.
 //  * bucketize by table (METHOD 1, the default; METHOD 2 the same with one 4-byte word per cell, code_word): the exponent and top two mantissa bits of |y| index
 //    a cell (clamped below); the Lloyd-Max boundaries grow by >= 1.27x from one to the next, so a cell
@@ -186,6 +188,20 @@ __device__ __forceinline__ float sum_squares_bf16(const uint32_t (&a)[D / 8]) {
   return ss;
 }
 
+// sum of (x - mu)^2 over the thread's part of a token: raw bf16 words of x, fp32 offset row mu (XP = 1 with an offset)
+template <int D>
+__device__ __forceinline__ float sum_squares_centered(const uint32_t (&a)[D / 8], const float* mu, int t) {
+  float ss = 0.0f;
+#pragma unroll
+  for (int j = 0; j < D / 16; ++j) {  // coordinates 4j .. 4j + 3 of the part: words 2j, 2j + 1
+    const float4 m = __ldg(reinterpret_cast<const float4*>(mu + lane_coord(t, 4 * j)));
+    const float d0 = bf16_lo(a[2 * j]) - m.x, d1 = bf16_hi(a[2 * j]) - m.y;
+    const float d2 = bf16_lo(a[2 * j + 1]) - m.z, d3 = bf16_hi(a[2 * j + 1]) - m.w;
+    ss = fmaf(d0, d0, fmaf(d1, d1, fmaf(d2, d2, fmaf(d3, d3, ss))));
+  }
+  return ss;
+}
+
 template <int BYTES>
 __device__ __forceinline__ void store_codes(uint8_t* dst, const uint32_t* w) {
   if constexpr (BYTES == 8) {
@@ -256,7 +272,8 @@ __global__ void __launch_bounds__(NW * 32, MINB) encode_kernel(const __grid_cons
       const bool ok = tok < p.tokens;
       float ss;
       if constexpr (XP == 1) {
-        ss = sum_squares_bf16<D>(b[nt][0]);
+        ss = p.roff != nullptr ? sum_squares_centered<D>(b[nt][0], p.off + row * p.off_sr, t)
+                               : sum_squares_bf16<D>(b[nt][0]);
       } else {
         float v[CPT];
         load_row<D>(p, row, tok, t, ok, v);
@@ -290,6 +307,13 @@ __global__ void __launch_bounds__(NW * 32, MINB) encode_kernel(const __grid_cons
 
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
+      // XP = 1 with an offset mu: y = Pi x - Pi mu, the products of the exact bf16 input accumulated onto
+      // -Pi mu (roff, output coordinates COG*g + 2*mt + h)
+      float2 r0 = make_float2(0.0f, 0.0f);
+      if (XP == 1 && p.roff != nullptr) {
+        const float2 r = __ldg(reinterpret_cast<const float2*>(p.roff + row * p.roff_sr + COG * g + 2 * mt));
+        r0 = make_float2(-r.x, -r.y);
+      }
       uint32_t a[PP][KK][4];
 #pragma unroll
       for (int pp = 0; pp < PP; ++pp)
@@ -300,7 +324,7 @@ __global__ void __launch_bounds__(NW * 32, MINB) encode_kernel(const __grid_cons
         }
 #pragma unroll
       for (int nt = 0; nt < NTILE; ++nt) {
-        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        float c[4] = {r0.x, r0.x, r0.y, r0.y};  // c[2h + e]: coordinate h, token e
 #pragma unroll
         for (int kk = 0; kk < KK; ++kk) {
           mma_bf16(c, a[0][kk][0], a[0][kk][1], a[0][kk][2], a[0][kk][3], b[nt][0][2 * kk], b[nt][0][2 * kk + 1]);

@@ -15,6 +15,8 @@ struct Params {
   int64_t off_sr;
   const float* inv_scale;  // [R, D] multiplied after the offset, or null
   int64_t sc_sr;
+  const float* roff;  // [R, D] Pi @ off (rotated coordinates) with a bf16 input and no scale (XP = 1), or null
+  int64_t roff_sr;
   const void* frag;   // rotation fragments [PP, D/16, D/16, 32] x 16 bytes
   const void* cells;  // bucketize cells [ncells] x {float boundary or +inf, uint32 code below it}
   int ncells, cell_base8;  // cell of |y|: max(((bits >> 21) & 0x3ff) * 8 - cell_base8, 0) bytes

@@ -49,11 +49,11 @@ cudaError_t tq_encode_dispatch(const tqe::Params& p, int d, int w, int xp, int p
                                int cps, int sms, cudaStream_t s, int* info);
 
 // x [R, T, D] (last dim contiguous), codes [R, S, bytes] uint8, norms [R, S] fp16/fp32, frag uint8 (fragments),
-// cells int32 [ncells, 2], off / inv_scale [R, D] fp32 or empty; tab = {pb[8], c2[16]};
-// v = {d, w, xp, pp, start, correct, ctas_per_sm, sms, cell_base8, variant[4]}
+// cells int32 [ncells, 2], off / inv_scale / roff (Pi @ off, xp = 1 only) [R, D] fp32 or empty;
+// tab = {pb[8], c2[16]}; v = {d, w, xp, pp, start, correct, ctas_per_sm, sms, cell_base8, variant[4]}
 void encode(torch::Tensor x, torch::Tensor codes, torch::Tensor norms, torch::Tensor frag, torch::Tensor cells,
-            c10::optional<torch::Tensor> off, c10::optional<torch::Tensor> inv_scale, std::vector<double> tab,
-            std::vector<int64_t> v) {
+            c10::optional<torch::Tensor> off, c10::optional<torch::Tensor> inv_scale, c10::optional<torch::Tensor> roff,
+            std::vector<double> tab, std::vector<int64_t> v) {
   const c10::cuda::CUDAGuard guard(x.device());
   tqe::Params p{};
   p.x = x.data_ptr();
@@ -68,6 +68,9 @@ void encode(torch::Tensor x, torch::Tensor codes, torch::Tensor norms, torch::Te
   p.off_sr = off.has_value() ? off->stride(0) : 0;
   p.inv_scale = inv_scale.has_value() ? inv_scale->data_ptr<float>() : nullptr;
   p.sc_sr = inv_scale.has_value() ? inv_scale->stride(0) : 0;
+  p.roff = roff.has_value() ? roff->data_ptr<float>() : nullptr;
+  p.roff_sr = roff.has_value() ? roff->stride(0) : 0;
+  TORCH_CHECK(!roff.has_value() || (off.has_value() && v[2] == 1), "turboquant CUDA encode: roff needs off and xp = 1");
   p.frag = frag.data_ptr();
   p.cells = cells.data_ptr();
   p.ncells = (int)cells.size(0);
@@ -180,9 +183,21 @@ def _rotation_part_count(config: QuantizerConfig) -> int:
     return len(rotation_parts(config))
 
 
-def _operand_parts(config: QuantizerConfig, dtype: torch.dtype, transformed: bool) -> tuple[int, int]:
-    """``(XP, PP)`` of the kernel: bf16 parts of the input (1: a bf16 input used as it is) and of ``Π``."""
-    return (1 if dtype == torch.bfloat16 and not transformed else 2), _rotation_part_count(config)
+def _operand_parts(config: QuantizerConfig, dtype: torch.dtype, scaled: bool) -> tuple[int, int]:
+    """``(XP, PP)`` of the kernel: bf16 parts of the input (1: a bf16 input used as it is, also with an
+    offset, which is subtracted after the rotation) and of ``Π``."""
+    return (1 if dtype == torch.bfloat16 and not scaled else 2), _rotation_part_count(config)
+
+
+@device_cached(maxsize=64)
+def _rotation_matrix(config: QuantizerConfig, device: torch.device) -> torch.Tensor:
+    """``Π`` as a float64 ``[d, d]`` tensor on ``device`` (``y = Π x``)."""
+    return make_rotation(config.rotation, config.dim, config.seed).matrix(device, torch.float64)
+
+
+def rotated_offset(offset: torch.Tensor, config: QuantizerConfig) -> torch.Tensor:
+    """``Π μ`` of each offset row ``μ`` (``[R, d]`` float32, computed in float64): the kernel's ``y = Π x − Π μ``."""
+    return (offset.double() @ _rotation_matrix(config, offset.device).T).float().contiguous()
 
 
 @device_cached(maxsize=64)
@@ -365,12 +380,13 @@ def cuda_quantize_into(
     off2 = None if offset is None else offset.reshape(r, d).float().contiguous()
     sc2 = None if inv_scale is None else inv_scale.reshape(r, d).float().contiguous()
     frag = _fragments(config, x.device)
-    xp, pp = _operand_parts(config, x.dtype, offset is not None or inv_scale is not None)
+    xp, pp = _operand_parts(config, x.dtype, inv_scale is not None)
+    roff = rotated_offset(off2, config) if xp == 1 and off2 is not None else None
     v = variant or (0, 0, 0, 0)
     base8, cells = (0, _words(config, x.device)) if v[1] == 2 else _cells(config, x.device)
     w = _width(config)
     args = [d, w, xp, pp, start, int(norm_correction), ctas_per_sm, num_sms(x.device), base8, *v]
-    mod.encode(x3, c3, n2, frag, cells, off2, sc2, list(bucket_tables(config)), args)
+    mod.encode(x3, c3, n2, frag, cells, off2, sc2, roff, list(bucket_tables(config)), args)
     return QuantizedVectors(config, codes[..., start : start + t, :], norms[..., start : start + t])
 
 

@@ -134,27 +134,30 @@ def _(query, key_codes, key_norms, value_codes, value_norms, full_keys, full_val
 # ---------------------------------------------------------------------- encode
 
 
-def _encode(x: torch.Tensor, config: str, norm_correction: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode(x: torch.Tensor, config: str, norm_correction: bool, backend: str,
+            offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     from . import quantize_into
 
     cfg = config_from_key(config)
     codes = torch.empty((*x.shape[:-1], code_bytes(cfg)), dtype=torch.uint8, device=x.device)
     norms = torch.empty(x.shape[:-1], dtype=_norm_dtype(cfg), device=x.device)
-    quantize_into(x, cfg, codes, norms, 0, backend=backend, norm_correction=norm_correction)
+    quantize_into(x, cfg, codes, norms, 0, backend=backend, norm_correction=norm_correction, offset=offset)
     return codes, norms
 
 
 @torch.library.custom_op("turboquant::encode", mutates_args=())
-def encode_op(x: torch.Tensor, config: str, norm_correction: bool, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize ``x [*R, T, d]``: returns ``(codes [*R, T, code_bytes] uint8, norms [*R, T])``.
+def encode_op(x: torch.Tensor, config: str, norm_correction: bool, backend: str = "auto",
+              offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Quantize ``x [*R, T, d]`` (minus ``offset [*R, d]`` float32, if given): returns ``(codes [*R, T, code_bytes]
+    uint8, norms [*R, T])``.
 
     ``norm_correction`` stores ``‖x‖/‖ŷ‖`` instead of ``‖x‖`` (:func:`turboquant.codec.reconstruction_norms`).
     """
-    return _encode(x, config, norm_correction, backend)
+    return _encode(x, config, norm_correction, backend, offset)
 
 
 @encode_op.register_fake
-def _(x, config, norm_correction, backend="auto"):
+def _(x, config, norm_correction, backend="auto", offset=None):
     cfg = config_from_key(config)
     if x.shape[-1] != cfg.dim:
         raise TurboQuantError(f"encode: vectors of dim {x.shape[-1]}, config dim {cfg.dim}")
