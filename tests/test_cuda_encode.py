@@ -191,6 +191,17 @@ def test_cpu_call_falls_back_to_the_quantizer() -> None:
     torch.testing.assert_close(out.norms, want)
 
 
+def test_operand_parts_by_input() -> None:
+    cfg = QuantizerConfig(128, 4)  # Hadamard: Pi is one bf16 part
+    big, small = ce.ROFF_MIN_TOKEN_ROWS, ce.ROFF_MIN_TOKEN_ROWS - 1
+    assert ce._operand_parts(cfg, torch.bfloat16, False, False, small) == (1, 1)
+    assert ce._operand_parts(cfg, torch.bfloat16, True, False, big) == (3, 1)  # one product, offset after it
+    assert ce._operand_parts(cfg, torch.bfloat16, True, False, small) == (2, 1)  # few tokens: no host Pi mu
+    assert ce._operand_parts(cfg, torch.bfloat16, True, True, big) == (2, 1)
+    assert ce._operand_parts(cfg, torch.float32, False, False, big) == (2, 1)
+    assert ce._operand_parts(QuantizerConfig(128, 4, rotation="haar"), torch.bfloat16, True, False, big) == (3, 2)
+
+
 def test_rotated_offset_is_pi_times_the_offset() -> None:
     cfg = QuantizerConfig(64, 4, seed=5)
     off = torch.randn(3, 64)
@@ -287,8 +298,10 @@ def test_codes_and_norms_match_the_quantizer(d: int, bits: int, dtype: torch.dty
 
 @gpu
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("scaled", [True, False])  # False: the one-product path, y = Pi x - Pi off (rotated_offset)
-def test_fused_offset_scale_and_norm_correction(bits: int, scaled: bool) -> None:
+@pytest.mark.parametrize("scaled,one_product", [(True, False), (False, False), (False, True)])
+def test_fused_offset_scale_and_norm_correction(bits: int, scaled: bool, one_product: bool, monkeypatch) -> None:
+    """Offset (and scale) inside the kernel: two bf16 parts of x - off, or (one_product) y = Pi x - Pi off."""
+    monkeypatch.setattr(ce, "ROFF_MIN_TOKEN_ROWS", 1 if one_product else 1 << 60)
     cfg = QuantizerConfig(128, bits, seed=1)
     b, h, t = 2, 3, 100
     x = torch.randn(b, h, t, 128, device="cuda", dtype=torch.bfloat16) + 2

@@ -17,7 +17,7 @@
 //    with |k| < 64, exact in bf16, so a bf16 input needs ONE product (XP = 1, PP = 1) and gives
 //    the fp32 rotation of the exact input. Other inputs are split x = hi + lo in bf16 (XP = 2,
 //    16 significant bits), other rotations Pi = hi + lo (PP = 2); lo * lo is dropped.
-//    A bf16 input with an offset mu (the cache's centred keys) stays one product: y = Pi x - Pi mu,
+//    A bf16 input with an offset mu (the cache's centred keys, XP = 3) stays one product: y = Pi x - Pi mu,
 //    the accumulator starting at -Pi mu (roff, from the host), the norm ||x - mu|| from x and mu.
 //  * the norm is ||x|| in fp32 (quad reduction); y is scaled by 1/||x|| after the product.
 //  * bucketize by table (METHOD 1, the default; METHOD 2 the same with one 4-byte word per cell, code_word): the exponent and top two mantissa bits of |y| index
@@ -160,7 +160,7 @@ __device__ __forceinline__ void load_row(const Params& p, int row, int tok, int 
   }
 }
 
-// raw bf16 words of the thread's slice (XP = 1: bf16 input, no offset or scale); zeros past the end
+// raw bf16 words of the thread's slice (XP = 1 or 3: bf16 input, no scale); zeros past the end
 template <int D>
 __device__ __forceinline__ void load_bf16(const Params& p, int row, int tok, int t, bool ok, uint32_t (&a)[D / 8]) {
   constexpr int CPT = D / 4;
@@ -188,7 +188,7 @@ __device__ __forceinline__ float sum_squares_bf16(const uint32_t (&a)[D / 8]) {
   return ss;
 }
 
-// sum of (x - mu)^2 over the thread's part of a token: raw bf16 words of x, fp32 offset row mu (XP = 1 with an offset)
+// sum of (x - mu)^2 over the thread's part of a token: raw bf16 words of x, fp32 offset row mu (XP = 3)
 template <int D>
 __device__ __forceinline__ float sum_squares_centered(const uint32_t (&a)[D / 8], const float* mu, int t) {
   float ss = 0.0f;
@@ -260,8 +260,8 @@ __global__ void __launch_bounds__(NW * 32, MINB) encode_kernel(const __grid_cons
   for (int job = blockIdx.x * NW + warp; job < p.jobs; job += gridDim.x * NW) {
     const int row = job / p.jobs_per_row;
     const int tok0 = (job - row * p.jobs_per_row) * (8 * NTILE);
-    uint32_t b[NTILE][XP][AW];
-    if constexpr (XP == 1) {
+    uint32_t b[NTILE][XP == 2 ? 2 : 1][AW];
+    if constexpr (XP != 2) {
 #pragma unroll
       for (int nt = 0; nt < NTILE; ++nt) load_bf16<D>(p, row, tok0 + 8 * nt + g, t, tok0 + 8 * nt + g < p.tokens, b[nt][0]);
     }
@@ -271,9 +271,8 @@ __global__ void __launch_bounds__(NW * 32, MINB) encode_kernel(const __grid_cons
       const int tok = tok0 + 8 * nt + g;
       const bool ok = tok < p.tokens;
       float ss;
-      if constexpr (XP == 1) {
-        ss = p.roff != nullptr ? sum_squares_centered<D>(b[nt][0], p.off + row * p.off_sr, t)
-                               : sum_squares_bf16<D>(b[nt][0]);
+      if constexpr (XP != 2) {
+        ss = XP == 3 ? sum_squares_centered<D>(b[nt][0], p.off + row * p.off_sr, t) : sum_squares_bf16<D>(b[nt][0]);
       } else {
         float v[CPT];
         load_row<D>(p, row, tok, t, ok, v);
@@ -307,10 +306,10 @@ __global__ void __launch_bounds__(NW * 32, MINB) encode_kernel(const __grid_cons
 
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      // XP = 1 with an offset mu: y = Pi x - Pi mu, the products of the exact bf16 input accumulated onto
-      // -Pi mu (roff, output coordinates COG*g + 2*mt + h)
+      // XP = 3: y = Pi x - Pi mu, the products of the exact bf16 input accumulated onto -Pi mu (roff, output
+      // coordinates COG*g + 2*mt + h)
       float2 r0 = make_float2(0.0f, 0.0f);
-      if (XP == 1 && p.roff != nullptr) {
+      if constexpr (XP == 3) {
         const float2 r = __ldg(reinterpret_cast<const float2*>(p.roff + row * p.roff_sr + COG * g + 2 * mt));
         r0 = make_float2(-r.x, -r.y);
       }
@@ -409,15 +408,15 @@ cudaError_t launch(const Params& p, int ctas_per_sm, int sms, cudaStream_t s, in
   return cudaGetLastError();
 }
 
-// variant = {NTILE, METHOD, NW, MINB}; 0 = the default: the table bucketize, 4 warps per CTA; bf16 input,
-// one-part rotation: 4 groups of 8 tokens per warp (half the shared-memory reads of Pi per token of 2
+// variant = {NTILE, METHOD, NW, MINB}; 0 = the default: the table bucketize, 4 warps per CTA; bf16 input
+// (with or without a rotated offset), one-part rotation: 4 groups of 8 tokens per warp (half the shared-memory reads of Pi per token of 2
 // groups), 3 CTAs per SM; 2 groups and 4 CTAs with the norm correction or a two-part rotation (4 groups
 // would spill); other inputs: 1 group, 4 CTAs
 template <int D, int W, int XP, int PP, bool CORR>
 cudaError_t by_variant(const Params& p, const int* v, int cps, int sms, cudaStream_t s, int* info) {
   if (v[0] == 0) {
-    if constexpr (XP == 1 && PP == 1 && !CORR) return launch<D, W, XP, PP, 4, 1, CORR, 4, 3>(p, cps, sms, s, info);
-    if constexpr (XP == 1) return launch<D, W, XP, PP, 2, 1, CORR, 4, 4>(p, cps, sms, s, info);
+    if constexpr (XP != 2 && PP == 1 && !CORR) return launch<D, W, XP, PP, 4, 1, CORR, 4, 3>(p, cps, sms, s, info);
+    if constexpr (XP != 2) return launch<D, W, XP, PP, 2, 1, CORR, 4, 4>(p, cps, sms, s, info);
     return launch<D, W, XP, PP, 1, 1, CORR, 4, 4>(p, cps, sms, s, info);
   }
 #ifdef TQ_TUNE
@@ -439,7 +438,7 @@ cudaError_t by_parts(const Params& p, int xp, int pp, bool corr, const int* v, i
   if (xp == X && pp == P)                                                    \
     return corr ? by_variant<D, W, X, P, true>(p, v, cps, sms, s, info)     \
                 : by_variant<D, W, X, P, false>(p, v, cps, sms, s, info);
-  TQE_P(1, 1) TQE_P(2, 1) TQE_P(1, 2) TQE_P(2, 2)
+  TQE_P(1, 1) TQE_P(2, 1) TQE_P(3, 1) TQE_P(1, 2) TQE_P(2, 2) TQE_P(3, 2)
 #undef TQE_P
   return cudaErrorInvalidConfiguration;
 }

@@ -49,7 +49,7 @@ cudaError_t tq_encode_dispatch(const tqe::Params& p, int d, int w, int xp, int p
                                int cps, int sms, cudaStream_t s, int* info);
 
 // x [R, T, D] (last dim contiguous), codes [R, S, bytes] uint8, norms [R, S] fp16/fp32, frag uint8 (fragments),
-// cells int32 [ncells, 2], off / inv_scale / roff (Pi @ off, xp = 1 only) [R, D] fp32 or empty;
+// cells int32 [ncells, 2], off / inv_scale / roff (Pi @ off, xp = 3 only) [R, D] fp32 or empty;
 // tab = {pb[8], c2[16]}; v = {d, w, xp, pp, start, correct, ctas_per_sm, sms, cell_base8, variant[4]}
 void encode(torch::Tensor x, torch::Tensor codes, torch::Tensor norms, torch::Tensor frag, torch::Tensor cells,
             c10::optional<torch::Tensor> off, c10::optional<torch::Tensor> inv_scale, c10::optional<torch::Tensor> roff,
@@ -70,7 +70,8 @@ void encode(torch::Tensor x, torch::Tensor codes, torch::Tensor norms, torch::Te
   p.sc_sr = inv_scale.has_value() ? inv_scale->stride(0) : 0;
   p.roff = roff.has_value() ? roff->data_ptr<float>() : nullptr;
   p.roff_sr = roff.has_value() ? roff->stride(0) : 0;
-  TORCH_CHECK(!roff.has_value() || (off.has_value() && v[2] == 1), "turboquant CUDA encode: roff needs off and xp = 1");
+  TORCH_CHECK(roff.has_value() == (v[2] == 3) && (!roff.has_value() || off.has_value()),
+              "turboquant CUDA encode: roff goes with off and xp = 3");
   p.frag = frag.data_ptr();
   p.cells = cells.data_ptr();
   p.ncells = (int)cells.size(0);
@@ -183,10 +184,21 @@ def _rotation_part_count(config: QuantizerConfig) -> int:
     return len(rotation_parts(config))
 
 
-def _operand_parts(config: QuantizerConfig, dtype: torch.dtype, scaled: bool) -> tuple[int, int]:
-    """``(XP, PP)`` of the kernel: bf16 parts of the input (1: a bf16 input used as it is, also with an
-    offset, which is subtracted after the rotation) and of ``Π``."""
-    return (1 if dtype == torch.bfloat16 and not scaled else 2), _rotation_part_count(config)
+# Token-rows from which a bf16 input with an offset (no scale) takes the one-product path (XP = 3): below, the
+# host's Π μ (a few small launches, ~20 µs) costs more than the second product saves (~0.1 ns per token-row on
+# an H200), and a CUDA-graphed decode step (one token per row) keeps its launch count.
+ROFF_MIN_TOKEN_ROWS = 1 << 17
+
+
+def _operand_parts(config: QuantizerConfig, dtype: torch.dtype, offset: bool, scaled: bool,
+                   token_rows: int) -> tuple[int, int]:  # fmt: skip
+    """``(XP, PP)`` of the kernel: the input as it is (XP = 1: bf16, no transform), as one bf16 part with the
+    offset subtracted after the rotation (3) or as two bf16 parts (2: the general transform); parts of ``Π``."""
+    if dtype != torch.bfloat16 or scaled or (offset and token_rows < ROFF_MIN_TOKEN_ROWS):
+        xp = 1 if dtype == torch.bfloat16 and not (offset or scaled) else 2
+    else:
+        xp = 3 if offset else 1
+    return xp, _rotation_part_count(config)
 
 
 @device_cached(maxsize=64)
@@ -380,8 +392,8 @@ def cuda_quantize_into(
     off2 = None if offset is None else offset.reshape(r, d).float().contiguous()
     sc2 = None if inv_scale is None else inv_scale.reshape(r, d).float().contiguous()
     frag = _fragments(config, x.device)
-    xp, pp = _operand_parts(config, x.dtype, inv_scale is not None)
-    roff = rotated_offset(off2, config) if xp == 1 and off2 is not None else None
+    xp, pp = _operand_parts(config, x.dtype, off2 is not None, sc2 is not None, r * t)
+    roff = rotated_offset(off2, config) if xp == 3 else None
     v = variant or (0, 0, 0, 0)
     base8, cells = (0, _words(config, x.device)) if v[1] == 2 else _cells(config, x.device)
     w = _width(config)
@@ -412,13 +424,13 @@ def _fallback(
 
 
 def encode_kernel_info(config: QuantizerConfig, dtype: torch.dtype, device: torch.device,
-                       variant: tuple[int, int, int, int] | None = None, fused: bool = False,
+                       variant: tuple[int, int, int, int] | None = None, offset: bool = False, scaled: bool = False,
                        norm_correction: bool = False) -> tuple[int, int, int, int]:  # fmt: skip
     """``(registers, spill bytes, CTAs per SM, shared bytes)`` of the kernel that these arguments launch."""
     mod = _EXTENSION.load_or_warn(device, variant is not None)
     if mod is None or _width(config) is None:
         raise TurboQuantError(f"no CUDA encode kernel for {config}")
-    xp, pp = _operand_parts(config, dtype, fused)
+    xp, pp = _operand_parts(config, dtype, offset, scaled, ROFF_MIN_TOKEN_ROWS)
     ncells = cell_table(config)[1].shape[0]
     args = [config.dim, _width(config), xp, pp, 0, int(norm_correction), 0, 1, 0, *(variant or (0, 0, 0, 0))]
     return tuple(mod.encode_info(args, ncells))  # type: ignore[return-value]
