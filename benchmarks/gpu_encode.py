@@ -100,7 +100,7 @@ warps, min CTAs/SM);
 None = the default."""
 
 
-def run_cuda(copy_bw: float) -> list[dict[str, Any]]:
+def run_cuda(copy_bw: float, variants: bool = True) -> list[dict[str, Any]]:
     """The CUDA encode (cuda_encode.cu): identical codes vs the quantizer, norms, time per variant and width."""
     from turboquant.codec import reconstruction_norms
     from turboquant.kernels import cuda_encode, triton_encode
@@ -116,7 +116,7 @@ def run_cuda(copy_bw: float) -> list[dict[str, Any]]:
             ref = TurboQuantizer.from_config(cfg).quantize(xd[:4])
             ref_dec = decode_mse(ref.codes, cfg)
             nbytes = xd.numel() * xd.element_size() + codes.numel() + norms.numel() * 2
-            for variant in CUDA_VARIANTS if (d == D and bits == 4) else [None]:
+            for variant in CUDA_VARIANTS if (d == D and bits == 4 and variants) else [None]:
                 def enc(variant: Any = variant, correct: bool = False) -> Any:
                     return cuda_encode.cuda_quantize_into(xd, cfg, codes, norms, 0, variant=variant, norm_correction=correct)
 
@@ -180,13 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     p = gpu_parser(__doc__)
     p.add_argument("--baseline", type=Path, help="a previous triton_encode.py to time side by side")
     p.add_argument("--cuda-only", action="store_true", help="only the CUDA encode section")
+    p.add_argument("--defaults-only", action="store_true", help="CUDA encode: time the default kernels, not the variants")
     args = p.parse_args(argv)
     tuning = tuning_from(args.tuning)
     baseline = load_baseline(args.baseline) if args.baseline else None
     results: dict[str, Any] = {**device_info(), "tuning": dataclasses.asdict(tuning)}
     results["copy_bw_gbps"] = copy_bandwidth() / 1e9
     sections = Sections(results, "gpu_encode.json", args.out)
-    cuda_rows = sections.run("cuda", lambda: run_cuda(results["copy_bw_gbps"] * 1e9)) or []
+    cuda_rows = sections.run("cuda", lambda: run_cuda(results["copy_bw_gbps"] * 1e9, not args.defaults_only)) or []
     if args.cuda_only:
         cols = ["d", "bits", "variant", "ms", "frac_copy", "same_codes", "regs", "spill_bytes", "ctas_per_sm"]
         print(table([[r.get(c) for c in cols] for r in cuda_rows], cols))
