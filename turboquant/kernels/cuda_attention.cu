@@ -172,6 +172,13 @@ __device__ __forceinline__ void dec3(uint32_t u, const uint32_t (&tab)[4], uint3
   o[3] = prmt(lo2, hi2, SB);
 }
 
+// Byte m of E = (low nibble of a's byte m, low nibble of b's byte m), of O the two high nibbles: the table bytes
+// of code pairs taken from two words (two tokens' values, or two score rows' 2-bit keys).
+__device__ __forceinline__ void nibble_pairs(uint32_t a, uint32_t b, uint32_t& E, uint32_t& O) {
+  E = (a & 0x0F0F0F0Fu) | ((b << 4) & 0xF0F0F0F0u);
+  O = ((a >> 4) & 0x0F0F0F0Fu) | (b & 0xF0F0F0F0u);
+}
+
 // 24-bit group of eight 3-bit codes -> nibble i = code i.
 __device__ __forceinline__ uint32_t spread3(uint32_t x) {
   uint32_t y = (x & 0x00000FFFu) | ((x << 4) & 0x0FFF0000u);
@@ -352,8 +359,8 @@ __device__ __forceinline__ void decode_keys(const uint32_t (&w0)[Geo<BITS, D>::K
     for (int i = 0; i < D / 64; ++i) {
       if (key_table<DEC>(i)) {
         // byte m of E = codes (4m, 4m+1) of row gid, then of row gid + 8; of O the codes (4m+2, 4m+3)
-        const uint32_t E = (w0[i] & 0x0F0F0F0Fu) | ((w1[i] << 4) & 0xF0F0F0F0u);
-        const uint32_t O = ((w0[i] >> 4) & 0x0F0F0F0Fu) | (w1[i] & 0xF0F0F0F0u);
+        uint32_t E, O;
+        nibble_pairs(w0[i], w1[i], E, O);
 #pragma unroll
         for (int m = 0; m < 4; ++m) {
           const uint2 e = lut_byte2(E, lane_off, m), o = lut_byte2(O, lane_off, m);
@@ -383,8 +390,8 @@ __device__ __forceinline__ void decode_value_pair(const uint32_t (&a)[Geo<BITS, 
   if constexpr (BITS == 2) {
     if (value_table<DEC>(0)) {
       // byte m of E = crumbs (a_4m, a_4m+1, b_4m, b_4m+1), of O the next two of each: table_entry<2> pairs them
-      const uint32_t E = (a[0] & 0x0F0F0F0Fu) | ((b[0] << 4) & 0xF0F0F0F0u);
-      const uint32_t O = ((a[0] >> 4) & 0x0F0F0F0Fu) | (b[0] & 0xF0F0F0F0u);
+      uint32_t E, O;
+      nibble_pairs(a[0], b[0], E, O);
 #pragma unroll
       for (int m = 0; m < D / 32; ++m) {
         const uint2 e = lut_byte2(E, lane_off, m), o = lut_byte2(O, lane_off, m);
@@ -420,8 +427,8 @@ __device__ __forceinline__ void decode_value_pair(const uint32_t (&a)[Geo<BITS, 
     for (int i = 0; i < D / 64; ++i) {
       if (value_table<DEC>(i)) {
         // byte m of E = (a_{2m}, b_{2m}) nibbles, of O = (a_{2m+1}, b_{2m+1})
-        const uint32_t E = (xa[i] & 0x0F0F0F0Fu) | ((xb[i] << 4) & 0xF0F0F0F0u);
-        const uint32_t O = ((xa[i] >> 4) & 0x0F0F0F0Fu) | (xb[i] & 0xF0F0F0F0u);
+        uint32_t E, O;
+        nibble_pairs(xa[i], xb[i], E, O);
 #pragma unroll
         for (int m = 0; m < 4; ++m) {
           vp[8 * i + 2 * m] = lut_byte(E, lane_off, m);
