@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -103,6 +104,11 @@ std::vector<int64_t> encode_info(std::vector<int64_t> v, int64_t ncells) {
 
 _EXTENSION = CudaExtension("turboquant_cuda_encode", _HERE / "cuda_encode.cu", [_HERE / "cuda_encode.cuh"], _BINDING,
                            ["encode", "encode_info"], "CUDA encode kernel", "the Triton encode")  # fmt: skip
+
+
+def load_extension(device: torch.device | None = None, tune: bool = False) -> Any:
+    """Compile (first use) and load the extension; raise on failure (``tune``: with the benchmark's variants)."""
+    return _EXTENSION.load(device, tune)
 
 
 # ---------------------------------------------------------------- coordinate maps and fragments
@@ -446,6 +452,7 @@ __all__ = [
     "encode_kernel_info",
     "fragments_to_matrix",
     "input_order",
+    "load_extension",
     "output_order",
     "rotation_fragments",
 ]
