@@ -298,67 +298,52 @@ __device__ __forceinline__ int value_byte_offset(int gid) {
   return (VB == 6) ? ((6 * gid) & ~3) : VB * gid;
 }
 
-// Key fragments of one token: kp[s][h] = fp16 pair for k-step s, A-operand half h (see key_coord).
+// Key fragments of one token, 3 or 4 bits (2 bits: decode_keys): kp[s][h] = fp16 pair for k-step s, A-operand
+// half h (see key_coord).
 template <int BITS, int D, int DEC>
 __device__ __forceinline__ void decode_key(const uint32_t (&w)[Geo<BITS, D>::KW], int t4, const uint32_t (&tab)[4],
                                            uint32_t lane_off, uint32_t (&kp)[Geo<BITS, D>::KS][2]) {
-  if constexpr (BITS == 2) {
+  static_assert(BITS == 3 || BITS == 4, "2-bit keys are decoded by decode_keys");
+  // 3 bits: the thread's 96 / 48 code bits from bit 0 of r (d = 64: its 6 bytes start 0 or 2 bytes into w[0])
+  uint32_t r[3] = {0u, 0u, 0u};
+  if constexpr (BITS == 3 && D == 128) {
+    r[0] = w[0]; r[1] = w[1]; r[2] = w[2];
+  } else if constexpr (BITS == 3) {
+    const uint32_t sh = (t4 & 1) ? 16u : 0u;
+    r[0] = __funnelshift_r(w[0], w[1], sh); r[1] = w[1] >> sh;
+  }
+  // 8 codes per 32-bit word (4 bits) or per 24-bit group of r spread to nibbles (3 bits; the register decoder and
+  // the table's value-style rows)
+  uint32_t x[D / 32];
 #pragma unroll
-    for (int i = 0; i < D / 64; ++i) {
-      uint32_t X[4], Y[4];
-      dec2(w[i], tab, X, Y);
+  for (int i = 0; i < D / 32; ++i) {
+    const int bit = 24 * i, wi = bit / 32, b = bit % 32;
+    if constexpr (BITS == 4) x[i] = w[i];
+    else x[i] = spread3((b + 24 > 32 ? __funnelshift_r(r[wi], r[wi + 1], b) : r[wi] >> b) & 0xFFFFFFu);
+  }
 #pragma unroll
-      for (int j = 0; j < 4; ++j) { kp[4 * i + j][0] = X[j]; kp[4 * i + j][1] = Y[j]; }
-    }
-  } else {
-    // 8 codes per 32-bit word (4 bits) or per 3-byte group spread to nibbles (3 bits)
-    uint32_t x[D / 32];
-    if constexpr (BITS == 4) {
+  for (int i = 0; i < D / 32; ++i) {
+    uint32_t o[4];
+    if (BITS == 3 && key_table<DEC>(i)) {
+      // 3 bits: the table's key rows are indexed by a 6-bit field (two codes), shifted straight from the code
+      // words to the address's byte 1 (no spread3)
 #pragma unroll
-      for (int i = 0; i < D / 32; ++i) x[i] = w[i];
-    } else if constexpr (D == 128) {
-      x[0] = spread3(w[0] & 0xFFFFFFu);
-      x[1] = spread3(__funnelshift_r(w[0], w[1], 24) & 0xFFFFFFu);
-      x[2] = spread3(__funnelshift_r(w[1], w[2], 16) & 0xFFFFFFu);
-      x[3] = spread3(w[2] >> 8);
-    } else {
-      const uint32_t sh = (t4 & 1) ? 16u : 0u;
-      const uint32_t a = __funnelshift_r(w[0], w[1], sh);
-      const uint32_t b = w[1] >> sh;
-      x[0] = spread3(a & 0xFFFFFFu);
-      x[1] = spread3(__funnelshift_r(a, b, 24) & 0xFFFFFFu);
-    }
-#pragma unroll
-    for (int i = 0; i < D / 32; ++i) {
-      uint32_t o[4];
-      if (BITS == 3 && key_table<DEC>(i)) {
-        // 3 bits: the table's key rows are indexed by a 6-bit field (two codes), shifted straight from the code
-        // words to the address's byte 1 (no spread3)
-        uint32_t r[3];
-        if constexpr (D == 128) {
-          r[0] = w[0]; r[1] = w[1]; r[2] = w[2];
-        } else {
-          const uint32_t sh = (t4 & 1) ? 16u : 0u;
-          r[0] = __funnelshift_r(w[0], w[1], sh); r[1] = w[1] >> sh; r[2] = 0u;
-        }
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const int bit = 6 * (4 * i + k), wi = bit / 32, b = bit % 32;  // field at bits [b, b + 6) of r[wi]
-          const uint32_t t = b + 6 > 32 ? __funnelshift_r(r[wi], r[wi + 1], b - 8)
-                                        : (b >= 8 ? r[wi] >> (b - 8) : r[wi] << (8 - b));
-          o[k] = lut((t & 0x3F00u) | lane_off);
-        }
-      } else if (key_table<DEC>(i)) {
-#pragma unroll
-        for (int k = 0; k < 4; ++k) o[k] = lut_byte(x[i], lane_off, k);
-      } else if constexpr (BITS == 4) {
-        dec4<ADJ_A, ADJ_B>(x[i], tab, o);
-      } else {
-        dec3<ADJ_A, ADJ_B>(x[i], tab, o);
+      for (int k = 0; k < 4; ++k) {
+        const int bit = 6 * (4 * i + k), wi = bit / 32, b = bit % 32;  // field at bits [b, b + 6) of r[wi]
+        const uint32_t t = b + 6 > 32 ? __funnelshift_r(r[wi], r[wi + 1], b - 8)
+                                      : (b >= 8 ? r[wi] >> (b - 8) : r[wi] << (8 - b));
+        o[k] = lut((t & 0x3F00u) | lane_off);
       }
-      kp[2 * i][0] = o[0]; kp[2 * i][1] = o[1];
-      kp[2 * i + 1][0] = o[2]; kp[2 * i + 1][1] = o[3];
+    } else if (key_table<DEC>(i)) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) o[k] = lut_byte(x[i], lane_off, k);
+    } else if constexpr (BITS == 4) {
+      dec4<ADJ_A, ADJ_B>(x[i], tab, o);
+    } else {
+      dec3<ADJ_A, ADJ_B>(x[i], tab, o);
     }
+    kp[2 * i][0] = o[0]; kp[2 * i][1] = o[1];
+    kp[2 * i + 1][0] = o[2]; kp[2 * i + 1][1] = o[3];
   }
 }
 
@@ -370,6 +355,13 @@ __device__ __forceinline__ void decode_keys(const uint32_t (&w0)[Geo<BITS, D>::K
                                             int t4, const uint32_t (&tab)[4], uint32_t lane_off,
                                             uint32_t (&k0)[Geo<BITS, D>::KS][2], uint32_t (&k1)[Geo<BITS, D>::KS][2]) {
   if constexpr (BITS == 2) {
+    // word i of a row by dec2: kp[4i + j] = (X[j], Y[j]) (key_coord's order for such words)
+    auto reg_word = [&](uint32_t w, int i, uint32_t (&kp)[Geo<BITS, D>::KS][2]) {
+      uint32_t X[4], Y[4];
+      dec2(w, tab, X, Y);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) { kp[4 * i + j][0] = X[j]; kp[4 * i + j][1] = Y[j]; }
+    };
 #pragma unroll
     for (int i = 0; i < D / 64; ++i) {
       if (key_table<DEC>(i)) {
@@ -381,14 +373,9 @@ __device__ __forceinline__ void decode_keys(const uint32_t (&w0)[Geo<BITS, D>::K
           const uint2 e = lut_byte2(E, lane_off, m), o = lut_byte2(O, lane_off, m);
           k0[4 * i + m][0] = e.x; k1[4 * i + m][0] = e.y; k0[4 * i + m][1] = o.x; k1[4 * i + m][1] = o.y;
         }
-      } else {
-        uint32_t X[4], Y[4];
-        dec2(w0[i], tab, X, Y);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) { k0[4 * i + j][0] = X[j]; k0[4 * i + j][1] = Y[j]; }
-        dec2(w1[i], tab, X, Y);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) { k1[4 * i + j][0] = X[j]; k1[4 * i + j][1] = Y[j]; }
+      } else {  // the register decoder, one row at a time
+        reg_word(w0[i], i, k0);
+        reg_word(w1[i], i, k1);
       }
     }
   } else {
